@@ -1,0 +1,18 @@
+//! The `natgw.io/v1alpha1` API: the objects operators write, the checks that
+//! belong to a single object, the checks between objects, and loading them
+//! from YAML manifests. The same types back the CRDs and the standalone mode.
+
+mod manifest;
+mod objects;
+mod types;
+mod validate;
+
+pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files};
+pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
+pub use types::*;
+pub use validate::{FieldError, SetError, validate_object, validate_set};
+
+/// The API group of every natgw kind.
+pub const GROUP: &str = "natgw.io";
+/// The only version served so far.
+pub const VERSION: &str = "v1alpha1";

@@ -1,0 +1,155 @@
+//! A typed bag of objects, the input of planning.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+
+use crate::types::*;
+
+/// Any natgw object.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Vpc(Vpc),
+    Subnet(Subnet),
+    NatGateway(NatGateway),
+    Eip(Eip),
+    FloatingIp(FloatingIp),
+    SnatRule(SnatRule),
+    DnatRule(DnatRule),
+}
+
+/// Kind and name: the identity of a cluster-scoped object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(kind: &'static str, name: impl Into<String>) -> Self {
+        ObjectRef { kind, name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+/// Every kind natgw serves, in dependency order (parents first).
+pub const KINDS: [&str; 7] = ["Vpc", "Subnet", "NatGateway", "Eip", "FloatingIp", "SnatRule", "DnatRule"];
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Vpc(_) => "Vpc",
+            Object::Subnet(_) => "Subnet",
+            Object::NatGateway(_) => "NatGateway",
+            Object::Eip(_) => "Eip",
+            Object::FloatingIp(_) => "FloatingIp",
+            Object::SnatRule(_) => "SnatRule",
+            Object::DnatRule(_) => "DnatRule",
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Vpc(o) => &o.metadata,
+            Object::Subnet(o) => &o.metadata,
+            Object::NatGateway(o) => &o.metadata,
+            Object::Eip(o) => &o.metadata,
+            Object::FloatingIp(o) => &o.metadata,
+            Object::SnatRule(o) => &o.metadata,
+            Object::DnatRule(o) => &o.metadata,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.meta().name.clone().unwrap_or_default()
+    }
+
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(self.kind(), self.name())
+    }
+}
+
+/// All objects, each kind keyed by name. BTreeMaps keep every walk over the
+/// set deterministic, which planning relies on.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectSet {
+    pub vpcs: BTreeMap<String, Vpc>,
+    pub subnets: BTreeMap<String, Subnet>,
+    pub gateways: BTreeMap<String, NatGateway>,
+    pub eips: BTreeMap<String, Eip>,
+    pub floating_ips: BTreeMap<String, FloatingIp>,
+    pub snat_rules: BTreeMap<String, SnatRule>,
+    pub dnat_rules: BTreeMap<String, DnatRule>,
+}
+
+impl ObjectSet {
+    /// Adds an object, returning the one it replaced (same kind and name).
+    pub fn insert(&mut self, object: Object) -> Option<Object> {
+        let name = object.name();
+        match object {
+            Object::Vpc(o) => self.vpcs.insert(name, o).map(Object::Vpc),
+            Object::Subnet(o) => self.subnets.insert(name, o).map(Object::Subnet),
+            Object::NatGateway(o) => self.gateways.insert(name, o).map(Object::NatGateway),
+            Object::Eip(o) => self.eips.insert(name, o).map(Object::Eip),
+            Object::FloatingIp(o) => self.floating_ips.insert(name, o).map(Object::FloatingIp),
+            Object::SnatRule(o) => self.snat_rules.insert(name, o).map(Object::SnatRule),
+            Object::DnatRule(o) => self.dnat_rules.insert(name, o).map(Object::DnatRule),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vpcs.len()
+            + self.subnets.len()
+            + self.gateways.len()
+            + self.eips.len()
+            + self.floating_ips.len()
+            + self.snat_rules.len()
+            + self.dnat_rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every object, parents first.
+    pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
+        let v = self.vpcs.values().cloned().map(Object::Vpc);
+        let s = self.subnets.values().cloned().map(Object::Subnet);
+        let g = self.gateways.values().cloned().map(Object::NatGateway);
+        let e = self.eips.values().cloned().map(Object::Eip);
+        let f = self.floating_ips.values().cloned().map(Object::FloatingIp);
+        let sn = self.snat_rules.values().cloned().map(Object::SnatRule);
+        let d = self.dnat_rules.values().cloned().map(Object::DnatRule);
+        v.chain(s).chain(g).chain(e).chain(f).chain(sn).chain(d)
+    }
+
+    /// The address an Eip holds: its fixed `spec.ip`, else what the
+    /// controller allocated into `status.ip`.
+    pub fn eip_address(eip: &Eip) -> Option<std::net::Ipv4Addr> {
+        eip.spec.ip.or_else(|| eip.status.as_ref().and_then(|s| s.ip))
+    }
+}
+
+impl FromIterator<Object> for ObjectSet {
+    fn from_iter<I: IntoIterator<Item = Object>>(iter: I) -> Self {
+        let mut set = ObjectSet::default();
+        for o in iter {
+            set.insert(o);
+        }
+        set
+    }
+}
+
+/// Sort key giving older objects precedence in conflicts; objects without a
+/// creation time (manifests) fall back to name order.
+pub fn age_key<K: ResourceExt>(o: &K) -> (Option<String>, String) {
+    let ts = o.meta().creation_timestamp.as_ref().map(|t| t.0.to_string());
+    (ts, o.name_any())
+}

@@ -1,0 +1,206 @@
+//! Cluster-scoped custom resources. Field names are the contract shared by
+//! manifests, CRDs and the controller: rename nothing without a new version.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Status shared by kinds that only report how they were handled.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommonStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A routing domain. Subnets and NAT gateways belong to one.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "Vpc", shortname = "vpc")]
+#[kube(status = "VpcStatus")]
+#[kube(printcolumn = r#"{"name":"Subnets","type":"string","jsonPath":".status.subnets"}"#)]
+#[kube(printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways"}"#)]
+#[serde(rename_all = "camelCase")]
+pub struct VpcSpec {
+    /// Free text for operators; natgw does not interpret it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VpcStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(flatten)]
+    pub common: CommonStatus,
+}
+
+/// An IPv4 subnet. With `vpc` it is a VPC-side subnet; without, it can be a
+/// gateway's external subnet (where EIPs come from).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "Subnet", shortname = "subnet")]
+#[kube(status = "CommonStatus")]
+#[kube(printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#)]
+#[kube(printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#)]
+#[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetSpec {
+    pub cidr: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Addresses never handed out: single IPs (`10.0.0.5`) or inclusive
+    /// ranges (`10.0.0.10..10.0.0.20`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc: Option<String>,
+}
+
+/// A static route on the gateway's VPC side.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRoute {
+    pub cidr: Ipv4Net,
+    pub next_hop: Ipv4Addr,
+}
+
+/// The NAT gateway of a VPC: one network namespace with a LAN interface on
+/// the VPC side and an external interface on the external subnet.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "NatGateway", shortname = "ngw")]
+#[kube(status = "CommonStatus")]
+#[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
+#[kube(printcolumn = r#"{"name":"External","type":"string","jsonPath":".spec.externalSubnet"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NatGatewaySpec {
+    pub vpc: String,
+    pub lan_interface: String,
+    pub external_interface: String,
+    /// A Subnet name: its CIDR gives the EIP prefix length, its gateway the
+    /// default route.
+    pub external_subnet: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<GatewayRoute>,
+}
+
+/// An elastic IP on a gateway's external interface.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "Eip", shortname = "eip")]
+#[kube(status = "EipStatus")]
+#[kube(printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#)]
+#[kube(printcolumn = r#"{"name":"IP","type":"string","jsonPath":".status.ip"}"#)]
+#[kube(printcolumn = r#"{"name":"UsedBy","type":"string","jsonPath":".status.usedBy"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EipSpec {
+    pub gateway: String,
+    /// Fixed address; empty means the controller allocates one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EipStatus {
+    /// The address in force (equal to `spec.ip` when that is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// Kinds of rules using this EIP, e.g. `fip` or `dnat,snat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+    #[serde(flatten)]
+    pub common: CommonStatus,
+}
+
+/// 1:1 NAT between an EIP and one internal address, both directions.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "FloatingIp", shortname = "fip")]
+#[kube(status = "CommonStatus")]
+#[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
+#[kube(printcolumn = r#"{"name":"InternalIP","type":"string","jsonPath":".spec.internalIp"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FloatingIpSpec {
+    pub eip: String,
+    pub internal_ip: Ipv4Addr,
+}
+
+/// Source NAT of a VPC CIDR to an EIP. Between overlapping rules the
+/// longest prefix wins.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "SnatRule", shortname = "snat")]
+#[kube(status = "CommonStatus")]
+#[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
+#[kube(printcolumn = r#"{"name":"InternalCIDR","type":"string","jsonPath":".spec.internalCidr"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnatRuleSpec {
+    pub eip: String,
+    pub internal_cidr: Ipv4Net,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A port forward from `eip:externalPort` to `internalIp:internalPort`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "DnatRule", shortname = "dnat")]
+#[kube(status = "CommonStatus")]
+#[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
+#[kube(printcolumn = r#"{"name":"Protocol","type":"string","jsonPath":".spec.protocol"}"#)]
+#[kube(printcolumn = r#"{"name":"ExternalPort","type":"integer","jsonPath":".spec.externalPort"}"#)]
+#[kube(printcolumn = r#"{"name":"InternalIP","type":"string","jsonPath":".spec.internalIp"}"#)]
+#[kube(printcolumn = r#"{"name":"InternalPort","type":"integer","jsonPath":".spec.internalPort"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DnatRuleSpec {
+    pub eip: String,
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub internal_ip: Ipv4Addr,
+    pub internal_port: u16,
+}

@@ -1,0 +1,235 @@
+//! Checks on one object (`validate_object`) and between objects
+//! (`validate_set`). Each error names the field, so an operator can find it.
+//! The CRDs carry the single-object rules as CEL as well.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::objects::{Object, ObjectRef, ObjectSet};
+use crate::types::*;
+
+/// A problem with one field of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path such as `spec.internalIp` or `spec.routes[1].nextHop`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), message: message.into() }
+}
+
+/// A field problem located in a particular object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetError {
+    pub object: ObjectRef,
+    pub error: FieldError,
+}
+
+impl fmt::Display for SetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.error)
+    }
+}
+
+/// Rules that need nothing but the object itself.
+pub fn validate_object(object: &Object) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    check_name(object.meta().name.as_deref(), &mut errors);
+    match object {
+        Object::Vpc(_) => {}
+        Object::Subnet(s) => check_subnet(&s.spec, &mut errors),
+        Object::NatGateway(g) => check_gateway(&g.spec, &mut errors),
+        Object::Eip(e) => {
+            if let Some(ip) = e.spec.ip {
+                check_unicast("spec.ip", ip, &mut errors);
+            }
+            check_ref("spec.gateway", &e.spec.gateway, &mut errors);
+        }
+        Object::FloatingIp(f) => {
+            check_ref("spec.eip", &f.spec.eip, &mut errors);
+            check_unicast("spec.internalIp", f.spec.internal_ip, &mut errors);
+        }
+        Object::SnatRule(s) => {
+            check_ref("spec.eip", &s.spec.eip, &mut errors);
+            check_canonical("spec.internalCidr", s.spec.internal_cidr, &mut errors);
+        }
+        Object::DnatRule(d) => {
+            check_ref("spec.eip", &d.spec.eip, &mut errors);
+            check_unicast("spec.internalIp", d.spec.internal_ip, &mut errors);
+            check_port("spec.externalPort", d.spec.external_port, &mut errors);
+            check_port("spec.internalPort", d.spec.internal_port, &mut errors);
+        }
+    }
+    errors
+}
+
+fn check_name(name: Option<&str>, errors: &mut Vec<FieldError>) {
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        errors.push(err("metadata.name", "is required"));
+        return;
+    };
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ok_ends =
+        name.starts_with(|c: char| c.is_ascii_alphanumeric()) && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if name.len() > 253 || !ok_chars || !ok_ends {
+        errors.push(err(
+            "metadata.name",
+            format!("{name:?} is not a DNS subdomain name (lower-case letters, digits, '-' and '.', at most 253)"),
+        ));
+    }
+}
+
+fn check_ref(field: &str, value: &str, errors: &mut Vec<FieldError>) {
+    if value.is_empty() {
+        errors.push(err(field, "is required"));
+    }
+}
+
+fn check_port(field: &str, port: u16, errors: &mut Vec<FieldError>) {
+    if port == 0 {
+        errors.push(err(field, "must be between 1 and 65535"));
+    }
+}
+
+fn check_unicast(field: &str, ip: Ipv4Addr, errors: &mut Vec<FieldError>) {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        errors.push(err(field, format!("{ip} is not a unicast address")));
+    }
+}
+
+fn check_canonical(field: &str, net: Ipv4Net, errors: &mut Vec<FieldError>) {
+    if net.addr() != net.network() {
+        errors.push(err(field, format!("{net} has host bits set; did you mean {}?", net.trunc())));
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or white space.
+pub fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '"')
+}
+
+fn check_subnet(spec: &SubnetSpec, errors: &mut Vec<FieldError>) {
+    check_canonical("spec.cidr", spec.cidr, errors);
+    if !spec.cidr.contains(&spec.gateway) {
+        errors.push(err("spec.gateway", format!("{} is outside spec.cidr {}", spec.gateway, spec.cidr)));
+    }
+    if let Some(vpc) = &spec.vpc {
+        check_ref("spec.vpc", vpc, errors);
+    }
+    for (i, entry) in spec.exclude_ips.iter().enumerate() {
+        let field = format!("spec.excludeIps[{i}]");
+        match parse_ip_range(entry) {
+            Ok((first, last)) => {
+                if !spec.cidr.contains(&first) || !spec.cidr.contains(&last) {
+                    errors.push(err(field, format!("{entry} is outside spec.cidr {}", spec.cidr)));
+                }
+            }
+            Err(message) => errors.push(err(field, message)),
+        }
+    }
+}
+
+/// Parses `A` or `A..B` (inclusive) into (first, last).
+pub fn parse_ip_range(entry: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+    let parse = |s: &str| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{s:?} is not an IPv4 address"));
+    match entry.split_once("..") {
+        None => parse(entry).map(|ip| (ip, ip)),
+        Some((a, b)) => {
+            let (first, last) = (parse(a)?, parse(b)?);
+            if first > last {
+                return Err(format!("range {entry} ends before it starts"));
+            }
+            Ok((first, last))
+        }
+    }
+}
+
+fn check_gateway(spec: &NatGatewaySpec, errors: &mut Vec<FieldError>) {
+    check_ref("spec.vpc", &spec.vpc, errors);
+    check_ref("spec.externalSubnet", &spec.external_subnet, errors);
+    for (field, name) in
+        [("spec.lanInterface", &spec.lan_interface), ("spec.externalInterface", &spec.external_interface)]
+    {
+        if !valid_interface_name(name) {
+            errors.push(err(
+                field,
+                format!("{name:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"),
+            ));
+        }
+    }
+    if spec.lan_interface == spec.external_interface {
+        errors.push(err("spec.externalInterface", "must differ from spec.lanInterface"));
+    }
+    for (i, route) in spec.routes.iter().enumerate() {
+        check_canonical(&format!("spec.routes[{i}].cidr"), route.cidr, errors);
+        check_unicast(&format!("spec.routes[{i}].nextHop"), route.next_hop, errors);
+    }
+}
+
+/// References between objects: every name an object points to must exist
+/// and be of the right sort. The standalone mode refuses a set that fails
+/// here; the controller instead waits (the reference may appear later).
+pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
+    let mut errors = Vec::new();
+    let mut push = |kind: &'static str, name: &str, field: &str, message: String| {
+        errors.push(SetError { object: ObjectRef::new(kind, name), error: err(field, message) });
+    };
+    for (name, s) in &set.subnets {
+        if let Some(vpc) = &s.spec.vpc
+            && !set.vpcs.contains_key(vpc)
+        {
+            push("Subnet", name, "spec.vpc", format!("Vpc {vpc:?} does not exist"));
+        }
+    }
+    for (name, g) in &set.gateways {
+        if !set.vpcs.contains_key(&g.spec.vpc) {
+            push("NatGateway", name, "spec.vpc", format!("Vpc {:?} does not exist", g.spec.vpc));
+        }
+        match set.subnets.get(&g.spec.external_subnet) {
+            None => push(
+                "NatGateway",
+                name,
+                "spec.externalSubnet",
+                format!("Subnet {:?} does not exist", g.spec.external_subnet),
+            ),
+            Some(s) if s.spec.vpc.is_some() => push(
+                "NatGateway",
+                name,
+                "spec.externalSubnet",
+                format!("Subnet {:?} belongs to a VPC and cannot be an external subnet", g.spec.external_subnet),
+            ),
+            Some(_) => {}
+        }
+    }
+    for (name, e) in &set.eips {
+        if !set.gateways.contains_key(&e.spec.gateway) {
+            push("Eip", name, "spec.gateway", format!("NatGateway {:?} does not exist", e.spec.gateway));
+        }
+    }
+    let rules = set
+        .floating_ips
+        .iter()
+        .map(|(n, f)| ("FloatingIp", n, &f.spec.eip))
+        .chain(set.snat_rules.iter().map(|(n, s)| ("SnatRule", n, &s.spec.eip)))
+        .chain(set.dnat_rules.iter().map(|(n, d)| ("DnatRule", n, &d.spec.eip)));
+    for (kind, name, eip) in rules {
+        if !set.eips.contains_key(eip) {
+            push(kind, name, "spec.eip", format!("Eip {eip:?} does not exist"));
+        }
+    }
+    errors
+}

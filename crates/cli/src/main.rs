@@ -1,0 +1,179 @@
+//! `natgw`: one binary for every role. Standalone gateway mode and the lab
+//! live here; the controller and the agents join as subcommands.
+
+mod standalone;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "natgw", version, about = "NAT gateway that leaves nothing behind")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the desired state of a gateway; touches no kernel.
+    Plan {
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+        /// Which NatGateway (needed when the manifests hold several).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One sync of the manifests into a network namespace, all or nothing.
+    Apply {
+        #[arg(long)]
+        netns: String,
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Keep a namespace converged with a directory of manifests.
+    Run {
+        #[arg(long)]
+        netns: String,
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Seconds between drift repairs when nothing changed.
+        #[arg(long, default_value_t = 30)]
+        resync: u64,
+        /// Milliseconds between looks at the manifest files.
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+    },
+    /// Compare kernel and manifests: exit 0 when converged, 1 otherwise.
+    Audit {
+        #[arg(long)]
+        netns: String,
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Remove everything natgw owns from a namespace.
+    Teardown {
+        #[arg(long)]
+        netns: String,
+    },
+    /// The demo and test topology of network namespaces.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Create the namespaces (PREFIX-gw, -sw, -int1, -int2, -ext1).
+    Up {
+        #[arg(long, default_value = "ngw")]
+        prefix: String,
+    },
+    /// Remove them.
+    Down {
+        #[arg(long, default_value = "ngw")]
+        prefix: String,
+    },
+    /// Send real traffic: a server in one lab host, a client in another;
+    /// prints the source address the server saw.
+    Probe {
+        #[arg(long, default_value = "ngw")]
+        prefix: String,
+        /// Client role: int1, int2 or ext1.
+        #[arg(long)]
+        from: String,
+        /// Server role: int1, int2 or ext1.
+        #[arg(long)]
+        server: String,
+        /// Address the server listens on inside its namespace.
+        #[arg(long)]
+        listen: std::net::SocketAddrV4,
+        /// Address the client connects to.
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long)]
+        udp: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan { path, gateway, json } => standalone::plan(&path, gateway.as_deref(), json),
+        Command::Apply { netns, path, gateway } => standalone::apply(&netns, &path, gateway.as_deref()),
+        Command::Run { netns, path, gateway, resync, poll_ms } => {
+            standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms)
+        }
+        Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
+        Command::Teardown { netns } => standalone::teardown(&netns),
+        Command::Lab { action: LabAction::Up { prefix } } => natgw_lab::Lab::up(&prefix)
+            .map(|lab| {
+                let lab = lab.keep();
+                println!(
+                    "lab {} is up: namespaces {}",
+                    lab.prefix(),
+                    ["gw", "sw", "int1", "int2", "ext1"].map(|r| lab.ns(r)).join(" ")
+                );
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
+        Command::Lab { action: LabAction::Down { prefix } } => {
+            natgw_lab::Lab::down(&prefix).map(|_| ExitCode::SUCCESS).map_err(Into::into)
+        }
+        Command::Lab { action: LabAction::Probe { prefix, from, server, listen, to, udp } } => {
+            probe(&prefix, &from, &server, listen, to, udp)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn probe(
+    prefix: &str,
+    from: &str,
+    server: &str,
+    listen: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    udp: bool,
+) -> anyhow::Result<ExitCode> {
+    use natgw_lab::traffic;
+    let (client_ns, server_ns) = (format!("{prefix}-{from}"), format!("{prefix}-{server}"));
+    let proto = if udp { "udp" } else { "tcp" };
+    let seen = if udp {
+        let _s = traffic::udp_server(&server_ns, *listen.ip(), listen.port())?;
+        traffic::udp_source(&client_ns, *to.ip(), to.port())
+    } else {
+        let _s = traffic::tcp_server(&server_ns, *listen.ip(), listen.port())?;
+        traffic::tcp_source(&client_ns, *to.ip(), to.port())
+    };
+    match seen {
+        Ok(src) => {
+            println!("{proto} {from} -> {to} (server in {server} on {listen}): server saw source {src}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{proto} {from} -> {to} (server in {server} on {listen}): no connection ({e})");
+            Ok(ExitCode::from(1))
+        }
+    }
+}

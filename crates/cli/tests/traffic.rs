@@ -1,0 +1,145 @@
+//! Real packets through a real gateway namespace: every translation kind,
+//! hairpin, and removal that cuts live sessions.
+
+mod common;
+
+use common::*;
+use natgw_dataplane::Gateway;
+use natgw_lab::traffic::{tcp_connect, tcp_server, tcp_source, udp_server, udp_source};
+
+fn full_set() -> natgw_api::ObjectSet {
+    let rules = std::fs::read_to_string(examples_dir().join("10-eips.yaml")).unwrap()
+        + "\n---\n"
+        + &std::fs::read_to_string(examples_dir().join("20-rules.yaml")).unwrap();
+    objects(&rules)
+}
+
+#[test]
+fn snat_shows_the_eip_to_external_servers() {
+    let lab = lab("snat");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _tcp = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    let _udp = udp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    assert_eq!(tcp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP);
+    assert_eq!(udp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP);
+}
+
+#[test]
+fn floating_ip_translates_both_ways() {
+    let lab = lab("fip");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _inside = tcp_server(&lab.ns("int1"), INT1, 22).unwrap();
+    let _outside = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    // Inbound: the internal host sees the real client.
+    assert_eq!(tcp_source(&lab.ns("ext1"), WEB_EIP, 22).unwrap(), EXT1);
+    // Outbound: the floating IP wins over the VPC-wide SNAT rule.
+    assert_eq!(tcp_source(&lab.ns("int1"), EXT1, 9000).unwrap(), WEB_EIP);
+}
+
+#[test]
+fn dnat_forwards_tcp_and_udp_separately() {
+    let lab = lab("dnat");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _tcp = tcp_server(&lab.ns("int2"), INT2, 8080).unwrap();
+    let _udp = udp_server(&lab.ns("int2"), INT2, 5353).unwrap();
+    assert_eq!(tcp_source(&lab.ns("ext1"), PORTS_EIP, 80).unwrap(), EXT1);
+    assert_eq!(udp_source(&lab.ns("ext1"), PORTS_EIP, 53).unwrap(), EXT1);
+    // Only the forwarded port and protocol pass.
+    assert!(tcp_source(&lab.ns("ext1"), PORTS_EIP, 53).is_err());
+}
+
+#[test]
+fn hairpin_reaches_an_internal_host_through_its_eip() {
+    let lab = lab("hairpin");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _web = tcp_server(&lab.ns("int1"), INT1, 22).unwrap();
+    let _fwd = tcp_server(&lab.ns("int2"), INT2, 8080).unwrap();
+    // int2 -> int1's floating IP, and int1 -> int2's port forward: the
+    // gateway rewrites the source to the EIP so replies come back through it.
+    assert_eq!(tcp_source(&lab.ns("int2"), WEB_EIP, 22).unwrap(), WEB_EIP);
+    assert_eq!(tcp_source(&lab.ns("int1"), PORTS_EIP, 80).unwrap(), PORTS_EIP);
+}
+
+#[test]
+fn removing_a_floating_ip_cuts_its_sessions_both_ways() {
+    let lab = lab("rmfip");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _web = tcp_server(&lab.ns("int1"), INT1, 22).unwrap();
+    let _out = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    let mut inbound = tcp_connect(&lab.ns("ext1"), WEB_EIP, 22).unwrap();
+    let mut outbound = tcp_connect(&lab.ns("int1"), EXT1, 9000).unwrap();
+    inbound.echo("before").unwrap();
+    outbound.echo("before").unwrap();
+
+    let mut set = full_set();
+    set.floating_ips.clear();
+    converge(&gw, &set);
+    assert!(inbound.echo("after").is_err(), "inbound session survived the removal");
+    assert!(outbound.echo("after").is_err(), "outbound session kept the EIP");
+    assert!(tcp_source(&lab.ns("ext1"), WEB_EIP, 22).is_err());
+    // int1 now leaves through the VPC-wide SNAT rule.
+    assert_eq!(tcp_source(&lab.ns("int1"), EXT1, 9000).unwrap(), EGRESS_EIP);
+}
+
+#[test]
+fn removing_a_dnat_rule_cuts_its_sessions() {
+    let lab = lab("rmdnat");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _fwd = tcp_server(&lab.ns("int2"), INT2, 8080).unwrap();
+    let mut session = tcp_connect(&lab.ns("ext1"), PORTS_EIP, 80).unwrap();
+    session.echo("before").unwrap();
+    let mut set = full_set();
+    set.dnat_rules.remove("int2-tcp");
+    converge(&gw, &set);
+    assert!(session.echo("after").is_err(), "session survived the removal");
+    assert!(tcp_source(&lab.ns("ext1"), PORTS_EIP, 80).is_err());
+}
+
+#[test]
+fn removing_a_snat_rule_cuts_its_sessions() {
+    let lab = lab("rmsnat");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let _out = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    let mut session = tcp_connect(&lab.ns("int2"), EXT1, 9000).unwrap();
+    session.echo("before").unwrap();
+    let mut set = full_set();
+    set.snat_rules.clear();
+    converge(&gw, &set);
+    assert!(session.echo("after").is_err(), "session kept the EIP after its rule went");
+}
+
+#[test]
+fn removing_one_eip_removes_exactly_its_address() {
+    let lab = lab("rmeip");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &full_set());
+    let mut set = full_set();
+    set.snat_rules.clear();
+    set.eips.remove("egress");
+    converge(&gw, &set);
+    let addrs = sh(&lab.ns("gw"), "ip -4 -o addr show dev ext0");
+    assert!(!addrs.contains("198.51.100.10/24"), "{addrs}");
+    assert!(addrs.contains("198.51.100.11/24") && addrs.contains("198.51.100.12/24"), "{addrs}");
+}
+
+#[test]
+fn a_new_eip_is_announced_with_gratuitous_arp() {
+    let lab = lab("garp");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &objects(""));
+    // ext1 has never talked to the gateway; like an upstream router it
+    // accepts gratuitous ARP, so its neighbour table learns the EIP only
+    // from the announcement.
+    sh(&lab.ns("ext1"), "sysctl -qw net.ipv4.conf.eth0.arp_accept=1");
+    converge(&gw, &objects(&eip("web", WEB_EIP)));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let neigh = sh(&lab.ns("ext1"), "ip neigh show 198.51.100.11");
+    assert!(neigh.contains("lladdr"), "no neighbour entry from GARP: {neigh:?}");
+}

@@ -1,0 +1,157 @@
+//! Conntrack over netfilter netlink: dump the table, delete entries by
+//! their original tuple. Runs in the namespace of the calling thread.
+
+use std::net::IpAddr;
+
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+use crate::ctpolicy::{self, CtEntry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("conntrack netlink: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("conntrack netlink: cannot decode reply: {0}")]
+    Decode(String),
+    #[error("conntrack netlink: kernel error {0}")]
+    Kernel(i32),
+}
+
+/// A dumped entry with the raw tuple needed to delete it.
+pub struct Dumped {
+    pub entry: CtEntry,
+    orig: Vec<Tuple>,
+}
+
+fn socket() -> Result<Socket, ConntrackError> {
+    let mut s = Socket::new(NETLINK_NETFILTER)?;
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    Ok(s)
+}
+
+fn send(s: &Socket, flags: u16, msg: ConntrackMessage) -> Result<(), ConntrackError> {
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = flags;
+    let mut packet = NetlinkMessage::new(
+        hdr,
+        NetlinkPayload::from(NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0), msg)),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf[..]);
+    s.send(&buf, 0)?;
+    Ok(())
+}
+
+/// Reads replies until Done (dump) or the ack (request); calls `each` on
+/// every conntrack message.
+fn receive(s: &Socket, mut each: impl FnMut(ConntrackMessage)) -> Result<(), ConntrackError> {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let size = s.recv(&mut &mut buf[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..size])
+                .map_err(|e| ConntrackError::Decode(e.to_string()))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        None => Ok(()),
+                        Some(c) => Err(ConntrackError::Kernel(c.get())),
+                    };
+                }
+                NetlinkPayload::InnerMessage(m) => {
+                    if let netlink_packet_netfilter::NetfilterMessageInner::Conntrack(ct) = m.inner {
+                        each(ct);
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+}
+
+/// All IPv4 TCP, UDP and ICMP entries.
+pub fn dump() -> Result<Vec<Dumped>, ConntrackError> {
+    let s = socket()?;
+    send(&s, NLM_F_REQUEST | NLM_F_DUMP, ConntrackMessage::Get(vec![]))?;
+    let mut out = Vec::new();
+    receive(&s, |msg| {
+        if let ConntrackMessage::New(attrs) = msg {
+            let mut orig = None;
+            let mut reply = None;
+            for a in attrs {
+                match a {
+                    ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
+                    ConntrackAttribute::CtaTupleReply(t) => reply = Some(t),
+                    _ => {}
+                }
+            }
+            if let (Some(o), Some(r)) = (orig, reply)
+                && let (Some((proto, ot)), Some((_, rt))) = (decode(&o), decode(&r))
+            {
+                out.push(Dumped { entry: CtEntry { proto, orig: ot, reply: rt }, orig: o });
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+fn decode(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
+    let (mut src, mut dst, mut sport, mut dport, mut proto) = (None, None, 0, 0, None);
+    for t in tuple {
+        match t {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(IpAddr::V4(a)) => src = Some(*a),
+                        IPTuple::DestinationAddress(IpAddr::V4(a)) => dst = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(Protocol::Other(n)) => proto = Some(*n),
+                        ProtoTuple::Protocol(p) => proto = Some(u8::from(*p)),
+                        ProtoTuple::SourcePort(x) => sport = *x,
+                        ProtoTuple::DestinationPort(x) => dport = *x,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((proto?, ctpolicy::Tuple { src: src?, dst: dst?, sport, dport }))
+}
+
+/// Deletes entries; one already gone counts as deleted.
+pub fn delete(entries: &[Dumped]) -> Result<usize, ConntrackError> {
+    let s = socket()?;
+    let mut deleted = 0;
+    for d in entries {
+        send(
+            &s,
+            NLM_F_REQUEST | NLM_F_ACK,
+            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(d.orig.clone())]),
+        )?;
+        match receive(&s, |_| {}) {
+            Ok(()) => deleted += 1,
+            Err(ConntrackError::Kernel(c)) if c == -libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,94 @@
+//! The kernel side of a gateway, in thin layers around the pure plan:
+//! `nft` (natgw's nftables table), `link` (addresses and routes over
+//! rtnetlink), `conntrack` (netlink), `garp`, and `engine`, which ties them
+//! into sync, audit and teardown. `Gateway` is the handle callers use.
+
+pub mod conntrack;
+pub mod ctpolicy;
+mod engine;
+pub mod garp;
+pub mod link;
+pub mod netns;
+pub mod nft;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use natgw_plan::{GatewayPlan, IfAddr, Route};
+
+pub use state::{Drift, KernelState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    #[error(transparent)]
+    Conntrack(#[from] conntrack::ConntrackError),
+    #[error("cannot enable net.ipv4.ip_forward: {0}")]
+    Sysctl(std::io::Error),
+}
+
+/// What one sync changed.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    pub changed: bool,
+    pub table_rebuilt: bool,
+    pub nft_statements: usize,
+    pub addresses_added: Vec<IfAddr>,
+    pub addresses_removed: Vec<IfAddr>,
+    pub routes_added: Vec<Route>,
+    pub routes_removed: Vec<Route>,
+    pub conntrack_deleted: usize,
+    pub duration: Duration,
+}
+
+/// A gateway's network namespace, driven from a dedicated thread.
+pub struct Gateway {
+    worker: netns::NetnsWorker,
+    synced_once: AtomicBool,
+}
+
+impl Gateway {
+    /// Opens the namespace at `netns` (a path, or a name under
+    /// /run/netns), or the current one with `None`.
+    pub fn open(netns: Option<&str>) -> Result<Self, SyncError> {
+        let path: Option<PathBuf> = netns.map(netns::netns_path);
+        Ok(Gateway { worker: netns::NetnsWorker::start(path)?, synced_once: AtomicBool::new(false) })
+    }
+
+    /// One sync: the kernel ends up holding exactly `plan`. The first sync
+    /// of a handle also sweeps conntrack entries left from before.
+    pub fn sync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
+        let plan = plan.clone();
+        let first = !self.synced_once.load(Ordering::Relaxed);
+        let report = self.worker.run(move || engine::sync(&plan, first))??;
+        self.synced_once.store(true, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Differences between `plan` and the kernel; empty when converged.
+    pub fn audit(&self, plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
+        let plan = plan.clone();
+        self.worker.run(move || engine::audit(&plan))?
+    }
+
+    /// Removes all natgw state from the namespace.
+    pub fn teardown(&self) -> Result<SyncReport, SyncError> {
+        self.worker.run(engine::teardown)?
+    }
+
+    pub fn snapshot(&self) -> Result<KernelState, SyncError> {
+        self.worker.run(engine::snapshot)?
+    }
+
+    /// Runs any closure inside the namespace (tests, tools).
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, SyncError> {
+        Ok(self.worker.run(f)?)
+    }
+}

@@ -1,0 +1,184 @@
+//! Addresses and routes over rtnetlink. Everything natgw adds carries
+//! protocol number `NATGW_PROTO` (IFA_PROTO on addresses, rtm_protocol on
+//! routes): that mark is how natgw knows what it owns, and it never
+//! removes an address or route without it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use natgw_plan::{IfAddr, Route};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// "n" for natgw; unused by the kernel and by common routing daemons.
+pub const NATGW_PROTO: u8 = 110;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("netlink: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("interface {0:?} does not exist in the gateway's network namespace")]
+    NoInterface(String),
+}
+
+/// An interface as natgw needs it.
+#[derive(Clone, Debug)]
+pub struct Interface {
+    pub index: u32,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A netlink connection bound to the namespace of the thread that opened it.
+pub struct Links {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+impl Links {
+    /// Must be called on the namespace's worker thread.
+    pub fn open() -> Result<Self, LinkError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            Ok::<_, std::io::Error>(handle)
+        })?;
+        Ok(Links { rt, handle })
+    }
+
+    /// Every interface by name.
+    pub fn interfaces(&self) -> Result<BTreeMap<String, Interface>, LinkError> {
+        self.rt.block_on(async {
+            let mut out = BTreeMap::new();
+            let mut links = self.handle.link().get().execute();
+            while let Some(msg) = links.try_next().await? {
+                let mut name = None;
+                let mut mac = None;
+                for a in &msg.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => name = Some(n.clone()),
+                        LinkAttribute::Address(m) if m.len() == 6 => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
+                        _ => {}
+                    }
+                }
+                if let Some(name) = name {
+                    out.insert(name, Interface { index: msg.header.index, mac });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// IPv4 addresses on all interfaces: (address, owned by natgw).
+    pub fn addresses(&self, names: &BTreeMap<u32, String>) -> Result<BTreeMap<IfAddr, bool>, LinkError> {
+        self.rt.block_on(async {
+            let mut out = BTreeMap::new();
+            let mut addrs = self.handle.address().get().execute();
+            while let Some(msg) = addrs.try_next().await? {
+                let mut ip = None;
+                let mut owned = false;
+                for a in &msg.attributes {
+                    match a {
+                        AddressAttribute::Local(IpAddr::V4(v)) => ip = Some(*v),
+                        AddressAttribute::Address(IpAddr::V4(v)) if ip.is_none() => ip = Some(*v),
+                        AddressAttribute::Protocol(p) => owned = u8::from(*p) == NATGW_PROTO,
+                        _ => {}
+                    }
+                }
+                let (Some(ip), Some(name)) = (ip, names.get(&msg.header.index)) else { continue };
+                let Ok(addr) = Ipv4Net::new(ip, msg.header.prefix_len) else { continue };
+                out.insert(IfAddr { interface: name.clone(), addr }, owned);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            let mut req = self.handle.address().add(index, IpAddr::V4(addr.addr()), addr.prefix_len());
+            req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(NATGW_PROTO)));
+            req.execute().await.or_else(ignore_errno(libc::EEXIST))
+        })
+    }
+
+    pub fn del_address(&self, index: u32, addr: Ipv4Net) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(addr.addr(), addr.prefix_len())
+                .build();
+            self.handle.address().del(msg).execute().await.or_else(ignore_errno(libc::EADDRNOTAVAIL))
+        })
+    }
+
+    /// IPv4 routes of the main table that natgw owns.
+    pub fn owned_routes(&self, names: &BTreeMap<u32, String>) -> Result<BTreeSet<Route>, LinkError> {
+        self.rt.block_on(async {
+            let mut out = BTreeSet::new();
+            let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+            let mut routes = self.handle.route().get(filter).execute();
+            while let Some(msg) = routes.try_next().await? {
+                if msg.header.protocol != RouteProtocol::Other(NATGW_PROTO)
+                    || msg.header.table != RouteHeader::RT_TABLE_MAIN
+                {
+                    continue;
+                }
+                let (mut dst, mut via, mut oif) = (Ipv4Addr::UNSPECIFIED, None, None);
+                for a in &msg.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+                        RouteAttribute::Oif(i) => oif = names.get(i).cloned(),
+                        _ => {}
+                    }
+                }
+                let (Some(via), Some(interface), Ok(dst)) =
+                    (via, oif, Ipv4Net::new(dst, msg.header.destination_prefix_length))
+                else {
+                    continue;
+                };
+                out.insert(Route { dst, via, interface });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn add_route(&self, index: u32, r: &Route) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            let msg = route_message(index, r);
+            self.handle.route().add(msg).execute().await.or_else(ignore_errno(libc::EEXIST))
+        })
+    }
+
+    pub fn del_route(&self, index: u32, r: &Route) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            self.handle.route().del(route_message(index, r)).execute().await.or_else(ignore_errno(libc::ESRCH))
+        })
+    }
+}
+
+fn route_message(index: u32, r: &Route) -> rtnetlink::packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.network(), r.dst.prefix_len())
+        .gateway(r.via)
+        .output_interface(index)
+        .protocol(RouteProtocol::Other(NATGW_PROTO))
+        // On-link: the external next hop is reachable before any EIP (and
+        // so any connected route) exists on the interface.
+        .onlink()
+        .build()
+}
+
+/// Treats one errno as success (already there, already gone).
+fn ignore_errno(errno: i32) -> impl Fn(rtnetlink::Error) -> Result<(), LinkError> {
+    move |e| match &e {
+        rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno => Ok(()),
+        _ => Err(e.into()),
+    }
+}

@@ -1,0 +1,94 @@
+//! A dedicated OS thread per network namespace. The thread enters the
+//! namespace once with setns(2) and then runs every kernel operation for
+//! it: child processes (nft) and netlink sockets it creates live there.
+//! setns never runs on a thread shared with anything else (tokio workers
+//! included), so the caller's namespace is never changed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use nix::sched::{CloneFlags, setns};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Handle to a thread living in one network namespace.
+pub struct NetnsWorker {
+    path: Option<PathBuf>,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("the namespace worker thread stopped")]
+    Stopped,
+}
+
+/// `/run/netns/NAME` for a name made by `ip netns add`, else the path itself.
+pub fn netns_path(name_or_path: &str) -> PathBuf {
+    if name_or_path.contains('/') { PathBuf::from(name_or_path) } else { Path::new("/run/netns").join(name_or_path) }
+}
+
+impl NetnsWorker {
+    /// Starts the worker; `None` stays in the current namespace.
+    pub fn start(path: Option<PathBuf>) -> Result<Self, NetnsError> {
+        let file = match &path {
+            Some(p) => Some(File::open(p).map_err(|source| NetnsError::Open { path: p.clone(), source })?),
+            None => None,
+        };
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let p = path.clone();
+        let thread = thread::Builder::new()
+            .name("natgw-netns".into())
+            .spawn(move || {
+                if let (Some(f), Some(p)) = (&file, &p)
+                    && let Err(source) = setns(f, CloneFlags::CLONE_NEWNET)
+                {
+                    let _ = ready_tx.send(Err(NetnsError::Enter { path: p.clone(), source }));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                for job in jobs_rx {
+                    job();
+                }
+            })
+            .map_err(|source| NetnsError::Open { path: path.clone().unwrap_or_default(), source })?;
+        ready_rx.recv().map_err(|_| NetnsError::Stopped)??;
+        Ok(NetnsWorker { path, jobs: Some(jobs_tx), thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Runs `f` inside the namespace and waits for its result.
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.as_ref().ok_or(NetnsError::Stopped)?.send(job).map_err(|_| NetnsError::Stopped)?;
+        rx.recv().map_err(|_| NetnsError::Stopped)
+    }
+}
+
+impl Drop for NetnsWorker {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs one closure in a namespace on a short-lived thread (tests, tools).
+pub fn run_in<R: Send + 'static>(path: &Path, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
+    NetnsWorker::start(Some(path.to_path_buf()))?.run(f)
+}

@@ -1,0 +1,126 @@
+//! The lab: a documented topology of network namespaces for demos and
+//! tests, and helpers that send real packets between them.
+//!
+//! ```text
+//!  PREFIX-int1 eth0 10.77.0.11 ─┐
+//!                               ├─ PREFIX-sw (bridge br0) ─ lan0 10.77.0.1  PREFIX-gw  ext0 ── eth0 198.51.100.1 PREFIX-ext1
+//!  PREFIX-int2 eth0 10.77.0.12 ─┘                                          (EIPs 198.51.100.0/24)
+//! ```
+//! Internal hosts route via 10.77.0.1; the external host has no route to
+//! the VPC, so only NAT lets the two sides talk.
+
+pub mod traffic;
+
+use std::process::Command;
+
+pub const LAN_CIDR: &str = "10.77.0.0/24";
+pub const GW_LAN_IP: &str = "10.77.0.1";
+pub const INT1_IP: &str = "10.77.0.11";
+pub const INT2_IP: &str = "10.77.0.12";
+pub const EXT_CIDR: &str = "198.51.100.0/24";
+pub const EXT1_IP: &str = "198.51.100.1";
+/// Interface names inside the gateway namespace.
+pub const LAN_IF: &str = "lan0";
+pub const EXT_IF: &str = "ext0";
+
+const ROLES: [&str; 5] = ["gw", "sw", "int1", "int2", "ext1"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
+    #[error("cannot run ip: {0} (is iproute2 installed?)")]
+    Spawn(std::io::Error),
+}
+
+fn ip(args: &[&str]) -> Result<(), LabError> {
+    let out = Command::new("ip").args(args).output().map_err(LabError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+    }
+}
+
+/// A running lab. Dropping it removes every namespace it made, also when
+/// a test fails; `keep` leaves it running (for `natgw lab up`).
+pub struct Lab {
+    prefix: String,
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds the topology; on any error removes what it made.
+    pub fn up(prefix: &str) -> Result<Lab, LabError> {
+        let lab = Lab { prefix: prefix.to_string(), keep: false };
+        Lab::down(prefix)?;
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&self) -> Result<(), LabError> {
+        for role in ROLES {
+            ip(&["netns", "add", &self.ns(role)])?;
+            ip(&["-n", &self.ns(role), "link", "set", "lo", "up"])?;
+        }
+        let (gw, sw, int1, int2, ext1) =
+            (self.ns("gw"), self.ns("sw"), self.ns("int1"), self.ns("int2"), self.ns("ext1"));
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        let pair = |a: &str, ans: &str, b: &str, bns: &str| {
+            ip(&["link", "add", "name", a, "netns", ans, "type", "veth", "peer", "name", b, "netns", bns])
+        };
+        pair(LAN_IF, &gw, "gw", &sw)?;
+        pair("eth0", &int1, "int1", &sw)?;
+        pair("eth0", &int2, "int2", &sw)?;
+        pair(EXT_IF, &gw, "eth0", &ext1)?;
+        for port in ["gw", "int1", "int2"] {
+            ip(&["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+        }
+        ip(&["-n", &gw, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", LAN_IF])?;
+        ip(&["-n", &gw, "link", "set", LAN_IF, "up"])?;
+        ip(&["-n", &gw, "link", "set", EXT_IF, "up"])?;
+        for (ns, addr) in [(&int1, INT1_IP), (&int2, INT2_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "route", "add", "default", "via", GW_LAN_IP])?;
+        }
+        ip(&["-n", &ext1, "addr", "add", &format!("{EXT1_IP}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ext1, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// Namespace name of a role: gw, sw, int1, int2 or ext1.
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Leaves the namespaces in place when the handle goes.
+    pub fn keep(mut self) -> Self {
+        self.keep = true;
+        self
+    }
+
+    /// Removes every namespace of a lab with this prefix, if present.
+    pub fn down(prefix: &str) -> Result<(), LabError> {
+        for role in ROLES {
+            let ns = format!("{prefix}-{role}");
+            if std::path::Path::new("/run/netns").join(&ns).exists() {
+                ip(&["netns", "del", &ns])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = Lab::down(&self.prefix);
+        }
+    }
+}

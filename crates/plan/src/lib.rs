@@ -1,0 +1,12 @@
+//! Pure planning. `plan_gateway` turns a set of objects into the complete
+//! desired state of one gateway: the addresses on its external interface,
+//! its routes and the content of its NAT tables. No I/O happens here, so
+//! every rule about conflicts and precedence is tested without a kernel.
+
+mod gateway;
+mod snat;
+mod state;
+
+pub use gateway::{PlanError, merge_ranges, plan_gateway};
+pub use snat::{SnatRange, longest_prefix_ranges};
+pub use state::{Conflict, GatewayPlan, IfAddr, NatTables, PortKey, Route, Target};

@@ -1,0 +1,33 @@
+# Shared by scripts/demo and scripts/test: install what is missing, using
+# only the machine's own package clients.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "natgw needs root: it creates network namespaces and programs nftables." >&2
+    exit 1
+  fi
+}
+
+# Debian packages natgw needs at run time and in tests.
+ensure_packages() {
+  local missing=()
+  command -v nft >/dev/null || missing+=(nftables)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v conntrack >/dev/null || missing+=(conntrack)
+  command -v ip >/dev/null || missing+=(iproute2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust (rustup) first" >&2
+    exit 1
+  fi
+}
