@@ -138,9 +138,13 @@ fn load_documents<'a>(
 /// Turns one YAML document into a validated object.
 pub fn parse_object(doc: Value, source: &Source) -> Result<Object, LoadError> {
     let doc_err = |message: String| LoadError::Document { at: source.clone(), message };
-    let Value::Object(map) = &doc else {
+    let mut doc = doc;
+    let Value::Object(map) = &mut doc else {
         return Err(doc_err("expected a mapping with apiVersion, kind, metadata and spec".into()));
     };
+    // A missing spec reads as empty, so required fields are reported by name.
+    map.entry("spec").or_insert_with(|| Value::Object(Default::default()));
+    let map = &*map;
     let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = map.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
     let name = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_string();
@@ -179,7 +183,9 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "(object)".to_string() } else { path };
-        (field, e.inner().to_string())
+        // Ports are u16 in the types; say what that means to an operator.
+        let message = e.inner().to_string().replace("expected u16", "expected a port from 1 to 65535");
+        (field, message)
     })
 }
 

@@ -1,0 +1,149 @@
+//! natgw repairs its own state and never touches anyone else's.
+
+mod common;
+
+use common::*;
+use natgw_dataplane::Gateway;
+use proptest::prelude::*;
+
+fn rules() -> String {
+    eip("egress", EGRESS_EIP)
+        + &eip("web", WEB_EIP)
+        + &eip("ports", PORTS_EIP)
+        + &snat("vpc", "egress", "10.77.0.0/24")
+        + &fip("int1", "web", INT1)
+        + &dnat("int2-tcp", "ports", "tcp", 80, INT2, 8080)
+}
+
+#[test]
+fn one_sync_repairs_natgw_state_and_leaves_foreign_state_alone() {
+    let lab = lab("drift");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let p = converge(&gw, &objects(&rules()));
+
+    // Someone else's table, address and route in the same namespace.
+    sh(&ns, "nft add table ip foreign; nft add chain ip foreign c '{ type nat hook postrouting priority 50; }'");
+    sh(&ns, "nft add rule ip foreign c oifname ext0 masquerade");
+    sh(&ns, "ip addr add 198.51.100.200/24 dev ext0; ip route add 192.0.2.0/24 via 10.77.0.12");
+    // Drift inside natgw's table: a lost element, a stray one, a stray rule.
+    sh(&ns, "nft delete element ip natgw fip_dnat '{ 198.51.100.11 }'");
+    sh(&ns, "nft add element ip natgw port_fwd '{ 198.51.100.12 . tcp . 443 : 10.77.0.12 . 443 }'");
+    let drift = gw.audit(&p).unwrap();
+    assert_eq!(drift.len(), 2, "{drift:?}");
+    gw.sync(&p).unwrap();
+    assert_clean(&gw, &p);
+
+    sh(&ns, "nft add rule ip natgw prerouting counter");
+    assert!(!gw.audit(&p).unwrap().is_empty(), "a stray rule in natgw's chain must show as drift");
+    gw.sync(&p).unwrap();
+    assert_clean(&gw, &p);
+
+    // The whole table deleted by hand.
+    sh(&ns, "nft delete table ip natgw");
+    gw.sync(&p).unwrap();
+    assert_clean(&gw, &p);
+
+    // natgw's own address removed by hand comes back; the foreign ones stay.
+    sh(&ns, "ip addr del 198.51.100.11/24 dev ext0");
+    gw.sync(&p).unwrap();
+    assert_clean(&gw, &p);
+    let foreign = sh(&ns, "nft list table ip foreign; ip -4 addr show dev ext0; ip route");
+    assert!(foreign.contains("masquerade"), "{foreign}");
+    assert!(foreign.contains("198.51.100.200/24"), "{foreign}");
+    assert!(foreign.contains("192.0.2.0/24 via 10.77.0.12"), "{foreign}");
+
+    // Teardown removes natgw's state only.
+    gw.teardown().unwrap();
+    let after = sh(&ns, "nft list ruleset; ip -4 addr show dev ext0; ip route");
+    assert!(!after.contains("natgw"), "{after}");
+    assert!(!after.contains("198.51.100.11") && !after.contains("default via"), "{after}");
+    assert!(
+        after.contains("masquerade") && after.contains("198.51.100.200/24") && after.contains("192.0.2.0/24"),
+        "{after}"
+    );
+}
+
+#[test]
+fn a_second_sync_of_the_same_input_changes_nothing() {
+    let lab = lab("idem");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let set = objects(&rules());
+    converge(&gw, &set);
+    let before = kernel_dump(&ns);
+    let report = gw.sync(&plan(&set)).unwrap();
+    assert!(!report.changed, "{report:?}");
+    assert_eq!(report.nft_statements, 0);
+    assert_eq!(kernel_dump(&ns), before, "handles, addresses or routes changed");
+}
+
+#[test]
+fn removing_every_eip_keeps_the_routes() {
+    let lab = lab("noeip");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &objects(&rules()));
+    // The kernel drops routes through an interface with no address left.
+    converge(&gw, &objects(""));
+    assert!(sh(&lab.ns("gw"), "ip route").contains("default via 198.51.100.1 dev ext0"));
+}
+
+#[test]
+fn a_changed_target_replaces_the_element_in_one_transaction() {
+    let lab = lab("retarget");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    converge(&gw, &objects(&rules()));
+    let moved = rules().replace("internalIp: 10.77.0.11", "internalIp: 10.77.0.12");
+    let report = gw.sync(&plan(&objects(&moved))).unwrap();
+    assert!(!report.table_rebuilt);
+    assert_clean(&gw, &plan(&objects(&moved)));
+}
+
+/// A pool of objects; each step of the property test keeps a random subset.
+fn pool() -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..6u8 {
+        v.push(eip(&format!("e{i}"), std::net::Ipv4Addr::new(198, 51, 100, 20 + i)));
+    }
+    for i in 0..6u8 {
+        v.push(fip(&format!("f{i}"), &format!("e{i}"), std::net::Ipv4Addr::new(10, 77, 0, 100 + i)));
+        v.push(dnat(&format!("d{i}"), &format!("e{}", (i + 3) % 6), "tcp", 1000 + u16::from(i), INT2, 80));
+        v.push(dnat(&format!("u{i}"), &format!("e{}", (i + 3) % 6), "udp", 1000 + u16::from(i), INT1, 53));
+    }
+    v.push(snat("s0", "e0", "10.77.0.0/24"));
+    v.push(snat("s1", "e1", "10.77.0.128/25"));
+    v.push(snat("s2", "e2", "10.77.0.64/26"));
+    v.push(snat("s3", "e3", "10.77.0.200/32"));
+    v
+}
+
+/// Keeps only objects whose Eip is also kept, so every step is valid input.
+fn step_set(keep: &[bool]) -> natgw_api::ObjectSet {
+    let pool = pool();
+    let kept_eips: Vec<String> = (0..6).filter(|i| keep[*i]).map(|i| format!("eip: e{i},")).collect();
+    let text: String = pool
+        .iter()
+        .zip(keep)
+        .enumerate()
+        .filter(|(i, (doc, k))| **k && (*i < 6 || kept_eips.iter().any(|e| doc.contains(e.as_str()))))
+        .map(|(_, (doc, _))| doc.as_str())
+        .collect();
+    objects(&text)
+}
+
+#[test]
+fn random_sequences_of_object_sets_converge_exactly() {
+    let lab = lab("prop");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    let n = pool().len();
+    let config = ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(steps in proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), 1..6))| {
+        for keep in steps {
+            let set = step_set(&keep);
+            let p = natgw_plan::plan_gateway(&set, "demo-gw").unwrap();
+            gw.sync(&p).unwrap();
+            let drift = gw.audit(&p).unwrap();
+            prop_assert!(drift.is_empty(), "after sync: {:?}", drift);
+        }
+    });
+}
