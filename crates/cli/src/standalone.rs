@@ -72,6 +72,9 @@ pub fn apply(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode
     let plan = load_plan(path, gateway)?;
     let gw = Gateway::open(Some(netns))?;
     let report = gw.sync(&plan).with_context(|| format!("sync of gateway {} into {netns}", plan.gateway))?;
+    for (phase, took) in &report.phases {
+        tracing::debug!(phase, ms = took.as_secs_f64() * 1000.0, "sync phase");
+    }
     println!("{}: {}", plan.gateway, describe(&report));
     Ok(ExitCode::SUCCESS)
 }
@@ -171,7 +174,10 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
         }
         let due = last_sync.is_none_or(|t| t.elapsed() >= Duration::from_secs(resync));
         if dirty || due {
-            match plan_set(&set, gateway).and_then(|plan| Ok((gw.sync(&plan)?, plan))) {
+            // Edits diff against the last sync; the periodic round reads the
+            // kernel to repair drift.
+            let sync = |plan: &GatewayPlan| if due { gw.resync(plan) } else { gw.sync(plan) };
+            match plan_set(&set, gateway).and_then(|plan| Ok((sync(&plan)?, plan))) {
                 Ok((report, plan)) => {
                     if report.changed || dirty {
                         tracing::info!(gateway = %plan.gateway, "{}", describe(&report));

@@ -31,22 +31,22 @@ fn one_sync_repairs_natgw_state_and_leaves_foreign_state_alone() {
     sh(&ns, "nft add element ip natgw port_fwd '{ 198.51.100.12 . tcp . 443 : 10.77.0.12 . 443 }'");
     let drift = gw.audit(&p).unwrap();
     assert_eq!(drift.len(), 2, "{drift:?}");
-    gw.sync(&p).unwrap();
+    gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
 
     sh(&ns, "nft add rule ip natgw prerouting counter");
     assert!(!gw.audit(&p).unwrap().is_empty(), "a stray rule in natgw's chain must show as drift");
-    gw.sync(&p).unwrap();
+    gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
 
     // The whole table deleted by hand.
     sh(&ns, "nft delete table ip natgw");
-    gw.sync(&p).unwrap();
+    gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
 
     // natgw's own address removed by hand comes back; the foreign ones stay.
     sh(&ns, "ip addr del 198.51.100.11/24 dev ext0");
-    gw.sync(&p).unwrap();
+    gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
     let foreign = sh(&ns, "nft list table ip foreign; ip -4 addr show dev ext0; ip route");
     assert!(foreign.contains("masquerade"), "{foreign}");
@@ -62,6 +62,22 @@ fn one_sync_repairs_natgw_state_and_leaves_foreign_state_alone() {
         after.contains("masquerade") && after.contains("198.51.100.200/24") && after.contains("192.0.2.0/24"),
         "{after}"
     );
+}
+
+#[test]
+fn a_sync_from_the_mirror_that_fails_retries_from_the_kernel() {
+    let lab = lab("mirror");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    converge(&gw, &objects(&rules()));
+    // The table goes behind natgw's back; the next change would patch
+    // elements of a table that no longer exists.
+    sh(&ns, "nft delete table ip natgw");
+    let changed = rules() + &fip("int2", "egress", INT2);
+    let p = plan(&objects(&changed.replace(&snat("vpc", "egress", "10.77.0.0/24"), "")));
+    let report = gw.sync(&p).unwrap();
+    assert!(report.table_rebuilt, "{report:?}");
+    assert_clean(&gw, &p);
 }
 
 #[test]
@@ -141,7 +157,7 @@ fn random_sequences_of_object_sets_converge_exactly() {
         for keep in steps {
             let set = step_set(&keep);
             let p = natgw_plan::plan_gateway(&set, "demo-gw").unwrap();
-            gw.sync(&p).unwrap();
+            gw.resync(&p).unwrap();
             let drift = gw.audit(&p).unwrap();
             prop_assert!(drift.is_empty(), "after sync: {:?}", drift);
         }

@@ -26,11 +26,28 @@ pub struct Dumped {
     orig: Vec<Tuple>,
 }
 
-fn socket() -> Result<Socket, ConntrackError> {
-    let mut s = Socket::new(NETLINK_NETFILTER)?;
-    s.bind_auto()?;
-    s.connect(&SocketAddr::new(0, 0))?;
-    Ok(s)
+/// One netlink socket for a dump and the deletes that follow it.
+pub struct Conntrack {
+    socket: Socket,
+}
+
+impl Conntrack {
+    pub fn open() -> Result<Self, ConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Conntrack { socket })
+    }
+
+    /// All IPv4 entries.
+    pub fn dump(&self) -> Result<Vec<Dumped>, ConntrackError> {
+        dump(&self.socket)
+    }
+
+    /// Deletes entries; one already gone counts as deleted.
+    pub fn delete(&self, entries: &[Dumped]) -> Result<usize, ConntrackError> {
+        delete(&self.socket, entries)
+    }
 }
 
 fn send(s: &Socket, flags: u16, msg: ConntrackMessage) -> Result<(), ConntrackError> {
@@ -81,12 +98,10 @@ fn receive(s: &Socket, mut each: impl FnMut(ConntrackMessage)) -> Result<(), Con
     }
 }
 
-/// All IPv4 TCP, UDP and ICMP entries.
-pub fn dump() -> Result<Vec<Dumped>, ConntrackError> {
-    let s = socket()?;
-    send(&s, NLM_F_REQUEST | NLM_F_DUMP, ConntrackMessage::Get(vec![]))?;
+fn dump(s: &Socket) -> Result<Vec<Dumped>, ConntrackError> {
+    send(s, NLM_F_REQUEST | NLM_F_DUMP, ConntrackMessage::Get(vec![]))?;
     let mut out = Vec::new();
-    receive(&s, |msg| {
+    receive(s, |msg| {
         if let ConntrackMessage::New(attrs) = msg {
             let mut orig = None;
             let mut reply = None;
@@ -137,17 +152,15 @@ fn decode(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
     Some((proto?, ctpolicy::Tuple { src: src?, dst: dst?, sport, dport }))
 }
 
-/// Deletes entries; one already gone counts as deleted.
-pub fn delete(entries: &[Dumped]) -> Result<usize, ConntrackError> {
-    let s = socket()?;
+fn delete(s: &Socket, entries: &[Dumped]) -> Result<usize, ConntrackError> {
     let mut deleted = 0;
     for d in entries {
         send(
-            &s,
+            s,
             NLM_F_REQUEST | NLM_F_ACK,
             ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(d.orig.clone())]),
         )?;
-        match receive(&s, |_| {}) {
+        match receive(s, |_| {}) {
             Ok(()) => deleted += 1,
             Err(ConntrackError::Kernel(c)) if c == -libc::ENOENT => {}
             Err(e) => return Err(e),

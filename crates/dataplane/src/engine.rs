@@ -26,8 +26,10 @@ fn sysctl_on(path: &str) -> bool {
 }
 
 thread_local! {
-    // One netlink connection per worker thread, opened on first use.
+    // One netlink connection and one ARP socket per worker thread, opened
+    // on first use and kept: both live in the worker's namespace.
     static LINKS: RefCell<Option<Links>> = const { RefCell::new(None) };
+    static ANNOUNCER: RefCell<Option<garp::Announcer>> = const { RefCell::new(None) };
 }
 
 fn with_links<R>(f: impl FnOnce(&Links) -> Result<R, SyncError>) -> Result<R, SyncError> {
@@ -65,96 +67,204 @@ fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
     s.interfaces.get(name).map(|i| i.index).ok_or_else(|| SyncError::Link(LinkError::NoInterface(name.into())))
 }
 
+thread_local! {
+    // What the last successful sync left in the kernel (kube-proxy keeps the
+    // same kind of mirror). Normal syncs diff against it instead of listing
+    // thousands of elements; drift repair reads the kernel instead.
+    static MIRROR: RefCell<Option<Snapshot>> = const { RefCell::new(None) };
+}
+
+/// How much of the kernel a sync reads first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// Trust the mirror of the last sync when there is one.
+    Mirror,
+    /// Read everything from the kernel (start, drift repair).
+    Kernel,
+}
+
 /// Converges the namespace to `plan`. `sweep_conntrack` forces a conntrack
-/// pass even when nothing changed (first sync after start).
-pub fn sync(plan: &GatewayPlan, sweep_conntrack: bool) -> Result<SyncReport, SyncError> {
+/// pass even when nothing changed (first sync after start). A sync from
+/// the mirror that fails is retried once from a fresh kernel read: the
+/// kernel may have changed behind natgw's back.
+pub fn sync(plan: &GatewayPlan, sweep_conntrack: bool, read_mode: Read) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     with_links(|links| {
-        let snap = read(links)?;
-        for name in [&plan.lan_interface, &plan.external_interface] {
-            index(&snap, name)?;
-        }
-        let k = &snap.state;
-        let mut report = SyncReport::default();
-        if !k.forwarding {
-            std::fs::write(FORWARD, "1").map_err(SyncError::Sysctl)?;
-            report.changed = true;
-        }
-        let managed: BTreeSet<&String> =
-            plan.addresses.iter().chain(k.addresses.keys()).map(|a| &a.interface).collect();
-        for name in
-            managed.into_iter().filter(|n| !k.promote_secondaries.contains(*n) && snap.interfaces.contains_key(*n))
-        {
-            std::fs::write(promote_path(name), "1").map_err(SyncError::Sysctl)?;
-            report.changed = true;
-        }
-        // Additions first: a new translation never points at a missing
-        // address, and nothing is removed before the table commits.
-        let mut announce = Vec::new();
-        for a in plan.addresses.iter().filter(|a| !k.addresses.contains_key(*a)) {
-            links.add_address(index(&snap, &a.interface)?, a.addr)?;
-            report.addresses_added.push(a.clone());
-            announce.push(a.clone());
-        }
-        let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
-        let script = if !k.table.present || k.table.skeleton != skeleton {
-            report.table_rebuilt = true;
-            nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat)
-        } else {
-            nft::diff_script(&k.table.nat, &plan.nat)
+        let mirrored = if read_mode == Read::Mirror { MIRROR.with(|m| m.borrow_mut().take()) } else { None };
+        let from_mirror = mirrored.is_some();
+        let snap = match mirrored {
+            Some(s) => s,
+            None => read(links)?,
         };
-        if !script.is_empty() {
-            nft::apply(&script)?;
-            report.nft_statements = script.lines().count();
-        }
-        let leaked: Vec<&IfAddr> =
-            k.addresses.iter().filter(|(a, owned)| **owned && !plan.addresses.contains(*a)).map(|(a, _)| a).collect();
-        for a in leaked {
-            links.del_address(index(&snap, &a.interface)?, a.addr)?;
-            report.addresses_removed.push(a.clone());
-        }
-        // Routes last, from a fresh read: removing an interface's last
-        // address makes the kernel drop every route through it.
-        let names: BTreeMap<u32, String> = snap.interfaces.iter().map(|(n, i)| (i.index, n.clone())).collect();
-        let routes = links.owned_routes(&names)?;
-        for r in plan.routes.difference(&routes) {
-            links.add_route(index(&snap, &r.interface)?, r)?;
-            if !k.routes.contains(r) {
-                report.routes_added.push(r.clone());
+        let result = match converge(links, &snap, plan, sweep_conntrack) {
+            Err(e) if from_mirror => {
+                tracing::warn!(error = %e, "sync from the mirror failed; retrying from a kernel read");
+                let fresh = read(links)?;
+                converge(links, &fresh, plan, sweep_conntrack).map(|r| (r, fresh))
             }
-        }
-        let stale_routes: Vec<&Route> = routes.difference(&plan.routes).collect();
-        for r in stale_routes {
-            // An interface that vanished took its routes along.
-            if let Ok(i) = index(&snap, &r.interface) {
-                links.del_route(i, r)?;
-            }
-            report.routes_removed.push(r.clone());
-        }
-        report.changed |= report.nft_statements > 0
-            || !report.addresses_added.is_empty()
-            || !report.addresses_removed.is_empty()
-            || !report.routes_added.is_empty()
-            || !report.routes_removed.is_empty();
-        if report.changed || sweep_conntrack {
-            let mut ours = k.our_addresses();
-            eips_of(&plan.nat, &mut ours);
-            ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
-            let stale: Vec<_> = conntrack::dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &ours)).collect();
-            report.conntrack_deleted = conntrack::delete(&stale)?;
-        }
-        for a in announce {
-            if let Some(mac) = snap.interfaces.get(&a.interface).and_then(|i| i.mac) {
-                // Best effort: an unannounced address still works once
-                // neighbours' caches expire.
-                if let Err(e) = garp::announce(index(&snap, &a.interface)?, mac, a.addr.addr()) {
-                    tracing::warn!(address = %a.addr, error = %e, "gratuitous ARP failed");
-                }
-            }
-        }
+            other => other.map(|r| (r, snap)),
+        };
+        let (mut report, before) = result?;
+        MIRROR.with(|m| *m.borrow_mut() = Some(after(&before, plan)));
         report.duration = started.elapsed();
         Ok(report)
     })
+}
+
+/// The kernel state a successful sync of `plan` leaves behind.
+fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
+    let k = &before.state;
+    let mut addresses: BTreeMap<IfAddr, bool> = k
+        .addresses
+        .iter()
+        .filter(|(a, owned)| !**owned || plan.addresses.contains(*a))
+        .map(|(a, o)| (a.clone(), *o))
+        .collect();
+    for a in &plan.addresses {
+        addresses.entry(a.clone()).or_insert(true);
+    }
+    let mut promote = k.promote_secondaries.clone();
+    promote.extend(k.addresses.keys().chain(plan.addresses.iter()).map(|a| a.interface.clone()));
+    Snapshot {
+        state: KernelState {
+            table: nft::KernelTable {
+                present: true,
+                skeleton: nft::expected_skeleton(&plan.lan_interface, &plan.external_interface),
+                nat: plan.nat.clone(),
+            },
+            addresses,
+            routes: plan.routes.clone(),
+            forwarding: true,
+            promote_secondaries: promote,
+        },
+        interfaces: before.interfaces.clone(),
+    }
+}
+
+/// Forgets the mirror, so the next sync reads the kernel.
+pub fn forget() {
+    MIRROR.with(|m| *m.borrow_mut() = None);
+}
+
+fn converge(
+    links: &Links,
+    snap: &Snapshot,
+    plan: &GatewayPlan,
+    sweep_conntrack: bool,
+) -> Result<SyncReport, SyncError> {
+    let mut clock = Instant::now();
+    let mut lap = |report: &mut SyncReport, phase: &'static str| {
+        report.phases.push((phase, clock.elapsed()));
+        clock = Instant::now();
+    };
+    for name in [&plan.lan_interface, &plan.external_interface] {
+        index(snap, name)?;
+    }
+    let k = &snap.state;
+    let mut report = SyncReport::default();
+    if !k.forwarding {
+        std::fs::write(FORWARD, "1").map_err(SyncError::Sysctl)?;
+        report.changed = true;
+    }
+    let managed: BTreeSet<&String> = plan.addresses.iter().chain(k.addresses.keys()).map(|a| &a.interface).collect();
+    for name in managed.into_iter().filter(|n| !k.promote_secondaries.contains(*n) && snap.interfaces.contains_key(*n))
+    {
+        std::fs::write(promote_path(name), "1").map_err(SyncError::Sysctl)?;
+        report.changed = true;
+    }
+    // Additions first: a new translation never points at a missing
+    // address, and nothing is removed before the table commits.
+    let mut announce = Vec::new();
+    for a in plan.addresses.iter().filter(|a| !k.addresses.contains_key(*a)) {
+        links.add_address(index(snap, &a.interface)?, a.addr)?;
+        report.addresses_added.push(a.clone());
+        announce.push(a.clone());
+    }
+    lap(&mut report, "addresses-add");
+    let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
+    let script = if !k.table.present || k.table.skeleton != skeleton {
+        report.table_rebuilt = true;
+        nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat)
+    } else {
+        nft::diff_script(&k.table.nat, &plan.nat)
+    };
+    if !script.is_empty() {
+        nft::apply(&script)?;
+        report.nft_statements = script.lines().count();
+    }
+    lap(&mut report, "nft");
+    let leaked: Vec<&IfAddr> =
+        k.addresses.iter().filter(|(a, owned)| **owned && !plan.addresses.contains(*a)).map(|(a, _)| a).collect();
+    for a in leaked {
+        links.del_address(index(snap, &a.interface)?, a.addr)?;
+        report.addresses_removed.push(a.clone());
+    }
+    // Routes last: removing an interface's last address makes the
+    // kernel drop every route through it, so re-read them then.
+    lap(&mut report, "addresses-remove");
+    let emptied = report.addresses_removed.iter().any(|gone| {
+        let left = |a: &IfAddr| a.interface == gone.interface && !report.addresses_removed.contains(a);
+        !k.addresses.keys().chain(plan.addresses.iter()).any(left)
+    });
+    let routes = if !emptied {
+        k.routes.clone()
+    } else {
+        let names: BTreeMap<u32, String> = snap.interfaces.iter().map(|(n, i)| (i.index, n.clone())).collect();
+        links.owned_routes(&names)?
+    };
+    for r in plan.routes.difference(&routes) {
+        links.add_route(index(snap, &r.interface)?, r)?;
+        if !k.routes.contains(r) {
+            report.routes_added.push(r.clone());
+        }
+    }
+    let stale_routes: Vec<&Route> = routes.difference(&plan.routes).collect();
+    for r in stale_routes {
+        // An interface that vanished took its routes along.
+        if let Ok(i) = index(snap, &r.interface) {
+            links.del_route(i, r)?;
+        }
+        report.routes_removed.push(r.clone());
+    }
+    lap(&mut report, "routes");
+    report.changed |= report.nft_statements > 0
+        || !report.addresses_added.is_empty()
+        || !report.addresses_removed.is_empty()
+        || !report.routes_added.is_empty()
+        || !report.routes_removed.is_empty();
+    if report.changed || sweep_conntrack {
+        let mut ours = k.our_addresses();
+        eips_of(&plan.nat, &mut ours);
+        ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
+        let ct = conntrack::Conntrack::open()?;
+        let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &ours)).collect();
+        report.conntrack_deleted = ct.delete(&stale)?;
+    }
+    lap(&mut report, "conntrack");
+    // Best effort: an unannounced address still works once neighbours'
+    // caches expire.
+    if !announce.is_empty() {
+        ANNOUNCER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                match garp::Announcer::open() {
+                    Ok(a) => *slot = Some(a),
+                    Err(e) => tracing::warn!(error = %e, "cannot open a packet socket for gratuitous ARP"),
+                }
+            }
+            let Some(announcer) = slot.as_ref() else { return };
+            for a in &announce {
+                if let Some(i) = snap.interfaces.get(&a.interface)
+                    && let Some(mac) = i.mac
+                    && let Err(e) = announcer.announce(i.index, mac, a.addr.addr())
+                {
+                    tracing::warn!(address = %a.addr, error = %e, "gratuitous ARP failed");
+                }
+            }
+        });
+    }
+    lap(&mut report, "garp");
+    Ok(report)
 }
 
 /// Every difference between `plan` and the kernel, conntrack included.
@@ -164,8 +274,8 @@ pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
         let mut ours = snap.state.our_addresses();
         eips_of(&plan.nat, &mut ours);
         ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
-        let stale: Vec<_> =
-            conntrack::dump()?.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours)).collect();
+        let dumped = conntrack::Conntrack::open()?.dump()?;
+        let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours)).collect();
         Ok(drift(plan, &snap.state, &stale))
     })
 }
@@ -173,6 +283,7 @@ pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
 /// Removes everything natgw owns in this namespace: its table, its
 /// addresses and routes, and conntrack entries through its addresses.
 pub fn teardown() -> Result<SyncReport, SyncError> {
+    forget();
     with_links(|links| {
         let snap = read(links)?;
         let mut report = SyncReport::default();
@@ -195,7 +306,9 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
             report.routes_removed.push(r.clone());
         }
         let mine: BTreeSet<_> = ours;
-        let stale: Vec<_> = conntrack::dump()?
+        let ct = conntrack::Conntrack::open()?;
+        let stale: Vec<_> = ct
+            .dump()?
             .into_iter()
             .filter(|d| {
                 [d.entry.orig.src, d.entry.orig.dst, d.entry.reply.src, d.entry.reply.dst]
@@ -203,7 +316,7 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
                     .any(|a| mine.contains(a))
             })
             .collect();
-        report.conntrack_deleted = conntrack::delete(&stale)?;
+        report.conntrack_deleted = ct.delete(&stale)?;
         report.changed = true;
         Ok(report)
     })

@@ -46,6 +46,8 @@ pub struct SyncReport {
     pub routes_removed: Vec<Route>,
     pub conntrack_deleted: usize,
     pub duration: Duration,
+    /// Time spent per phase, for logs and metrics.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// A gateway's network namespace, driven from a dedicated thread.
@@ -62,12 +64,23 @@ impl Gateway {
         Ok(Gateway { worker: netns::NetnsWorker::start(path)?, synced_once: AtomicBool::new(false) })
     }
 
-    /// One sync: the kernel ends up holding exactly `plan`. The first sync
-    /// of a handle also sweeps conntrack entries left from before.
+    /// One sync: the kernel ends up holding exactly `plan`. Diffs against
+    /// what the previous sync left (cheap: O(change)); the first sync of a
+    /// handle reads the kernel and sweeps conntrack entries from before.
     pub fn sync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
+        self.sync_with(plan, engine::Read::Mirror)
+    }
+
+    /// Like `sync`, but reads the whole kernel state first, so anything
+    /// changed behind natgw's back is repaired. Run it periodically.
+    pub fn resync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
+        self.sync_with(plan, engine::Read::Kernel)
+    }
+
+    fn sync_with(&self, plan: &GatewayPlan, read: engine::Read) -> Result<SyncReport, SyncError> {
         let plan = plan.clone();
         let first = !self.synced_once.load(Ordering::Relaxed);
-        let report = self.worker.run(move || engine::sync(&plan, first))??;
+        let report = self.worker.run(move || engine::sync(&plan, first, read))??;
         self.synced_once.store(true, Ordering::Relaxed);
         Ok(report)
     }

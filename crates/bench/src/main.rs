@@ -1,0 +1,315 @@
+//! `natgw-bench`: the data plane's figures next to the Kube-OVN iptables
+//! baseline, both measured in the same run on the same machine.
+
+mod baseline;
+mod objects;
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use natgw_api::{Eip, EipSpec, FloatingIp, FloatingIpSpec, Object, ObjectSet};
+use natgw_dataplane::Gateway;
+use natgw_lab::Lab;
+use natgw_lab::traffic::in_ns;
+use natgw_plan::plan_gateway;
+use objects::{Scale, build, eip_ip};
+
+#[derive(Parser)]
+#[command(about = "Benchmark natgw's data plane against Kube-OVN's iptables approach")]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    fips: u32,
+    #[arg(long, default_value_t = 2_000)]
+    dnats: u32,
+    #[arg(long, default_value_t = 200)]
+    snats: u32,
+    /// Single changes measured on top of each full set.
+    #[arg(long, default_value_t = 20)]
+    changes: u32,
+    /// Seconds of new connections per connection-rate run.
+    #[arg(long, default_value_t = 3)]
+    rate_seconds: u64,
+    /// iptables flavour of the baseline (Kube-OVN prefers legacy).
+    #[arg(long, default_value = "iptables-legacy")]
+    iptables: String,
+    /// Skip the slow full-scale baseline sync (minutes).
+    #[arg(long)]
+    skip_baseline_full: bool,
+}
+
+const PREFIX: &str = "nbench";
+const SMALL: Scale = Scale { fips: 80, dnats: 15, snats: 5 };
+
+fn lab() -> Result<Lab> {
+    let lab = Lab::up(PREFIX)?;
+    // The benchmark's external subnet lives beside the lab's own.
+    let ext1 = lab.ns("ext1");
+    let out =
+        std::process::Command::new("ip").args(["-n", &ext1, "addr", "add", "100.64.0.1/16", "dev", "eth0"]).status()?;
+    anyhow::ensure!(out.success(), "cannot address ext1");
+    Ok(lab)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One more FloatingIp (and its Eip) on top of a set.
+fn with_extra_fip(set: &ObjectSet, n: u32) -> ObjectSet {
+    let mut s = set.clone();
+    let eip = format!("extra-eip-{n}");
+    let ip = eip_ip(60_000 + n);
+    s.insert(Object::Eip(Eip::new(&eip, EipSpec { gateway: "demo-gw".into(), ip: Some(ip) })));
+    let spec = FloatingIpSpec { eip, internal_ip: Ipv4Addr::new(10, 78, 255, n as u8) };
+    s.insert(Object::FloatingIp(FloatingIp::new(&format!("extra-{n}"), spec)));
+    s
+}
+
+struct NatgwFigures {
+    plan_ms: f64,
+    full_ms: f64,
+    change_p50: f64,
+    change_max: f64,
+    plan_change_p50: f64,
+    /// Until the nft transaction committed: the translation is in force.
+    programmed_p50: f64,
+    /// p50 per sync phase of the single changes.
+    phases: Vec<(&'static str, f64)>,
+}
+
+fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
+    let t = Instant::now();
+    let plan = plan_gateway(set, "demo-gw")?;
+    let plan_ms = ms(t.elapsed());
+    anyhow::ensure!(plan.conflicts.is_empty(), "benchmark objects conflict: {:?}", &plan.conflicts[..1]);
+    let lab = lab()?;
+    let gw = Gateway::open(Some(&lab.ns("gw")))?;
+    let report = gw.sync(&plan)?;
+    let full_ms = ms(report.duration);
+    anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
+    let (mut sync_times, mut plan_sync_times, mut programmed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    for n in 0..changes {
+        for s in [with_extra_fip(set, n), set.clone()] {
+            let t = Instant::now();
+            let p = plan_gateway(&s, "demo-gw")?;
+            let r = gw.sync(&p)?;
+            plan_sync_times.push(ms(t.elapsed()));
+            sync_times.push(ms(r.duration));
+            let until_nft = r.phases.iter().take_while(|(p, _)| *p != "addresses-remove").map(|(_, d)| *d).sum();
+            programmed.push(ms(until_nft));
+            for (p, d) in &r.phases {
+                phases.entry(p).or_default().push(ms(*d));
+            }
+        }
+    }
+    anyhow::ensure!(gw.audit(&plan)?.is_empty(), "changes did not converge");
+    let change_max = sync_times.iter().cloned().fold(0.0, f64::max);
+    Ok(NatgwFigures {
+        plan_ms,
+        full_ms,
+        change_p50: percentile(&mut sync_times, 0.5),
+        change_max,
+        plan_change_p50: percentile(&mut plan_sync_times, 0.5),
+        programmed_p50: percentile(&mut programmed, 0.5),
+        phases: phases.into_iter().map(|(p, mut v)| (p, percentile(&mut v, 0.5))).collect(),
+    })
+}
+
+struct BaselineFigures {
+    full_ms: Option<f64>,
+    change_p50: f64,
+}
+
+fn baseline_run(set: &ObjectSet, iptables: &str, changes: u32, full: bool) -> Result<BaselineFigures> {
+    let lab = lab()?;
+    let gw = Gateway::open(Some(&lab.ns("gw")))?;
+    let ipt = iptables.to_string();
+    let cmds = baseline::commands(set, 16);
+    let full_ms = gw.run(move || -> Result<Option<f64>> {
+        baseline::init(&ipt)?;
+        if full {
+            let t = Instant::now();
+            baseline::execute(&ipt, &cmds)?;
+            Ok(Some(ms(t.elapsed())))
+        } else {
+            baseline::restore(&ipt, &cmds)?;
+            Ok(None)
+        }
+    })??;
+    let mut times = Vec::new();
+    for n in 0..changes {
+        let cmds = baseline::commands(&with_extra_fip(&ObjectSet::default(), n), 16);
+        let ipt = iptables.to_string();
+        times.push(gw.run(move || -> Result<f64> {
+            let t = Instant::now();
+            baseline::execute(&ipt, &cmds)?;
+            Ok(ms(t.elapsed()))
+        })??);
+    }
+    Ok(BaselineFigures { full_ms, change_p50: percentile(&mut times, 0.5) })
+}
+
+/// New TCP connections per second from ext1 to FloatingIp 0 (int1).
+fn connection_rate(lab: &Lab, seconds: u64) -> Result<f64> {
+    let listener = in_ns(&lab.ns("int1"), || TcpListener::bind("10.77.0.11:7000"))??;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    listener.set_nonblocking(true)?;
+    let server = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((c, _)) => drop(c),
+                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    });
+    let target = SocketAddrV4::new(eip_ip(0), 7000);
+    let count = in_ns(&lab.ns("ext1"), move || {
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut n = 0u64;
+        while Instant::now() < end {
+            if let Ok(mut c) = TcpStream::connect_timeout(&target.into(), Duration::from_secs(1)) {
+                let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+                n += 1;
+            }
+        }
+        n
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    Ok(count as f64 / seconds as f64)
+}
+
+fn natgw_rate(set: &ObjectSet, seconds: u64) -> Result<f64> {
+    let lab = lab()?;
+    let gw = Gateway::open(Some(&lab.ns("gw")))?;
+    gw.sync(&plan_gateway(set, "demo-gw")?)?;
+    connection_rate(&lab, seconds)
+}
+
+fn baseline_rate(set: &ObjectSet, iptables: &str, seconds: u64) -> Result<f64> {
+    let lab = lab()?;
+    let gw = Gateway::open(Some(&lab.ns("gw")))?;
+    // The FloatingIp that carries traffic is the newest: last in the chains.
+    let mut cmds = baseline::commands(set, 16);
+    let live = cmds.iter().position(|(_, a)| a.iter().any(|x| x == "10.77.0.11")).context("live rule")?;
+    let dnat = cmds.remove(live);
+    let snat = cmds.remove(live);
+    cmds.extend([dnat, snat]);
+    cmds.push((
+        "ip".into(),
+        ["route", "replace", "default", "via", "100.64.0.1", "dev", natgw_lab::EXT_IF, "onlink"]
+            .map(String::from)
+            .to_vec(),
+    ));
+    let ipt = iptables.to_string();
+    gw.run(move || -> Result<()> {
+        baseline::init(&ipt)?;
+        baseline::restore(&ipt, &cmds)
+    })??;
+    connection_rate(&lab, seconds)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nft = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} cores, {cpu}, kernel {}, {nft}", kernel.trim())
+}
+
+fn row(name: &str, natgw: f64, base: Option<f64>, unit: &str, target: &str) {
+    let (b, r) = match base {
+        Some(b) => (format!("{b:.1} {unit}"), format!("{:.1}x", b / natgw)),
+        None => ("(skipped)".into(), "".into()),
+    };
+    println!("| {name} | {natgw:.1} {unit} | {b} | {r} | {target} |");
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let big = build(&Scale { fips: args.fips, dnats: args.dnats, snats: args.snats });
+    let small = build(&SMALL);
+    eprintln!("machine: {}", machine());
+    eprintln!(
+        "natgw: full scale ({} FloatingIps, {} DnatRules, {} SnatRules, {} Eips)",
+        args.fips,
+        args.dnats,
+        args.snats,
+        big.eips.len()
+    );
+    let n_big = natgw_run(&big, args.changes)?;
+    eprintln!("natgw: 100 objects");
+    let n_small = natgw_run(&small, args.changes)?;
+    eprintln!(
+        "baseline ({}): full scale{}",
+        args.iptables,
+        if args.skip_baseline_full { " (restore only)" } else { ", one process per rule: minutes" }
+    );
+    let b_big = baseline_run(&big, &args.iptables, args.changes, !args.skip_baseline_full)?;
+    eprintln!("baseline: 100 objects");
+    let b_small = baseline_run(&small, &args.iptables, args.changes, true)?;
+    eprintln!("connection rates ({} s each)", args.rate_seconds);
+    let one = build(&Scale { fips: 1, dnats: 0, snats: 0 });
+    let many = build(&Scale { fips: args.fips, dnats: 0, snats: 0 });
+    let (nr1, nrn) = (natgw_rate(&one, args.rate_seconds)?, natgw_rate(&many, args.rate_seconds)?);
+    let (br1, brn) = (
+        baseline_rate(&one, &args.iptables, args.rate_seconds)?,
+        baseline_rate(&many, &args.iptables, args.rate_seconds)?,
+    );
+
+    println!("machine: {}\n", machine());
+    println!("| figure | natgw | baseline ({}) | baseline / natgw | target |", args.iptables);
+    println!("|---|---|---|---|---|");
+    println!("| plan of {} objects (pure, no kernel) | {:.1} ms | | | |", big.len(), n_big.plan_ms);
+    row("full sync into an empty gateway", n_big.full_ms, b_big.full_ms, "ms", "natgw < 1000 ms");
+    row(
+        "one change (add/remove a FloatingIp) on the full set, p50",
+        n_big.change_p50,
+        Some(b_big.change_p50),
+        "ms",
+        "natgw < 20 ms",
+    );
+    println!("| same, max of {} | {:.1} ms | | | |", 2 * args.changes, n_big.change_max);
+    println!("| same, until the nft transaction committed, p50 | {:.1} ms | | | |", n_big.programmed_p50);
+    println!("| same, plan + sync p50 | {:.1} ms | | | |", n_big.plan_change_p50);
+    let phases: Vec<String> = n_big.phases.iter().map(|(p, v)| format!("{p} {v:.1}")).collect();
+    println!("| same, p50 per phase (ms) | {} | | | |", phases.join(", "));
+    row("one change on 100 objects, p50", n_small.change_p50, Some(b_small.change_p50), "ms", "");
+    println!(
+        "| one change: full set / 100 objects | {:.2}x | {:.2}x | | natgw within 2x |",
+        n_big.change_p50 / n_small.change_p50,
+        b_big.change_p50 / b_small.change_p50
+    );
+    row("full sync of 100 objects", n_small.full_ms, b_small.full_ms, "ms", "");
+    println!("| new connections/s through 1 FloatingIp | {nr1:.0} | {br1:.0} | | |");
+    println!("| new connections/s with {} FloatingIps | {nrn:.0} | {brn:.0} | | |", args.fips);
+    println!(
+        "| rate with {} / rate with 1 | {:.2} | {:.2} | | natgw within 10% (>= 0.90) |",
+        args.fips,
+        nrn / nr1,
+        brn / br1
+    );
+    Ok(())
+}

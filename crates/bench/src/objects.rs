@@ -1,0 +1,96 @@
+//! Generated object sets at benchmark scale.
+
+use std::net::Ipv4Addr;
+
+use natgw_api::*;
+
+/// The external subnet of the benchmark: room for tens of thousands of EIPs.
+pub const EXT_NET: &str = "100.64.0.0/16";
+pub const EXT_ROUTER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// Internal addresses of FloatingIps beyond the lab's hosts.
+pub const BULK_NET: &str = "10.78.0.0/16";
+
+pub struct Scale {
+    pub fips: u32,
+    pub dnats: u32,
+    pub snats: u32,
+}
+
+/// The n-th EIP address (skipping the router and low addresses).
+pub fn eip_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(EXT_ROUTER) + 100 + n)
+}
+
+/// The n-th bulk internal address.
+fn bulk_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 10)) + n)
+}
+
+/// FloatingIp 0 maps eip_ip(0) to the lab's int1, so it carries real
+/// traffic; the others map to unused internal addresses.
+pub fn build(s: &Scale) -> ObjectSet {
+    let mut set = ObjectSet::default();
+    set.insert(Object::Vpc(Vpc::new("demo", VpcSpec::default())));
+    let subnet = |vpc: Option<&str>, cidr: &str, gw: Ipv4Addr| SubnetSpec {
+        cidr: cidr.parse().unwrap_or_default(),
+        gateway: gw,
+        exclude_ips: vec![],
+        vpc: vpc.map(str::to_string),
+    };
+    set.insert(Object::Subnet(Subnet::new(
+        "demo-lan",
+        subnet(Some("demo"), natgw_lab::LAN_CIDR, Ipv4Addr::new(10, 77, 0, 1)),
+    )));
+    set.insert(Object::Subnet(Subnet::new("bulk", subnet(Some("demo"), BULK_NET, Ipv4Addr::new(10, 78, 0, 1)))));
+    set.insert(Object::Subnet(Subnet::new("external", subnet(None, EXT_NET, EXT_ROUTER))));
+    set.insert(Object::NatGateway(NatGateway::new(
+        "demo-gw",
+        NatGatewaySpec {
+            vpc: "demo".into(),
+            lan_interface: natgw_lab::LAN_IF.into(),
+            external_interface: natgw_lab::EXT_IF.into(),
+            external_subnet: "external".into(),
+            routes: vec![],
+        },
+    )));
+    let mut next_eip = 0;
+    let mut add_eip = |set: &mut ObjectSet| {
+        let name = format!("eip-{next_eip}");
+        set.insert(Object::Eip(Eip::new(&name, EipSpec { gateway: "demo-gw".into(), ip: Some(eip_ip(next_eip)) })));
+        next_eip += 1;
+        name
+    };
+    for i in 0..s.fips {
+        let eip = add_eip(&mut set);
+        let internal = if i == 0 { Ipv4Addr::new(10, 77, 0, 11) } else { bulk_ip(i) };
+        set.insert(Object::FloatingIp(FloatingIp::new(
+            &format!("fip-{i}"),
+            FloatingIpSpec { eip, internal_ip: internal },
+        )));
+    }
+    // Port forwards: ten ports per EIP, alternating TCP and UDP.
+    let mut eip = String::new();
+    for i in 0..s.dnats {
+        if i % 10 == 0 {
+            eip = add_eip(&mut set);
+        }
+        let protocol = if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp };
+        let spec = DnatRuleSpec {
+            eip: eip.clone(),
+            protocol,
+            external_port: 1000 + (i % 10) as u16,
+            internal_ip: bulk_ip(50_000 + i),
+            internal_port: 80,
+        };
+        set.insert(Object::DnatRule(DnatRule::new(&format!("dnat-{i}"), spec)));
+    }
+    // SNAT: one /24 of the bulk subnet per rule, plus the whole /16 as a
+    // catch-all so prefixes nest.
+    for i in 0..s.snats {
+        let eip = add_eip(&mut set);
+        let cidr = if i == 0 { BULK_NET.to_string() } else { format!("10.78.{}.0/24", i % 256) };
+        let spec = SnatRuleSpec { eip, internal_cidr: cidr.parse().unwrap_or_default() };
+        set.insert(Object::SnatRule(SnatRule::new(&format!("snat-{i}"), spec)));
+    }
+    set
+}
