@@ -39,6 +39,9 @@ struct Args {
     /// Skip the slow full-scale baseline sync (minutes).
     #[arg(long)]
     skip_baseline_full: bool,
+    /// Measure natgw only (no baseline, no connection rates).
+    #[arg(long)]
+    natgw_only: bool,
 }
 
 const PREFIX: &str = "nbench";
@@ -84,6 +87,7 @@ struct NatgwFigures {
     programmed_p50: f64,
     /// p50 per sync phase of the single changes.
     phases: Vec<(&'static str, f64)>,
+    full_phases: Vec<(&'static str, f64)>,
 }
 
 fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
@@ -95,6 +99,7 @@ fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
     let gw = Gateway::open(Some(&lab.ns("gw")))?;
     let report = gw.sync(&plan)?;
     let full_ms = ms(report.duration);
+    let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
     let (mut sync_times, mut plan_sync_times, mut programmed) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
@@ -122,6 +127,7 @@ fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
         plan_change_p50: percentile(&mut plan_sync_times, 0.5),
         programmed_p50: percentile(&mut programmed, 0.5),
         phases: phases.into_iter().map(|(p, mut v)| (p, percentile(&mut v, 0.5))).collect(),
+        full_phases,
     })
 }
 
@@ -220,6 +226,26 @@ fn baseline_rate(set: &ObjectSet, iptables: &str, seconds: u64) -> Result<f64> {
     connection_rate(&lab, seconds)
 }
 
+/// The kernel alone adding the same EIP addresses with one `ip -batch`:
+/// the floor under any full sync that puts EIPs on an interface.
+fn address_floor(set: &ObjectSet) -> Result<f64> {
+    let lab = lab()?;
+    let batch: String = set
+        .eips
+        .values()
+        .filter_map(|e| e.spec.ip)
+        .map(|ip| format!("addr add {ip}/16 dev {}\n", natgw_lab::EXT_IF))
+        .collect();
+    let file = std::env::temp_dir().join("natgw-bench-addrs.batch");
+    std::fs::write(&file, batch)?;
+    let t = Instant::now();
+    let ok = std::process::Command::new("ip").args(["-n", &lab.ns("gw"), "-batch"]).arg(&file).status()?.success();
+    let took = ms(t.elapsed());
+    let _ = std::fs::remove_file(&file);
+    anyhow::ensure!(ok, "ip -batch failed");
+    Ok(took)
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -262,6 +288,26 @@ fn main() -> Result<()> {
     let n_big = natgw_run(&big, args.changes)?;
     eprintln!("natgw: 100 objects");
     let n_small = natgw_run(&small, args.changes)?;
+    let floor = address_floor(&big)?;
+    let show = |v: &[(&str, f64)]| v.iter().map(|(p, d)| format!("{p} {d:.1}")).collect::<Vec<_>>().join(", ");
+    eprintln!("full sync phases (ms): {}", show(&n_big.full_phases));
+    if args.natgw_only {
+        println!("full sync {:.1} ms: {}", n_big.full_ms, show(&n_big.full_phases));
+        println!("kernel floor: ip -batch of the same {} addresses {floor:.1} ms", big.eips.len());
+        println!(
+            "one change p50 {:.1} ms (programmed {:.1} ms): {}",
+            n_big.change_p50,
+            n_big.programmed_p50,
+            show(&n_big.phases)
+        );
+        println!("plan {:.1} ms; plan+sync p50 {:.1} ms", n_big.plan_ms, n_big.plan_change_p50);
+        println!(
+            "one change on 100 objects p50 {:.1} ms; ratio {:.2}",
+            n_small.change_p50,
+            n_big.change_p50 / n_small.change_p50
+        );
+        return Ok(());
+    }
     eprintln!(
         "baseline ({}): full scale{}",
         args.iptables,
@@ -294,8 +340,9 @@ fn main() -> Result<()> {
     println!("| same, max of {} | {:.1} ms | | | |", 2 * args.changes, n_big.change_max);
     println!("| same, until the nft transaction committed, p50 | {:.1} ms | | | |", n_big.programmed_p50);
     println!("| same, plan + sync p50 | {:.1} ms | | | |", n_big.plan_change_p50);
-    let phases: Vec<String> = n_big.phases.iter().map(|(p, v)| format!("{p} {v:.1}")).collect();
-    println!("| same, p50 per phase (ms) | {} | | | |", phases.join(", "));
+    println!("| same, p50 per phase (ms) | {} | | | |", show(&n_big.phases));
+    println!("| full sync, per phase (ms) | {} | | | |", show(&n_big.full_phases));
+    println!("| kernel alone: `ip -batch` adding the same {} addresses | {floor:.1} ms | | | |", big.eips.len());
     row("one change on 100 objects, p50", n_small.change_p50, Some(b_small.change_p50), "ms", "");
     println!(
         "| one change: full set / 100 objects | {:.2}x | {:.2}x | | natgw within 2x |",

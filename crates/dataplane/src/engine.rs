@@ -63,6 +63,10 @@ fn read(links: &Links) -> Result<Snapshot, SyncError> {
     Ok(Snapshot { state, interfaces })
 }
 
+fn with_index(s: &Snapshot, addrs: &[&IfAddr]) -> Result<Vec<(u32, ipnet::Ipv4Net)>, SyncError> {
+    addrs.iter().map(|a| Ok((index(s, &a.interface)?, a.addr))).collect()
+}
+
 fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
     s.interfaces.get(name).map(|i| i.index).ok_or_else(|| SyncError::Link(LinkError::NoInterface(name.into())))
 }
@@ -174,12 +178,10 @@ fn converge(
     }
     // Additions first: a new translation never points at a missing
     // address, and nothing is removed before the table commits.
-    let mut announce = Vec::new();
-    for a in plan.addresses.iter().filter(|a| !k.addresses.contains_key(*a)) {
-        links.add_address(index(snap, &a.interface)?, a.addr)?;
-        report.addresses_added.push(a.clone());
-        announce.push(a.clone());
-    }
+    let added: Vec<&IfAddr> = plan.addresses.iter().filter(|a| !k.addresses.contains_key(*a)).collect();
+    links.add_addresses(&with_index(snap, &added)?)?;
+    report.addresses_added = added.into_iter().cloned().collect();
+    let announce = report.addresses_added.clone();
     lap(&mut report, "addresses-add");
     let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
     let script = if !k.table.present || k.table.skeleton != skeleton {
@@ -195,10 +197,8 @@ fn converge(
     lap(&mut report, "nft");
     let leaked: Vec<&IfAddr> =
         k.addresses.iter().filter(|(a, owned)| **owned && !plan.addresses.contains(*a)).map(|(a, _)| a).collect();
-    for a in leaked {
-        links.del_address(index(snap, &a.interface)?, a.addr)?;
-        report.addresses_removed.push(a.clone());
-    }
+    links.del_addresses(&with_index(snap, &leaked)?)?;
+    report.addresses_removed = leaked.into_iter().cloned().collect();
     // Routes last: removing an interface's last address makes the
     // kernel drop every route through it, so re-read them then.
     lap(&mut report, "addresses-remove");
@@ -295,10 +295,9 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
             nft::delete_table()?;
             report.table_rebuilt = true;
         }
-        for (a, _) in snap.state.addresses.iter().filter(|(_, owned)| **owned) {
-            links.del_address(index(&snap, &a.interface)?, a.addr)?;
-            report.addresses_removed.push(a.clone());
-        }
+        let owned: Vec<&IfAddr> = snap.state.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a).collect();
+        links.del_addresses(&with_index(&snap, &owned)?)?;
+        report.addresses_removed = owned.into_iter().cloned().collect();
         for r in &snap.state.routes {
             if let Ok(i) = index(&snap, &r.interface) {
                 links.del_route(i, r)?;

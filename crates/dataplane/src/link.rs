@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use natgw_plan::{IfAddr, Route};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
@@ -16,6 +16,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// "n" for natgw; unused by the kernel and by common routing daemons.
 pub const NATGW_PROTO: u8 = 110;
+/// Netlink requests in flight at once.
+const IN_FLIGHT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -99,21 +101,35 @@ impl Links {
         })
     }
 
-    pub fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), LinkError> {
+    /// Adds addresses marked as natgw's, many requests in flight. The
+    /// kernel's own cost dominates: each address added to an interface
+    /// costs time proportional to the addresses already on it.
+    pub fn add_addresses(&self, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
         self.rt.block_on(async {
-            let mut req = self.handle.address().add(index, IpAddr::V4(addr.addr()), addr.prefix_len());
-            req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(NATGW_PROTO)));
-            req.execute().await.or_else(ignore_errno(libc::EEXIST))
+            futures::stream::iter(items.iter().map(|(index, addr)| {
+                let mut req = self.handle.address().add(*index, IpAddr::V4(addr.addr()), addr.prefix_len());
+                req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(NATGW_PROTO)));
+                async move { req.execute().await.or_else(ignore_errno(libc::EEXIST)) }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await
         })
     }
 
-    pub fn del_address(&self, index: u32, addr: Ipv4Net) -> Result<(), LinkError> {
+    pub fn del_addresses(&self, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
         self.rt.block_on(async {
-            let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
-                .index(index)
-                .address(addr.addr(), addr.prefix_len())
-                .build();
-            self.handle.address().del(msg).execute().await.or_else(ignore_errno(libc::EADDRNOTAVAIL))
+            futures::stream::iter(items.iter().map(|(index, addr)| {
+                let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
+                    .index(*index)
+                    .address(addr.addr(), addr.prefix_len())
+                    .build();
+                let req = self.handle.address().del(msg);
+                async move { req.execute().await.or_else(ignore_errno(libc::EADDRNOTAVAIL)) }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await
         })
     }
 
