@@ -2,11 +2,13 @@
 //! belong to a single object, the checks between objects, and loading them
 //! from YAML manifests. The same types back the CRDs and the standalone mode.
 
+mod crd;
 mod manifest;
 mod objects;
 mod types;
 mod validate;
 
+pub use crd::{crds, crds_yaml};
 pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files};
 pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +20,7 @@ pub struct CommonStatus {
 }
 
 /// A routing domain. Subnets and NAT gateways belong to one.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "Vpc", shortname = "vpc")]
 #[kube(status = "VpcStatus")]
 #[kube(printcolumn = r#"{"name":"Subnets","type":"string","jsonPath":".status.subnets"}"#)]
@@ -45,13 +45,16 @@ pub struct VpcStatus {
 
 /// An IPv4 subnet. With `vpc` it is a VPC-side subnet; without, it can be a
 /// gateway's external subnet (where EIPs come from).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "Subnet", shortname = "subnet")]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#)]
 #[kube(printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#)]
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("cidr(self.cidr).containsIP(self.gateway)").message("spec.gateway must lie inside spec.cidr"))]
+#[x_kube(validation = Rule::new("cidr(self.cidr) == cidr(self.cidr).masked()").message("spec.cidr has host bits set"))]
+#[x_kube(validation = Rule::new("self.cidr == oldSelf.cidr").message("spec.cidr is immutable"))]
 pub struct SubnetSpec {
     pub cidr: Ipv4Net,
     pub gateway: Ipv4Addr,
@@ -73,7 +76,7 @@ pub struct GatewayRoute {
 
 /// The NAT gateway of a VPC: one network namespace with a LAN interface on
 /// the VPC side and an external interface on the external subnet.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "NatGateway", shortname = "ngw")]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
@@ -82,9 +85,13 @@ pub struct GatewayRoute {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.lanInterface != self.externalInterface").message("spec.externalInterface must differ from spec.lanInterface"))]
+#[x_kube(validation = Rule::new("self.vpc == oldSelf.vpc").message("spec.vpc is immutable"))]
 pub struct NatGatewaySpec {
     pub vpc: String,
+    #[schemars(regex(pattern = r"^[^/: \t\n\x22]{1,15}$"), length(min = 1, max = 15))]
     pub lan_interface: String,
+    #[schemars(regex(pattern = r"^[^/: \t\n\x22]{1,15}$"), length(min = 1, max = 15))]
     pub external_interface: String,
     /// A Subnet name: its CIDR gives the EIP prefix length, its gateway the
     /// default route.
@@ -94,7 +101,7 @@ pub struct NatGatewaySpec {
 }
 
 /// An elastic IP on a gateway's external interface.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "Eip", shortname = "eip")]
 #[kube(status = "EipStatus")]
 #[kube(printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#)]
@@ -104,6 +111,8 @@ pub struct NatGatewaySpec {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.gateway == oldSelf.gateway").message("spec.gateway is immutable"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.ip) || (has(self.ip) && self.ip == oldSelf.ip)").message("spec.ip is immutable once set"))]
 pub struct EipSpec {
     pub gateway: String,
     /// Fixed address; empty means the controller allocates one.
@@ -125,7 +134,7 @@ pub struct EipStatus {
 }
 
 /// 1:1 NAT between an EIP and one internal address, both directions.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "FloatingIp", shortname = "fip")]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
@@ -141,7 +150,7 @@ pub struct FloatingIpSpec {
 
 /// Source NAT of a VPC CIDR to an EIP. Between overlapping rules the
 /// longest prefix wins.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "SnatRule", shortname = "snat")]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
@@ -150,6 +159,7 @@ pub struct FloatingIpSpec {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("cidr(self.internalCidr) == cidr(self.internalCidr).masked()").message("spec.internalCidr has host bits set"))]
 pub struct SnatRuleSpec {
     pub eip: String,
     pub internal_cidr: Ipv4Net,
@@ -185,7 +195,7 @@ impl std::fmt::Display for Protocol {
 }
 
 /// A port forward from `eip:externalPort` to `internalIp:internalPort`.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "DnatRule", shortname = "dnat")]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"EIP","type":"string","jsonPath":".spec.eip"}"#)]
@@ -197,6 +207,7 @@ impl std::fmt::Display for Protocol {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.externalPort >= 1 && self.internalPort >= 1").message("spec.externalPort and spec.internalPort must be between 1 and 65535"))]
 pub struct DnatRuleSpec {
     pub eip: String,
     pub protocol: Protocol,

@@ -66,6 +66,8 @@ enum Command {
         #[arg(long)]
         netns: String,
     },
+    /// Print the CustomResourceDefinitions (what deploy/crds.yaml holds).
+    Crd,
     /// The demo and test topology of network namespaces.
     Lab {
         #[command(subcommand)]
@@ -121,6 +123,12 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
+        Command::Crd => natgw_api::crds_yaml()
+            .map(|y| {
+                print!("{y}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         Command::Lab { action: LabAction::Up { prefix } } => natgw_lab::Lab::up(&prefix)
             .map(|lab| {
                 let lab = lab.keep();

@@ -1,0 +1,254 @@
+//! A real control plane for tests: etcd and kube-apiserver on loopback
+//! ports, TLS from a throw-away CA, RBAC on. Tests get an admin client and
+//! clients acting as ServiceAccounts (client certificates whose user name is
+//! `system:serviceaccount:NS:NAME`, which RBAC matches like a token).
+//!
+//! The binaries come from `scripts/k8s/build.sh` (cached under
+//! `$NATGW_CACHE/bin`, default /var/cache/natgw/bin). Missing binaries are an
+//! error with the command to run, never a skipped test.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error("{0} not found: run scripts/k8s/build.sh (it caches the binaries under $NATGW_CACHE/bin)")]
+    Missing(PathBuf),
+    #[error("test environment: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("certificates: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("kube client: {0}")]
+    Kube(String),
+    #[error("{what} did not become ready in {secs} s; its log ends with:\n{log}")]
+    NotReady { what: &'static str, secs: u64, log: String },
+}
+
+/// Where the cached control-plane binaries live.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("NATGW_K8S_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("NATGW_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/natgw".into());
+        cache.join("bin")
+    })
+}
+
+fn free_port() -> Result<u16, EnvError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A client certificate and key, PEM files in the environment's folder.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub user: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub struct TestEnv {
+    dir: PathBuf,
+    children: Vec<Child>,
+    pub url: String,
+    ca: PathBuf,
+    ca_issuer: Issuer<'static, KeyPair>,
+    admin: Identity,
+}
+
+impl TestEnv {
+    /// Starts etcd and kube-apiserver and waits until the API answers.
+    pub async fn start() -> Result<Self, EnvError> {
+        let bin = bin_dir();
+        for b in ["etcd", "kube-apiserver"] {
+            if !bin.join(b).exists() {
+                return Err(EnvError::Missing(bin.join(b)));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("natgw-testenv-{}-{}", std::process::id(), free_port()?));
+        std::fs::create_dir_all(&dir)?;
+        let mut env = Self::with_pki(dir)?;
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        env.url = format!("https://127.0.0.1:{api_port}");
+        let etcd_log = env.dir.join("etcd.log");
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        env.children.push(
+            Command::new(bin.join("etcd"))
+                .args(["--data-dir", &env.dir.join("etcd").to_string_lossy()])
+                .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("default={peer_url}"), "--unsafe-no-fsync", "--log-level", "warn"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&etcd_log)?)
+                .spawn()?,
+        );
+        let d = |f: &str| env.dir.join(f).to_string_lossy().into_owned();
+        let api_log = env.dir.join("kube-apiserver.log");
+        env.children.push(
+            Command::new(bin.join("kube-apiserver"))
+                .arg(format!("--etcd-servers={etcd_url}"))
+                .args([
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    &format!("--secure-port={api_port}"),
+                ])
+                .arg(format!("--tls-cert-file={}", d("apiserver.crt")))
+                .arg(format!("--tls-private-key-file={}", d("apiserver.key")))
+                .arg(format!("--client-ca-file={}", d("ca.crt")))
+                .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+                .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
+                .arg(format!("--service-account-key-file={}", d("sa.pub")))
+                .arg(format!("--service-account-signing-key-file={}", d("sa.key")))
+                .args([
+                    "--disable-admission-plugins=ServiceAccount",
+                    "--endpoint-reconciler-type=none",
+                    "--profiling=false",
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&api_log)?)
+                .spawn()?,
+        );
+        env.write_kubeconfig()?;
+        let start = Instant::now();
+        let client = env.admin().await?;
+        loop {
+            if client.apiserver_version().await.is_ok() {
+                let ready: Result<String, _> = client.request_text(http_get("/readyz")).await;
+                if ready.is_ok_and(|r| r.trim() == "ok") {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                return Err(EnvError::NotReady {
+                    what: "kube-apiserver",
+                    secs: 90,
+                    log: tail(&api_log) + "\n" + &tail(&etcd_log),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(env)
+    }
+
+    fn with_pki(dir: PathBuf) -> Result<Self, EnvError> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "natgw-test-ca");
+        let ca_cert = ca.self_signed(&ca_key)?;
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem())?;
+        let ca_issuer = Issuer::new(ca, ca_key);
+
+        let server_key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec!["localhost".to_string()])?;
+        server.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        server.subject_alt_names.push(SanType::IpAddress([10, 0, 0, 1].into()));
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        server.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        std::fs::write(dir.join("apiserver.crt"), server.signed_by(&server_key, &ca_issuer)?.pem())?;
+        std::fs::write(dir.join("apiserver.key"), server_key.serialize_pem())?;
+
+        let sa = KeyPair::generate()?;
+        std::fs::write(dir.join("sa.key"), sa.serialize_pem())?;
+        std::fs::write(dir.join("sa.pub"), sa.public_key_pem())?;
+
+        let mut env = TestEnv {
+            ca: dir.join("ca.crt"),
+            dir,
+            children: Vec::new(),
+            url: String::new(),
+            ca_issuer,
+            admin: Identity { user: String::new(), cert: PathBuf::new(), key: PathBuf::new() },
+        };
+        env.admin = env.identity("natgw-test-admin", &["system:masters"])?;
+        Ok(env)
+    }
+
+    /// A client certificate for `user` in `groups`.
+    pub fn identity(&self, user: &str, groups: &[&str]) -> Result<Identity, EnvError> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, user);
+        for g in groups {
+            p.distinguished_name.push(DnType::OrganizationName, *g);
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let file = user.replace([':', '/'], "_");
+        let (cert, keyf) = (self.dir.join(format!("{file}.crt")), self.dir.join(format!("{file}.key")));
+        std::fs::write(&cert, p.signed_by(&key, &self.ca_issuer)?.pem())?;
+        std::fs::write(&keyf, key.serialize_pem())?;
+        Ok(Identity { user: user.to_string(), cert, key: keyf })
+    }
+
+    /// The identity of ServiceAccount `ns/name`, as RBAC sees it.
+    pub fn service_account(&self, ns: &str, name: &str) -> Result<Identity, EnvError> {
+        let ns_group = format!("system:serviceaccounts:{ns}");
+        self.identity(
+            &format!("system:serviceaccount:{ns}:{name}"),
+            &["system:serviceaccounts", &ns_group, "system:authenticated"],
+        )
+    }
+
+    fn kubeconfig(&self, who: &Identity) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\ncurrent-context: test\n",
+            self.url,
+            self.ca.display(),
+            who.cert.display(),
+            who.key.display()
+        )
+    }
+
+    /// Writes `kubeconfig` (admin) into the environment's folder, for
+    /// poking at a failing test with kubectl.
+    fn write_kubeconfig(&self) -> Result<(), EnvError> {
+        std::fs::write(self.dir.join("kubeconfig"), self.kubeconfig(&self.admin))?;
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A client acting as `who`.
+    pub async fn client(&self, who: &Identity) -> Result<Client, EnvError> {
+        let kc = Kubeconfig::from_yaml(&self.kubeconfig(who)).map_err(|e| EnvError::Kube(e.to_string()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| EnvError::Kube(e.to_string()))?;
+        Client::try_from(config).map_err(|e| EnvError::Kube(e.to_string()))
+    }
+
+    /// A cluster-admin client.
+    pub async fn admin(&self) -> Result<Client, EnvError> {
+        self.client(&self.admin).await
+    }
+}
+
+fn http_get(path: &str) -> http::Request<Vec<u8>> {
+    let mut req = http::Request::new(Vec::new());
+    *req.uri_mut() = path.parse().unwrap_or_default();
+    req
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::env::var_os("NATGW_KEEP_TESTENV").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
