@@ -68,6 +68,13 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions (what deploy/crds.yaml holds).
     Crd,
+    /// Run the cluster controller (finalizers and deletion order so far).
+    /// Uses the in-cluster config or KUBECONFIG; stops on SIGTERM/SIGINT.
+    Controller {
+        /// Instance name in Events (the pod name in a cluster).
+        #[arg(long, env = "POD_NAME")]
+        instance: Option<String>,
+    },
     /// The demo and test topology of network namespaces.
     Lab {
         #[command(subcommand)]
@@ -123,6 +130,7 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
+        Command::Controller { instance } => controller(instance),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
                 print!("{y}");
@@ -184,4 +192,24 @@ fn probe(
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn controller(instance: Option<String>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = kube::Client::try_default().await?;
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping");
+        };
+        natgw_controller::run(client, instance, shutdown).await;
+        Ok(ExitCode::SUCCESS)
+    })
 }

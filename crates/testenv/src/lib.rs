@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
+use kube::api::{Api, DynamicObject, GroupVersionKind, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::discovery::Scope;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +236,52 @@ impl TestEnv {
     pub async fn admin(&self) -> Result<Client, EnvError> {
         self.client(&self.admin).await
     }
+}
+
+/// Creates CRDs and waits until the API server serves them.
+pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) -> Result<(), EnvError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds {
+        api.create(&PostParams::default(), crd).await.map_err(|e| EnvError::Kube(e.to_string()))?;
+    }
+    for crd in crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let mut established = false;
+        for _ in 0..200 {
+            let c = api.get(&name).await.map_err(|e| EnvError::Kube(e.to_string()))?;
+            let conditions = c.status.and_then(|s| s.conditions).unwrap_or_default();
+            established = conditions.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !established {
+            return Err(EnvError::Kube(format!("CRD {name} never became Established")));
+        }
+    }
+    Ok(())
+}
+
+/// Creates every object of a multi-document YAML text (Namespaces,
+/// ServiceAccounts, RBAC ...), as the admin would with `kubectl create -f`.
+pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), EnvError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| EnvError::Kube(format!("YAML: {e}")))?;
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| EnvError::Kube(e.to_string()))?;
+        let types = obj.types.clone().ok_or_else(|| EnvError::Kube("object without apiVersion/kind".into()))?;
+        let gvk = GroupVersionKind::try_from(&types).map_err(|e| EnvError::Kube(e.to_string()))?;
+        let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await.map_err(|e| EnvError::Kube(e.to_string()))?;
+        let api: Api<DynamicObject> = match (&caps.scope, obj.metadata.namespace.as_deref()) {
+            (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
+            _ => Api::all_with(client.clone(), &ar),
+        };
+        api.create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| EnvError::Kube(format!("create {}: {e}", types.kind)))?;
+    }
+    Ok(())
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {

@@ -1,36 +1,12 @@
 //! The CRDs on a real kube-apiserver: they install, valid objects are
 //! accepted, and the API server itself rejects bad ones naming the field.
 
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::{Client, Resource};
 use natgw_testenv::TestEnv;
 
 async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in natgw_api::crds() {
-        crds.create(&PostParams::default(), &crd).await.expect("create CRD");
-    }
-    for crd in natgw_api::crds() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        let mut established = false;
-        for _ in 0..100 {
-            let c = crds.get(&name).await.expect("get CRD");
-            established = c
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(established, "{name} never became Established");
-    }
+    natgw_testenv::install_crds(client, &natgw_api::crds()).await.expect("CRDs");
 }
 
 /// Posts an object untyped, so that even values the Rust types cannot

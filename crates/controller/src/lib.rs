@@ -1,0 +1,283 @@
+//! The cluster controller. This part owns the lifecycle every kind
+//! shares: the `natgw.io/controller` finalizer and deletion order.
+//! An object with dependents stays until they are gone, with a
+//! `DeletionBlocked` condition and an Event naming them.
+
+pub mod deps;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::ClusterResourceScope;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use natgw_api::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Held by every natgw object until its deletion may proceed.
+pub const FINALIZER: &str = "natgw.io/controller";
+/// Server-side apply field manager of the controller.
+pub const MANAGER: &str = "natgw-controller";
+const BLOCKED_RETRY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("deletion blocked: {0}")]
+    Blocked(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// What the controller needs to know about each kind.
+pub trait Kind:
+    Resource<DynamicType = (), Scope = ClusterResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn conditions(&self) -> &[Condition];
+}
+
+macro_rules! kind {
+    ($t:ty, $name:literal, |$o:ident| $conds:expr) => {
+        impl Kind for $t {
+            const KIND: &'static str = $name;
+            fn conditions(&self) -> &[Condition] {
+                let $o = self;
+                $conds
+            }
+        }
+    };
+}
+kind!(Vpc, "Vpc", |o| o.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default());
+kind!(Subnet, "Subnet", |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+kind!(NatGateway, "NatGateway", |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+kind!(Eip, "Eip", |o| o.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default());
+kind!(FloatingIp, "FloatingIp", |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+kind!(SnatRule, "SnatRule", |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+kind!(DnatRule, "DnatRule", |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+
+/// The caches of every kind, shared by all reconcilers.
+#[derive(Clone)]
+pub struct Stores {
+    vpcs: Store<Vpc>,
+    subnets: Store<Subnet>,
+    gateways: Store<NatGateway>,
+    eips: Store<Eip>,
+    floating_ips: Store<FloatingIp>,
+    snat_rules: Store<SnatRule>,
+    dnat_rules: Store<DnatRule>,
+}
+
+impl Stores {
+    /// Waits until every cache has listed once. Judging dependents from a
+    /// cache that has not synced yet would see none: the restart bug.
+    async fn ready(&self) {
+        let _ = self.vpcs.wait_until_ready().await;
+        let _ = self.subnets.wait_until_ready().await;
+        let _ = self.gateways.wait_until_ready().await;
+        let _ = self.eips.wait_until_ready().await;
+        let _ = self.floating_ips.wait_until_ready().await;
+        let _ = self.snat_rules.wait_until_ready().await;
+        let _ = self.dnat_rules.wait_until_ready().await;
+    }
+
+    pub fn snapshot(&self) -> ObjectSet {
+        let mut set = ObjectSet::default();
+        self.vpcs.state().iter().for_each(|o| drop(set.insert(Object::Vpc((**o).clone()))));
+        self.subnets.state().iter().for_each(|o| drop(set.insert(Object::Subnet((**o).clone()))));
+        self.gateways.state().iter().for_each(|o| drop(set.insert(Object::NatGateway((**o).clone()))));
+        self.eips.state().iter().for_each(|o| drop(set.insert(Object::Eip((**o).clone()))));
+        self.floating_ips.state().iter().for_each(|o| drop(set.insert(Object::FloatingIp((**o).clone()))));
+        self.snat_rules.state().iter().for_each(|o| drop(set.insert(Object::SnatRule((**o).clone()))));
+        self.dnat_rules.state().iter().for_each(|o| drop(set.insert(Object::DnatRule((**o).clone()))));
+        set
+    }
+}
+
+pub struct Ctx {
+    client: Client,
+    stores: Stores,
+    recorder: Recorder,
+}
+
+async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let api: Api<K> = Api::all(ctx.client.clone());
+    // The helper adds the finalizer before Apply runs and removes it only
+    // when Cleanup returns Ok.
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Event::Apply(o) => apply(&ctx, &*o).await,
+            Event::Cleanup(o) => cleanup(&ctx, &*o).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::CleanupFailed(Error::Blocked(m)) => Error::Blocked(m),
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
+    if K::KIND == "Vpc" {
+        ctx.stores.ready().await;
+        let set = ctx.stores.snapshot();
+        let name = obj.name_any();
+        let subnets: Vec<&String> =
+            set.subnets.iter().filter(|(_, s)| s.spec.vpc.as_deref() == Some(name.as_str())).map(|(n, _)| n).collect();
+        let gateways: Vec<&String> = set.gateways.iter().filter(|(_, g)| g.spec.vpc == name).map(|(n, _)| n).collect();
+        let status = serde_json::json!({ "subnets": subnets, "gateways": gateways });
+        patch_status::<K>(ctx, "natgw-controller/members", &name, status).await?;
+    }
+    Ok(Action::await_change())
+}
+
+async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
+    ctx.stores.ready().await;
+    let me = natgw_api::ObjectRef::new(K::KIND, obj.name_any());
+    let blockers = deps::blockers(&ctx.stores.snapshot(), &me);
+    if blockers.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let message = format!("waiting for {} to be deleted first", deps::describe(&blockers));
+    let current = obj.conditions().iter().find(|c| c.type_ == "DeletionBlocked");
+    if current.is_none_or(|c| c.message != message || c.status != "True") {
+        let condition = Condition {
+            type_: "DeletionBlocked".into(),
+            status: "True".into(),
+            reason: "DependentsExist".into(),
+            message: message.clone(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: obj.meta().generation,
+        };
+        let conditions = serde_json::json!({ "conditions": [condition] });
+        patch_status::<K>(ctx, "natgw-controller/deletion", &obj.name_any(), conditions).await?;
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "DeletionBlocked".into(),
+            note: Some(message.clone()),
+            action: "Delete".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(object = %me, error = %e, "cannot publish Event");
+        }
+    }
+    Err(Error::Blocked(format!("{me}: {message}")))
+}
+
+/// Server-side apply of part of the status. Each purpose has its own field
+/// manager: an apply removes the fields its manager applied before and
+/// leaves out now.
+async fn patch_status<K: Kind>(ctx: &Ctx, manager: &str, name: &str, status: serde_json::Value) -> Result<(), Error> {
+    let api: Api<K> = Api::all(ctx.client.clone());
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+fn error_policy<K: Kind>(obj: Arc<K>, err: &Error, _: Arc<Ctx>) -> Action {
+    match err {
+        Error::Blocked(_) => Action::requeue(BLOCKED_RETRY),
+        e => {
+            tracing::warn!(kind = K::KIND, name = %obj.name_any(), error = %e, "reconcile failed");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {
+    (!name.is_empty()).then(|| CacheRef::new(name))
+}
+
+/// Runs the lifecycle controllers of all kinds until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let cfg = watcher::Config::default();
+    let all = |c: &Client| c.clone();
+    let vpc = Controller::new(Api::<Vpc>::all(all(&client)), cfg.clone())
+        .watches(Api::<Subnet>::all(all(&client)), cfg.clone(), |s| s.spec.vpc.as_deref().and_then(parent::<Vpc>))
+        .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Vpc>(&g.spec.vpc));
+    let subnet = Controller::new(Api::<Subnet>::all(all(&client)), cfg.clone()).watches(
+        Api::<NatGateway>::all(all(&client)),
+        cfg.clone(),
+        |g| parent::<Subnet>(&g.spec.external_subnet),
+    );
+    let gateway = Controller::new(Api::<NatGateway>::all(all(&client)), cfg.clone()).watches(
+        Api::<Eip>::all(all(&client)),
+        cfg.clone(),
+        |e| parent::<NatGateway>(&e.spec.gateway),
+    );
+    let eip = Controller::new(Api::<Eip>::all(all(&client)), cfg.clone())
+        .watches(Api::<FloatingIp>::all(all(&client)), cfg.clone(), |f| parent::<Eip>(&f.spec.eip))
+        .watches(Api::<SnatRule>::all(all(&client)), cfg.clone(), |s| parent::<Eip>(&s.spec.eip))
+        .watches(Api::<DnatRule>::all(all(&client)), cfg.clone(), |d| parent::<Eip>(&d.spec.eip));
+    let fip = Controller::new(Api::<FloatingIp>::all(all(&client)), cfg.clone());
+    let snat = Controller::new(Api::<SnatRule>::all(all(&client)), cfg.clone());
+    let dnat = Controller::new(Api::<DnatRule>::all(all(&client)), cfg.clone());
+    let stores = Stores {
+        vpcs: vpc.store(),
+        subnets: subnet.store(),
+        gateways: gateway.store(),
+        eips: eip.store(),
+        floating_ips: fip.store(),
+        snat_rules: snat.store(),
+        dnat_rules: dnat.store(),
+    };
+    let reporter = Reporter { controller: MANAGER.into(), instance };
+    let ctx = Arc::new(Ctx { client: client.clone(), stores, recorder: Recorder::new(client, reporter) });
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    macro_rules! drive {
+        ($c:expr, $k:ty) => {
+            $c.graceful_shutdown_on(stop()).run(reconcile::<$k>, error_policy::<$k>, ctx.clone()).for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            })
+        };
+    }
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    futures::join!(
+        drive!(vpc, Vpc),
+        drive!(subnet, Subnet),
+        drive!(gateway, NatGateway),
+        drive!(eip, Eip),
+        drive!(fip, FloatingIp),
+        drive!(snat, SnatRule),
+        drive!(dnat, DnatRule),
+    );
+}

@@ -1,0 +1,179 @@
+//! Deletion order against a real kube-apiserver, with the controller
+//! running as its ServiceAccount under deploy/rbac.yaml.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use natgw_api::*;
+use natgw_controller::FINALIZER;
+use natgw_testenv::TestEnv;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Kills the controller without a graceful stop, as a crash would.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn start(client: Client) -> Running {
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(natgw_controller::run(client, Some("test".into()), async move {
+        let _ = rx.await;
+    }));
+    Running { stop: Some(tx), task }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+async fn setup() -> (TestEnv, Client, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let env = TestEnv::start().await.expect("control plane");
+    let admin = env.admin().await.unwrap();
+    natgw_testenv::install_crds(&admin, &natgw_api::crds()).await.unwrap();
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
+    natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
+    let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
+    (env, admin, controller)
+}
+
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: serde_json::Value) -> K {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "natgw.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap()
+}
+
+async fn create<K>(client: &Client, obj: K)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    Api::<K>::all(client.clone()).create(&PostParams::default(), &obj).await.unwrap();
+}
+
+fn blocked_message(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> Option<String> {
+    conditions.iter().find(|c| c.type_ == "DeletionBlocked" && c.status == "True").map(|c| c.message.clone())
+}
+
+#[tokio::test]
+async fn a_vpc_with_subnets_waits_and_a_restarted_controller_collects_nothing_live() {
+    let (env, admin, controller_client) = setup().await;
+    let controller = start(controller_client);
+    let vpcs: Api<Vpc> = Api::all(admin.clone());
+    let subnets: Api<Subnet> = Api::all(admin.clone());
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    create(
+        &admin,
+        object::<Subnet>("Subnet", "s", serde_json::json!({"vpc": "v", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"})),
+    )
+    .await;
+    eventually("finalizers and VPC membership", || async {
+        let v = vpcs.get("v").await.unwrap();
+        let s = subnets.get("s").await.unwrap();
+        v.finalizers().contains(&FINALIZER.to_string())
+            && s.finalizers().contains(&FINALIZER.to_string())
+            && v.status.as_ref().is_some_and(|st| st.subnets == ["s"])
+    })
+    .await;
+
+    vpcs.delete("v", &DeleteParams::default()).await.unwrap();
+    eventually("DeletionBlocked naming the subnet", || async {
+        let v = vpcs.get("v").await.unwrap();
+        let status = v.status.unwrap_or_default();
+        // Membership survives the condition: separate field managers.
+        blocked_message(&status.common.conditions).is_some_and(|m| m.contains("Subnet/s")) && status.subnets == ["s"]
+    })
+    .await;
+    let events: Api<Event> = Api::all(admin.clone());
+    eventually("an Event saying why", || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("DeletionBlocked")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("v")
+                && e.note.as_deref().is_some_and(|n| n.contains("Subnet/s"))
+        })
+    })
+    .await;
+
+    // A crash and a restart while the deletion waits: nothing live goes.
+    controller.kill();
+    let identity = env.service_account("natgw-system", "natgw-controller").unwrap();
+    let _controller = start(env.client(&identity).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(vpcs.get_opt("v").await.unwrap().is_some(), "the VPC went while its subnet exists");
+    let s = subnets.get("s").await.unwrap();
+    assert!(s.metadata.deletion_timestamp.is_none(), "the restarted controller deleted a live subnet");
+
+    subnets.delete("s", &DeleteParams::default()).await.unwrap();
+    eventually("the subnet, then the VPC, to go", || async {
+        subnets.get_opt("s").await.unwrap().is_none() && vpcs.get_opt("v").await.unwrap().is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_eip_in_use_waits_for_its_rules() {
+    let (_env, admin, controller_client) = setup().await;
+    let _controller = start(controller_client);
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    create(
+        &admin,
+        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
+    )
+    .await;
+    let gw =
+        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
+    create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+    create(&admin, object::<Eip>("Eip", "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.10"}))).await;
+    create(&admin, object::<FloatingIp>("FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})))
+        .await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let fips: Api<FloatingIp> = Api::all(admin.clone());
+    eventually("finalizers", || async {
+        eips.get("e").await.unwrap().finalizers().contains(&FINALIZER.to_string())
+            && fips.get("f").await.unwrap().finalizers().contains(&FINALIZER.to_string())
+    })
+    .await;
+    eips.delete("e", &DeleteParams::default()).await.unwrap();
+    eventually("DeletionBlocked naming the floating IP", || async {
+        let e = eips.get("e").await.unwrap();
+        blocked_message(&e.status.map(|s| s.common.conditions).unwrap_or_default())
+            .is_some_and(|m| m.contains("FloatingIp/f"))
+    })
+    .await;
+    fips.delete("f", &DeleteParams::default()).await.unwrap();
+    eventually("the rule, then the EIP, to go", || async {
+        fips.get_opt("f").await.unwrap().is_none() && eips.get_opt("e").await.unwrap().is_none()
+    })
+    .await;
+}
