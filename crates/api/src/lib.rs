@@ -9,7 +9,7 @@ mod types;
 mod validate;
 
 pub use crd::{crds, crds_yaml};
-pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files};
+pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files, parse_object};
 pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
 pub use validate::{FieldError, SetError, validate_object, validate_set};

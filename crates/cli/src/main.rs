@@ -68,6 +68,15 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions (what deploy/crds.yaml holds).
     Crd,
+    /// Run the gateway agent: keep one NatGateway's namespace equal to its
+    /// objects, finalizer first. Without --netns it programs its own.
+    Agent {
+        #[arg(long)]
+        gateway: String,
+        /// Network namespace path or name under /run/netns.
+        #[arg(long)]
+        netns: Option<String>,
+    },
     /// Run the cluster controller (finalizers and deletion order so far).
     /// Uses the in-cluster config or KUBECONFIG; stops on SIGTERM/SIGINT.
     Controller {
@@ -131,6 +140,7 @@ fn main() -> ExitCode {
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
         Command::Controller { instance } => controller(instance),
+        Command::Agent { gateway, netns } => agent(gateway, netns),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
                 print!("{y}");
@@ -194,22 +204,30 @@ fn probe(
     }
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping");
+}
+
 fn controller(instance: Option<String>) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
+    tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
-        let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("stopping");
-        };
-        natgw_controller::run(client, instance, shutdown).await;
+        natgw_controller::run(client, instance, stop_signal()).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn agent(gateway: String, netns: Option<String>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let client = kube::Client::try_default().await?;
+        natgw_agent::run(client, gateway, netns, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -89,13 +89,19 @@ impl Stores {
     /// Waits until every cache has listed once. Judging dependents from a
     /// cache that has not synced yet would see none: the restart bug.
     async fn ready(&self) {
-        let _ = self.vpcs.wait_until_ready().await;
-        let _ = self.subnets.wait_until_ready().await;
-        let _ = self.gateways.wait_until_ready().await;
-        let _ = self.eips.wait_until_ready().await;
-        let _ = self.floating_ips.wait_until_ready().await;
-        let _ = self.snat_rules.wait_until_ready().await;
-        let _ = self.dnat_rules.wait_until_ready().await;
+        loop {
+            let ready = is_ready(&self.vpcs)
+                && is_ready(&self.subnets)
+                && is_ready(&self.gateways)
+                && is_ready(&self.eips)
+                && is_ready(&self.floating_ips)
+                && is_ready(&self.snat_rules)
+                && is_ready(&self.dnat_rules);
+            if ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn snapshot(&self) -> ObjectSet {
@@ -206,6 +212,18 @@ fn error_policy<K: Kind>(obj: Arc<K>, err: &Error, _: Arc<Ctx>) -> Action {
             Action::requeue(Duration::from_secs(5))
         }
     }
+}
+
+/// Whether a cache has listed once, without waiting on it: in kube-runtime
+/// 5.0 a store wakes only its last waiter (DelayedInit over a oneshot), and
+/// the Controller itself waits on the same store, so a reconciler awaiting
+/// `wait_until_ready` could sleep forever (seen after a restart).
+pub fn is_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
 fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {

@@ -1,0 +1,302 @@
+//! The gateway agent: the process beside (in production: inside) one
+//! gateway's network namespace. It keeps the kernel equal to the plan of
+//! its NatGateway, with its own finalizer on every object it programs:
+//!
+//! - an object's state enters the kernel only after the agent's finalizer
+//!   on it is persisted (a write with a resourceVersion precondition; a
+//!   conflict or a vanished object means nothing is programmed);
+//! - the finalizer is removed only after a sync whose result no longer
+//!   holds the object (conntrack included);
+//! - an object counts as deleted once the controller released it (its
+//!   finalizer is gone), so an Eip whose deletion waits for rules stays.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use natgw_api::*;
+use natgw_controller::{FINALIZER as CONTROLLER_FINALIZER, Kind};
+use natgw_dataplane::Gateway;
+use natgw_plan::plan_gateway;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Sync(#[from] natgw_dataplane::SyncError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The agent's finalizer for gateway `gw`.
+pub fn finalizer(gw: &str) -> String {
+    // The part after the slash is a qualified name of at most 63 bytes.
+    let mut name = format!("gateway-{gw}");
+    name.truncate(63);
+    format!("natgw.io/{}", name.trim_end_matches(['-', '.']))
+}
+
+/// Caches of every kind.
+#[derive(Clone)]
+struct Caches {
+    vpcs: Store<Vpc>,
+    subnets: Store<Subnet>,
+    gateways: Store<NatGateway>,
+    eips: Store<Eip>,
+    fips: Store<FloatingIp>,
+    snats: Store<SnatRule>,
+    dnats: Store<DnatRule>,
+}
+
+fn watch<K: Kind>(
+    client: &Client,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> (Store<K>, impl std::future::Future<Output = ()>) {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    let fut = async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!(kind = K::KIND, error = %e, "watch error");
+            }
+            let _ = tx.try_send(());
+        }
+    };
+    (reader, fut)
+}
+
+/// What the agent holds: objects, whether each carries our finalizer, and
+/// whether the controller released it for deletion.
+struct Entry {
+    object: ObjectRef,
+    finalizers: Vec<String>,
+    resource_version: Option<String>,
+    released: bool,
+}
+
+fn entry<K: Resource>(kind: &'static str, o: &K) -> Entry {
+    let m = o.meta();
+    let finalizers = m.finalizers.clone().unwrap_or_default();
+    let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
+    Entry {
+        object: ObjectRef::new(kind, m.name.clone().unwrap_or_default()),
+        finalizers,
+        resource_version: m.resource_version.clone(),
+        released,
+    }
+}
+
+impl Caches {
+    async fn ready(&self) {
+        use natgw_controller::is_ready;
+        while !(is_ready(&self.vpcs)
+            && is_ready(&self.subnets)
+            && is_ready(&self.gateways)
+            && is_ready(&self.eips)
+            && is_ready(&self.fips)
+            && is_ready(&self.snats)
+            && is_ready(&self.dnats))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything, plus the entries of this gateway's objects.
+    fn snapshot(&self, gw: &str) -> (ObjectSet, Vec<Entry>) {
+        let mut set = ObjectSet::default();
+        let mut mine = Vec::new();
+        for o in self.vpcs.state() {
+            set.insert(Object::Vpc((*o).clone()));
+        }
+        for o in self.subnets.state() {
+            set.insert(Object::Subnet((*o).clone()));
+        }
+        for o in self.gateways.state() {
+            set.insert(Object::NatGateway((*o).clone()));
+        }
+        let mut my_eips = BTreeSet::new();
+        for o in self.eips.state() {
+            if o.spec.gateway == gw {
+                my_eips.insert(o.name_any());
+                mine.push(entry("Eip", &*o));
+            }
+            set.insert(Object::Eip((*o).clone()));
+        }
+        let fin = finalizer(gw);
+        // A rule is ours if its Eip is, or if it still carries our finalizer
+        // (its Eip may be gone already).
+        let ours = |eip: &str, m: &kube::api::ObjectMeta| {
+            my_eips.contains(eip) || m.finalizers.as_ref().is_some_and(|f| f.contains(&fin))
+        };
+        for o in self.fips.state() {
+            if ours(&o.spec.eip, &o.metadata) {
+                mine.push(entry("FloatingIp", &*o));
+            }
+            set.insert(Object::FloatingIp((*o).clone()));
+        }
+        for o in self.snats.state() {
+            if ours(&o.spec.eip, &o.metadata) {
+                mine.push(entry("SnatRule", &*o));
+            }
+            set.insert(Object::SnatRule((*o).clone()));
+        }
+        for o in self.dnats.state() {
+            if ours(&o.spec.eip, &o.metadata) {
+                mine.push(entry("DnatRule", &*o));
+            }
+            set.insert(Object::DnatRule((*o).clone()));
+        }
+        (set, mine)
+    }
+}
+
+fn remove(set: &mut ObjectSet, r: &ObjectRef) {
+    let n = &r.name;
+    match r.kind {
+        "Eip" => drop(set.eips.remove(n)),
+        "FloatingIp" => drop(set.floating_ips.remove(n)),
+        "SnatRule" => drop(set.snat_rules.remove(n)),
+        "DnatRule" => drop(set.dnat_rules.remove(n)),
+        _ => {}
+    }
+}
+
+/// Writes an object's finalizer list, failing if the object changed since
+/// `resource_version` (merge patch with a resourceVersion precondition).
+async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({ "metadata": { "resourceVersion": e.resource_version, "finalizers": finalizers } });
+    let pp = PatchParams::default();
+    let n = &e.object.name;
+    match e.object.kind {
+        "Eip" => Api::<Eip>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
+        "FloatingIp" => Api::<FloatingIp>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
+        "SnatRule" => Api::<SnatRule>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
+        "DnatRule" => Api::<DnatRule>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
+        _ => Ok(()),
+    }
+}
+
+/// One round: finalizers first, then the kernel, then releases.
+async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &str, resync: bool) -> Result<(), Error> {
+    caches.ready().await;
+    let fin = finalizer(gw);
+    let (mut set, mine) = caches.snapshot(gw);
+    for e in &mine {
+        let has = e.finalizers.contains(&fin);
+        if e.released || !has {
+            // Not (or no longer) allowed in the kernel.
+            remove(&mut set, &e.object);
+        }
+        if !e.released && !has {
+            let mut list = e.finalizers.clone();
+            list.push(fin.clone());
+            match set_finalizers(client, e, list).await {
+                // Persisted: the next round (triggered by this very write)
+                // programs it.
+                Ok(()) => tracing::debug!(object = %e.object, "finalizer added"),
+                Err(err) => {
+                    tracing::info!(object = %e.object, error = %err, "finalizer not persisted; not programming")
+                }
+            }
+        }
+    }
+    let plan = match plan_gateway(&set, gw) {
+        Ok(p) => p,
+        Err(e) => return Err(Error::Other(format!("cannot plan: {e}; the kernel is left as it is"))),
+    };
+    let g = gateway.clone();
+    let p = plan.clone();
+    let report = tokio::task::spawn_blocking(move || if resync { g.resync(&p) } else { g.sync(&p) })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    if report.changed {
+        tracing::info!(
+            gateway = gw,
+            ms = report.duration.as_millis() as u64,
+            nft = report.nft_statements,
+            conntrack = report.conntrack_deleted,
+            "synced"
+        );
+    }
+    // The kernel no longer holds these: let them go.
+    for e in mine.iter().filter(|e| e.finalizers.contains(&fin) && !plan.programmed.contains(&e.object)) {
+        if e.released || !set_contains(&set, &e.object) {
+            let list: Vec<String> = e.finalizers.iter().filter(|f| **f != fin).cloned().collect();
+            if let Err(err) = set_finalizers(client, e, list).await {
+                tracing::info!(object = %e.object, error = %err, "finalizer not removed yet");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_contains(set: &ObjectSet, r: &ObjectRef) -> bool {
+    match r.kind {
+        "Eip" => set.eips.contains_key(&r.name),
+        "FloatingIp" => set.floating_ips.contains_key(&r.name),
+        "SnatRule" => set.snat_rules.contains_key(&r.name),
+        "DnatRule" => set.dnat_rules.contains_key(&r.name),
+        _ => false,
+    }
+}
+
+/// Runs the agent for gateway `gw` in namespace `netns` until `shutdown`.
+pub async fn run(
+    client: Client,
+    gw: String,
+    netns: Option<String>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let ns = netns.clone();
+    let gateway = Arc::new(
+        tokio::task::spawn_blocking(move || Gateway::open(ns.as_deref()))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (vpcs, w1) = watch::<Vpc>(&client, tx.clone());
+    let (subnets, w2) = watch::<Subnet>(&client, tx.clone());
+    let (gateways, w3) = watch::<NatGateway>(&client, tx.clone());
+    let (eips, w4) = watch::<Eip>(&client, tx.clone());
+    let (fips, w5) = watch::<FloatingIp>(&client, tx.clone());
+    let (snats, w6) = watch::<SnatRule>(&client, tx.clone());
+    let (dnats, w7) = watch::<DnatRule>(&client, tx.clone());
+    let caches = Caches { vpcs, subnets, gateways, eips, fips, snats, dnats };
+    let watches = async {
+        futures::join!(w1, w2, w3, w4, w5, w6, w7);
+    };
+    let work = async {
+        // The first round reads the kernel: a restarted gateway is fully
+        // re-programmed and stale conntrack entries are swept.
+        let mut resync = true;
+        let mut last_full = tokio::time::Instant::now();
+        loop {
+            if let Err(e) = round(&client, &gateway, &caches, &gw, resync).await {
+                tracing::warn!(error = %e, "round failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = tx.try_send(());
+            }
+            if resync {
+                last_full = tokio::time::Instant::now();
+            }
+            let wait = Duration::from_secs(30).saturating_sub(last_full.elapsed());
+            resync = tokio::time::timeout(wait, rx.recv()).await.is_err();
+        }
+    };
+    tokio::select! {
+        _ = watches => {}
+        _ = work => {}
+        _ = shutdown => {}
+    }
+    Ok(())
+}

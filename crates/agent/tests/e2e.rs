@@ -1,0 +1,216 @@
+//! The reports in shared/seeds, end to end: a real kube-apiserver, the
+//! controller and the gateway agent under deploy/rbac.yaml, a real gateway
+//! namespace and real packets.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use natgw_api::*;
+use natgw_dataplane::Gateway;
+use natgw_lab::Lab;
+use natgw_lab::traffic::{tcp_server, tcp_source};
+use natgw_testenv::TestEnv;
+
+const EXT1: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const INT1: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
+
+struct World {
+    _env: TestEnv,
+    lab: Lab,
+    admin: Client,
+    kernel: Gateway,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn world(name: &str) -> World {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let lab = Lab::up(&format!("ag{}-{name}", std::process::id() % 10000)).expect("lab");
+    let env = TestEnv::start().await.expect("control plane");
+    let admin = env.admin().await.unwrap();
+    natgw_testenv::install_crds(&admin, &natgw_api::crds()).await.unwrap();
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
+    natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
+    let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
+    let agent = env.client(&env.service_account("natgw-system", "natgw-gateway").unwrap()).await.unwrap();
+    let mut tasks = vec![tokio::spawn(natgw_controller::run(controller, None, std::future::pending()))];
+    let netns = lab.ns("gw");
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await {
+            panic!("agent stopped: {e}");
+        }
+    }));
+    let network =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/00-network.yaml")).unwrap();
+    create_yaml(&admin, &network).await;
+    let kernel = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    World { _env: env, lab, admin, kernel, tasks }
+}
+
+async fn create_yaml(client: &Client, yaml: &str) {
+    let (set, _) = load_str(std::path::Path::new("t.yaml"), yaml)
+        .or_else(|_| Ok::<_, ()>((partial(yaml), Default::default())))
+        .unwrap();
+    for o in set.iter() {
+        create(client, o).await;
+    }
+}
+
+/// Objects that refer to others not in the same text (rules on EIPs
+/// created earlier): parse one by one without reference checks.
+fn partial(yaml: &str) -> ObjectSet {
+    yaml.split("\n---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| {
+            natgw_api::parse_object(serde_saphyr::from_str(d).unwrap(), &Source { file: "t".into(), document: 1 })
+                .unwrap()
+        })
+        .collect()
+}
+
+async fn create(client: &Client, o: Object) {
+    let pp = PostParams::default();
+    let c = client.clone();
+    let r = match o {
+        Object::Vpc(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::Subnet(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::NatGateway(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::Eip(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::FloatingIp(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::SnatRule(x) => Api::all(c).create(&pp, &x).await.map(drop),
+        Object::DnatRule(x) => Api::all(c).create(&pp, &x).await.map(drop),
+    };
+    r.expect("create");
+}
+
+fn eip(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: natgw.io/v1alpha1\nkind: Eip\nmetadata: {{name: {name}}}\nspec: {{gateway: demo-gw, ip: {ip}}}\n"
+    )
+}
+fn fip(name: &str, eip: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: natgw.io/v1alpha1\nkind: FloatingIp\nmetadata: {{name: {name}}}\nspec: {{eip: {eip}, internalIp: {ip}}}\n"
+    )
+}
+
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn snapshot(w: &World) -> natgw_dataplane::KernelState {
+    w.kernel.snapshot().expect("kernel snapshot")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snat_rule_carries_finalizers_and_leaves_the_kernel_before_it_disappears() {
+    let w = world("snat").await;
+    create_yaml(&w.admin, &eip("egress", "198.51.100.10")).await;
+    create_yaml(&w.admin, "apiVersion: natgw.io/v1alpha1\nkind: SnatRule\nmetadata: {name: out}\nspec: {eip: egress, internalCidr: 10.77.0.0/24}\n").await;
+    let snats: Api<SnatRule> = Api::all(w.admin.clone());
+    eventually("the rule in the kernel with both finalizers", || async {
+        let f = snats.get("out").await.unwrap().finalizers().to_vec();
+        f.contains(&natgw_controller::FINALIZER.to_string())
+            && f.contains(&natgw_agent::finalizer("demo-gw"))
+            && !snapshot(&w).table.nat.snat.is_empty()
+    })
+    .await;
+    let _srv = tcp_server(&w.lab.ns("ext1"), EXT1, 9000).unwrap();
+    assert_eq!(tcp_source(&w.lab.ns("int2"), EXT1, 9000).unwrap(), Ipv4Addr::new(198, 51, 100, 10));
+
+    snats.delete("out", &DeleteParams::default()).await.unwrap();
+    // Watch closely: the object may only vanish after the kernel let go.
+    let start = Instant::now();
+    loop {
+        let gone = snats.get_opt("out").await.unwrap().is_none();
+        let in_kernel = !snapshot(&w).table.nat.snat.is_empty();
+        if gone {
+            assert!(!in_kernel, "the SnatRule is gone but the kernel still translates for it");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the SnatRule never went");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn floating_ips_created_and_deleted_without_pause_leave_exactly_the_live_ones() {
+    let w = world("churn").await;
+    let mut eips = String::new();
+    for i in 0..4 {
+        eips += &eip(&format!("e{i}"), &format!("198.51.100.{}", 20 + i));
+        eips += "---\n";
+    }
+    create_yaml(&w.admin, &eips).await;
+    // Long-lived FloatingIps on e1..e3, churn on e0.
+    for i in 1..4 {
+        create_yaml(&w.admin, &fip(&format!("live{i}"), &format!("e{i}"), &format!("10.77.0.{}", 100 + i))).await;
+    }
+    let fips: Api<FloatingIp> = Api::all(w.admin.clone());
+    for n in 0..200 {
+        let name = format!("churn{n}");
+        create_yaml(&w.admin, &fip(&name, "e0", "10.77.0.11")).await;
+        fips.delete(&name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("every churned FloatingIp gone and the kernel holding exactly the live ones", || async {
+        let left: Vec<String> =
+            fips.list(&Default::default()).await.unwrap().items.iter().map(|f| f.name_any()).collect();
+        let k = snapshot(&w);
+        left == ["live1", "live2", "live3"]
+            && k.table.nat.fip_dnat.len() == 3
+            && !k.table.nat.fip_dnat.contains_key(&Ipv4Addr::new(198, 51, 100, 20))
+    })
+    .await;
+    // The EIP is reusable: a new FloatingIp on it carries traffic.
+    create_yaml(&w.admin, &fip("web", "e0", "10.77.0.11")).await;
+    let _srv = tcp_server(&w.lab.ns("int1"), INT1, 22).unwrap();
+    eventually("traffic through the new FloatingIp", || async {
+        tcp_source(&w.lab.ns("ext1"), Ipv4Addr::new(198, 51, 100, 20), 22).is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_eip_removes_exactly_its_address() {
+    let w = world("eip").await;
+    create_yaml(&w.admin, &(eip("a", "198.51.100.30") + "---\n" + &eip("b", "198.51.100.31"))).await;
+    let has = |k: &natgw_dataplane::KernelState, ip: &str| {
+        k.addresses.keys().any(|a| a.addr.to_string() == format!("{ip}/24"))
+    };
+    eventually("both addresses", || async {
+        let k = snapshot(&w);
+        has(&k, "198.51.100.30") && has(&k, "198.51.100.31")
+    })
+    .await;
+    let eips: Api<Eip> = Api::all(w.admin.clone());
+    eips.delete("a", &DeleteParams::default()).await.unwrap();
+    eventually("exactly 198.51.100.30/24 removed", || async {
+        let k = snapshot(&w);
+        !has(&k, "198.51.100.30") && has(&k, "198.51.100.31") && eips.get_opt("a").await.unwrap().is_none()
+    })
+    .await;
+    // The address can be taken again and works.
+    create_yaml(&w.admin, &eip("a2", "198.51.100.30")).await;
+    create_yaml(&w.admin, &fip("f", "a2", "10.77.0.11")).await;
+    let _srv = tcp_server(&w.lab.ns("int1"), INT1, 22).unwrap();
+    eventually("traffic through the re-used address", || async {
+        tcp_source(&w.lab.ns("ext1"), Ipv4Addr::new(198, 51, 100, 30), 22).is_ok()
+    })
+    .await;
+}
