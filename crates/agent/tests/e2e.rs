@@ -18,17 +18,38 @@ const EXT1: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const INT1: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
 
 struct World {
-    _env: TestEnv,
+    env: TestEnv,
     lab: Lab,
     admin: Client,
     kernel: Gateway,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    agent: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for World {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(self.agent.iter()) {
             t.abort();
+        }
+    }
+}
+
+impl World {
+    /// Starts the agent as a new process would: a fresh client.
+    async fn start_agent(&mut self) {
+        let agent = self.env.client(&self.env.service_account("natgw-system", "natgw-gateway").unwrap()).await.unwrap();
+        let netns = self.lab.ns("gw");
+        self.agent = Some(tokio::spawn(async move {
+            if let Err(e) = natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await {
+                panic!("agent stopped: {e}");
+            }
+        }));
+    }
+
+    /// Kills the agent mid-work, as a crash would.
+    fn kill_agent(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.abort();
         }
     }
 }
@@ -45,19 +66,14 @@ async fn world(name: &str) -> World {
     let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
     natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
     let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
-    let agent = env.client(&env.service_account("natgw-system", "natgw-gateway").unwrap()).await.unwrap();
-    let mut tasks = vec![tokio::spawn(natgw_controller::run(controller, None, std::future::pending()))];
-    let netns = lab.ns("gw");
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await {
-            panic!("agent stopped: {e}");
-        }
-    }));
+    let tasks = vec![tokio::spawn(natgw_controller::run(controller, None, std::future::pending()))];
     let network =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/00-network.yaml")).unwrap();
     create_yaml(&admin, &network).await;
     let kernel = Gateway::open(Some(&lab.ns("gw"))).unwrap();
-    World { _env: env, lab, admin, kernel, tasks }
+    let mut w = World { env, lab, admin, kernel, tasks, agent: None };
+    w.start_agent().await;
+    w
 }
 
 async fn create_yaml(client: &Client, yaml: &str) {
@@ -211,6 +227,63 @@ async fn deleting_an_eip_removes_exactly_its_address() {
     let _srv = tcp_server(&w.lab.ns("int1"), INT1, 22).unwrap();
     eventually("traffic through the re-used address", || async {
         tcp_source(&w.lab.ns("ext1"), Ipv4Addr::new(198, 51, 100, 30), 22).is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_deleted_while_the_agent_is_down_are_cleaned_when_it_returns() {
+    let mut w = world("down").await;
+    create_yaml(&w.admin, &(eip("e", "198.51.100.40") + "---\n" + &fip("f", "e", "10.77.0.11"))).await;
+    let fips: Api<FloatingIp> = Api::all(w.admin.clone());
+    eventually("the FloatingIp in the kernel", || async { snapshot(&w).table.nat.fip_dnat.len() == 1 }).await;
+    w.kill_agent();
+    fips.delete("f", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Nobody took the state out of the kernel, so the object must stay.
+    assert!(fips.get_opt("f").await.unwrap().is_some(), "the FloatingIp went while its NAT was still in the kernel");
+    assert_eq!(snapshot(&w).table.nat.fip_dnat.len(), 1);
+    w.start_agent().await;
+    eventually("the kernel cleaned and the object gone", || async {
+        snapshot(&w).table.nat.fip_dnat.is_empty() && fips.get_opt("f").await.unwrap().is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_agent_mid_work_and_restarting_converges() {
+    let mut w = world("crash").await;
+    create_yaml(&w.admin, &eip("e", "198.51.100.50")).await;
+    let mut docs = String::new();
+    for i in 0..60u16 {
+        docs += &format!(
+            "apiVersion: natgw.io/v1alpha1\nkind: DnatRule\nmetadata: {{name: d{i}}}\nspec: {{eip: e, protocol: tcp, externalPort: {}, internalIp: 10.77.0.12, internalPort: 80}}\n---\n",
+            1000 + i
+        );
+    }
+    let created = tokio::spawn({
+        let admin = w.admin.clone();
+        async move { create_yaml(&admin, &docs).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.kill_agent();
+    created.await.unwrap();
+    // A kernel left behind by a crash, plus drift nobody asked for.
+    natgw_lab::traffic::in_ns(&w.lab.ns("gw"), || {
+        std::process::Command::new("nft")
+            .args(["add", "element", "ip", "natgw", "port_fwd", "{ 198.51.100.50 . udp . 9 : 10.77.0.99 . 9 }"])
+            .status()
+    })
+    .unwrap()
+    .ok();
+    w.start_agent().await;
+    let dnats: Api<DnatRule> = Api::all(w.admin.clone());
+    let fin = natgw_agent::finalizer("demo-gw");
+    eventually("exactly the 60 forwards in the kernel, each object holding the agent's finalizer", || async {
+        let k = snapshot(&w);
+        let all_held =
+            dnats.list(&Default::default()).await.unwrap().items.iter().all(|d| d.finalizers().contains(&fin));
+        k.table.nat.port_fwd.len() == 60 && all_held
     })
     .await;
 }
