@@ -15,14 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use natgw_api::*;
 use natgw_controller::{FINALIZER as CONTROLLER_FINALIZER, Kind};
 use natgw_dataplane::Gateway;
-use natgw_plan::plan_gateway;
+use natgw_plan::{GatewayPlan, plan_gateway};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,9 +83,11 @@ struct Entry {
     finalizers: Vec<String>,
     resource_version: Option<String>,
     released: bool,
+    generation: Option<i64>,
+    conditions: Vec<Condition>,
 }
 
-fn entry<K: Resource>(kind: &'static str, o: &K) -> Entry {
+fn entry<K: Kind>(kind: &'static str, o: &K) -> Entry {
     let m = o.meta();
     let finalizers = m.finalizers.clone().unwrap_or_default();
     let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
@@ -93,6 +96,8 @@ fn entry<K: Resource>(kind: &'static str, o: &K) -> Entry {
         finalizers,
         resource_version: m.resource_version.clone(),
         released,
+        generation: m.generation,
+        conditions: o.conditions().to_vec(),
     }
 }
 
@@ -228,6 +233,7 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
             "synced"
         );
     }
+    report_status(client, gw, &plan, &mine).await;
     // The kernel no longer holds these: let them go.
     for e in mine.iter().filter(|e| e.finalizers.contains(&fin) && !plan.programmed.contains(&e.object)) {
         if e.released || !set_contains(&set, &e.object) {
@@ -299,4 +305,100 @@ pub async fn run(
         _ = shutdown => {}
     }
     Ok(())
+}
+
+/// (type, status, reason, message) of the conditions the agent owns.
+type Want = [(&'static str, &'static str, String, String); 3];
+
+fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
+    let programmed = plan.programmed.contains(object);
+    let conflict = plan.conflicts.iter().find(|c| &c.object == object);
+    let (p_reason, p_msg) = match conflict {
+        _ if programmed => ("InKernel".to_string(), format!("programmed in gateway {}", plan.gateway)),
+        Some(c) if c.pending => ("Pending".to_string(), format!("{}: {}", c.field, c.reason)),
+        Some(c) => ("Conflict".to_string(), format!("{}: {}", c.field, c.reason)),
+        None => ("Pending".to_string(), "waiting for the agent's finalizer".to_string()),
+    };
+    let (c_status, c_reason, c_msg) = match conflict {
+        Some(c) if !c.pending => ("True", "Conflict".to_string(), format!("{}: {}", c.field, c.reason)),
+        _ => ("False", "NoConflict".to_string(), String::new()),
+    };
+    let s = |b: bool| if b { "True" } else { "False" };
+    [
+        ("Programmed", s(programmed), p_reason.clone(), p_msg.clone()),
+        ("Conflict", c_status, c_reason, c_msg),
+        ("Ready", s(programmed), p_reason, p_msg),
+    ]
+}
+
+/// Writes Programmed, Conflict and Ready where they changed, so a steady
+/// gateway writes nothing.
+async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[Entry]) {
+    let manager = format!("natgw-gateway-{gw}");
+    for e in mine.iter().filter(|e| !e.released) {
+        let want = wanted(plan, &e.object);
+        let same = want.iter().all(|(t, st, reason, msg)| {
+            e.conditions.iter().any(|c| {
+                c.type_ == *t
+                    && c.status == *st
+                    && c.reason == *reason
+                    && c.message == *msg
+                    && c.observed_generation == e.generation
+            })
+        });
+        if same {
+            continue;
+        }
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let conditions: Vec<Condition> = want
+            .iter()
+            .map(|(t, st, reason, msg)| {
+                // Keep the transition time when the status did not flip.
+                let since = e
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == *t && c.status == *st)
+                    .map(|c| c.last_transition_time.clone());
+                Condition {
+                    type_: t.to_string(),
+                    status: st.to_string(),
+                    reason: reason.clone(),
+                    message: msg.clone(),
+                    observed_generation: e.generation,
+                    last_transition_time: since.unwrap_or_else(|| now.clone()),
+                }
+            })
+            .collect();
+        let status = serde_json::json!({ "observedGeneration": e.generation, "conditions": conditions });
+        if let Err(err) = patch_status(client, &manager, &e.object, status).await {
+            tracing::info!(object = %e.object, error = %err, "status not written");
+        }
+    }
+}
+
+async fn patch_status(
+    client: &Client,
+    manager: &str,
+    r: &ObjectRef,
+    status: serde_json::Value,
+) -> Result<(), kube::Error> {
+    async fn apply<K: Kind>(
+        client: &Client,
+        manager: &str,
+        name: &str,
+        status: serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        let body = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
+        Api::<K>::all(client.clone())
+            .patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body))
+            .await
+            .map(drop)
+    }
+    match r.kind {
+        "Eip" => apply::<Eip>(client, manager, &r.name, status).await,
+        "FloatingIp" => apply::<FloatingIp>(client, manager, &r.name, status).await,
+        "SnatRule" => apply::<SnatRule>(client, manager, &r.name, status).await,
+        "DnatRule" => apply::<DnatRule>(client, manager, &r.name, status).await,
+        _ => Ok(()),
+    }
 }

@@ -287,3 +287,33 @@ async fn killing_the_agent_mid_work_and_restarting_converges() {
     })
     .await;
 }
+
+fn condition(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], t: &str) -> Option<(String, String)> {
+    conds.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_says_what_is_programmed_and_why_not() {
+    let w = world("status").await;
+    create_yaml(&w.admin, &(eip("e", "198.51.100.60") + "---\n" + &fip("first", "e", "10.77.0.11"))).await;
+    let fips: Api<FloatingIp> = Api::all(w.admin.clone());
+    eventually("first Ready", || async {
+        let f = fips.get("first").await.unwrap();
+        let conds = f.status.map(|s| s.conditions).unwrap_or_default();
+        condition(&conds, "Ready").is_some_and(|(s, _)| s == "True")
+            && condition(&conds, "Programmed").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    create_yaml(&w.admin, &fip("second", "e", "10.77.0.12")).await;
+    eventually("second in Conflict, naming the holder", || async {
+        let f = fips.get("second").await.unwrap();
+        let st = f.status.unwrap_or_default();
+        let conflict = condition(&st.conditions, "Conflict");
+        st.observed_generation == f.metadata.generation
+            && conflict.is_some_and(|(s, m)| s == "True" && m.contains("FloatingIp/first"))
+            && condition(&st.conditions, "Ready").is_some_and(|(s, _)| s == "False")
+    })
+    .await;
+    // The first keeps the EIP in the kernel.
+    assert_eq!(snapshot(&w).table.nat.fip_dnat.get(&Ipv4Addr::new(198, 51, 100, 60)), Some(&INT1));
+}
