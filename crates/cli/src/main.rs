@@ -77,12 +77,18 @@ enum Command {
         #[arg(long)]
         netns: Option<String>,
     },
-    /// Run the cluster controller (finalizers and deletion order so far).
-    /// Uses the in-cluster config or KUBECONFIG; stops on SIGTERM/SIGINT.
+    /// Run the cluster controller (finalizers and deletion order so far),
+    /// leader-elected on a Lease. Uses the in-cluster config or KUBECONFIG;
+    /// stops on SIGTERM/SIGINT and hands the Lease over.
     Controller {
-        /// Instance name in Events (the pod name in a cluster).
+        /// This instance's unique identity (the pod name in a cluster).
         #[arg(long, env = "POD_NAME")]
-        instance: Option<String>,
+        instance: String,
+        /// Namespace of the leader-election Lease (the pod's namespace).
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        #[arg(long, default_value = "natgw-controller")]
+        lease: String,
     },
     /// The demo and test topology of network namespaces.
     Lab {
@@ -139,7 +145,13 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
-        Command::Controller { instance } => controller(instance),
+        Command::Controller { instance, namespace, lease } => controller(natgw_controller::Election {
+            namespace,
+            lease,
+            identity: instance,
+            duration_secs: 15,
+            grace_secs: 5,
+        }),
         Command::Agent { gateway, netns } => agent(gateway, netns),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
@@ -216,10 +228,10 @@ async fn stop_signal() {
     tracing::info!("stopping");
 }
 
-fn controller(instance: Option<String>) -> anyhow::Result<ExitCode> {
+fn controller(election: natgw_controller::Election) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
-        natgw_controller::run(client, instance, stop_signal()).await;
+        natgw_controller::run_elected(client, election, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -177,3 +177,43 @@ async fn an_eip_in_use_waits_for_its_rules() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_standby_takes_over_when_the_leader_dies() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (env, admin, _) = setup().await;
+    let identity = env.service_account("natgw-system", "natgw-controller").unwrap();
+    let elect = |id: &str| natgw_controller::Election {
+        namespace: "natgw-system".into(),
+        lease: "natgw-controller".into(),
+        identity: id.into(),
+        duration_secs: 3,
+        grace_secs: 1,
+    };
+    let a = tokio::spawn(natgw_controller::run_elected(
+        env.client(&identity).await.unwrap(),
+        elect("a"),
+        std::future::pending(),
+    ));
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "natgw-system");
+    let holder = || async {
+        leases.get_opt("natgw-controller").await.unwrap().and_then(|l| l.spec).and_then(|s| s.holder_identity)
+    };
+    eventually("a to lead", || async { holder().await.as_deref() == Some("a") }).await;
+    let b = tokio::spawn(natgw_controller::run_elected(
+        env.client(&identity).await.unwrap(),
+        elect("b"),
+        std::future::pending(),
+    ));
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    let vpcs: Api<Vpc> = Api::all(admin.clone());
+    eventually("the leader to add the finalizer", || async {
+        vpcs.get("v").await.unwrap().finalizers().contains(&FINALIZER.to_string())
+    })
+    .await;
+    a.abort();
+    eventually("b to take over", || async { holder().await.as_deref() == Some("b") }).await;
+    vpcs.delete("v", &DeleteParams::default()).await.unwrap();
+    eventually("the new leader to finish the deletion", || async { vpcs.get_opt("v").await.unwrap().is_none() }).await;
+    b.abort();
+}
