@@ -135,7 +135,17 @@ impl Caches {
                 my_eips.insert(o.name_any());
                 mine.push(entry("Eip", &*o));
             }
-            set.insert(Object::Eip((*o).clone()));
+            // Only an address the controller claimed for this Eip is used:
+            // a fixed spec.ip that another Eip holds must not be programmed.
+            let mut e = (*o).clone();
+            let held = e.status.as_ref().and_then(|s| s.ip);
+            if e.spec.ip.is_some() && e.spec.ip != held {
+                e.spec.ip = None;
+                if let Some(s) = e.status.as_mut() {
+                    s.ip = None;
+                }
+            }
+            set.insert(Object::Eip(e));
         }
         let fin = finalizer(gw);
         // A rule is ours if its Eip is, or if it still carries our finalizer

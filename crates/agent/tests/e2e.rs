@@ -66,7 +66,8 @@ async fn world(name: &str) -> World {
     let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
     natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
     let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
-    let tasks = vec![tokio::spawn(natgw_controller::run(controller, None, std::future::pending()))];
+    let tasks =
+        vec![tokio::spawn(natgw_controller::run(controller, None, "natgw-system".into(), std::future::pending()))];
     let network =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/00-network.yaml")).unwrap();
     create_yaml(&admin, &network).await;
@@ -316,4 +317,60 @@ async fn status_says_what_is_programmed_and_why_not() {
     .await;
     // The first keeps the EIP in the kernel.
     assert_eq!(snapshot(&w).table.nat.fip_dnat.get(&Ipv4Addr::new(198, 51, 100, 60)), Some(&INT1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eips_get_distinct_free_addresses_reused_only_once_off_the_gateway() {
+    let w = world("alloc").await;
+    // Two at once, no address given: the external subnet excludes .1 to .9.
+    let auto = |n: &str| {
+        format!("apiVersion: natgw.io/v1alpha1\nkind: Eip\nmetadata: {{name: {n}}}\nspec: {{gateway: demo-gw}}\n")
+    };
+    let (a, b) = (w.admin.clone(), w.admin.clone());
+    let (ta, tb) = (auto("a"), auto("b"));
+    tokio::join!(async move { create_yaml(&a, &ta).await }, async move { create_yaml(&b, &tb).await });
+    let eips: Api<Eip> = Api::all(w.admin.clone());
+    let ip_of = |e: Eip| e.status.and_then(|s| s.ip);
+    eventually("both allocated and on the gateway", || async {
+        let (ia, ib) = (ip_of(eips.get("a").await.unwrap()), ip_of(eips.get("b").await.unwrap()));
+        let k = snapshot(&w);
+        matches!((ia, ib), (Some(x), Some(y)) if x != y && k.addresses.keys().filter(|a| a.interface == "ext0").count() == 2)
+    })
+    .await;
+    let ia = ip_of(eips.get("a").await.unwrap()).unwrap();
+    let ib = ip_of(eips.get("b").await.unwrap()).unwrap();
+    let mut both = [ia, ib];
+    both.sort();
+    assert_eq!(both, [Ipv4Addr::new(198, 51, 100, 10), Ipv4Addr::new(198, 51, 100, 11)]);
+    // A fixed address someone else holds is refused, visibly.
+    create_yaml(&w.admin, &eip("thief", &ia.to_string())).await;
+    eventually("the taken address reported", || async {
+        let t = eips.get("thief").await.unwrap();
+        t.status.is_some_and(|s| {
+            s.common
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "AddressAssigned" && c.status == "False" && c.reason == "AddressTaken")
+        })
+    })
+    .await;
+    eips.delete("thief", &DeleteParams::default()).await.unwrap();
+    // Deleting a frees exactly its address, and only once it is off.
+    eips.delete("a", &DeleteParams::default()).await.unwrap();
+    eventually("a gone and its address off the gateway", || async {
+        let k = snapshot(&w);
+        eips.get_opt("a").await.unwrap().is_none()
+            && !k.addresses.keys().any(|x| x.addr.addr() == ia)
+            && k.addresses.keys().any(|x| x.addr.addr() == ib)
+    })
+    .await;
+    // The claim goes once a is gone; only then is the address free again.
+    let claims: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(w.admin.clone(), "natgw-system");
+    let claim = natgw_controller::address::claim_name(ia);
+    eventually("the claim released", || async { claims.get_opt(&claim).await.unwrap().is_none() }).await;
+    create_yaml(&w.admin, &auto("c")).await;
+    eventually("c reuses the freed address", || async { ip_of(eips.get("c").await.unwrap()) == Some(ia) }).await;
+    create_yaml(&w.admin, &fip("f", "c", "10.77.0.11")).await;
+    let _srv = tcp_server(&w.lab.ns("int1"), INT1, 22).unwrap();
+    eventually("traffic through the reused address", || async { tcp_source(&w.lab.ns("ext1"), ia, 22).is_ok() }).await;
 }

@@ -12,7 +12,7 @@ pub use crd::{crds, crds_yaml};
 pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files, parse_object};
 pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
-pub use validate::{FieldError, SetError, validate_object, validate_set};
+pub use validate::{FieldError, SetError, parse_ip_range, validate_object, validate_set};
 
 /// The API group of every natgw kind.
 pub const GROUP: &str = "natgw.io";

@@ -3,6 +3,7 @@
 //! An object with dependents stays until they are gone, with a
 //! `DeletionBlocked` condition and an Event naming them.
 
+pub mod address;
 pub mod deps;
 
 use std::fmt::Debug;
@@ -121,6 +122,8 @@ pub struct Ctx {
     client: Client,
     stores: Stores,
     recorder: Recorder,
+    /// Where address claims live (the controller's own namespace).
+    namespace: String,
 }
 
 async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -141,6 +144,11 @@ async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error>
 }
 
 async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
+    if K::KIND == "Eip" {
+        let eip: Eip = serde_json::from_value(serde_json::to_value(obj).map_err(kube::Error::SerdeError)?)
+            .map_err(kube::Error::SerdeError)?;
+        return assign_address(ctx, &eip).await;
+    }
     if K::KIND == "Vpc" {
         ctx.stores.ready().await;
         let set = ctx.stores.snapshot();
@@ -152,6 +160,62 @@ async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
         patch_status::<K>(ctx, "natgw-controller/members", &name, status).await?;
     }
     Ok(Action::await_change())
+}
+
+/// Gives an Eip its address (see `address`) and says so in its status.
+async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
+    ctx.stores.ready().await;
+    let set = ctx.stores.snapshot();
+    let outcome = address::ensure(&ctx.client, &ctx.namespace, &set, eip).await?;
+    let (status, reason, message, ip) = match outcome {
+        address::Outcome::Held(ip) => ("True", "Claimed", format!("holds {ip}"), Some(ip)),
+        address::Outcome::Taken { ip, by } => ("False", "AddressTaken", format!("{ip} is held by Eip {by}"), None),
+        address::Outcome::Exhausted => {
+            ("False", "SubnetExhausted", "the external subnet has no free address".to_string(), None)
+        }
+        address::Outcome::NoSubnet => (
+            "False",
+            "NoExternalSubnet",
+            format!("NatGateway {:?} or its external subnet does not exist", eip.spec.gateway),
+            None,
+        ),
+    };
+    let current = eip.status.as_ref();
+    let unchanged = current.is_some_and(|s| {
+        s.ip == ip.or(s.ip).filter(|_| ip.is_some())
+            && s.common
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "AddressAssigned" && c.status == status && c.message == message)
+    });
+    if !unchanged {
+        let condition = Condition {
+            type_: "AddressAssigned".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.clone(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: eip.metadata.generation,
+        };
+        let mut body = serde_json::json!({ "conditions": [condition] });
+        if let Some(ip) = ip {
+            body["ip"] = serde_json::json!(ip);
+        }
+        patch_status::<Eip>(ctx, "natgw-controller/address", &eip.name_any(), body).await?;
+        if ip.is_none() {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(message),
+                action: "AssignAddress".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&event, &eip.object_ref(&())).await;
+        }
+    }
+    Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })
 }
 
 async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
@@ -230,10 +294,12 @@ fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {
     (!name.is_empty()).then(|| CacheRef::new(name))
 }
 
-/// Runs the lifecycle controllers of all kinds until `shutdown` resolves.
+/// Runs the controllers of all kinds until `shutdown` resolves.
+/// `namespace` holds the address claims (the controller's own namespace).
 pub async fn run(
     client: Client,
     instance: Option<String>,
+    namespace: String,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let cfg = watcher::Config::default();
@@ -268,7 +334,12 @@ pub async fn run(
         dnat_rules: dnat.store(),
     };
     let reporter = Reporter { controller: MANAGER.into(), instance };
-    let ctx = Arc::new(Ctx { client: client.clone(), stores, recorder: Recorder::new(client, reporter) });
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        stores,
+        recorder: Recorder::new(client.clone(), reporter),
+        namespace: namespace.clone(),
+    });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut rx = rx.clone();
@@ -302,7 +373,21 @@ pub async fn run(
             drive!(dnat, DnatRule),
         )
     };
-    futures::join!(relay, controllers);
+    // Claims of Eips that are gone (their address is off the gateway).
+    let stop_gc = stop();
+    let gc = async move {
+        tokio::pin!(stop_gc);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = &mut stop_gc => return,
+            }
+            if let Err(e) = address::release_orphans(&client, &namespace).await {
+                tracing::warn!(error = %e, "cannot release address claims");
+            }
+        }
+    };
+    futures::join!(relay, controllers, gc);
 }
 
 /// Where the controller's leader election happens.
@@ -383,7 +468,7 @@ async fn lead_while_elected(
             }
         };
         tokio::select! {
-            _ = run(client.clone(), Some(election.identity.clone()), lost) => {
+            _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), lost) => {
                 tracing::warn!(identity = %election.identity, "lost the lease; controllers stopped");
             }
             // Dropping the channel afterwards releases the lease for a quick handover.

@@ -27,7 +27,7 @@ impl Running {
 
 fn start(client: Client) -> Running {
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(natgw_controller::run(client, Some("test".into()), async move {
+    let task = tokio::spawn(natgw_controller::run(client, Some("test".into()), "natgw-system".into(), async move {
         let _ = rx.await;
     }));
     Running { stop: Some(tx), task }
