@@ -37,7 +37,7 @@ impl Drop for World {
 impl World {
     /// Starts the agent as a new process would: a fresh client.
     async fn start_agent(&mut self) {
-        let agent = self.env.client(&self.env.service_account("natgw-system", "natgw-gateway").unwrap()).await.unwrap();
+        let agent = self.env.natgw_client("natgw-gateway").await.unwrap();
         let netns = self.lab.ns("gw");
         self.agent = Some(tokio::spawn(async move {
             if let Err(e) = natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await {
@@ -61,11 +61,8 @@ async fn world(name: &str) -> World {
         .try_init();
     let lab = Lab::up(&format!("ag{}-{name}", std::process::id() % 10000)).expect("lab");
     let env = TestEnv::start().await.expect("control plane");
-    let admin = env.admin().await.unwrap();
-    natgw_testenv::install_crds(&admin, &natgw_api::crds()).await.unwrap();
-    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
-    natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
-    let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
+    let admin = env.install_natgw(&natgw_api::crds()).await.unwrap();
+    let controller = env.natgw_client("natgw-controller").await.unwrap();
     let tasks =
         vec![tokio::spawn(natgw_controller::run(controller, None, "natgw-system".into(), std::future::pending()))];
     let network =

@@ -48,11 +48,8 @@ async fn setup() -> (TestEnv, Client, Client) {
         .with_test_writer()
         .try_init();
     let env = TestEnv::start().await.expect("control plane");
-    let admin = env.admin().await.unwrap();
-    natgw_testenv::install_crds(&admin, &natgw_api::crds()).await.unwrap();
-    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml")).unwrap();
-    natgw_testenv::apply_yaml(&admin, &rbac).await.unwrap();
-    let controller = env.client(&env.service_account("natgw-system", "natgw-controller").unwrap()).await.unwrap();
+    let admin = env.install_natgw(&natgw_api::crds()).await.unwrap();
+    let controller = env.natgw_client("natgw-controller").await.unwrap();
     (env, admin, controller)
 }
 
@@ -127,8 +124,7 @@ async fn a_vpc_with_subnets_waits_and_a_restarted_controller_collects_nothing_li
 
     // A crash and a restart while the deletion waits: nothing live goes.
     controller.kill();
-    let identity = env.service_account("natgw-system", "natgw-controller").unwrap();
-    let _controller = start(env.client(&identity).await.unwrap());
+    let _controller = start(env.natgw_client("natgw-controller").await.unwrap());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(vpcs.get_opt("v").await.unwrap().is_some(), "the VPC went while its subnet exists");
     let s = subnets.get("s").await.unwrap();
@@ -182,7 +178,6 @@ async fn an_eip_in_use_waits_for_its_rules() {
 async fn a_standby_takes_over_when_the_leader_dies() {
     use k8s_openapi::api::coordination::v1::Lease;
     let (env, admin, _) = setup().await;
-    let identity = env.service_account("natgw-system", "natgw-controller").unwrap();
     let elect = |id: &str| natgw_controller::Election {
         namespace: "natgw-system".into(),
         lease: "natgw-controller".into(),
@@ -191,7 +186,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         grace_secs: 1,
     };
     let a = tokio::spawn(natgw_controller::run_elected(
-        env.client(&identity).await.unwrap(),
+        env.natgw_client("natgw-controller").await.unwrap(),
         elect("a"),
         std::future::pending(),
     ));
@@ -201,7 +196,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     };
     eventually("a to lead", || async { holder().await.as_deref() == Some("a") }).await;
     let b = tokio::spawn(natgw_controller::run_elected(
-        env.client(&identity).await.unwrap(),
+        env.natgw_client("natgw-controller").await.unwrap(),
         elect("b"),
         std::future::pending(),
     ));

@@ -284,6 +284,27 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), EnvError> {
     Ok(())
 }
 
+/// The namespace natgw's ServiceAccounts live in (deploy/rbac.yaml).
+pub const NATGW_NAMESPACE: &str = "natgw-system";
+
+impl TestEnv {
+    /// Installs natgw as a cluster admin would: the CRDs given and exactly
+    /// the RBAC in deploy/rbac.yaml.
+    pub async fn install_natgw(&self, crds: &[CustomResourceDefinition]) -> Result<Client, EnvError> {
+        let admin = self.admin().await?;
+        install_crds(&admin, crds).await?;
+        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml"))?;
+        apply_yaml(&admin, &rbac).await?;
+        Ok(admin)
+    }
+
+    /// A fresh client acting as one of natgw's ServiceAccounts (a new
+    /// client per call, as a new process would have).
+    pub async fn natgw_client(&self, service_account: &str) -> Result<Client, EnvError> {
+        self.client(&self.service_account(NATGW_NAMESPACE, service_account)?).await
+    }
+}
+
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
     let mut req = http::Request::new(Vec::new());
     *req.uri_mut() = path.parse().unwrap_or_default();
