@@ -63,8 +63,13 @@ async fn world(name: &str) -> World {
     let env = TestEnv::start().await.expect("control plane");
     let admin = env.install_natgw(&natgw_api::crds()).await.unwrap();
     let controller = env.natgw_client("natgw-controller").await.unwrap();
-    let tasks =
-        vec![tokio::spawn(natgw_controller::run(controller, None, "natgw-system".into(), std::future::pending()))];
+    let tasks = vec![tokio::spawn(natgw_controller::run(
+        controller,
+        None,
+        "natgw-system".into(),
+        None,
+        std::future::pending(),
+    ))];
     let network =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/00-network.yaml")).unwrap();
     create_yaml(&admin, &network).await;

@@ -195,7 +195,7 @@ fn check_unknown_fields(kind: &str, spec: &Value) -> Result<(), String> {
     let known: &[&str] = match kind {
         "Vpc" => &["description"],
         "Subnet" => &["cidr", "gateway", "excludeIps", "vpc"],
-        "NatGateway" => &["vpc", "lanInterface", "externalInterface", "externalSubnet", "routes"],
+        "NatGateway" => &["vpc", "lanInterface", "externalInterface", "externalSubnet", "routes", "externalNetwork"],
         "Eip" => &["gateway", "ip"],
         "FloatingIp" => &["eip", "internalIp"],
         "SnatRule" => &["eip", "internalCidr"],

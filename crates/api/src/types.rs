@@ -101,6 +101,10 @@ pub struct NatGatewaySpec {
     pub external_subnet: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<GatewayRoute>,
+    /// The NetworkAttachmentDefinition (`namespace/name`) that gives the
+    /// gateway pod its external interface. Standalone mode ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_network: Option<String>,
 }
 
 /// An elastic IP on a gateway's external interface.

@@ -51,6 +51,7 @@ pub fn build(s: &Scale) -> ObjectSet {
             external_interface: natgw_lab::EXT_IF.into(),
             external_subnet: "external".into(),
             routes: vec![],
+            external_network: None,
         },
     )));
     let mut next_eip = 0;

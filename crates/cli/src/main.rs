@@ -89,6 +89,9 @@ enum Command {
         namespace: String,
         #[arg(long, default_value = "natgw-controller")]
         lease: String,
+        /// Image for the gateway workloads (runs `natgw agent`).
+        #[arg(long, env = "NATGW_AGENT_IMAGE")]
+        agent_image: Option<String>,
     },
     /// The demo and test topology of network namespaces.
     Lab {
@@ -145,12 +148,13 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
-        Command::Controller { instance, namespace, lease } => controller(natgw_controller::Election {
+        Command::Controller { instance, namespace, lease, agent_image } => controller(natgw_controller::Election {
             namespace,
             lease,
             identity: instance,
             duration_secs: 15,
             grace_secs: 5,
+            agent_image,
         }),
         Command::Agent { gateway, netns } => agent(gateway, netns),
         Command::Crd => natgw_api::crds_yaml()

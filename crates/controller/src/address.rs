@@ -74,7 +74,13 @@ pub async fn ensure(client: &Client, ns: &str, set: &ObjectSet, eip: &Eip) -> Re
 }
 
 async fn allocate(api: &Api<ConfigMap>, subnet: &SubnetSpec, eip: &Eip, uid: &str) -> Result<Outcome, kube::Error> {
-    let mut taken: BTreeSet<Ipv4Addr> = claims(api).await?.into_keys().collect();
+    let all = claims(api).await?;
+    // Idempotent per Eip: a reconcile working from a cached copy older than
+    // its own status.ip write must get the same address back, not a second.
+    if let Some((ip, _)) = all.iter().find(|(_, (_, u))| u == uid) {
+        return Ok(Outcome::Held(*ip));
+    }
+    let mut taken: BTreeSet<Ipv4Addr> = all.into_keys().collect();
     while let Some(ip) = pick(subnet, &taken) {
         match claim(api, ip, eip, uid).await? {
             None => return Ok(Outcome::Held(ip)),

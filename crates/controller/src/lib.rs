@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod deps;
+pub mod workload;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -122,8 +123,11 @@ pub struct Ctx {
     client: Client,
     stores: Stores,
     recorder: Recorder,
-    /// Where address claims live (the controller's own namespace).
+    /// Where address claims and gateway workloads live (the controller's
+    /// own namespace).
     namespace: String,
+    /// Image of the gateway workloads' agent.
+    agent_image: Option<String>,
 }
 
 async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -148,6 +152,11 @@ async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
         let eip: Eip = serde_json::from_value(serde_json::to_value(obj).map_err(kube::Error::SerdeError)?)
             .map_err(kube::Error::SerdeError)?;
         return assign_address(ctx, &eip).await;
+    }
+    if K::KIND == "NatGateway" {
+        let gw: NatGateway = serde_json::from_value(serde_json::to_value(obj).map_err(kube::Error::SerdeError)?)
+            .map_err(kube::Error::SerdeError)?;
+        return ensure_workload(ctx, &gw).await;
     }
     if K::KIND == "Vpc" {
         ctx.stores.ready().await;
@@ -218,11 +227,56 @@ async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
     Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })
 }
 
+/// Applies the gateway's StatefulSet, or says why it cannot.
+async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
+    let (status, reason, message) = match workload::desired(gw, &ctx.namespace, ctx.agent_image.as_deref()) {
+        Ok(body) => {
+            workload::apply(&ctx.client, &ctx.namespace, &body).await?;
+            ("True", "Applied", format!("StatefulSet {}/{}", ctx.namespace, workload::name(&gw.name_any())))
+        }
+        Err(why) => ("False", "NotConfigured", why),
+    };
+    let current = gw.conditions().iter().find(|c| c.type_ == "WorkloadReady");
+    if current.is_none_or(|c| c.status != status || c.message != message) {
+        let condition = Condition {
+            type_: "WorkloadReady".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.clone(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: gw.metadata.generation,
+        };
+        patch_status::<NatGateway>(
+            ctx,
+            "natgw-controller/workload",
+            &gw.name_any(),
+            serde_json::json!({ "conditions": [condition] }),
+        )
+        .await?;
+        if status == "False" {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(message),
+                action: "CreateWorkload".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&event, &gw.object_ref(&())).await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
 async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     ctx.stores.ready().await;
     let me = natgw_api::ObjectRef::new(K::KIND, obj.name_any());
     let blockers = deps::blockers(&ctx.stores.snapshot(), &me);
     if blockers.is_empty() {
+        if K::KIND == "NatGateway" {
+            workload::remove(&ctx.client, &ctx.namespace, &obj.name_any()).await?;
+        }
         return Ok(Action::await_change());
     }
     let message = format!("waiting for {} to be deleted first", deps::describe(&blockers));
@@ -295,11 +349,13 @@ fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {
 }
 
 /// Runs the controllers of all kinds until `shutdown` resolves.
-/// `namespace` holds the address claims (the controller's own namespace).
+/// `namespace` holds the address claims and gateway workloads (the
+/// controller's own namespace); `agent_image` runs in those workloads.
 pub async fn run(
     client: Client,
     instance: Option<String>,
     namespace: String,
+    agent_image: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let cfg = watcher::Config::default();
@@ -339,6 +395,7 @@ pub async fn run(
         stores,
         recorder: Recorder::new(client.clone(), reporter),
         namespace: namespace.clone(),
+        agent_image,
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = move || {
@@ -399,6 +456,8 @@ pub struct Election {
     pub identity: String,
     pub duration_secs: u64,
     pub grace_secs: u64,
+    /// Image of the gateway workloads' agent.
+    pub agent_image: Option<String>,
 }
 
 /// Runs the controllers only while this instance holds the Lease; stops
@@ -468,7 +527,7 @@ async fn lead_while_elected(
             }
         };
         tokio::select! {
-            _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), lost) => {
+            _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), election.agent_image.clone(), lost) => {
                 tracing::warn!(identity = %election.identity, "lost the lease; controllers stopped");
             }
             // Dropping the channel afterwards releases the lease for a quick handover.

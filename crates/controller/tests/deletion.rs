@@ -27,9 +27,15 @@ impl Running {
 
 fn start(client: Client) -> Running {
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(natgw_controller::run(client, Some("test".into()), "natgw-system".into(), async move {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(natgw_controller::run(
+        client,
+        Some("test".into()),
+        "natgw-system".into(),
+        Some("natgw:test".into()),
+        async move {
+            let _ = rx.await;
+        },
+    ));
     Running { stop: Some(tx), task }
 }
 
@@ -184,6 +190,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         identity: id.into(),
         duration_secs: 3,
         grace_secs: 1,
+        agent_image: None,
     };
     let a = tokio::spawn(natgw_controller::run_elected(
         env.natgw_client("natgw-controller").await.unwrap(),
@@ -211,4 +218,58 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     vpcs.delete("v", &DeleteParams::default()).await.unwrap();
     eventually("the new leader to finish the deletion", || async { vpcs.get_opt("v").await.unwrap().is_none() }).await;
     b.abort();
+}
+
+#[tokio::test]
+async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let (_env, admin, controller_client) = setup().await;
+    let _controller = start(controller_client);
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    create(
+        &admin,
+        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
+    )
+    .await;
+    let gw = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext", "externalNetwork": "kube-system/ext-macvlan"});
+    create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+    let bare =
+        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
+    create(&admin, object::<NatGateway>("NatGateway", "bare", bare)).await;
+    let sts: Api<StatefulSet> = Api::namespaced(admin.clone(), "natgw-system");
+    eventually("the gateway's StatefulSet", || async { sts.get_opt("natgw-gw-gw").await.unwrap().is_some() }).await;
+    let s = sts.get("natgw-gw-gw").await.unwrap();
+    let spec = s.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("natgw-gateway"));
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("natgw:test"));
+    assert_eq!(c.args.clone().unwrap(), ["agent", "--gateway", "gw"]);
+    let caps = c.security_context.clone().unwrap().capabilities.unwrap().add.unwrap();
+    assert!(caps.contains(&"NET_ADMIN".to_string()), "{caps:?}");
+    assert!(
+        pod.containers.iter().all(|c| c.security_context.as_ref().and_then(|s| s.privileged) != Some(true)),
+        "no privileged pod"
+    );
+    let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+    let nets: serde_json::Value = serde_json::from_str(&annotations["k8s.v1.cni.cncf.io/networks"]).unwrap();
+    assert_eq!(nets, serde_json::json!([{"name": "ext-macvlan", "namespace": "kube-system", "interface": "net1"}]));
+    // Missing configuration is said, not guessed.
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    eventually("the unconfigured gateway says why", || async {
+        let g = gws.get("bare").await.unwrap();
+        g.status
+            .unwrap_or_default()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "WorkloadReady" && c.status == "False" && c.message.contains("spec.externalNetwork"))
+    })
+    .await;
+    assert!(sts.get_opt("natgw-gw-bare").await.unwrap().is_none());
+    gws.delete("gw", &DeleteParams::default()).await.unwrap();
+    eventually("the workload gone with its gateway", || async {
+        sts.get_opt("natgw-gw-gw").await.unwrap().is_none() && gws.get_opt("gw").await.unwrap().is_none()
+    })
+    .await;
 }
