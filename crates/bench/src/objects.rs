@@ -16,7 +16,7 @@ pub struct Scale {
     pub snats: u32,
 }
 
-/// The n-th EIP address (skipping the router and low addresses).
+/// The n-th EIP address, above the router and the low addresses.
 pub fn eip_ip(n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(EXT_ROUTER) + 100 + n)
 }

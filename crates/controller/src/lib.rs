@@ -198,16 +198,7 @@ async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
                 .any(|c| c.type_ == "AddressAssigned" && c.status == status && c.message == message)
     });
     if !unchanged {
-        let condition = Condition {
-            type_: "AddressAssigned".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.clone(),
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            observed_generation: eip.metadata.generation,
-        };
+        let condition = condition("AddressAssigned", status, reason, message.clone(), eip.metadata.generation);
         let mut body = serde_json::json!({ "conditions": [condition] });
         if let Some(ip) = ip {
             body["ip"] = serde_json::json!(ip);
@@ -238,16 +229,7 @@ async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
     };
     let current = gw.conditions().iter().find(|c| c.type_ == "WorkloadReady");
     if current.is_none_or(|c| c.status != status || c.message != message) {
-        let condition = Condition {
-            type_: "WorkloadReady".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.clone(),
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            observed_generation: gw.metadata.generation,
-        };
+        let condition = condition("WorkloadReady", status, reason, message.clone(), gw.metadata.generation);
         patch_status::<NatGateway>(
             ctx,
             "natgw-controller/workload",
@@ -282,16 +264,7 @@ async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     let message = format!("waiting for {} to be deleted first", deps::describe(&blockers));
     let current = obj.conditions().iter().find(|c| c.type_ == "DeletionBlocked");
     if current.is_none_or(|c| c.message != message || c.status != "True") {
-        let condition = Condition {
-            type_: "DeletionBlocked".into(),
-            status: "True".into(),
-            reason: "DependentsExist".into(),
-            message: message.clone(),
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            observed_generation: obj.meta().generation,
-        };
+        let condition = condition("DeletionBlocked", "True", "DependentsExist", message.clone(), obj.meta().generation);
         let conditions = serde_json::json!({ "conditions": [condition] });
         patch_status::<K>(ctx, "natgw-controller/deletion", &obj.name_any(), conditions).await?;
         let event = KubeEvent {
@@ -311,6 +284,18 @@ async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
 /// Server-side apply of part of the status. Each purpose has its own field
 /// manager: an apply removes the fields its manager applied before and
 /// leaves out now.
+/// A condition that changed now.
+fn condition(type_: &str, status: &str, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+        observed_generation: generation,
+    }
+}
+
 async fn patch_status<K: Kind>(ctx: &Ctx, manager: &str, name: &str, status: serde_json::Value) -> Result<(), Error> {
     let api: Api<K> = Api::all(ctx.client.clone());
     let body = serde_json::json!({
