@@ -37,10 +37,7 @@ pub enum Error {
 
 /// The agent's finalizer for gateway `gw`.
 pub fn finalizer(gw: &str) -> String {
-    // The part after the slash is a qualified name of at most 63 bytes.
-    let mut name = format!("gateway-{gw}");
-    name.truncate(63);
-    format!("natgw.io/{}", name.trim_end_matches(['-', '.']))
+    natgw_api::gateway_finalizer(gw)
 }
 
 /// Caches of every kind.

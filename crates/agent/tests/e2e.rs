@@ -376,3 +376,30 @@ async fn eips_get_distinct_free_addresses_reused_only_once_off_the_gateway() {
     let _srv = tcp_server(&w.lab.ns("int1"), INT1, 22).unwrap();
     eventually("traffic through the reused address", || async { tcp_source(&w.lab.ns("ext1"), ia, 22).is_ok() }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_of_a_gateway_gone_for_good_are_not_stuck() {
+    let mut w = world("gone").await;
+    create_yaml(&w.admin, &(eip("e", "198.51.100.70") + "---\n" + &fip("f", "e", "10.77.0.11"))).await;
+    let fips: Api<FloatingIp> = Api::all(w.admin.clone());
+    let eips: Api<Eip> = Api::all(w.admin.clone());
+    let fin = natgw_agent::finalizer("demo-gw");
+    eventually("programmed, with the agent's finalizer", || async {
+        fips.get("f").await.unwrap().finalizers().contains(&fin) && snapshot(&w).table.nat.fip_dnat.len() == 1
+    })
+    .await;
+    // The agent is gone and an admin force-deletes its NatGateway, bypassing
+    // the deletion order: nobody will ever remove the agent's finalizers.
+    w.kill_agent();
+    let gws: Api<NatGateway> = Api::all(w.admin.clone());
+    gws.delete("demo-gw", &DeleteParams::default()).await.unwrap();
+    let strip = serde_json::json!({ "metadata": { "finalizers": [] } });
+    gws.patch("demo-gw", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&strip)).await.unwrap();
+    eventually("the NatGateway gone", || async { gws.get_opt("demo-gw").await.unwrap().is_none() }).await;
+    fips.delete("f", &DeleteParams::default()).await.unwrap();
+    eips.delete("e", &DeleteParams::default()).await.unwrap();
+    eventually("the FloatingIp and the Eip gone, not stuck", || async {
+        fips.get_opt("f").await.unwrap().is_none() && eips.get_opt("e").await.unwrap().is_none()
+    })
+    .await;
+}

@@ -18,3 +18,15 @@ pub use validate::{FieldError, SetError, parse_ip_range, validate_object, valida
 pub const GROUP: &str = "natgw.io";
 /// The only version served so far.
 pub const VERSION: &str = "v1alpha1";
+
+/// The gateway agent's finalizer for NatGateway `gw`: "this object's state
+/// may be in that gateway's kernel".
+pub fn gateway_finalizer(gw: &str) -> String {
+    // The part after the slash is a qualified name of at most 63 bytes.
+    let mut name = format!("gateway-{gw}");
+    name.truncate(63);
+    format!("natgw.io/{}", name.trim_end_matches(['-', '.']))
+}
+
+/// Prefix shared by every gateway agent's finalizer.
+pub const GATEWAY_FINALIZER_PREFIX: &str = "natgw.io/gateway-";

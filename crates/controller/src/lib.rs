@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod deps;
+mod orphans;
 pub mod workload;
 
 use std::fmt::Debug;
@@ -426,6 +427,9 @@ pub async fn run(
             }
             if let Err(e) = address::release_orphans(&client, &namespace).await {
                 tracing::warn!(error = %e, "cannot release address claims");
+            }
+            if let Err(e) = orphans::release(&client).await {
+                tracing::warn!(error = %e, "cannot release finalizers of gone gateways");
             }
         }
     };
