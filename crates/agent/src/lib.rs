@@ -36,9 +36,7 @@ pub enum Error {
 }
 
 /// The agent's finalizer for gateway `gw`.
-pub fn finalizer(gw: &str) -> String {
-    natgw_api::gateway_finalizer(gw)
-}
+pub use natgw_api::gateway_finalizer as finalizer;
 
 /// Caches of every kind.
 #[derive(Clone)]

@@ -131,11 +131,21 @@ pub async fn claims(api: &Api<ConfigMap>) -> Result<BTreeMap<Ipv4Addr, (String, 
 /// cache: a claim must never go while its Eip is still there.
 pub async fn release_orphans(client: &Client, ns: &str) -> Result<usize, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let eips: Api<Eip> = Api::all(client.clone());
+    let claims = claims(&api).await?;
+    if claims.is_empty() {
+        return Ok(0);
+    }
+    // One list per sweep, not one read per claim.
+    let alive: BTreeSet<(String, String)> = Api::<Eip>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|e| (e.name_any(), e.uid().unwrap_or_default()))
+        .collect();
     let mut released = 0;
-    for (ip, (name, uid)) in claims(&api).await? {
-        let alive = eips.get_opt(&name).await?.is_some_and(|e| e.uid().as_deref() == Some(uid.as_str()));
-        if !alive {
+    for (ip, owner) in claims {
+        if !alive.contains(&owner) {
             api.delete(&claim_name(ip), &DeleteParams::default()).await?;
             released += 1;
         }

@@ -149,15 +149,13 @@ async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error>
 }
 
 async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
-    if K::KIND == "Eip" {
-        let eip: Eip = serde_json::from_value(serde_json::to_value(obj).map_err(kube::Error::SerdeError)?)
-            .map_err(kube::Error::SerdeError)?;
-        return assign_address(ctx, &eip).await;
+    // Two kinds have work of their own; the rest only carry the finalizer.
+    let any: &dyn std::any::Any = obj;
+    if let Some(eip) = any.downcast_ref::<Eip>() {
+        return assign_address(ctx, eip).await;
     }
-    if K::KIND == "NatGateway" {
-        let gw: NatGateway = serde_json::from_value(serde_json::to_value(obj).map_err(kube::Error::SerdeError)?)
-            .map_err(kube::Error::SerdeError)?;
-        return ensure_workload(ctx, &gw).await;
+    if let Some(gw) = any.downcast_ref::<NatGateway>() {
+        return ensure_workload(ctx, gw).await;
     }
     if K::KIND == "Vpc" {
         ctx.stores.ready().await;

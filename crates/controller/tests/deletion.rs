@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
 use natgw_api::*;
 use natgw_controller::FINALIZER;
@@ -68,10 +68,7 @@ async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut(
 }
 
 fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: serde_json::Value) -> K {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "natgw.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap()
+    natgw_testenv::natgw_object(kind, name, spec).unwrap()
 }
 
 async fn create<K>(client: &Client, obj: K)
@@ -82,7 +79,7 @@ where
         + serde::Serialize
         + serde::de::DeserializeOwned,
 {
-    Api::<K>::all(client.clone()).create(&PostParams::default(), &obj).await.unwrap();
+    natgw_testenv::create(client, &obj).await.unwrap();
 }
 
 fn blocked_message(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> Option<String> {

@@ -305,6 +305,32 @@ impl TestEnv {
     }
 }
 
+/// A natgw object of `kind` built from its spec (tests and benchmarks).
+pub fn natgw_object<K: serde::de::DeserializeOwned>(
+    kind: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<K, EnvError> {
+    let doc = serde_json::json!({ "apiVersion": "natgw.io/v1alpha1", "kind": kind, "metadata": { "name": name }, "spec": spec });
+    serde_json::from_value(doc).map_err(|e| EnvError::Kube(e.to_string()))
+}
+
+/// Creates a cluster-scoped object.
+pub async fn create<K>(client: &Client, obj: &K) -> Result<(), EnvError>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    Api::<K>::all(client.clone())
+        .create(&PostParams::default(), obj)
+        .await
+        .map_err(|e| EnvError::Kube(e.to_string()))?;
+    Ok(())
+}
+
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
     let mut req = http::Request::new(Vec::new());
     *req.uri_mut() = path.parse().unwrap_or_default();

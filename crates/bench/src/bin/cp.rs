@@ -11,7 +11,7 @@ use anyhow::Result;
 use clap::Parser;
 use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use natgw_api::*;
 use natgw_dataplane::Gateway;
 
@@ -28,39 +28,17 @@ struct Args {
     parallel: usize,
 }
 
-fn obj<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: serde_json::Value) -> Result<K> {
-    Ok(serde_json::from_value(
-        serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}),
-    )?)
-}
-
-async fn create<K>(client: &Client, o: K) -> Result<()>
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
-    Api::<K>::all(client.clone()).create(&PostParams::default(), &o).await?;
-    Ok(())
-}
+use natgw_testenv::{create, natgw_object as obj};
 
 fn internal(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 10)) + i)
 }
 
 async fn pair(client: &Client, i: u32) -> Result<()> {
-    create(client, obj::<Eip>("Eip", &format!("e{i}"), serde_json::json!({"gateway": "demo-gw"}))?).await?;
-    create(
-        client,
-        obj::<FloatingIp>(
-            "FloatingIp",
-            &format!("f{i}"),
-            serde_json::json!({"eip": format!("e{i}"), "internalIp": internal(i)}),
-        )?,
-    )
-    .await
+    create(client, &obj::<Eip>("Eip", &format!("e{i}"), serde_json::json!({"gateway": "demo-gw"}))?).await?;
+    let spec = serde_json::json!({"eip": format!("e{i}"), "internalIp": internal(i)});
+    create(client, &obj::<FloatingIp>("FloatingIp", &format!("f{i}"), spec)?).await?;
+    Ok(())
 }
 
 fn ready(f: &FloatingIp) -> bool {
@@ -81,10 +59,10 @@ async fn main() -> Result<()> {
         tokio::spawn(
             async move { natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await },
         );
-    create(&admin, obj::<Vpc>("Vpc", "demo", serde_json::json!({}))?).await?;
+    create(&admin, &obj::<Vpc>("Vpc", "demo", serde_json::json!({}))?).await?;
     create(
         &admin,
-        obj::<Subnet>(
+        &obj::<Subnet>(
             "Subnet",
             "lan",
             serde_json::json!({"vpc": "demo", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}),
@@ -93,7 +71,7 @@ async fn main() -> Result<()> {
     .await?;
     create(
         &admin,
-        obj::<Subnet>(
+        &obj::<Subnet>(
             "Subnet",
             "bulk",
             serde_json::json!({"vpc": "demo", "cidr": "10.78.0.0/16", "gateway": "10.78.0.1"}),
@@ -102,11 +80,11 @@ async fn main() -> Result<()> {
     .await?;
     create(
         &admin,
-        obj::<Subnet>("Subnet", "external", serde_json::json!({"cidr": "100.64.0.0/16", "gateway": "100.64.0.1"}))?,
+        &obj::<Subnet>("Subnet", "external", serde_json::json!({"cidr": "100.64.0.0/16", "gateway": "100.64.0.1"}))?,
     )
     .await?;
     let gw = serde_json::json!({"vpc": "demo", "lanInterface": "lan0", "externalInterface": "ext0", "externalSubnet": "external"});
-    create(&admin, obj::<NatGateway>("NatGateway", "demo-gw", gw)?).await?;
+    create(&admin, &obj::<NatGateway>("NatGateway", "demo-gw", gw)?).await?;
     let kernel = Gateway::open(Some(&lab.ns("gw")))?;
     let fips: Api<FloatingIp> = Api::all(admin.clone());
 
