@@ -35,6 +35,9 @@ pub enum Error {
     Other(String),
 }
 
+/// API writes in flight at once.
+const WRITES: usize = 32;
+
 /// The agent's finalizer for gateway `gw`.
 pub use natgw_api::gateway_finalizer as finalizer;
 
@@ -52,11 +55,15 @@ struct Caches {
 
 fn watch<K: Kind>(
     client: &Client,
+    config: watcher::Config,
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> (Store<K>, impl std::future::Future<Output = ()>) {
     let (reader, writer) = reflector::store();
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+    let stream = watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
+        // Field ownership is the API server's business, and most of an
+        // object's bytes.
+        .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects();
     let fut = async move {
@@ -201,6 +208,7 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
     caches.ready().await;
     let fin = finalizer(gw);
     let (mut set, mine) = caches.snapshot(gw);
+    let mut adding = Vec::new();
     for e in &mine {
         let has = e.finalizers.contains(&fin);
         if e.released || !has {
@@ -208,6 +216,12 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
             remove(&mut set, &e.object);
         }
         if !e.released && !has {
+            adding.push(e);
+        }
+    }
+    // Many objects arrive at once: their writes go in parallel.
+    futures::stream::iter(&adding)
+        .for_each_concurrent(WRITES, |e| async {
             let mut list = e.finalizers.clone();
             list.push(fin.clone());
             match set_finalizers(client, e, list).await {
@@ -218,8 +232,8 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
                     tracing::info!(object = %e.object, error = %err, "finalizer not persisted; not programming")
                 }
             }
-        }
-    }
+        })
+        .await;
     let plan = match plan_gateway(&set, gw) {
         Ok(p) => p,
         Err(e) => return Err(Error::Other(format!("cannot plan: {e}; the kernel is left as it is"))),
@@ -238,16 +252,23 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
             "synced"
         );
     }
-    report_status(client, gw, &plan, &mine).await;
+    // Objects that just got the finalizer are reported by the next round.
+    let settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
+    report_status(client, gw, &plan, &settled).await;
     // The kernel no longer holds these: let them go.
-    for e in mine.iter().filter(|e| e.finalizers.contains(&fin) && !plan.programmed.contains(&e.object)) {
-        if e.released || !set_contains(&set, &e.object) {
+    let gone = mine.iter().filter(|e| {
+        e.finalizers.contains(&fin)
+            && !plan.programmed.contains(&e.object)
+            && (e.released || !set_contains(&set, &e.object))
+    });
+    futures::stream::iter(gone)
+        .for_each_concurrent(WRITES, |e| async {
             let list: Vec<String> = e.finalizers.iter().filter(|f| **f != fin).cloned().collect();
             if let Err(err) = set_finalizers(client, e, list).await {
                 tracing::info!(object = %e.object, error = %err, "finalizer not removed yet");
             }
-        }
-    }
+        })
+        .await;
     Ok(())
 }
 
@@ -275,13 +296,17 @@ pub async fn run(
             .map_err(|e| Error::Other(e.to_string()))??,
     );
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let (vpcs, w1) = watch::<Vpc>(&client, tx.clone());
-    let (subnets, w2) = watch::<Subnet>(&client, tx.clone());
-    let (gateways, w3) = watch::<NatGateway>(&client, tx.clone());
-    let (eips, w4) = watch::<Eip>(&client, tx.clone());
-    let (fips, w5) = watch::<FloatingIp>(&client, tx.clone());
-    let (snats, w6) = watch::<SnatRule>(&client, tx.clone());
-    let (dnats, w7) = watch::<DnatRule>(&client, tx.clone());
+    // The network objects are few; of Eips and rules, only those the
+    // controller bound to this gateway.
+    let all = watcher::Config::default();
+    let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
+    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), tx.clone());
+    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), tx.clone());
+    let (gateways, w3) = watch::<NatGateway>(&client, all, tx.clone());
+    let (eips, w4) = watch::<Eip>(&client, mine.clone(), tx.clone());
+    let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), tx.clone());
+    let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), tx.clone());
+    let (dnats, w7) = watch::<DnatRule>(&client, mine, tx.clone());
     let caches = Caches { vpcs, subnets, gateways, eips, fips, snats, dnats };
     let watches = async {
         futures::join!(w1, w2, w3, w4, w5, w6, w7);
@@ -338,9 +363,9 @@ fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
 
 /// Writes Programmed, Conflict and Ready where they changed, so a steady
 /// gateway writes nothing.
-async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[Entry]) {
+async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&Entry]) {
     let manager = format!("natgw-gateway-{gw}");
-    for e in mine.iter().filter(|e| !e.released) {
+    let writes = mine.iter().filter_map(|e| {
         let want = wanted(plan, &e.object);
         let same = want.iter().all(|(t, st, reason, msg)| {
             e.conditions.iter().any(|c| {
@@ -352,7 +377,7 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[En
             })
         });
         if same {
-            continue;
+            return None;
         }
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let conditions: Vec<Condition> = want
@@ -375,10 +400,18 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[En
             })
             .collect();
         let status = serde_json::json!({ "observedGeneration": e.generation, "conditions": conditions });
-        if let Err(err) = patch_status(client, &manager, &e.object, status).await {
-            tracing::info!(object = %e.object, error = %err, "status not written");
-        }
-    }
+        Some((&e.object, status))
+    });
+    futures::stream::iter(writes)
+        .for_each_concurrent(WRITES, |(object, status)| {
+            let manager = &manager;
+            async move {
+                if let Err(err) = patch_status(client, manager, object, status).await {
+                    tracing::info!(object = %object, error = %err, "status not written");
+                }
+            }
+        })
+        .await;
 }
 
 async fn patch_status(

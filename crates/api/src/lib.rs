@@ -28,5 +28,9 @@ pub fn gateway_finalizer(gw: &str) -> String {
     format!("natgw.io/{}", name.trim_end_matches(['-', '.']))
 }
 
+/// Label the controller puts on every Eip and rule: the gateway that
+/// programs it. Each agent watches only objects with its own value.
+pub const GATEWAY_LABEL: &str = "natgw.io/gateway";
+
 /// Prefix shared by every gateway agent's finalizer.
 pub const GATEWAY_FINALIZER_PREFIX: &str = "natgw.io/gateway-";

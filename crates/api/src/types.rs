@@ -150,6 +150,7 @@ pub struct EipStatus {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.eip == oldSelf.eip").message("spec.eip is immutable: delete the rule and create a new one"))]
 pub struct FloatingIpSpec {
     pub eip: String,
     pub internal_ip: Ipv4Addr,
@@ -167,6 +168,7 @@ pub struct FloatingIpSpec {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("cidr(self.internalCidr) == cidr(self.internalCidr).masked()").message("spec.internalCidr has host bits set"))]
+#[x_kube(validation = Rule::new("self.eip == oldSelf.eip").message("spec.eip is immutable: delete the rule and create a new one"))]
 pub struct SnatRuleSpec {
     pub eip: String,
     pub internal_cidr: Ipv4Net,
@@ -215,6 +217,7 @@ impl std::fmt::Display for Protocol {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.externalPort >= 1 && self.internalPort >= 1").message("spec.externalPort and spec.internalPort must be between 1 and 65535"))]
+#[x_kube(validation = Rule::new("self.eip == oldSelf.eip").message("spec.eip is immutable: delete the rule and create a new one"))]
 pub struct DnatRuleSpec {
     pub eip: String,
     pub protocol: Protocol,

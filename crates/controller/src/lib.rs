@@ -4,6 +4,7 @@
 //! `DeletionBlocked` condition and an Event naming them.
 
 pub mod address;
+mod binding;
 pub mod deps;
 mod orphans;
 pub mod workload;
@@ -20,7 +21,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
 use serde::Serialize;
@@ -40,6 +41,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// Someone else wrote the object between our read and our write (the
+    /// agent adds its finalizer at the same time): retry at once.
+    #[error("write conflict: {0}")]
+    Conflict(String),
 }
 
 /// What the controller needs to know about each kind.
@@ -129,6 +134,8 @@ pub struct Ctx {
     namespace: String,
     /// Image of the gateway workloads' agent.
     agent_image: Option<String>,
+    /// Address claims known to this leadership term.
+    book: address::Book,
 }
 
 async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -144,6 +151,12 @@ async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error>
     .await
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::CleanupFailed(Error::Blocked(m)) => Error::Blocked(m),
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+        | kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+            if s.code == 409 || s.code == 422 =>
+        {
+            Error::Conflict(s.message)
+        }
         other => Error::Finalizer(other.to_string()),
     })
 }
@@ -156,6 +169,9 @@ async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     }
     if let Some(gw) = any.downcast_ref::<NatGateway>() {
         return ensure_workload(ctx, gw).await;
+    }
+    if let Some(eip) = binding::rule_eip(any) {
+        return bind_rule(ctx, obj, eip).await;
     }
     if K::KIND == "Vpc" {
         ctx.stores.ready().await;
@@ -170,11 +186,50 @@ async fn apply<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// Labels a rule with its Eip's gateway, which then programs it. A rule
+/// whose Eip does not exist says so in a `Bound` condition.
+async fn bind_rule<K: Kind>(ctx: &Ctx, obj: &K, eip: &str) -> Result<Action, Error> {
+    let gateway = ctx.stores.eips.get(&CacheRef::new(eip)).map(|e| e.spec.gateway.clone());
+    if let Some(gw) = &gateway {
+        binding::label(&ctx.client, obj, gw).await?;
+    }
+    let (status, reason, message) = match &gateway {
+        Some(gw) => ("True", "EipFound", format!("Eip {eip} is on NatGateway {gw}")),
+        None => ("False", "EipNotFound", format!("spec.eip: Eip {eip:?} does not exist")),
+    };
+    // A bound rule writes nothing more unless it once was unbound.
+    let current = obj.conditions().iter().find(|c| c.type_ == "Bound");
+    let write = match current {
+        None => status == "False",
+        Some(c) => c.status != status || c.message != message,
+    };
+    if write {
+        let condition = condition("Bound", status, reason, message, obj.meta().generation);
+        patch_status::<K>(
+            ctx,
+            "natgw-controller/binding",
+            &obj.name_any(),
+            serde_json::json!({ "conditions": [condition] }),
+        )
+        .await?;
+    }
+    // No watch maps Eips to their rules: look again for a missing one.
+    Ok(if gateway.is_some() { Action::await_change() } else { Action::requeue(BLOCKED_RETRY) })
+}
+
 /// Gives an Eip its address (see `address`) and says so in its status.
 async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
+    binding::label(&ctx.client, eip, &eip.spec.gateway).await?;
     ctx.stores.ready().await;
-    let set = ctx.stores.snapshot();
-    let outcome = address::ensure(&ctx.client, &ctx.namespace, &set, eip).await?;
+    // Two lookups, not a snapshot: a thousand Eips at once made copying
+    // every cached object per reconcile the controller's main cost.
+    let subnet = ctx
+        .stores
+        .gateways
+        .get(&CacheRef::new(&eip.spec.gateway))
+        .and_then(|g| ctx.stores.subnets.get(&CacheRef::new(&g.spec.external_subnet)));
+    let subnet = subnet.as_ref().map(|s| &s.spec);
+    let outcome = address::ensure(&ctx.client, &ctx.namespace, &ctx.book, subnet, eip).await?;
     let (status, reason, message, ip) = match outcome {
         address::Outcome::Held(ip) => ("True", "Claimed", format!("holds {ip}"), Some(ip)),
         address::Outcome::Taken { ip, by } => ("False", "AddressTaken", format!("{ip} is held by Eip {by}"), None),
@@ -309,6 +364,10 @@ async fn patch_status<K: Kind>(ctx: &Ctx, manager: &str, name: &str, status: ser
 fn error_policy<K: Kind>(obj: Arc<K>, err: &Error, _: Arc<Ctx>) -> Action {
     match err {
         Error::Blocked(_) => Action::requeue(BLOCKED_RETRY),
+        Error::Conflict(m) => {
+            tracing::debug!(kind = K::KIND, name = %obj.name_any(), conflict = %m, "retrying");
+            Action::requeue(Duration::from_millis(50))
+        }
         e => {
             tracing::warn!(kind = K::KIND, name = %obj.name_any(), error = %e, "reconcile failed");
             Action::requeue(Duration::from_secs(5))
@@ -328,6 +387,18 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
+/// A controller of kind K whose cache leaves out managedFields: most of
+/// an object's bytes, and never read here.
+fn primary<K: Kind>(client: &Client) -> Controller<K> {
+    let (reader, writer) = kube::runtime::reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(stream, reader)
+}
+
 fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {
     (!name.is_empty()).then(|| CacheRef::new(name))
 }
@@ -344,26 +415,20 @@ pub async fn run(
 ) {
     let cfg = watcher::Config::default();
     let all = |c: &Client| c.clone();
-    let vpc = Controller::new(Api::<Vpc>::all(all(&client)), cfg.clone())
+    let vpc = primary::<Vpc>(&client)
         .watches(Api::<Subnet>::all(all(&client)), cfg.clone(), |s| s.spec.vpc.as_deref().and_then(parent::<Vpc>))
         .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Vpc>(&g.spec.vpc));
-    let subnet = Controller::new(Api::<Subnet>::all(all(&client)), cfg.clone()).watches(
-        Api::<NatGateway>::all(all(&client)),
-        cfg.clone(),
-        |g| parent::<Subnet>(&g.spec.external_subnet),
-    );
-    let gateway = Controller::new(Api::<NatGateway>::all(all(&client)), cfg.clone()).watches(
-        Api::<Eip>::all(all(&client)),
-        cfg.clone(),
-        |e| parent::<NatGateway>(&e.spec.gateway),
-    );
-    let eip = Controller::new(Api::<Eip>::all(all(&client)), cfg.clone())
+    let subnet = primary::<Subnet>(&client)
+        .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Subnet>(&g.spec.external_subnet));
+    let gateway = primary::<NatGateway>(&client)
+        .watches(Api::<Eip>::all(all(&client)), cfg.clone(), |e| parent::<NatGateway>(&e.spec.gateway));
+    let eip = primary::<Eip>(&client)
         .watches(Api::<FloatingIp>::all(all(&client)), cfg.clone(), |f| parent::<Eip>(&f.spec.eip))
         .watches(Api::<SnatRule>::all(all(&client)), cfg.clone(), |s| parent::<Eip>(&s.spec.eip))
         .watches(Api::<DnatRule>::all(all(&client)), cfg.clone(), |d| parent::<Eip>(&d.spec.eip));
-    let fip = Controller::new(Api::<FloatingIp>::all(all(&client)), cfg.clone());
-    let snat = Controller::new(Api::<SnatRule>::all(all(&client)), cfg.clone());
-    let dnat = Controller::new(Api::<DnatRule>::all(all(&client)), cfg.clone());
+    let fip = primary::<FloatingIp>(&client);
+    let snat = primary::<SnatRule>(&client);
+    let dnat = primary::<DnatRule>(&client);
     let stores = Stores {
         vpcs: vpc.store(),
         subnets: subnet.store(),
@@ -380,7 +445,9 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         namespace: namespace.clone(),
         agent_image,
+        book: address::Book::default(),
     });
+    let gc_ctx = ctx.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut rx = rx.clone();
@@ -423,7 +490,7 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = &mut stop_gc => return,
             }
-            if let Err(e) = address::release_orphans(&client, &namespace).await {
+            if let Err(e) = address::release_orphans(&client, &namespace, &gc_ctx.book).await {
                 tracing::warn!(error = %e, "cannot release address claims");
             }
             if let Err(e) = orphans::release(&client).await {

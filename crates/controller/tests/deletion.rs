@@ -270,3 +270,49 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_rule_is_bound_to_the_gateway_of_its_eip() {
+    let (_env, admin, controller_client) = setup().await;
+    let _controller = start(controller_client);
+    create(
+        &admin,
+        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
+    )
+    .await;
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    let gw =
+        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
+    create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+    let fips: Api<FloatingIp> = Api::all(admin.clone());
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let label = |l: &std::collections::BTreeMap<String, String>| l.get(GATEWAY_LABEL).cloned();
+    // A rule on an Eip that does not exist yet: unbound, and it says why.
+    create(&admin, object::<FloatingIp>("FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})))
+        .await;
+    eventually("Bound=False naming spec.eip", || async {
+        let f = fips.get("f").await.unwrap();
+        let unbound =
+            f.status.iter().flat_map(|s| &s.conditions).any(|c| {
+                c.type_ == "Bound" && c.status == "False" && c.message == "spec.eip: Eip \"e\" does not exist"
+            });
+        unbound && label(f.labels()).is_none()
+    })
+    .await;
+    create(&admin, object::<Eip>("Eip", "e", serde_json::json!({"gateway": "gw"}))).await;
+    eventually("the Eip and the rule labelled with the gateway", || async {
+        let f = fips.get("f").await.unwrap();
+        let bound = f.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Bound" && c.status == "True");
+        bound
+            && label(f.labels()).as_deref() == Some("gw")
+            && label(eips.get("e").await.unwrap().labels()).as_deref() == Some("gw")
+    })
+    .await;
+    // The binding cannot change under the gateway: spec.eip is immutable.
+    let moved = serde_json::json!({"spec": {"eip": "other"}});
+    let err = fips
+        .patch("f", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&moved))
+        .await
+        .expect_err("spec.eip is immutable");
+    assert!(err.to_string().contains("spec.eip is immutable"), "{err}");
+}

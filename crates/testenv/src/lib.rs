@@ -219,6 +219,14 @@ impl TestEnv {
         Ok(())
     }
 
+    /// Writes a kubeconfig acting as `who` and returns its path, for a
+    /// natgw process started beside the test.
+    pub fn kubeconfig_file(&self, who: &Identity) -> Result<PathBuf, EnvError> {
+        let path = self.dir.join(format!("{}.kubeconfig", who.user.replace([':', '/'], "_")));
+        std::fs::write(&path, self.kubeconfig(who))?;
+        Ok(path)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1,5 +1,6 @@
 //! `natgw-cp-bench`: the control plane end to end. A real kube-apiserver,
-//! the controller and the gateway agent in this process, a lab gateway.
+//! `natgw controller` and `natgw agent` as processes of their own (so
+//! their memory can be read apart), a lab gateway.
 //! Creates N FloatingIps (each with an auto-allocated Eip) at once and
 //! measures the time until all are Ready and in the kernel, then the
 //! create-to-programmed latency of single FloatingIps on top.
@@ -34,15 +35,53 @@ fn internal(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 10)) + i)
 }
 
-async fn pair(client: &Client, i: u32) -> Result<()> {
+async fn eip(client: &Client, i: u32) -> Result<()> {
     create(client, &obj::<Eip>("Eip", &format!("e{i}"), serde_json::json!({"gateway": "demo-gw"}))?).await?;
+    Ok(())
+}
+
+async fn fip(client: &Client, i: u32) -> Result<()> {
     let spec = serde_json::json!({"eip": format!("e{i}"), "internalIp": internal(i)});
     create(client, &obj::<FloatingIp>("FloatingIp", &format!("f{i}"), spec)?).await?;
     Ok(())
 }
 
-fn ready(f: &FloatingIp) -> bool {
-    f.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+fn ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Creates objects `ids` with `parallel` requests in flight, then waits
+/// until `done` counts all of them; returns (created, all done) times.
+async fn burst<F, D>(
+    what: &str,
+    ids: std::ops::Range<u32>,
+    parallel: usize,
+    make: impl Fn(u32) -> F,
+    done: impl Fn() -> D,
+) -> Result<(Duration, Duration)>
+where
+    F: std::future::Future<Output = Result<()>>,
+    D: std::future::Future<Output = Result<usize>>,
+{
+    let n = ids.len();
+    eprintln!("creating {n} {what}, {parallel} requests in flight");
+    let start = Instant::now();
+    let results: Vec<Result<()>> = futures::stream::iter(ids).map(make).buffer_unordered(parallel).collect().await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let created = start.elapsed();
+    let mut last_report = Instant::now();
+    loop {
+        let d = done().await?;
+        if d >= n {
+            return Ok((created, start.elapsed()));
+        }
+        if last_report.elapsed() > Duration::from_secs(2) {
+            last_report = Instant::now();
+            eprintln!("{:5.1} s: {d} of {n} {what} done", start.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "only {d} of {n} {what} done after 10 min");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::main]
@@ -51,14 +90,23 @@ async fn main() -> Result<()> {
     let lab = natgw_lab::Lab::up("ncpb")?;
     let env = natgw_testenv::TestEnv::start().await?;
     let admin = env.install_natgw(&natgw_api::crds()).await?;
-    let controller = env.natgw_client("natgw-controller").await?;
-    let agent = env.natgw_client("natgw-gateway").await?;
-    let c = tokio::spawn(natgw_controller::run(controller, None, "natgw-system".into(), None, std::future::pending()));
-    let netns = lab.ns("gw");
-    let a =
-        tokio::spawn(
-            async move { natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await },
-        );
+    let natgw = std::env::current_exe()?.with_file_name("natgw");
+    anyhow::ensure!(natgw.exists(), "{} is missing: cargo build --release --bins", natgw.display());
+    let spawn = |sa: &str, args: &[&str]| -> Result<Child> {
+        let kubeconfig = env.kubeconfig_file(&env.service_account("natgw-system", sa)?)?;
+        let log = std::fs::File::create(env.dir().join(format!("{sa}.log")))?;
+        let child = std::process::Command::new(&natgw)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Child(child))
+    };
+    let controller = spawn("natgw-controller", &["controller", "--instance", "bench", "--namespace", "natgw-system"])?;
+    let gw_ns = lab.ns("gw");
+    let agent = spawn("natgw-gateway", &["agent", "--gateway", "demo-gw", "--netns", &gw_ns])?;
     create(&admin, &obj::<Vpc>("Vpc", "demo", serde_json::json!({}))?).await?;
     create(
         &admin,
@@ -88,32 +136,30 @@ async fn main() -> Result<()> {
     let kernel = Gateway::open(Some(&lab.ns("gw")))?;
     let fips: Api<FloatingIp> = Api::all(admin.clone());
 
-    eprintln!("creating {} Eips and FloatingIps, {} requests in flight", args.fips, args.parallel);
-    let start = Instant::now();
-    let results: Vec<Result<()>> =
-        futures::stream::iter(0..args.fips).map(|i| pair(&admin, i)).buffer_unordered(args.parallel).collect().await;
-    results.into_iter().collect::<Result<Vec<()>>>()?;
-    let created = start.elapsed();
-    loop {
-        let n_ready = fips.list(&Default::default()).await?.items.iter().filter(|f| ready(f)).count();
-        let in_kernel = kernel.snapshot()?.table.nat.fip_dnat.len();
-        if n_ready == args.fips as usize && in_kernel == args.fips as usize {
-            break;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(600),
-            "only {n_ready} Ready, {in_kernel} in the kernel after 10 min"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let all_ready = start.elapsed();
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let n = args.fips;
+    // The Eips first (those of the single samples too): an Eip is done
+    // when its address is claimed and on the gateway.
+    let eips_done = || async {
+        let list = eips.list(&Default::default()).await?;
+        Ok(list.items.iter().filter(|e| e.status.as_ref().is_some_and(|s| ready(&s.common.conditions))).count())
+    };
+    let (eips_created, eips_ready) =
+        burst("Eips", 0..n + args.samples, args.parallel, |i| eip(&admin, i), eips_done).await?;
+    // A FloatingIp is done when it is Ready and its DNAT is in the kernel.
+    let fips_done = || async {
+        let list = fips.list(&Default::default()).await?;
+        let ready = list.items.iter().filter(|f| f.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
+        Ok(ready.min(kernel.snapshot()?.table.nat.fip_dnat.len()))
+    };
+    let (fips_created, fips_ready) = burst("FloatingIps", 0..n, args.parallel, |i| fip(&admin, i), fips_done).await?;
 
     eprintln!("timing {} single FloatingIps", args.samples);
     let mut lat = Vec::new();
     for s in 0..args.samples {
-        let i = 60_000 + s;
+        let i = n + s;
         let t = Instant::now();
-        pair(&admin, i).await?;
+        fip(&admin, i).await?;
         loop {
             let k = kernel.snapshot()?;
             if k.table.nat.fip_snat.contains_key(&internal(i)) {
@@ -126,23 +172,46 @@ async fn main() -> Result<()> {
     }
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    let total = 2 * n + args.samples + 5;
     println!("| figure | natgw | target |");
     println!("|---|---|---|");
     println!(
-        "| {} Eips + {} FloatingIps created ({} in flight) | {:.1} s | |",
-        args.fips,
-        args.fips,
+        "| {} Eips created at once ({} requests in flight) | {:.1} s | |",
+        n + args.samples,
         args.parallel,
-        created.as_secs_f64()
+        eips_created.as_secs_f64()
     );
-    println!("| same, until all Ready and in the kernel | {:.1} s | < 10 s |", all_ready.as_secs_f64());
-    println!(
-        "| create-to-programmed of one Eip + FloatingIp with {} objects present, p50 | {:.0} ms | |",
-        2 * args.fips + 5,
-        pct(0.5)
-    );
+    println!("| same, until all have an address and are Ready | {:.1} s | |", eips_ready.as_secs_f64());
+    println!("| {n} FloatingIps created at once | {:.1} s | |", fips_created.as_secs_f64());
+    println!("| same, until all Ready and in the kernel | {:.1} s | < 10 s |", fips_ready.as_secs_f64());
+    println!("| create-to-programmed of one FloatingIp with {total} objects present, p50 | {:.0} ms | |", pct(0.5));
     println!("| same, p99 of {} | {:.0} ms | < 500 ms |", args.samples, pct(0.99));
-    c.abort();
-    a.abort();
+    for (name, c) in [("controller", &controller), ("agent", &agent)] {
+        let (rss, peak) = c.memory()?;
+        println!("| {name} memory, now / peak | {rss:.0} / {peak:.0} MB | < 150 MB |");
+    }
     Ok(())
+}
+
+/// A natgw process, killed when the benchmark ends.
+struct Child(std::process::Child);
+
+impl Child {
+    /// Resident and peak resident memory, in MB.
+    fn memory(&self) -> Result<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
+        let kb = |key: &str| -> Result<f64> {
+            let line = status.lines().find(|l| l.starts_with(key));
+            let n = line.and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse::<f64>().ok());
+            n.ok_or_else(|| anyhow::anyhow!("no {key} in /proc status: has the process died?"))
+        };
+        Ok((kb("VmRSS:")? / 1024.0, kb("VmHWM:")? / 1024.0))
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
