@@ -93,6 +93,39 @@ enum Command {
         #[arg(long, env = "NATGW_AGENT_IMAGE")]
         agent_image: Option<String>,
     },
+    /// Run the node agent: Service egress SNAT for this node (see the
+    /// README's "Service egress"). Uses the in-cluster config or
+    /// KUBECONFIG; on SIGTERM removes its egress table unless
+    /// --keep-on-exit.
+    NodeAgent {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Network namespace path or name under /run/netns (tests); the
+        /// agent's own namespace (hostNetwork) without it.
+        #[arg(long)]
+        netns: Option<String>,
+        /// Pod CIDRs, comma-separated; overrides discovery from Node.spec.podCIDRs.
+        #[arg(long, env = "NATGW_POD_CIDRS")]
+        pod_cidrs: Option<String>,
+        /// Service CIDRs, comma-separated; overrides discovery from ServiceCIDR objects.
+        #[arg(long, env = "NATGW_SERVICE_CIDRS")]
+        service_cidrs: Option<String>,
+        /// Leave the egress table in place on exit (a planned restart).
+        #[arg(long, env = "NATGW_KEEP_ON_EXIT")]
+        keep_on_exit: bool,
+        /// Drop outside-bound traffic of an egress Service's pods until
+        /// their SNAT is programmed.
+        #[arg(long, env = "NATGW_FAIL_CLOSED")]
+        fail_closed: bool,
+        /// Translate to a VIP even when this node does not hold it (for
+        /// announcers that never put the VIP on an interface).
+        #[arg(long)]
+        no_vip_check: bool,
+        /// Where /readyz and /metrics are served.
+        #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9476")]
+        health_addr: std::net::SocketAddr,
+    },
     /// The demo and test topology of network namespaces.
     Lab {
         #[command(subcommand)]
@@ -157,6 +190,19 @@ fn main() -> ExitCode {
             agent_image,
         }),
         Command::Agent { gateway, netns } => agent(gateway, netns),
+        Command::NodeAgent {
+            node,
+            netns,
+            pod_cidrs,
+            service_cidrs,
+            keep_on_exit,
+            fail_closed,
+            no_vip_check,
+            health_addr,
+        } => node_agent(
+            NodeAgentArgs { node, netns, pod_cidrs, service_cidrs, keep_on_exit, fail_closed, no_vip_check },
+            health_addr,
+        ),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
                 print!("{y}");
@@ -244,6 +290,42 @@ fn agent(gateway: String, netns: Option<String>) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
         natgw_agent::run(client, gateway, netns, stop_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+struct NodeAgentArgs {
+    node: String,
+    netns: Option<String>,
+    pod_cidrs: Option<String>,
+    service_cidrs: Option<String>,
+    keep_on_exit: bool,
+    fail_closed: bool,
+    no_vip_check: bool,
+}
+
+fn node_agent(a: NodeAgentArgs, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    use natgw_node_agent::cidrs;
+    let parse =
+        |flag: &str, v: Option<String>| v.map(|v| cidrs::parse(flag, &v)).transpose().map_err(anyhow::Error::msg);
+    let overrides = cidrs::Overrides {
+        pod_cidrs: parse(cidrs::POD_FLAG, a.pod_cidrs)?,
+        service_cidrs: parse(cidrs::SERVICE_FLAG, a.service_cidrs)?,
+    };
+    let config = natgw_node_agent::Config {
+        node: a.node,
+        netns: a.netns,
+        overrides,
+        keep_on_exit: a.keep_on_exit,
+        fail_closed: a.fail_closed,
+        vip_check: !a.no_vip_check,
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(health_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--health-addr {health_addr}: {e}"))?;
+        let client = kube::Client::try_default().await?;
+        natgw_node_agent::run(client, config, Some(listener), stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -5,6 +5,7 @@
 
 pub mod conntrack;
 pub mod ctpolicy;
+pub mod egress;
 mod engine;
 pub mod garp;
 pub mod link;

@@ -1,0 +1,317 @@
+//! The egress table `ip natgw_egress` on a node: fixed rules, and sets and
+//! maps that hold everything that varies (a packet costs one lookup per
+//! rule; an update touches only the changed elements). The table exists
+//! only while there is something to translate or hold, so a node without
+//! egress holds no natgw state at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use natgw_plan::EgressTables;
+
+use crate::conntrack::Conntrack;
+use crate::nft::{self, NftError};
+use crate::{SyncError, netns};
+
+pub const TABLE: &str = "natgw_egress";
+
+/// What one sync did.
+#[derive(Clone, Debug, Default)]
+pub struct EgressReport {
+    pub changed: bool,
+    /// The table was written whole (first sync, resync, or after a failure).
+    pub full: bool,
+    pub statements: usize,
+    pub conntrack_deleted: usize,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Known {
+    /// Not known (start, or after a failed transaction): write it whole.
+    Unknown,
+    Absent,
+    Present(EgressTables),
+}
+
+/// A node's network namespace, driven from a dedicated thread.
+pub struct Egress {
+    worker: netns::NetnsWorker,
+    /// What the last successful transaction left in the kernel.
+    mirror: Mutex<Known>,
+}
+
+type Elements = BTreeMap<&'static str, BTreeMap<String, Option<String>>>;
+
+/// Each set and map as `key -> value` text, the way nft spells them.
+fn elements(t: &EgressTables) -> Elements {
+    let range = |a: &Ipv4Addr, b: &Ipv4Addr| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    let mut e: Elements = BTreeMap::new();
+    let mut put = |set: &'static str, k: String, v: Option<String>| drop(e.entry(set).or_default().insert(k, v));
+    for (a, b) in &t.cluster_nets {
+        put("cluster_nets", range(a, b), None);
+    }
+    for (pod, vip) in &t.snat_all {
+        put("snat_all", pod.to_string(), Some(vip.to_string()));
+    }
+    for ((pod, proto, port), vip) in &t.snat_ports {
+        put("snat_ports", format!("{pod} . {proto} . {port}"), Some(vip.to_string()));
+    }
+    for pod in &t.allow_only {
+        put("allow_only", pod.to_string(), None);
+    }
+    for (pod, (a, b)) in &t.allow {
+        put("allow", format!("{pod} . {}", range(a, b)), None);
+    }
+    for (pod, (a, b)) in &t.deny {
+        put("deny", format!("{pod} . {}", range(a, b)), None);
+    }
+    for pod in &t.hold {
+        put("hold", pod.to_string(), None);
+    }
+    e
+}
+
+fn element(k: &str, v: &Option<String>) -> String {
+    match v {
+        Some(v) => format!("{k} : {v}"),
+        None => k.to_string(),
+    }
+}
+
+/// Statements per line stay bounded.
+const CHUNK: usize = 2000;
+
+fn emit(s: &mut String, verb: &str, set: &str, items: &[String]) -> usize {
+    for chunk in items.chunks(CHUNK) {
+        let _ = writeln!(s, "{verb} element ip {TABLE} {set} {{ {} }}", chunk.join(", "));
+    }
+    items.len().div_ceil(CHUNK)
+}
+
+/// The whole table, replacing whatever is there, in one transaction.
+pub fn full_script(t: &EgressTables) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
+    s.push_str("  comment \"owned by natgw node-agent: changes by hand are reverted\"\n");
+    s.push_str("  set cluster_nets { type ipv4_addr; flags interval; }\n");
+    s.push_str("  map snat_all { type ipv4_addr : ipv4_addr; }\n");
+    s.push_str("  map snat_ports { type ipv4_addr . inet_proto . inet_service : ipv4_addr; }\n");
+    s.push_str("  set allow_only { type ipv4_addr; }\n");
+    s.push_str("  set allow { type ipv4_addr . ipv4_addr; flags interval; }\n");
+    s.push_str("  set deny { type ipv4_addr . ipv4_addr; flags interval; }\n");
+    s.push_str("  set hold { type ipv4_addr; }\n");
+    // Before the usual srcnat chains (CNI masquerade at 100): the first NAT
+    // chain that binds wins.
+    s.push_str("  chain postrouting {\n    type nat hook postrouting priority srcnat - 1; policy accept;\n");
+    s.push_str("    ip daddr @cluster_nets return\n");
+    s.push_str("    ip saddr . ip daddr @deny return\n");
+    s.push_str("    ip saddr @allow_only ip saddr . ip daddr != @allow return\n");
+    s.push_str("    snat ip to ip saddr . meta l4proto . th dport map @snat_ports\n");
+    s.push_str("    snat ip to ip saddr map @snat_all\n  }\n");
+    s.push_str("  chain forward {\n    type filter hook forward priority filter - 1; policy accept;\n");
+    s.push_str("    ip saddr @hold ip daddr != @cluster_nets counter drop\n  }\n}\n");
+    for (set, items) in elements(t) {
+        let items: Vec<String> = items.iter().map(|(k, v)| element(k, v)).collect();
+        emit(&mut s, "add", set, &items);
+    }
+    s
+}
+
+/// Only the elements that differ; empty when nothing does. A changed map
+/// value is a delete and an add in the same transaction.
+pub fn diff_script(have: &EgressTables, want: &EgressTables) -> String {
+    let (h, w) = (elements(have), elements(want));
+    let mut s = String::new();
+    let none = BTreeMap::new();
+    let sets: BTreeSet<&'static str> = h.keys().chain(w.keys()).copied().collect();
+    for set in &sets {
+        let (hs, ws) = (h.get(set).unwrap_or(&none), w.get(set).unwrap_or(&none));
+        let gone: Vec<String> = hs.iter().filter(|(k, v)| ws.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+        emit(&mut s, "delete", set, &gone);
+    }
+    for set in &sets {
+        let (hs, ws) = (h.get(set).unwrap_or(&none), w.get(set).unwrap_or(&none));
+        let new: Vec<String> = ws.iter().filter(|(k, v)| hs.get(*k) != Some(*v)).map(|(k, v)| element(k, v)).collect();
+        emit(&mut s, "add", set, &new);
+    }
+    s
+}
+
+/// Pods whose translation or hold differs between two states.
+fn moved(have: &EgressTables, want: &EgressTables) -> BTreeSet<Ipv4Addr> {
+    have.pods()
+        .union(&want.pods())
+        .filter(|p| have.vip_of(**p) != want.vip_of(**p) || have.hold.contains(p) != want.hold.contains(p))
+        .copied()
+        .collect()
+}
+
+/// Deletes the flows of `pods` toward outside `nets`: their next packet
+/// takes the rules now in force (or none).
+fn sweep(pods: &BTreeSet<Ipv4Addr>, nets: &[(Ipv4Addr, Ipv4Addr)]) -> Result<usize, SyncError> {
+    if pods.is_empty() {
+        return Ok(0);
+    }
+    let ct = Conntrack::open()?;
+    let stale: Vec<_> = ct
+        .dump()?
+        .into_iter()
+        .filter(|d| {
+            let o = d.entry.orig;
+            pods.contains(&o.src) && !nets.iter().any(|(a, b)| *a <= o.dst && o.dst <= *b)
+        })
+        .collect();
+    Ok(ct.delete(&stale)?)
+}
+
+fn table_exists() -> Result<bool, NftError> {
+    let out =
+        std::process::Command::new("nft").args(["list", "table", "ip", TABLE]).output().map_err(NftError::Spawn)?;
+    Ok(out.status.success())
+}
+
+fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {
+    let start = Instant::now();
+    let mut report = EgressReport::default();
+    let empty = EgressTables::default();
+    let have = match mirror {
+        Known::Present(t) if !full => Some(t),
+        _ => None,
+    };
+    let next = if want.is_idle() {
+        if *mirror != Known::Absent || full {
+            report.changed = table_exists()?;
+            nft::apply(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+            report.full = true;
+        }
+        Known::Absent
+    } else {
+        let script = match have {
+            Some(h) => diff_script(h, want),
+            None => {
+                report.full = true;
+                full_script(want)
+            }
+        };
+        if !script.is_empty() {
+            report.statements = script.lines().count();
+            report.changed = true;
+            nft::apply(&script)?;
+        }
+        Known::Present(want.clone())
+    };
+    // Flows of pods whose translation changed, and at a full write, of
+    // every pod either side knows of (the kernel may hold anything).
+    let before = match mirror {
+        Known::Present(t) => t,
+        _ => &empty,
+    };
+    let mut pods = moved(before, want);
+    if report.full {
+        pods.extend(want.pods());
+    }
+    let nets = if want.cluster_nets.is_empty() { &before.cluster_nets } else { &want.cluster_nets };
+    report.conntrack_deleted = sweep(&pods, nets)?;
+    report.duration = start.elapsed();
+    Ok((next, report))
+}
+
+impl Egress {
+    /// Opens the namespace at `netns` (a path, or a name under /run/netns),
+    /// or the current one with `None`.
+    pub fn open(netns: Option<&str>) -> Result<Self, SyncError> {
+        let path: Option<PathBuf> = netns.map(netns::netns_path);
+        Ok(Egress { worker: netns::NetnsWorker::start(path)?, mirror: Mutex::new(Known::Unknown) })
+    }
+
+    fn run(&self, want: &EgressTables, full: bool) -> Result<EgressReport, SyncError> {
+        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        let have = mirror.clone();
+        let want = want.clone();
+        match self.worker.run(move || converge(&have, &want, full))? {
+            Ok((next, report)) => {
+                *mirror = next;
+                Ok(report)
+            }
+            Err(e) => {
+                // The kernel may hold anything now: the next sync writes whole.
+                *mirror = Known::Unknown;
+                Err(e)
+            }
+        }
+    }
+
+    /// The kernel ends up holding exactly `want`, changing only what
+    /// differs from the previous sync.
+    pub fn sync(&self, want: &EgressTables) -> Result<EgressReport, SyncError> {
+        self.run(want, false)
+    }
+
+    /// Writes the table whole, repairing anything changed behind natgw's
+    /// back. Run it periodically.
+    pub fn resync(&self, want: &EgressTables) -> Result<EgressReport, SyncError> {
+        self.run(want, true)
+    }
+
+    /// Removes the table and the flows it translated.
+    pub fn teardown(&self) -> Result<EgressReport, SyncError> {
+        let report = self.run(&EgressTables::default(), false)?;
+        Ok(report)
+    }
+
+    /// Whether the egress table exists.
+    pub fn present(&self) -> Result<bool, SyncError> {
+        Ok(self.worker.run(table_exists)??)
+    }
+
+    /// The IPv4 addresses of the namespace's interfaces (which VIPs this
+    /// node holds).
+    pub fn local_addresses(&self) -> Result<BTreeSet<Ipv4Addr>, SyncError> {
+        let list = self.worker.run(|| -> Result<BTreeSet<Ipv4Addr>, std::io::Error> {
+            let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+            Ok(addrs
+                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .filter(|ip: &Ipv4Addr| !ip.is_loopback())
+                .collect())
+        })?;
+        list.map_err(|e| SyncError::Conntrack(crate::conntrack::ConntrackError::Io(e)))
+    }
+
+    /// Runs any closure inside the namespace (tests, tools).
+    pub fn in_ns<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, SyncError> {
+        Ok(self.worker.run(f)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natgw_api::Protocol;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_changed_vip_is_a_delete_and_an_add() {
+        let mut a = EgressTables::default();
+        a.snat_all.insert(ip("10.0.0.5"), ip("192.0.2.10"));
+        let mut b = a.clone();
+        b.snat_all.insert(ip("10.0.0.5"), ip("192.0.2.11"));
+        b.snat_ports.insert((ip("10.0.0.6"), Protocol::Tcp, 443), ip("192.0.2.10"));
+        let s = diff_script(&a, &b);
+        assert_eq!(
+            s,
+            "delete element ip natgw_egress snat_all { 10.0.0.5 }\n\
+             add element ip natgw_egress snat_all { 10.0.0.5 : 192.0.2.11 }\n\
+             add element ip natgw_egress snat_ports { 10.0.0.6 . tcp . 443 : 192.0.2.10 }\n"
+        );
+        assert_eq!(diff_script(&b, &b), "");
+        assert_eq!(moved(&a, &b), [ip("10.0.0.5"), ip("10.0.0.6")].into());
+    }
+}

@@ -1,0 +1,377 @@
+//! The node agent: Service egress SNAT for one node. Level-triggered on
+//! Services, EndpointSlices, Pods, Nodes and ServiceCIDRs: every round
+//! computes the whole egress table from the caches and converges the
+//! kernel in one transaction. Missing cluster CIDRs program nothing and
+//! say so (log, Event, metric, readiness); on SIGTERM the agent removes
+//! what it owns unless told to keep it.
+
+pub mod cidrs;
+pub mod health;
+pub mod service;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use natgw_dataplane::egress::Egress;
+use natgw_plan::{EgressInput, EgressTables, ServiceState, plan_egress};
+
+pub use natgw_dataplane::egress::TABLE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sync(#[from] natgw_dataplane::SyncError),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name (the Node object).
+    pub node: String,
+    /// Namespace to program (tests); `None` is the agent's own (hostNetwork).
+    pub netns: Option<String>,
+    pub overrides: cidrs::Overrides,
+    /// Leave the egress table in place on SIGTERM (a planned restart).
+    pub keep_on_exit: bool,
+    /// Drop outside-bound traffic of a Service's pods until their SNAT is in.
+    pub fail_closed: bool,
+    /// Translate only to VIPs this node holds (off for announcers that do
+    /// not put the VIP on an interface).
+    pub vip_check: bool,
+}
+
+/// How often the kernel is written whole, repairing hand edits.
+const RESYNC: Duration = Duration::from_secs(30);
+/// How often the VIPs this node holds are looked at again.
+const TICK: Duration = Duration::from_secs(1);
+
+type Errors = Arc<Mutex<BTreeMap<&'static str, String>>>;
+
+/// A cache of kind K; a failing watch leaves its reason in `errors`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    errors: Errors,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> (Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    let fut = async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            let mut e = errors.lock().unwrap_or_else(|p| p.into_inner());
+            match ev {
+                Ok(_) => drop(e.remove(kind)),
+                Err(err) => {
+                    tracing::warn!(kind, error = %err, "watch failed");
+                    e.insert(kind, err.to_string());
+                }
+            }
+            let _ = tx.try_send(());
+        }
+    };
+    (reader, fut)
+}
+
+fn ready<K>(store: &Store<K>) -> bool
+where
+    K: reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // Polled, never awaited: see natgw_controller::is_ready.
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+struct Caches {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pods: Option<Store<Pod>>,
+    nodes: Option<Store<Node>>,
+    service_cidrs: Option<Store<ServiceCIDR>>,
+    errors: Errors,
+}
+
+impl Caches {
+    fn error(&self, kind: &str) -> Option<String> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned()
+    }
+
+    /// A list the agent cannot do without, or why it is missing.
+    fn discovered<K, T>(&self, store: &Option<Store<K>>, kind: &str, f: impl Fn(&K) -> Vec<T>) -> Result<Vec<T>, String>
+    where
+        K: reflector::Lookup<DynamicType = ()> + Clone + 'static,
+    {
+        let Some(store) = store else { return Ok(Vec::new()) };
+        if !ready(store) {
+            return Err(self.error(kind).unwrap_or_else(|| format!("{kind} not listed yet")));
+        }
+        Ok(store.state().iter().flat_map(|o| f(o)).collect())
+    }
+}
+
+/// What a round found besides the plan.
+struct Round {
+    input: Result<EgressInput, String>,
+    invalid: Vec<service::ServiceError>,
+}
+
+fn gather(c: &Caches, cfg: &Config, local_vips: Option<std::collections::BTreeSet<std::net::Ipv4Addr>>) -> Round {
+    for (kind, ok) in [("Service", ready(&c.services)), ("EndpointSlice", ready(&c.slices))] {
+        if !ok {
+            let why = c.error(kind).unwrap_or_else(|| format!("{kind}s not listed yet"));
+            return Round { input: Err(format!("cannot list {kind}s: {why}")), invalid: vec![] };
+        }
+    }
+    let pods = c.discovered(&c.nodes, "Node", |n: &Node| {
+        cidrs::v4(n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default())
+    });
+    let services = c.discovered(&c.service_cidrs, "ServiceCIDR", |s: &ServiceCIDR| {
+        cidrs::v4(s.spec.as_ref().and_then(|s| s.cidrs.clone()).unwrap_or_default())
+    });
+    let nets = match cidrs::resolve(&cfg.overrides, cidrs::Discovered { pod_cidrs: pods, service_cidrs: services }) {
+        Ok(n) => n,
+        Err(e) => return Round { input: Err(e), invalid: vec![] },
+    };
+    let selected: Vec<Arc<Pod>> = match &c.pods {
+        Some(p) if ready(p) => p.state(),
+        Some(_) => {
+            let why = c.error("Pod").unwrap_or_else(|| "Pods not listed yet".into());
+            return Round { input: Err(format!("fail-closed needs this node's Pods: {why}")), invalid: vec![] };
+        }
+        None => Vec::new(),
+    };
+    let pods: Vec<&Pod> = selected.iter().map(|p| &**p).collect();
+    let slices = c.slices.state();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+    let mut input = EgressInput { cluster_nets: nets, local_vips, services: vec![], fail_closed: cfg.fail_closed };
+    let mut invalid = Vec::new();
+    for s in c.services.state().iter().filter(|s| service::wants_egress(s)) {
+        match service::egress_service(s, &slices, &pods, &cfg.node) {
+            Ok(e) => input.services.push(e),
+            Err(e) => invalid.push(e),
+        }
+    }
+    Round { input: Ok(input), invalid }
+}
+
+/// Publishes each distinct warning once, on the object it is about.
+struct Warnings {
+    recorder: Recorder,
+    said: HashMap<String, String>,
+}
+
+impl Warnings {
+    async fn say(&mut self, about: ObjectReference, key: String, reason: &str, message: String) {
+        if self.said.get(&key) == Some(&message) {
+            return;
+        }
+        tracing::warn!(object = %key, reason, "{message}");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(message.clone()),
+            action: "ProgramEgress".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &about).await {
+            tracing::warn!(error = %e, "cannot publish Event");
+        }
+        self.said.insert(key, message);
+    }
+}
+
+fn node_ref(node: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.into()),
+        ..Default::default()
+    }
+}
+
+fn service_ref(key: &str) -> ObjectReference {
+    let (ns, name) = key.split_once('/').unwrap_or(("", key));
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// Runs the node agent until `shutdown`; `health` serves /readyz and
+/// /metrics when given.
+pub async fn run(
+    client: Client,
+    cfg: Config,
+    health: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let ns = cfg.netns.clone();
+    let egress = Arc::new(
+        tokio::task::spawn_blocking(move || Egress::open(ns.as_deref()))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??,
+    );
+    let errors: Errors = Arc::default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let all = watcher::Config::default();
+    let (services, w1) = watch(Api::<Service>::all(client.clone()), all.clone(), "Service", errors.clone(), tx.clone());
+    let (slices, w2) =
+        watch(Api::<EndpointSlice>::all(client.clone()), all.clone(), "EndpointSlice", errors.clone(), tx.clone());
+    // Only what is needed is watched, so RBAC can be exact.
+    let (pods, w3) = if cfg.fail_closed {
+        let mine = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node));
+        let (s, f) = watch(Api::<Pod>::all(client.clone()), mine, "Pod", errors.clone(), tx.clone());
+        (Some(s), futures::future::Either::Left(f))
+    } else {
+        (None, futures::future::Either::Right(std::future::ready(())))
+    };
+    let (nodes, w4) = if cfg.overrides.pod_cidrs.is_none() {
+        let (s, f) = watch(Api::<Node>::all(client.clone()), all.clone(), "Node", errors.clone(), tx.clone());
+        (Some(s), futures::future::Either::Left(f))
+    } else {
+        (None, futures::future::Either::Right(std::future::ready(())))
+    };
+    let (service_cidrs, w5) = if cfg.overrides.service_cidrs.is_none() {
+        let (s, f) = watch(Api::<ServiceCIDR>::all(client.clone()), all, "ServiceCIDR", errors.clone(), tx.clone());
+        (Some(s), futures::future::Either::Left(f))
+    } else {
+        (None, futures::future::Either::Right(std::future::ready(())))
+    };
+    let caches = Caches { services, slices, pods, nodes, service_cidrs, errors };
+    let shared: health::Shared = Arc::default();
+    let server = {
+        let shared = shared.clone();
+        async move {
+            match health {
+                Some(l) => health::serve(l, shared).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let watches = async {
+        futures::join!(w1, w2, w3, w4, w5);
+    };
+    let reporter = Reporter { controller: "natgw-node-agent".into(), instance: Some(cfg.node.clone()) };
+    let mut warnings = Warnings { recorder: Recorder::new(client.clone(), reporter), said: HashMap::new() };
+    let work = async {
+        let mut last_full: Option<Instant> = None;
+        loop {
+            let local = if cfg.vip_check {
+                let e = egress.clone();
+                match tokio::task::spawn_blocking(move || e.local_addresses()).await {
+                    Ok(Ok(a)) => Some(a),
+                    Ok(Err(e)) => {
+                        Some(Default::default()).inspect(|_| tracing::warn!(error = %e, "cannot read addresses"))
+                    }
+                    Err(e) => Some(Default::default()).inspect(|_| tracing::warn!(error = %e, "cannot read addresses")),
+                }
+            } else {
+                None
+            };
+            let round = gather(&caches, &cfg, local);
+            let full = last_full.is_none_or(|t| t.elapsed() >= RESYNC);
+            let (tables, not_ready, plan) = match &round.input {
+                Ok(input) => {
+                    let plan = plan_egress(input);
+                    (plan.tables.clone(), None, Some(plan))
+                }
+                Err(why) => (EgressTables::default(), Some(format!("egress is not programmed: {why}")), None),
+            };
+            if let Some(why) = &not_ready {
+                warnings
+                    .say(node_ref(&cfg.node), format!("Node/{}", cfg.node), "EgressNotProgrammed", why.clone())
+                    .await;
+            } else {
+                warnings.said.remove(&format!("Node/{}", cfg.node));
+            }
+            for e in &round.invalid {
+                warnings.say(service_ref(&e.service), e.service.clone(), "InvalidEgress", e.to_string()).await;
+            }
+            if let Some(plan) = &plan {
+                for (svc, why) in &plan.conflicts {
+                    warnings.say(service_ref(svc), format!("conflict {why}"), "EgressConflict", why.clone()).await;
+                }
+            }
+            let e = egress.clone();
+            let t = tables.clone();
+            let result = tokio::task::spawn_blocking(move || if full { e.resync(&t) } else { e.sync(&t) }).await;
+            {
+                let mut h = shared.lock().unwrap_or_else(|p| p.into_inner());
+                h.cidrs_known = round.input.is_ok();
+                h.services_invalid = round.invalid.len();
+                h.services_programmed = plan
+                    .as_ref()
+                    .map(|p| p.services.values().filter(|s| matches!(s, ServiceState::Programmed { .. })).count())
+                    .unwrap_or(0);
+                h.pods_translated = tables.snat_all.len()
+                    + tables.snat_ports.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len();
+                h.pods_held = tables.hold.len();
+                h.not_ready = not_ready;
+                match result {
+                    Ok(Ok(report)) => {
+                        h.syncs_ok += 1;
+                        h.last_sync_seconds = report.duration.as_secs_f64();
+                        if full {
+                            last_full = Some(Instant::now());
+                        }
+                        if report.changed {
+                            tracing::info!(
+                                ms = report.duration.as_millis() as u64,
+                                statements = report.statements,
+                                conntrack = report.conntrack_deleted,
+                                translated = h.pods_translated,
+                                held = h.pods_held,
+                                "egress synced"
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        h.syncs_failed += 1;
+                        h.not_ready = Some(format!("egress sync failed: {e}"));
+                        tracing::error!(error = %e, "egress sync failed; retrying");
+                    }
+                    Err(e) => {
+                        h.syncs_failed += 1;
+                        h.not_ready = Some(format!("egress sync failed: {e}"));
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(TICK, rx.recv()).await;
+        }
+    };
+    tokio::select! {
+        _ = watches => {}
+        _ = work => {}
+        _ = server => {}
+        _ = shutdown => {}
+    }
+    if cfg.keep_on_exit {
+        tracing::info!("keeping the egress table for the next start (--keep-on-exit)");
+        return Ok(());
+    }
+    let e = egress.clone();
+    let report = tokio::task::spawn_blocking(move || e.teardown()).await.map_err(|e| Error::Other(e.to_string()))??;
+    tracing::info!(conntrack = report.conntrack_deleted, "egress removed");
+    Ok(())
+}

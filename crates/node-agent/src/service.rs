@@ -1,0 +1,213 @@
+//! A Service, its EndpointSlices and Pods, as this node's egress sees them
+//! (pure). Every annotation is checked; a bad one is an error that names
+//! it, and the Service is left out rather than guessed at.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use natgw_api::Protocol;
+use natgw_plan::EgressService;
+
+/// `"true"` turns egress on for a Service of type LoadBalancer.
+pub const EGRESS: &str = "natgw.io/egress";
+/// `tcp:443,udp:53`: translate only these destination ports.
+pub const PORTS: &str = "natgw.io/egress-ports";
+/// `203.0.113.0/24,198.51.100.7/32`: translate only toward these.
+pub const ALLOWED: &str = "natgw.io/egress-allowed-networks";
+/// Never translate toward these.
+pub const DENIED: &str = "natgw.io/egress-denied-networks";
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Service {service}: {field}: {reason}")]
+pub struct ServiceError {
+    pub service: String,
+    /// The annotation or field at fault.
+    pub field: String,
+    pub reason: String,
+}
+
+pub fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// Whether the Service asks for egress at all.
+pub fn wants_egress(s: &Service) -> bool {
+    s.metadata.annotations.as_ref().and_then(|a| a.get(EGRESS)).is_some_and(|v| v == "true")
+}
+
+fn parse_list<T>(
+    svc: &str,
+    field: &str,
+    value: Option<&String>,
+    one: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ServiceError> {
+    let Some(value) = value else { return Ok(Vec::new()) };
+    value
+        .split(',')
+        .map(str::trim)
+        .map(|item| {
+            one(item).map_err(|reason| ServiceError {
+                service: svc.to_string(),
+                field: format!("annotation {field}"),
+                reason: format!("{item:?}: {reason}"),
+            })
+        })
+        .collect()
+}
+
+fn port(item: &str) -> Result<(Protocol, u16), String> {
+    let (proto, port) = item.split_once(':').ok_or("expected PROTOCOL:PORT, e.g. tcp:443")?;
+    let proto = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => return Err(format!("protocol {other:?} is neither tcp nor udp")),
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((proto, p)),
+        _ => Err(format!("port {port:?} is not between 1 and 65535")),
+    }
+}
+
+fn net(item: &str) -> Result<Ipv4Net, String> {
+    let n: Ipv4Net = item.parse().map_err(|_| "not an IPv4 CIDR such as 203.0.113.0/24".to_string())?;
+    if n.trunc() != n {
+        return Err("host bits are set".into());
+    }
+    Ok(n)
+}
+
+/// The VIP: `status.loadBalancer.ingress[].ip`, else `spec.loadBalancerIP`.
+pub fn vip(s: &Service) -> Option<Ipv4Addr> {
+    let ingress = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let from_status = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.parse().ok()).next();
+    from_status.or_else(|| s.spec.as_ref()?.load_balancer_ip.as_deref()?.parse().ok())
+}
+
+/// The egress of one annotated Service on `node`.
+pub fn egress_service(
+    s: &Service,
+    slices: &[&EndpointSlice],
+    pods: &[&Pod],
+    node: &str,
+) -> Result<EgressService, ServiceError> {
+    let ns = s.metadata.namespace.clone().unwrap_or_default();
+    let name = key(&ns, s.metadata.name.as_deref().unwrap_or_default());
+    let spec = s.spec.clone().unwrap_or_default();
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind != "LoadBalancer" {
+        return Err(ServiceError {
+            service: name,
+            field: "spec.type".into(),
+            reason: format!("is {kind}: {EGRESS} needs type LoadBalancer"),
+        });
+    }
+    let annotations = s.metadata.annotations.clone().unwrap_or_default();
+    let ports = parse_list(&name, PORTS, annotations.get(PORTS), port)?;
+    let allowed = parse_list(&name, ALLOWED, annotations.get(ALLOWED), net)?;
+    let denied = parse_list(&name, DENIED, annotations.get(DENIED), net)?;
+    let own = s.metadata.name.as_deref();
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        let labels = slice.metadata.labels.as_ref();
+        if slice.metadata.namespace.as_deref() != Some(ns.as_str())
+            || labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) != own
+            || slice.address_type != "IPv4"
+        {
+            continue;
+        }
+        for e in &slice.endpoints {
+            // A missing ready condition means ready (EndpointSlice API).
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if ready && e.node_name.as_deref() == Some(node) {
+                endpoints.extend(e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()));
+            }
+        }
+    }
+    let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
+    let selected = pods
+        .iter()
+        .filter(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && !selector.is_empty()
+                && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+        })
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+        .collect();
+    Ok(EgressService { name, vip: vip(s), ports, allowed, denied, endpoints, selected })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(annotations: serde_json::Value) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web", "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "selector": {"app": "web"}, "loadBalancerIP": "192.0.2.9"},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}},
+        }))
+        .unwrap()
+    }
+
+    fn slice(node: &str, ip: &str, ready: Option<bool>) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-1", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn reads_vip_ports_networks_and_local_ready_endpoints() {
+        let s = service(serde_json::json!({EGRESS: "true", PORTS: "tcp:443, udp:53", DENIED: "198.51.100.0/24"}));
+        let slices = [
+            slice("a", "10.244.1.5", None),
+            slice("b", "10.244.2.5", Some(true)),
+            slice("a", "10.244.1.6", Some(false)),
+        ];
+        let e = egress_service(&s, &slices.iter().collect::<Vec<_>>(), &[], "a").unwrap();
+        assert_eq!(e.name, "shop/web");
+        assert_eq!(e.vip, Some("192.0.2.10".parse().unwrap()), "status wins over spec.loadBalancerIP");
+        assert_eq!(e.ports, vec![(Protocol::Tcp, 443), (Protocol::Udp, 53)]);
+        assert_eq!(e.endpoints, vec!["10.244.1.5".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(e.denied.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_annotation_names_itself() {
+        for (ann, value, words) in [
+            (PORTS, "tcp:0", "between 1 and 65535"),
+            (PORTS, "sctp:5", "neither tcp nor udp"),
+            (PORTS, "443", "PROTOCOL:PORT"),
+            (ALLOWED, "203.0.113.1/24", "host bits"),
+            (DENIED, "fe80::/10", "IPv4 CIDR"),
+        ] {
+            let err = egress_service(&service(serde_json::json!({EGRESS: "true", ann: value})), &[], &[], "a")
+                .expect_err(value);
+            assert_eq!(err.field, format!("annotation {ann}"));
+            assert!(err.to_string().contains(words), "{err}");
+        }
+    }
+
+    #[test]
+    fn only_load_balancers() {
+        let mut s = service(serde_json::json!({EGRESS: "true"}));
+        s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert_eq!(egress_service(&s, &[], &[], "a").unwrap_err().field, "spec.type");
+    }
+
+    #[test]
+    fn the_vip_falls_back_to_spec_load_balancer_ip() {
+        let mut s = service(serde_json::json!({EGRESS: "true"}));
+        s.status = None;
+        assert_eq!(vip(&s), Some("192.0.2.9".parse().unwrap()));
+    }
+}

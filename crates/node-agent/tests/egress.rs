@@ -1,0 +1,374 @@
+//! Service egress end to end: a real kube-apiserver, the node agent under
+//! exactly deploy/rbac.yaml, real packets. The lab's gateway namespace is
+//! the node, int1 and int2 are its pods, ext1 is outside the cluster.
+//! No kube-controller-manager runs, so the tests write the Nodes, Services,
+//! EndpointSlices and Pods themselves.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use natgw_lab::traffic::{tcp_server, tcp_source};
+use natgw_lab::{EXT1_IP, INT1_IP, INT2_IP, Lab};
+use natgw_node_agent::{Config, cidrs, health};
+use natgw_testenv::{TestEnv, apply_yaml};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const NODE_IP: &str = "198.51.100.2";
+const VIP: &str = "198.51.100.200";
+/// A pod on another node, reached through ext1.
+const REMOTE_POD: &str = "10.78.0.5";
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn sh(ns: &str, args: &[&str]) {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The node: its own address and the VIP on ext0, forwarding on, and a
+/// CNI-style masquerade for pod traffic leaving the cluster.
+fn node(lab: &Lab) {
+    let gw = lab.ns("gw");
+    sh(&gw, &["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "ext0"]);
+    sh(&gw, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "ext0"]);
+    sh(&gw, &["ip", "route", "add", "10.78.0.0/24", "via", EXT1_IP]);
+    sh(&gw, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    sh(
+        &gw,
+        &[
+            "nft",
+            "add table ip cni; add chain ip cni post { type nat hook postrouting priority srcnat; }; add rule ip cni post oifname ext0 ip daddr != 10.0.0.0/8 masquerade",
+        ],
+    );
+    let ext1 = lab.ns("ext1");
+    sh(&ext1, &["ip", "addr", "add", &format!("{REMOTE_POD}/32"), "dev", "eth0"]);
+    sh(&ext1, &["ip", "route", "add", "10.77.0.0/24", "via", NODE_IP]);
+}
+
+fn egress_table(lab: &Lab) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("gw"), "nft", "list", "table", "ip", natgw_node_agent::TABLE])
+        .output()
+        .unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+struct Agent {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), natgw_node_agent::Error>>,
+    health: SocketAddr,
+}
+
+impl Agent {
+    async fn start(client: Client, lab: &Lab, tweak: impl FnOnce(&mut Config)) -> Agent {
+        let mut cfg = Config {
+            node: "node-a".into(),
+            netns: Some(lab.ns("gw")),
+            overrides: cidrs::Overrides::default(),
+            keep_on_exit: false,
+            fail_closed: false,
+            vip_check: true,
+        };
+        tweak(&mut cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(natgw_node_agent::run(client, cfg, Some(listener), async move {
+            let _ = rx.await;
+        }));
+        Agent { stop: Some(tx), task, health }
+    }
+
+    /// SIGTERM: a graceful stop.
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = &mut self.task;
+        tokio::time::timeout(Duration::from_secs(20), task).await.expect("agent stops").unwrap().unwrap();
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let (addr, path) = (self.health, path.to_string());
+        tokio::task::spawn_blocking(move || health::get(addr, &path)).await.unwrap().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The source ext1 sees for a connection from a pod, or None if it fails.
+async fn source(lab: &Lab, pod: &str, dst: &str, port: u16) -> Option<Ipv4Addr> {
+    let (ns, dst) = (lab.ns(pod), ip(dst));
+    tokio::task::spawn_blocking(move || tcp_source(&ns, dst, port).ok()).await.unwrap()
+}
+
+async fn setup(
+    prefix: &str,
+    pod_cidr: Option<&str>,
+) -> (Lab, TestEnv, Client, Client, Vec<natgw_lab::traffic::Server>) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let lab = Lab::up(prefix).unwrap();
+    node(&lab);
+    let servers = vec![
+        tcp_server(&lab.ns("ext1"), ip(EXT1_IP), 8080).unwrap(),
+        tcp_server(&lab.ns("ext1"), ip(EXT1_IP), 8443).unwrap(),
+        tcp_server(&lab.ns("ext1"), ip(REMOTE_POD), 8080).unwrap(),
+    ];
+    let env = TestEnv::start().await.expect("control plane");
+    let admin = env.install_natgw(&natgw_api::crds()).await.unwrap();
+    let node_a = match pod_cidr {
+        Some(c) => format!("spec:\n  podCIDRs: [\"{c}\"]"),
+        None => "spec: {}".to_string(),
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\n{node_a}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {{name: node-b}}\nspec:\n  podCIDRs: [\"10.78.0.0/24\"]\n"
+    );
+    apply_yaml(&admin, &yaml).await.unwrap();
+    let agent = env.natgw_client("natgw-node-agent").await.unwrap();
+    (lab, env, admin, agent, servers)
+}
+
+/// An annotated LoadBalancer Service `web` with the VIP in its status.
+async fn web_service(admin: &Client, annotations: &[(&str, &str)]) {
+    let mut ann = serde_json::Map::new();
+    ann.insert("natgw.io/egress".into(), "true".into());
+    for (k, v) in annotations {
+        ann.insert(k.to_string(), (*v).into());
+    }
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop", "annotations": ann},
+        "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "selector": {"app": "web"},
+                 "ports": [{"port": 80, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    let api: Api<Service> = Api::namespaced(admin.clone(), "shop");
+    api.create(&Default::default(), &svc).await.unwrap();
+    let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": VIP}]}}});
+    api.patch_status("web", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+}
+
+/// The EndpointSlice of `web`: (address, node) pairs, all ready.
+async fn endpoints(admin: &Client, eps: &[(&str, &str)]) {
+    let list: Vec<serde_json::Value> = eps
+        .iter()
+        .map(|(a, n)| serde_json::json!({"addresses": [a], "nodeName": n, "conditions": {"ready": true}}))
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": list,
+        "ports": [{"port": 80, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    let api: Api<EndpointSlice> = Api::namespaced(admin.clone(), "shop");
+    api.patch("web-1", &PatchParams::apply("test").force(), &Patch::Apply(&slice)).await.unwrap();
+}
+
+async fn annotate(admin: &Client, key: &str, value: Option<&str>) {
+    let api: Api<Service> = Api::namespaced(admin.clone(), "shop");
+    let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+    api.patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_egress_service_leaves_with_its_vip_other_pods_with_the_node_ip() {
+    let (lab, _env, admin, client, _servers) = setup("neg1", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, Some(ip(NODE_IP)), "other pods: the node IP");
+    // Pod and service CIDRs are never translated.
+    assert_eq!(source(&lab, "int1", REMOTE_POD, 8080).await, Some(ip(INT1_IP)), "a pod on another node");
+    let table = egress_table(&lab).unwrap();
+    assert!(
+        table.contains("10.0.0.0/24") && table.contains("10.77.0.0/24") && table.contains("10.78.0.0/24"),
+        "{table}"
+    );
+    assert_eq!(agent.get("/readyz").await.0, 200);
+    assert!(agent.get("/metrics").await.1.contains("natgw_egress_pods{state=\"translated\"} 1"));
+
+    // Destination ports.
+    annotate(&admin, "natgw.io/egress-ports", Some("tcp:8443")).await;
+    eventually("only tcp:8443 translated", || async {
+        source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(NODE_IP))
+            && source(&lab, "int1", EXT1_IP, 8443).await == Some(ip(VIP))
+    })
+    .await;
+    annotate(&admin, "natgw.io/egress-ports", None).await;
+    // Denied and allowed networks.
+    annotate(&admin, "natgw.io/egress-denied-networks", Some("198.51.100.1/32")).await;
+    eventually("a denied network is not translated", || async {
+        source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(NODE_IP))
+    })
+    .await;
+    annotate(&admin, "natgw.io/egress-denied-networks", None).await;
+    annotate(&admin, "natgw.io/egress-allowed-networks", Some("203.0.113.0/24")).await;
+    eventually("outside the allowed networks, no translation", || async {
+        source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(NODE_IP))
+    })
+    .await;
+    annotate(&admin, "natgw.io/egress-allowed-networks", Some("198.51.100.0/24")).await;
+    eventually("inside them, the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
+
+    // A bad annotation: a Warning naming it, and the Service is left out.
+    annotate(&admin, "natgw.io/egress-ports", Some("tcp:http")).await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), "shop");
+    eventually("an InvalidEgress Event naming the annotation", || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("InvalidEgress")
+                && e.note.as_deref().is_some_and(|n| n.contains("annotation natgw.io/egress-ports"))
+        })
+    })
+    .await;
+    eventually("nothing left for the invalid Service", || async { egress_table(&lab).is_none() }).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_rules_follow_endpoints_across_pods_and_nodes() {
+    let (lab, _env, admin, client, _servers) = setup("neg2", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    eventually("int1 with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
+    endpoints(&admin, &[(INT2_IP, "node-a")]).await;
+    eventually("the endpoint moved to int2", || async {
+        source(&lab, "int2", EXT1_IP, 8080).await == Some(ip(VIP))
+            && source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(NODE_IP))
+    })
+    .await;
+    endpoints(&admin, &[(INT2_IP, "node-b")]).await;
+    eventually("moved to another node: nothing here", || async { egress_table(&lab).is_none() }).await;
+    assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, Some(ip(NODE_IP)));
+    // The VIP moves away from this node: no translation to it.
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    eventually("back", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
+    sh(&lab.ns("gw"), &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "ext0"]);
+    eventually("the VIP left this node", || async { egress_table(&lab).is_none() }).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn deletion_annotation_removal_and_sigterm_leave_nothing() {
+    let (lab, _env, admin, client, _servers) = setup("neg3", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client.clone(), &lab, |_| {}).await;
+    eventually("programmed", || async { egress_table(&lab).is_some() }).await;
+    annotate(&admin, "natgw.io/egress", None).await;
+    eventually("annotation removed: no table", || async { egress_table(&lab).is_none() }).await;
+    annotate(&admin, "natgw.io/egress", Some("true")).await;
+    eventually("programmed again", || async { egress_table(&lab).is_some() }).await;
+    let services: Api<Service> = Api::namespaced(admin.clone(), "shop");
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    eventually("Service deleted: no table", || async { egress_table(&lab).is_none() }).await;
+    web_service(&admin, &[]).await;
+    eventually("programmed again", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
+    agent.stop().await;
+    assert!(egress_table(&lab).is_none(), "SIGTERM removes the table");
+    assert_eq!(source(&lab, "int1", EXT1_IP, 8080).await, Some(ip(NODE_IP)));
+
+    // --keep-on-exit keeps it over a planned restart; the next start
+    // removes what is no longer wanted.
+    let agent = Agent::start(client.clone(), &lab, |c| c.keep_on_exit = true).await;
+    eventually("programmed", || async { egress_table(&lab).is_some() }).await;
+    agent.stop().await;
+    assert!(egress_table(&lab).is_some(), "kept on exit");
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    eventually("the restarted agent removes the unwanted table", || async { egress_table(&lab).is_none() }).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn undiscoverable_cidrs_are_loud_and_program_nothing() {
+    // No Node has podCIDRs (node-b, which has, is deleted first).
+    let (lab, _env, admin, client, _servers) = setup("neg4", None).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    nodes.delete("node-b", &DeleteParams::default()).await.unwrap();
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client.clone(), &lab, |_| {}).await;
+    eventually("readiness fails naming the flag", || async {
+        let (code, body) = agent.get("/readyz").await;
+        code == 503 && body.contains("no pod CIDR") && body.contains("--pod-cidrs (NATGW_POD_CIDRS)")
+    })
+    .await;
+    assert!(agent.get("/metrics").await.1.contains("natgw_egress_cidrs_known 0"));
+    let events: Api<Event> = Api::all(admin.clone());
+    eventually("a Warning Event on the Node", || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("EgressNotProgrammed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-a")
+        })
+    })
+    .await;
+    assert!(egress_table(&lab).is_none(), "no guessed defaults, no rules");
+    assert_eq!(source(&lab, "int1", EXT1_IP, 8080).await, Some(ip(NODE_IP)));
+    agent.stop().await;
+
+    // The explicit flag overrides discovery.
+    let agent =
+        Agent::start(client, &lab, |c| c.overrides.pod_cidrs = Some(cidrs::parse("t", "10.77.0.0/16").unwrap())).await;
+    eventually("with --pod-cidrs, the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    assert_eq!(agent.get("/readyz").await.0, 200);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn fail_closed_drops_until_programmed_then_passes() {
+    let (lab, _env, admin, client, _servers) = setup("neg5", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    // A pod of the Service on this node, not (yet) an endpoint.
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "web:1"}]},
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    pods.create(&Default::default(), &pod).await.unwrap();
+    let status = serde_json::json!({"status": {"podIP": INT2_IP, "podIPs": [{"ip": INT2_IP}]}});
+    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let agent = Agent::start(client, &lab, |c| c.fail_closed = true).await;
+    eventually("the pod is held", || async { egress_table(&lab).is_some_and(|t| t.contains(INT2_IP)) }).await;
+    assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, None, "dropped, never the node IP");
+    assert_eq!(source(&lab, "int2", REMOTE_POD, 8080).await, Some(ip(INT2_IP)), "inside the cluster: untouched");
+    assert_eq!(source(&lab, "int1", EXT1_IP, 8080).await, Some(ip(NODE_IP)), "other pods: untouched");
+    endpoints(&admin, &[(INT2_IP, "node-a")]).await;
+    eventually("ready: it leaves with the VIP", || async {
+        source(&lab, "int2", EXT1_IP, 8080).await == Some(ip(VIP))
+    })
+    .await;
+    assert!(agent.get("/metrics").await.1.contains("natgw_egress_pods{state=\"held\"} 0"));
+    agent.stop().await;
+}
