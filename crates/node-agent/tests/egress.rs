@@ -210,7 +210,7 @@ async fn an_egress_service_leaves_with_its_vip_other_pods_with_the_node_ip() {
     assert_eq!(source(&lab, "int1", REMOTE_POD, 8080).await, Some(ip(INT1_IP)), "a pod on another node");
     let table = egress_table(&lab).unwrap();
     assert!(
-        table.contains("10.0.0.0/24") && table.contains("10.77.0.0/24") && table.contains("10.78.0.0/24"),
+        table.contains("10.0.0.0/16") && table.contains("10.77.0.0/24") && table.contains("10.78.0.0/24"),
         "{table}"
     );
     assert_eq!(agent.get("/readyz").await.0, 200);

@@ -108,7 +108,7 @@ impl TestEnv {
                 .arg(format!("--tls-cert-file={}", d("apiserver.crt")))
                 .arg(format!("--tls-private-key-file={}", d("apiserver.key")))
                 .arg(format!("--client-ca-file={}", d("ca.crt")))
-                .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+                .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/16"])
                 .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
                 .arg(format!("--service-account-key-file={}", d("sa.pub")))
                 .arg(format!("--service-account-signing-key-file={}", d("sa.key")))
