@@ -17,8 +17,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use natgw_api::*;
 use natgw_controller::{FINALIZER as CONTROLLER_FINALIZER, Kind};
@@ -58,14 +58,7 @@ fn watch<K: Kind>(
     config: watcher::Config,
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> (Store<K>, impl std::future::Future<Output = ()>) {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(Api::<K>::all(client.clone()), config)
-        .default_backoff()
-        // Field ownership is the API server's business, and most of an
-        // object's bytes.
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
+    let (reader, stream) = natgw_controller::cached(Api::<K>::all(client.clone()), config);
     let fut = async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {

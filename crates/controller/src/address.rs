@@ -109,9 +109,7 @@ impl Book {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Claims) -> T) -> Option<T> {
-        let m = self.cell.get()?;
-        let mut guard = m.lock().unwrap_or_else(|p| p.into_inner());
-        Some(f(&mut guard))
+        Some(f(&mut lock(self.cell.get()?)))
     }
 }
 

@@ -387,15 +387,28 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-/// A controller of kind K whose cache leaves out managedFields: most of
-/// an object's bytes, and never read here.
-fn primary<K: Kind>(client: &Client) -> Controller<K> {
+/// A cache of `api` and the stream of its changed objects. The cache
+/// leaves out managedFields: most of an object's bytes, and never read by
+/// natgw. Shared by the controller and both agents.
+pub fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let (reader, writer) = kube::runtime::reflector::store();
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+    let stream = watcher(api, config)
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(|o| o.meta_mut().managed_fields = None)
         .reflect(writer)
         .applied_objects();
+    (reader, stream)
+}
+
+/// A controller of kind K over a cache without managedFields.
+fn primary<K: Kind>(client: &Client) -> Controller<K> {
+    let (reader, stream) = cached(Api::<K>::all(client.clone()), watcher::Config::default());
     Controller::for_stream(stream, reader)
 }
 

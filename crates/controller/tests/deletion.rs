@@ -82,6 +82,19 @@ where
     natgw_testenv::create(client, &obj).await.unwrap();
 }
 
+/// Vpc `v`, external Subnet `ext` and NatGateway `gw`.
+async fn gateway(admin: &Client) {
+    create(admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    create(
+        admin,
+        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
+    )
+    .await;
+    let gw =
+        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
+    create(admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+}
+
 fn blocked_message(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> Option<String> {
     conditions.iter().find(|c| c.type_ == "DeletionBlocked" && c.status == "True").map(|c| c.message.clone())
 }
@@ -144,15 +157,7 @@ async fn a_vpc_with_subnets_waits_and_a_restarted_controller_collects_nothing_li
 async fn an_eip_in_use_waits_for_its_rules() {
     let (_env, admin, controller_client) = setup().await;
     let _controller = start(controller_client);
-    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
-    create(
-        &admin,
-        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
-    )
-    .await;
-    let gw =
-        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
-    create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+    gateway(&admin).await;
     create(&admin, object::<Eip>("Eip", "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.10"}))).await;
     create(&admin, object::<FloatingIp>("FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})))
         .await;
@@ -275,15 +280,7 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
 async fn a_rule_is_bound_to_the_gateway_of_its_eip() {
     let (_env, admin, controller_client) = setup().await;
     let _controller = start(controller_client);
-    create(
-        &admin,
-        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
-    )
-    .await;
-    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
-    let gw =
-        serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
-    create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
+    gateway(&admin).await;
     let fips: Api<FloatingIp> = Api::all(admin.clone());
     let eips: Api<Eip> = Api::all(admin.clone());
     let label = |l: &std::collections::BTreeMap<String, String>| l.get(GATEWAY_LABEL).cloned();

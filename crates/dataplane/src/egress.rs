@@ -49,7 +49,7 @@ type Elements = BTreeMap<&'static str, BTreeMap<String, Option<String>>>;
 
 /// Each set and map as `key -> value` text, the way nft spells them.
 fn elements(t: &EgressTables) -> Elements {
-    let range = |a: &Ipv4Addr, b: &Ipv4Addr| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    let range = |a: &Ipv4Addr, b: &Ipv4Addr| nft::range(*a, *b);
     let mut e: Elements = BTreeMap::new();
     let mut put = |set: &'static str, k: String, v: Option<String>| drop(e.entry(set).or_default().insert(k, v));
     for (a, b) in &t.cluster_nets {
@@ -83,14 +83,8 @@ fn element(k: &str, v: &Option<String>) -> String {
     }
 }
 
-/// Statements per line stay bounded.
-const CHUNK: usize = 2000;
-
-fn emit(s: &mut String, verb: &str, set: &str, items: &[String]) -> usize {
-    for chunk in items.chunks(CHUNK) {
-        let _ = writeln!(s, "{verb} element ip {TABLE} {set} {{ {} }}", chunk.join(", "));
-    }
-    items.len().div_ceil(CHUNK)
+fn emit(s: &mut String, verb: &str, set: &str, items: &[String]) {
+    nft::element_lines(s, verb, TABLE, set, items);
 }
 
 /// The whole table, replacing whatever is there, in one transaction.
@@ -260,8 +254,7 @@ impl Egress {
 
     /// Removes the table and the flows it translated.
     pub fn teardown(&self) -> Result<EgressReport, SyncError> {
-        let report = self.run(&EgressTables::default(), false)?;
-        Ok(report)
+        self.run(&EgressTables::default(), false)
     }
 
     /// Whether the egress table exists.
@@ -279,7 +272,7 @@ impl Egress {
                 .filter(|ip: &Ipv4Addr| !ip.is_loopback())
                 .collect())
         })?;
-        list.map_err(|e| SyncError::Conntrack(crate::conntrack::ConntrackError::Io(e)))
+        list.map_err(SyncError::Addresses)
     }
 
     /// Runs any closure inside the namespace (tests, tools).

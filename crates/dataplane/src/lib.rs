@@ -33,6 +33,8 @@ pub enum SyncError {
     Conntrack(#[from] conntrack::ConntrackError),
     #[error("cannot enable net.ipv4.ip_forward: {0}")]
     Sysctl(std::io::Error),
+    #[error("cannot list the interfaces' addresses: {0}")]
+    Addresses(std::io::Error),
 }
 
 /// What one sync changed.

@@ -163,8 +163,14 @@ fn delete_map_elements<K: Ord, V: PartialEq>(
     key: impl Fn(&K) -> String,
 ) {
     let gone: Vec<String> = have.iter().filter(|(k, v)| want.get(*k) != Some(*v)).map(|(k, _)| key(k)).collect();
-    for chunk in gone.chunks(CHUNK) {
-        let _ = writeln!(s, "delete element {FAMILY} {TABLE} {map} {{ {} }}", chunk.join(", "));
+    element_lines(s, "delete", TABLE, map, &gone);
+}
+
+/// `add element` / `delete element` statements for `items` of one set or
+/// map, in lines of bounded length.
+pub(crate) fn element_lines(s: &mut String, verb: &str, table: &str, set: &str, items: &[String]) {
+    for chunk in items.chunks(CHUNK) {
+        let _ = writeln!(s, "{verb} element {FAMILY} {table} {set} {{ {} }}", chunk.join(", "));
     }
 }
 
@@ -175,11 +181,7 @@ fn add_elements(s: &mut String, have: &NatTables, want: &NatTables) {
     ) -> impl Iterator<Item = (&'a K, &'a V)> {
         want.iter().filter(move |(k, v)| have.get(*k) != Some(*v))
     }
-    let mut emit = |map: &str, items: Vec<String>| {
-        for chunk in items.chunks(CHUNK) {
-            let _ = writeln!(s, "add element {FAMILY} {TABLE} {map} {{ {} }}", chunk.join(", "));
-        }
-    };
+    let mut emit = |map: &str, items: Vec<String>| element_lines(s, "add", TABLE, map, &items);
     emit("fip_dnat", added(&have.fip_dnat, &want.fip_dnat).map(|(k, v)| format!("{k} : {v}")).collect());
     emit("fip_snat", added(&have.fip_snat, &want.fip_snat).map(|(k, v)| format!("{k} : {v}")).collect());
     emit(
@@ -196,7 +198,8 @@ fn add_elements(s: &mut String, have: &NatTables, want: &NatTables) {
     }
 }
 
-fn range(first: Ipv4Addr, last: Ipv4Addr) -> String {
+/// An inclusive range as nft spells it: `a-b`, or `a` alone.
+pub(crate) fn range(first: Ipv4Addr, last: Ipv4Addr) -> String {
     if first == last { first.to_string() } else { format!("{first}-{last}") }
 }
 

@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::OptionFuture;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
+use natgw_controller::is_ready as ready;
 use natgw_dataplane::egress::Egress;
 use natgw_plan::{EgressInput, EgressTables, ServiceState, plan_egress};
 
@@ -62,18 +64,14 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: &'static str,
-    errors: Errors,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> (Store<K>, impl std::future::Future<Output = ()>)
+    errors: &Errors,
+    tx: &tokio::sync::mpsc::Sender<()>,
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
+    let (reader, stream) = natgw_controller::cached(api, config);
+    let (errors, tx) = (errors.clone(), tx.clone());
     let fut = async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
@@ -91,13 +89,13 @@ where
     (reader, fut)
 }
 
-fn ready<K>(store: &Store<K>) -> bool
-where
-    K: reflector::Lookup + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    // Polled, never awaited: see natgw_controller::is_ready.
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+/// A watch that runs only when wanted: what is not needed is not watched,
+/// so RBAC can be exact.
+fn optional<S, F>(w: Option<(S, F)>) -> (Option<S>, OptionFuture<F>) {
+    match w {
+        Some((store, fut)) => (Some(store), Some(fut).into()),
+        None => (None, None.into()),
+    }
 }
 
 struct Caches {
@@ -234,30 +232,21 @@ pub async fn run(
     );
     let errors: Errors = Arc::default();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let all = watcher::Config::default();
-    let (services, w1) = watch(Api::<Service>::all(client.clone()), all.clone(), "Service", errors.clone(), tx.clone());
-    let (slices, w2) =
-        watch(Api::<EndpointSlice>::all(client.clone()), all.clone(), "EndpointSlice", errors.clone(), tx.clone());
-    // Only what is needed is watched, so RBAC can be exact.
-    let (pods, w3) = if cfg.fail_closed {
-        let mine = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node));
-        let (s, f) = watch(Api::<Pod>::all(client.clone()), mine, "Pod", errors.clone(), tx.clone());
-        (Some(s), futures::future::Either::Left(f))
-    } else {
-        (None, futures::future::Either::Right(std::future::ready(())))
-    };
-    let (nodes, w4) = if cfg.overrides.pod_cidrs.is_none() {
-        let (s, f) = watch(Api::<Node>::all(client.clone()), all.clone(), "Node", errors.clone(), tx.clone());
-        (Some(s), futures::future::Either::Left(f))
-    } else {
-        (None, futures::future::Either::Right(std::future::ready(())))
-    };
-    let (service_cidrs, w5) = if cfg.overrides.service_cidrs.is_none() {
-        let (s, f) = watch(Api::<ServiceCIDR>::all(client.clone()), all, "ServiceCIDR", errors.clone(), tx.clone());
-        (Some(s), futures::future::Either::Left(f))
-    } else {
-        (None, futures::future::Either::Right(std::future::ready(())))
-    };
+    let all = watcher::Config::default;
+    let (services, w1) = watch(Api::<Service>::all(client.clone()), all(), "Service", &errors, &tx);
+    let (slices, w2) = watch(Api::<EndpointSlice>::all(client.clone()), all(), "EndpointSlice", &errors, &tx);
+    let mine = all().fields(&format!("spec.nodeName={}", cfg.node));
+    let (pods, w3) =
+        optional(cfg.fail_closed.then(|| watch(Api::<Pod>::all(client.clone()), mine, "Pod", &errors, &tx)));
+    let (nodes, w4) = optional(
+        cfg.overrides.pod_cidrs.is_none().then(|| watch(Api::<Node>::all(client.clone()), all(), "Node", &errors, &tx)),
+    );
+    let (service_cidrs, w5) = optional(
+        cfg.overrides
+            .service_cidrs
+            .is_none()
+            .then(|| watch(Api::<ServiceCIDR>::all(client.clone()), all(), "ServiceCIDR", &errors, &tx)),
+    );
     let caches = Caches { services, slices, pods, nodes, service_cidrs, errors };
     let shared: health::Shared = Arc::default();
     let server = {
@@ -279,13 +268,13 @@ pub async fn run(
         loop {
             let local = if cfg.vip_check {
                 let e = egress.clone();
-                match tokio::task::spawn_blocking(move || e.local_addresses()).await {
-                    Ok(Ok(a)) => Some(a),
-                    Ok(Err(e)) => {
-                        Some(Default::default()).inspect(|_| tracing::warn!(error = %e, "cannot read addresses"))
-                    }
-                    Err(e) => Some(Default::default()).inspect(|_| tracing::warn!(error = %e, "cannot read addresses")),
-                }
+                let read = tokio::task::spawn_blocking(move || e.local_addresses()).await;
+                let addrs = read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+                // Unreadable addresses: hold no VIP, translate nothing.
+                Some(addrs.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read this node's addresses");
+                    Default::default()
+                }))
             } else {
                 None
             };
