@@ -319,6 +319,7 @@ fn node_agent(a: NodeAgentArgs, health_addr: std::net::SocketAddr) -> anyhow::Re
         keep_on_exit: a.keep_on_exit,
         fail_closed: a.fail_closed,
         vip_check: !a.no_vip_check,
+        resync: natgw_node_agent::RESYNC,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(health_addr)

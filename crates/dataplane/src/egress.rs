@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
+use crate::ctpolicy::CtEntry;
 use crate::nft::{self, NftError};
 use crate::{SyncError, netns};
 
@@ -136,31 +137,47 @@ pub fn diff_script(have: &EgressTables, want: &EgressTables) -> String {
     s
 }
 
-/// Pods whose translation or hold differs between two states.
-fn moved(have: &EgressTables, want: &EgressTables) -> BTreeSet<Ipv4Addr> {
-    have.pods()
-        .union(&want.pods())
-        .filter(|p| have.vip_of(**p) != want.vip_of(**p) || have.hold.contains(p) != want.hold.contains(p))
-        .copied()
-        .collect()
+/// Whether a flow must go because its translation is not the one the
+/// table now gives it (pure). `vips`: every address natgw translated to,
+/// now or before (the mirror, the kernel's table at a full write, the
+/// plan). A flow keeps running exactly when the plan would translate it
+/// the same way again, so a periodic full write never cuts a connection.
+pub fn is_stale(e: &CtEntry, want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> bool {
+    let (o, r) = (e.orig, e.reply);
+    if want.cluster_nets.iter().any(|(a, b)| *a <= o.dst && o.dst <= *b) {
+        return false;
+    }
+    if want.hold.contains(&o.src) {
+        return true;
+    }
+    let have = (r.dst != o.src).then_some(r.dst);
+    match want.translation(o.src, e.proto, o.dst, o.dport) {
+        Some(vip) => have != Some(vip),
+        // Untranslated or masqueraded by someone else: not natgw's.
+        None => have.is_some_and(|a| vips.contains(&a)),
+    }
 }
 
-/// Deletes the flows of `pods` toward outside `nets`: their next packet
-/// takes the rules now in force (or none).
-fn sweep(pods: &BTreeSet<Ipv4Addr>, nets: &[(Ipv4Addr, Ipv4Addr)]) -> Result<usize, SyncError> {
-    if pods.is_empty() {
-        return Ok(0);
-    }
+/// Deletes the flows `is_stale` picks; their next packet takes the rules
+/// now in force (or none).
+fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncError> {
     let ct = Conntrack::open()?;
-    let stale: Vec<_> = ct
-        .dump()?
-        .into_iter()
-        .filter(|d| {
-            let o = d.entry.orig;
-            pods.contains(&o.src) && !nets.iter().any(|(a, b)| *a <= o.dst && o.dst <= *b)
-        })
-        .collect();
+    let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, want, vips)).collect();
     Ok(ct.delete(&stale)?)
+}
+
+/// The addresses the kernel's egress table translates to (empty without
+/// a table): what an earlier instance may have left flows behind with.
+fn kernel_vips() -> Result<BTreeSet<Ipv4Addr>, NftError> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "ip", TABLE])
+        .output()
+        .map_err(NftError::Spawn)?;
+    if !out.status.success() {
+        return Ok(BTreeSet::new());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Parse(e.to_string()))?;
+    Ok(nft::map_values(&v, &["snat_all", "snat_ports"]))
 }
 
 fn table_exists() -> Result<bool, NftError> {
@@ -172,7 +189,15 @@ fn table_exists() -> Result<bool, NftError> {
 fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {
     let start = Instant::now();
     let mut report = EgressReport::default();
-    let empty = EgressTables::default();
+    // Read before the table is replaced: after a crash, only the kernel
+    // knows which VIPs the old instance used.
+    let mut vips = want.vips();
+    if let Known::Present(t) = mirror {
+        vips.extend(t.vips());
+    }
+    if full || *mirror == Known::Unknown {
+        vips.extend(kernel_vips()?);
+    }
     let have = match mirror {
         Known::Present(t) if !full => Some(t),
         _ => None,
@@ -199,18 +224,9 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
         }
         Known::Present(want.clone())
     };
-    // Flows of pods whose translation changed, and at a full write, of
-    // every pod either side knows of (the kernel may hold anything).
-    let before = match mirror {
-        Known::Present(t) => t,
-        _ => &empty,
-    };
-    let mut pods = moved(before, want);
-    if report.full {
-        pods.extend(want.pods());
+    if report.changed || report.full {
+        report.conntrack_deleted = sweep(want, &vips)?;
     }
-    let nets = if want.cluster_nets.is_empty() { &before.cluster_nets } else { &want.cluster_nets };
-    report.conntrack_deleted = sweep(&pods, nets)?;
     report.duration = start.elapsed();
     Ok((next, report))
 }
@@ -305,6 +321,33 @@ mod tests {
              add element ip natgw_egress snat_ports { 10.0.0.6 . tcp . 443 : 192.0.2.10 }\n"
         );
         assert_eq!(diff_script(&b, &b), "");
-        assert_eq!(moved(&a, &b), [ip("10.0.0.5"), ip("10.0.0.6")].into());
+    }
+
+    fn flow(proto: u8, pod: &str, dst: &str, dport: u16, seen_as: &str) -> CtEntry {
+        use crate::ctpolicy::Tuple;
+        CtEntry {
+            proto,
+            orig: Tuple { src: ip(pod), dst: ip(dst), sport: 40000, dport },
+            reply: Tuple { src: ip(dst), dst: ip(seen_as), sport: dport, dport: 40000 },
+        }
+    }
+
+    #[test]
+    fn item1_a_correctly_translated_flow_is_never_stale() {
+        let mut t = EgressTables::default();
+        t.snat_all.insert(ip("10.0.0.5"), ip("192.0.2.10"));
+        t.cluster_nets = vec![(ip("10.0.0.0"), ip("10.0.255.255"))];
+        let vips: BTreeSet<Ipv4Addr> = [ip("192.0.2.10"), ip("192.0.2.11")].into();
+        assert!(!is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.10"), &t, &vips));
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.11"), &t, &vips), "wrong VIP");
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "10.0.0.5"), &t, &vips), "bypassed the rule");
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "198.51.100.2"), &t, &vips), "masqueraded");
+        assert!(!is_stale(&flow(6, "10.0.0.5", "10.0.1.9", 443, "10.0.0.5"), &t, &vips), "inside the cluster");
+        // A pod natgw does not translate: only flows through natgw's VIPs go.
+        assert!(is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "192.0.2.11"), &t, &vips), "no longer translated");
+        assert!(!is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips), "CNI masquerade");
+        assert!(!is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "10.0.0.6"), &t, &vips), "untranslated");
+        t.hold.insert(ip("10.0.0.6"));
+        assert!(is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips), "held pod");
     }
 }

@@ -282,6 +282,21 @@ pub fn parse_table(v: &Value) -> Result<KernelTable, NftError> {
     Ok(t)
 }
 
+/// The IPv4 values of the named maps in `nft -j` output.
+pub fn map_values(v: &Value, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
+    let items = v.get("nftables").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    items
+        .iter()
+        .filter_map(|i| i.get("map"))
+        .filter(|m| maps.contains(&str_of(m, "name").as_str()))
+        .flat_map(|m| m.get("elem").and_then(Value::as_array).cloned().unwrap_or_default())
+        .filter_map(|e| {
+            let e = e.get("elem").and_then(|x| x.get("val")).cloned().unwrap_or(e);
+            pair(&e).ok().and_then(|(_, v)| ip(v).ok())
+        })
+        .collect()
+}
+
 fn str_of(v: &Value, key: &str) -> String {
     v.get(key).and_then(Value::as_str).unwrap_or("").to_string()
 }

@@ -23,7 +23,9 @@ pub fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static
 }
 
 /// A server that answers every TCP connection or UDP datagram with
-/// `from <peer ip>:<peer port>\n`, then echoes TCP lines back.
+/// `from <peer ip>:<peer port>\n`, then echoes TCP lines back. A line
+/// `after MS TEXT` is answered with `TEXT` after MS milliseconds of
+/// silence: the server writes first after an idle period.
 pub struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -70,7 +72,14 @@ fn serve_tcp(mut conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if conn.write_all(line.as_bytes()).is_err() {
+                let reply = match line.strip_prefix("after ").and_then(|r| r.split_once(' ')) {
+                    Some((ms, text)) => {
+                        thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                        text.to_string()
+                    }
+                    None => line.clone(),
+                };
+                if conn.write_all(reply.as_bytes()).is_err() {
                     return;
                 }
                 line.clear();
@@ -115,6 +124,43 @@ impl Conn {
         }
         if line.trim_end() == text { Ok(()) } else { Err(io_err(format!("echo mismatch: {line:?}"))) }
     }
+
+    /// Asks the server to answer only after `idle`, then waits for the
+    /// answer: the connection stays silent in both directions meanwhile.
+    pub fn answer_after(&mut self, idle: Duration, text: &str) -> std::io::Result<()> {
+        writeln!(self.stream, "after {} {text}", idle.as_millis())?;
+        self.stream.set_read_timeout(Some(idle + TIMEOUT))?;
+        let mut line = String::new();
+        let read = self.reader.read_line(&mut line);
+        self.stream.set_read_timeout(Some(TIMEOUT))?;
+        if read? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "closed"));
+        }
+        if line.trim_end() == text { Ok(()) } else { Err(io_err(format!("answer mismatch: {line:?}"))) }
+    }
+}
+
+/// A UDP socket in a namespace that keeps its port: every datagram it
+/// sends to one server belongs to the same flow (5-tuple).
+pub struct UdpFlow {
+    sock: UdpSocket,
+}
+
+impl UdpFlow {
+    pub fn open(ns: &str, dst: Ipv4Addr, port: u16) -> std::io::Result<UdpFlow> {
+        let sock = in_ns(ns, || UdpSocket::bind("0.0.0.0:0"))??;
+        sock.set_read_timeout(Some(TIMEOUT))?;
+        sock.connect(SocketAddrV4::new(dst, port))?;
+        Ok(UdpFlow { sock })
+    }
+
+    /// Sends one datagram; the source address the server saw.
+    pub fn source(&self) -> std::io::Result<Ipv4Addr> {
+        self.sock.send(b"hello\n")?;
+        let mut buf = [0u8; 512];
+        let n = self.sock.recv(&mut buf)?;
+        source_ip(String::from_utf8_lossy(&buf[..n]).trim().trim_start_matches("from "))
+    }
 }
 
 /// Connects from `ns` to `dst:port`; returns the open connection.
@@ -135,13 +181,7 @@ pub fn tcp_source(ns: &str, dst: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Add
 
 /// The source address `dst:port` sees for a UDP datagram from `ns`.
 pub fn udp_source(ns: &str, dst: Ipv4Addr, port: u16) -> std::io::Result<Ipv4Addr> {
-    let sock = in_ns(ns, || UdpSocket::bind("0.0.0.0:0"))??;
-    sock.set_read_timeout(Some(TIMEOUT))?;
-    sock.connect(SocketAddrV4::new(dst, port))?;
-    sock.send(b"hello\n")?;
-    let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf)?;
-    source_ip(String::from_utf8_lossy(&buf[..n]).trim().trim_start_matches("from "))
+    UdpFlow::open(ns, dst, port)?.source()
 }
 
 fn source_ip(seen: &str) -> std::io::Result<Ipv4Addr> {

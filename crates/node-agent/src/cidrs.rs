@@ -33,8 +33,22 @@ pub struct Discovered {
     pub service_cidrs: Result<Vec<Ipv4Net>, String>,
 }
 
+/// The cluster's networks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNets {
+    pub pods: Vec<Ipv4Net>,
+    pub services: Vec<Ipv4Net>,
+}
+
+impl ClusterNets {
+    /// Pods and services together: never translated.
+    pub fn all(&self) -> Vec<Ipv4Net> {
+        self.pods.iter().chain(&self.services).copied().collect()
+    }
+}
+
 /// The cluster networks, or every reason they are unknown.
-pub fn resolve(o: &Overrides, d: Discovered) -> Result<Vec<Ipv4Net>, String> {
+pub fn resolve(o: &Overrides, d: Discovered) -> Result<ClusterNets, String> {
     let pick = |over: &Option<Vec<Ipv4Net>>, found: Result<Vec<Ipv4Net>, String>, what: &str, flag: &str| match over {
         Some(v) => Ok(v.clone()),
         None => match found {
@@ -47,10 +61,7 @@ pub fn resolve(o: &Overrides, d: Discovered) -> Result<Vec<Ipv4Net>, String> {
     let services =
         pick(&o.service_cidrs, d.service_cidrs, "service CIDR (networking.k8s.io/v1 ServiceCIDR)", SERVICE_FLAG);
     match (pods, services) {
-        (Ok(mut p), Ok(s)) => {
-            p.extend(s);
-            Ok(p)
-        }
+        (Ok(pods), Ok(services)) => Ok(ClusterNets { pods, services }),
         (Err(a), Err(b)) => Err(format!("{a}; {b}")),
         (Err(e), _) | (_, Err(e)) => Err(e),
     }
@@ -73,7 +84,7 @@ mod tests {
     fn flags_override_discovery() {
         let o = Overrides { pod_cidrs: Some(nets("10.1.0.0/16")), service_cidrs: None };
         let d = Discovered { pod_cidrs: Ok(nets("10.244.0.0/16")), service_cidrs: Ok(nets("10.96.0.0/12")) };
-        assert_eq!(resolve(&o, d).unwrap(), nets("10.1.0.0/16,10.96.0.0/12"));
+        assert_eq!(resolve(&o, d).unwrap().all(), nets("10.1.0.0/16,10.96.0.0/12"));
     }
 
     #[test]

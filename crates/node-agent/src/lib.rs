@@ -18,7 +18,6 @@ use futures::future::OptionFuture;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
@@ -50,10 +49,13 @@ pub struct Config {
     /// Translate only to VIPs this node holds (off for announcers that do
     /// not put the VIP on an interface).
     pub vip_check: bool,
+    /// How often the table is written whole, repairing hand edits
+    /// (`RESYNC` in production).
+    pub resync: Duration,
 }
 
-/// How often the kernel is written whole, repairing hand edits.
-const RESYNC: Duration = Duration::from_secs(30);
+/// How often the kernel is written whole by default.
+pub const RESYNC: Duration = Duration::from_secs(30);
 /// How often the VIPs this node holds are looked at again.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -125,18 +127,59 @@ impl Caches {
     }
 }
 
-/// What a round found besides the plan.
+/// What a round found.
+enum Gathered {
+    /// A cache has not listed yet: nothing may be judged, said or written.
+    NotListed(String),
+    /// Everything listed, but egress cannot be programmed; the reason.
+    Failed(String),
+    Ready(EgressInput),
+}
+
 struct Round {
-    input: Result<EgressInput, String>,
+    input: Gathered,
     invalid: Vec<service::ServiceError>,
 }
 
-fn gather(c: &Caches, cfg: &Config, local_vips: Option<std::collections::BTreeSet<std::net::Ipv4Addr>>) -> Round {
-    for (kind, ok) in [("Service", ready(&c.services)), ("EndpointSlice", ready(&c.slices))] {
-        if !ok {
-            let why = c.error(kind).unwrap_or_else(|| format!("{kind}s not listed yet"));
-            return Round { input: Err(format!("cannot list {kind}s: {why}")), invalid: vec![] };
+impl Caches {
+    /// Whether `kind`'s cache has listed; a cache whose watch fails is not
+    /// waited for silently: the failure is the reason.
+    fn listed<K>(&self, store: &Option<Store<K>>, kind: &str) -> Result<bool, String>
+    where
+        K: reflector::Lookup<DynamicType = ()> + Clone + 'static,
+    {
+        match store {
+            Some(s) if !ready(s) => match self.error(kind) {
+                Some(e) => Err(format!("cannot list {kind}s: {e}")),
+                None => Ok(false),
+            },
+            _ => Ok(true),
         }
+    }
+}
+
+fn gather(c: &Caches, cfg: &Config, local: &std::collections::BTreeSet<std::net::Ipv4Addr>) -> Round {
+    let failed = |why: String| Round { input: Gathered::Failed(why), invalid: vec![] };
+    let mut waiting = Vec::new();
+    let checks = [
+        ("Service", c.listed(&Some(c.services.clone()), "Service")),
+        ("EndpointSlice", c.listed(&Some(c.slices.clone()), "EndpointSlice")),
+        ("Pod", c.listed(&c.pods, "Pod")),
+        ("Node", c.listed(&c.nodes, "Node")),
+        ("ServiceCIDR", c.listed(&c.service_cidrs, "ServiceCIDR")),
+    ];
+    for (kind, listed) in checks {
+        match listed {
+            Ok(true) => {}
+            Ok(false) => waiting.push(kind),
+            // Failing discovery is reported by `resolve`, naming the flag.
+            Err(_) if kind == "Node" || kind == "ServiceCIDR" => {}
+            Err(e) => return failed(e),
+        }
+    }
+    if !waiting.is_empty() {
+        let why = format!("waiting for the first list of {}", waiting.join(", "));
+        return Round { input: Gathered::NotListed(why), invalid: vec![] };
     }
     let pods = c.discovered(&c.nodes, "Node", |n: &Node| {
         cidrs::v4(n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default())
@@ -146,20 +189,20 @@ fn gather(c: &Caches, cfg: &Config, local_vips: Option<std::collections::BTreeSe
     });
     let nets = match cidrs::resolve(&cfg.overrides, cidrs::Discovered { pod_cidrs: pods, service_cidrs: services }) {
         Ok(n) => n,
-        Err(e) => return Round { input: Err(e), invalid: vec![] },
+        Err(e) => return failed(e),
     };
-    let selected: Vec<Arc<Pod>> = match &c.pods {
-        Some(p) if ready(p) => p.state(),
-        Some(_) => {
-            let why = c.error("Pod").unwrap_or_else(|| "Pods not listed yet".into());
-            return Round { input: Err(format!("fail-closed needs this node's Pods: {why}")), invalid: vec![] };
-        }
-        None => Vec::new(),
-    };
+    let selected: Vec<Arc<Pod>> = c.pods.as_ref().map(|p| p.state()).unwrap_or_default();
     let pods: Vec<&Pod> = selected.iter().map(|p| &**p).collect();
     let slices = c.slices.state();
     let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-    let mut input = EgressInput { cluster_nets: nets, local_vips, services: vec![], fail_closed: cfg.fail_closed };
+    let mut input = EgressInput {
+        cluster_nets: nets.all(),
+        pod_nets: nets.pods,
+        node_addresses: local.clone(),
+        local_vips: cfg.vip_check.then(|| local.clone()),
+        services: vec![],
+        fail_closed: cfg.fail_closed,
+    };
     let mut invalid = Vec::new();
     for s in c.services.state().iter().filter(|s| service::wants_egress(s)) {
         match service::egress_service(s, &slices, &pods, &cfg.node) {
@@ -167,12 +210,15 @@ fn gather(c: &Caches, cfg: &Config, local_vips: Option<std::collections::BTreeSe
             Err(e) => invalid.push(e),
         }
     }
-    Round { input: Ok(input), invalid }
+    Round { input: Gathered::Ready(input), invalid }
 }
 
-/// Publishes each distinct warning once, on the object it is about.
+/// Publishes each distinct warning once, on the object it is about. A
+/// changed message is a new Event: kube-runtime's Recorder would only
+/// count the repeat and keep the first message, hiding the current reason.
 struct Warnings {
-    recorder: Recorder,
+    client: Client,
+    node: String,
     said: HashMap<String, String>,
 }
 
@@ -182,17 +228,35 @@ impl Warnings {
             return;
         }
         tracing::warn!(object = %key, reason, "{message}");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(message.clone()),
-            action: "ProgramEgress".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &about).await {
+        if let Err(e) = self.publish(about, reason, &message).await {
             tracing::warn!(error = %e, "cannot publish Event");
         }
         self.said.insert(key, message);
+    }
+
+    async fn publish(&self, about: ObjectReference, reason: &str, note: &str) -> Result<(), kube::Error> {
+        use k8s_openapi::api::events::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+        let ns = about.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let prefix: String = about.name.clone().unwrap_or_default().chars().take(200).collect();
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{prefix}.{:x}", now.as_nanosecond())),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some("Warning".into()),
+            reason: Some(reason.into()),
+            action: Some("ProgramEgress".into()),
+            note: Some(note.chars().take(1024).collect()),
+            reporting_controller: Some("natgw.io/node-agent".into()),
+            reporting_instance: Some(self.node.clone()),
+            regarding: Some(about),
+            ..Default::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), &ns).create(&Default::default(), &event).await.map(drop)
     }
 }
 
@@ -261,31 +325,38 @@ pub async fn run(
     let watches = async {
         futures::join!(w1, w2, w3, w4, w5);
     };
-    let reporter = Reporter { controller: "natgw-node-agent".into(), instance: Some(cfg.node.clone()) };
-    let mut warnings = Warnings { recorder: Recorder::new(client.clone(), reporter), said: HashMap::new() };
+    let mut warnings = Warnings { client: client.clone(), node: cfg.node.clone(), said: HashMap::new() };
     let work = async {
         let mut last_full: Option<Instant> = None;
+        // Nothing is written before the first complete gather: an empty
+        // plan from unlisted caches would drop fail-closed holds and a
+        // table kept over a restart.
+        let mut gathered = false;
         loop {
-            let local = if cfg.vip_check {
-                let e = egress.clone();
-                let read = tokio::task::spawn_blocking(move || e.local_addresses()).await;
-                let addrs = read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
-                // Unreadable addresses: hold no VIP, translate nothing.
-                Some(addrs.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot read this node's addresses");
-                    Default::default()
-                }))
-            } else {
-                None
-            };
-            let round = gather(&caches, &cfg, local);
-            let full = last_full.is_none_or(|t| t.elapsed() >= RESYNC);
+            let e = egress.clone();
+            let read = tokio::task::spawn_blocking(move || e.local_addresses()).await;
+            let local = read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+            // Unreadable addresses: hold no VIP, translate nothing.
+            let local = local.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read this node's addresses");
+                Default::default()
+            });
+            let round = gather(&caches, &cfg, &local);
+            let full = last_full.is_none_or(|t| t.elapsed() >= cfg.resync);
             let (tables, not_ready, plan) = match &round.input {
-                Ok(input) => {
+                Gathered::Ready(input) => {
+                    gathered = true;
                     let plan = plan_egress(input);
                     (plan.tables.clone(), None, Some(plan))
                 }
-                Err(why) => (EgressTables::default(), Some(format!("egress is not programmed: {why}")), None),
+                Gathered::Failed(why) => {
+                    (EgressTables::default(), Some(format!("egress is not programmed: {why}")), None)
+                }
+                Gathered::NotListed(why) => {
+                    shared.lock().unwrap_or_else(|p| p.into_inner()).not_ready = Some(why.clone());
+                    let _ = tokio::time::timeout(TICK, rx.recv()).await;
+                    continue;
+                }
             };
             if let Some(why) = &not_ready {
                 warnings
@@ -299,15 +370,25 @@ pub async fn run(
             }
             if let Some(plan) = &plan {
                 for (svc, why) in &plan.conflicts {
-                    warnings.say(service_ref(svc), format!("conflict {why}"), "EgressConflict", why.clone()).await;
+                    warnings
+                        .say(service_ref(svc), format!("conflict {svc} {why}"), "EgressConflict", why.clone())
+                        .await;
                 }
+                for (svc, ip) in &plan.not_pods {
+                    tracing::debug!(service = %svc, endpoint = %ip, "endpoint is not a pod address; not translated");
+                }
+            }
+            if !gathered {
+                shared.lock().unwrap_or_else(|p| p.into_inner()).not_ready = not_ready;
+                let _ = tokio::time::timeout(TICK, rx.recv()).await;
+                continue;
             }
             let e = egress.clone();
             let t = tables.clone();
             let result = tokio::task::spawn_blocking(move || if full { e.resync(&t) } else { e.sync(&t) }).await;
             {
                 let mut h = shared.lock().unwrap_or_else(|p| p.into_inner());
-                h.cidrs_known = round.input.is_ok();
+                h.cidrs_known = matches!(round.input, Gathered::Ready(_));
                 h.services_invalid = round.invalid.len();
                 h.services_programmed = plan
                     .as_ref()

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use natgw_api::Protocol;
 use natgw_plan::EgressService;
+use natgw_plan::egress::{MAX_NETWORKS, MAX_PORTS};
 
 /// `"true"` turns egress on for a Service of type LoadBalancer.
 pub const EGRESS: &str = "natgw.io/egress";
@@ -44,9 +45,18 @@ fn parse_list<T>(
     svc: &str,
     field: &str,
     value: Option<&String>,
+    max: usize,
     one: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Vec<T>, ServiceError> {
     let Some(value) = value else { return Ok(Vec::new()) };
+    let count = value.split(',').count();
+    if count > max {
+        return Err(ServiceError {
+            service: svc.to_string(),
+            field: format!("annotation {field}"),
+            reason: format!("{count} entries: at most {max} are allowed"),
+        });
+    }
     value
         .split(',')
         .map(str::trim)
@@ -81,11 +91,12 @@ fn net(item: &str) -> Result<Ipv4Net, String> {
     Ok(n)
 }
 
-/// The VIP: `status.loadBalancer.ingress[].ip`, else `spec.loadBalancerIP`.
+/// The VIP: `status.loadBalancer.ingress[].ip`, which only the load
+/// balancer writes. `spec.loadBalancerIP` is a request any tenant can
+/// write, so it never counts.
 pub fn vip(s: &Service) -> Option<Ipv4Addr> {
     let ingress = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-    let from_status = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.parse().ok()).next();
-    from_status.or_else(|| s.spec.as_ref()?.load_balancer_ip.as_deref()?.parse().ok())
+    ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.parse().ok()).next()
 }
 
 /// The egress of one annotated Service on `node`.
@@ -107,9 +118,9 @@ pub fn egress_service(
         });
     }
     let annotations = s.metadata.annotations.clone().unwrap_or_default();
-    let ports = parse_list(&name, PORTS, annotations.get(PORTS), port)?;
-    let allowed = parse_list(&name, ALLOWED, annotations.get(ALLOWED), net)?;
-    let denied = parse_list(&name, DENIED, annotations.get(DENIED), net)?;
+    let ports = parse_list(&name, PORTS, annotations.get(PORTS), MAX_PORTS, port)?;
+    let allowed = parse_list(&name, ALLOWED, annotations.get(ALLOWED), MAX_NETWORKS, net)?;
+    let denied = parse_list(&name, DENIED, annotations.get(DENIED), MAX_NETWORKS, net)?;
     let own = s.metadata.name.as_deref();
     let mut endpoints = Vec::new();
     for slice in slices {
@@ -123,7 +134,10 @@ pub fn egress_service(
         for e in &slice.endpoints {
             // A missing ready condition means ready (EndpointSlice API).
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if ready && e.node_name.as_deref() == Some(node) {
+            // Only pods: a manually written endpoint (no target, or a
+            // target of another kind) is never translated.
+            let pod = e.target_ref.as_ref().is_some_and(|t| t.kind.as_deref() == Some("Pod"));
+            if ready && pod && e.node_name.as_deref() == Some(node) {
                 endpoints.extend(e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()));
             }
         }
@@ -140,7 +154,8 @@ pub fn egress_service(
         })
         .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
         .collect();
-    Ok(EgressService { name, vip: vip(s), ports, allowed, denied, endpoints, selected })
+    let created = s.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+    Ok(EgressService { name, vip: vip(s), ports, allowed, denied, endpoints, selected, created })
 }
 
 #[cfg(test)]
@@ -160,7 +175,8 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "shop", "name": "web-1", "labels": {SERVICE_NAME_LABEL: "web"}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}],
+            "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": ready},
+                           "targetRef": {"kind": "Pod", "name": "p"}}],
         }))
         .unwrap()
     }
@@ -175,7 +191,7 @@ mod tests {
         ];
         let e = egress_service(&s, &slices.iter().collect::<Vec<_>>(), &[], "a").unwrap();
         assert_eq!(e.name, "shop/web");
-        assert_eq!(e.vip, Some("192.0.2.10".parse().unwrap()), "status wins over spec.loadBalancerIP");
+        assert_eq!(e.vip, Some("192.0.2.10".parse().unwrap()), "status, never spec.loadBalancerIP");
         assert_eq!(e.ports, vec![(Protocol::Tcp, 443), (Protocol::Udp, 53)]);
         assert_eq!(e.endpoints, vec!["10.244.1.5".parse::<Ipv4Addr>().unwrap()]);
         assert_eq!(e.denied.len(), 1);
@@ -205,9 +221,25 @@ mod tests {
     }
 
     #[test]
-    fn the_vip_falls_back_to_spec_load_balancer_ip() {
+    fn item5_spec_load_balancer_ip_is_never_the_vip() {
+        // Any tenant can write spec.loadBalancerIP; only the load balancer
+        // writes the status.
         let mut s = service(serde_json::json!({EGRESS: "true"}));
         s.status = None;
-        assert_eq!(vip(&s), Some("192.0.2.9".parse().unwrap()));
+        assert_eq!(vip(&s), None);
+    }
+
+    #[test]
+    fn item6_endpoints_without_a_pod_target_and_huge_annotations_are_refused() {
+        let s = service(serde_json::json!({EGRESS: "true"}));
+        let mut manual = slice("a", "10.244.1.7", Some(true));
+        manual.endpoints[0].target_ref = None;
+        let e = egress_service(&s, &[&manual], &[], "a").unwrap();
+        assert!(e.endpoints.is_empty(), "an endpoint written by hand is not a pod");
+        let many: Vec<String> = (0..=MAX_NETWORKS).map(|i| format!("203.0.{}.0/24", i % 256)).collect();
+        let s = service(serde_json::json!({EGRESS: "true", DENIED: many.join(",")}));
+        let err = egress_service(&s, &[], &[], "a").unwrap_err();
+        assert_eq!(err.field, format!("annotation {DENIED}"));
+        assert!(err.reason.contains(&format!("at most {MAX_NETWORKS}")), "{err}");
     }
 }

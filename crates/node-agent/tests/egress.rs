@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use natgw_lab::traffic::{tcp_server, tcp_source};
+use natgw_lab::traffic::{UdpFlow, tcp_connect, tcp_server, tcp_source};
 use natgw_lab::{EXT1_IP, INT1_IP, INT2_IP, Lab};
 use natgw_node_agent::{Config, cidrs, health};
 use natgw_testenv::{TestEnv, apply_yaml};
@@ -78,6 +78,7 @@ impl Agent {
             keep_on_exit: false,
             fail_closed: false,
             vip_check: true,
+            resync: natgw_node_agent::RESYNC,
         };
         tweak(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,6 +97,12 @@ impl Agent {
         }
         let task = &mut self.task;
         tokio::time::timeout(Duration::from_secs(20), task).await.expect("agent stops").unwrap().unwrap();
+    }
+
+    /// kill -9: the task ends where it is, without any cleanup.
+    async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
@@ -178,7 +185,10 @@ async fn web_service(admin: &Client, annotations: &[(&str, &str)]) {
 async fn endpoints(admin: &Client, eps: &[(&str, &str)]) {
     let list: Vec<serde_json::Value> = eps
         .iter()
-        .map(|(a, n)| serde_json::json!({"addresses": [a], "nodeName": n, "conditions": {"ready": true}}))
+        .map(|(a, n)| {
+            serde_json::json!({"addresses": [a], "nodeName": n, "conditions": {"ready": true},
+                               "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("web-{a}")}})
+        })
         .collect();
     let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
@@ -310,7 +320,7 @@ async fn deletion_annotation_removal_and_sigterm_leave_nothing() {
 }
 
 #[tokio::test]
-async fn undiscoverable_cidrs_are_loud_and_program_nothing() {
+async fn item3_undiscoverable_cidrs_are_loud_with_the_real_reason_and_program_nothing() {
     // No Node has podCIDRs (node-b, which has, is deleted first).
     let (lab, _env, admin, client, _servers) = setup("neg4", None).await;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
@@ -325,13 +335,18 @@ async fn undiscoverable_cidrs_are_loud_and_program_nothing() {
     .await;
     assert!(agent.get("/metrics").await.1.contains("natgw_egress_cidrs_known 0"));
     let events: Api<Event> = Api::all(admin.clone());
-    eventually("a Warning Event on the Node", || async {
+    eventually("a Warning Event on the Node giving the reason and the flag", || async {
         events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
             e.reason.as_deref() == Some("EgressNotProgrammed")
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-a")
+                && e.note.as_deref().is_some_and(|n| n.contains("no pod CIDR") && n.contains("--pod-cidrs"))
         })
     })
     .await;
+    // Item 3: nothing is said before the caches have listed.
+    let notes: Vec<String> =
+        events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.note).collect();
+    assert!(!notes.iter().any(|n| n.contains("not listed yet") || n.contains("waiting for")), "{notes:?}");
     assert!(egress_table(&lab).is_none(), "no guessed defaults, no rules");
     assert_eq!(source(&lab, "int1", EXT1_IP, 8080).await, Some(ip(NODE_IP)));
     agent.stop().await;
@@ -370,5 +385,88 @@ async fn fail_closed_drops_until_programmed_then_passes() {
     })
     .await;
     assert!(agent.get("/metrics").await.1.contains("natgw_egress_pods{state=\"held\"} 0"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn item1_an_idle_connection_survives_full_writes_and_a_restart() {
+    let (lab, _env, admin, client, _servers) = setup("neg6", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let fast = |c: &mut Config| {
+        c.resync = Duration::from_secs(1);
+        c.keep_on_exit = true;
+    };
+    let agent = Agent::start(client.clone(), &lab, fast).await;
+    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    // Silent for 5 s, across several full writes; then the server writes
+    // first, so only the surviving conntrack entry can bring it back.
+    let ns = lab.ns("int1");
+    let idle = tokio::task::spawn_blocking(move || {
+        let mut c = tcp_connect(&ns, ip(EXT1_IP), 8080)?;
+        assert_eq!(c.seen_as.split(':').next(), Some(VIP));
+        c.answer_after(Duration::from_secs(5), "still there")
+    });
+    // Meanwhile a planned restart: the new agent's first full write must
+    // keep the flow too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.stop().await;
+    let agent = Agent::start(client, &lab, fast).await;
+    idle.await.unwrap().expect("the idle connection survives");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn item2_a_restart_after_kill_9_sweeps_the_old_instances_flows() {
+    let (lab, _env, admin, client, _servers) = setup("neg7", Some("10.77.0.0/24")).await;
+    let _udp = natgw_lab::traffic::udp_server(&lab.ns("ext1"), ip(EXT1_IP), 5353).unwrap();
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client.clone(), &lab, |_| {}).await;
+    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    let ns = lab.ns("int1");
+    let flow = tokio::task::spawn_blocking(move || UdpFlow::open(&ns, ip(EXT1_IP), 5353).unwrap()).await.unwrap();
+    assert_eq!(flow.source().unwrap(), ip(VIP));
+    agent.kill().await;
+    let services: Api<Service> = Api::namespaced(admin.clone(), "shop");
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    eventually("the restarted agent removes the table", || async { egress_table(&lab).is_none() }).await;
+    let seen = tokio::task::spawn_blocking(move || flow.source()).await.unwrap().unwrap();
+    assert_eq!(seen, ip(NODE_IP), "the same 5-tuple no longer leaves with the deleted Service's VIP");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn item4_nothing_is_written_before_the_first_complete_gather() {
+    let (lab, _env, admin, client, _servers) = setup("neg8", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "web:1"}]},
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    pods.create(&Default::default(), &pod).await.unwrap();
+    let status = serde_json::json!({"status": {"podIP": INT2_IP, "podIPs": [{"ip": INT2_IP}]}});
+    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let held = |c: &mut Config| {
+        c.fail_closed = true;
+        c.keep_on_exit = true;
+    };
+    let agent = Agent::start(client, &lab, held).await;
+    eventually("the pod is held", || async { egress_table(&lab).is_some_and(|t| t.contains(INT2_IP)) }).await;
+    agent.stop().await;
+    // Restarted while the API server cannot be reached: its caches never
+    // list, so it must leave the kept table and its hold alone.
+    let unreachable = Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
+    let agent = Agent::start(unreachable, &lab, held).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(egress_table(&lab).is_some_and(|t| t.contains(INT2_IP)), "the hold is kept");
+    assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, None, "still dropped, never the node IP");
+    let (code, body) = agent.get("/readyz").await;
+    assert!(code == 503 && body.contains("cannot list Services"), "{code} {body}");
     agent.stop().await;
 }

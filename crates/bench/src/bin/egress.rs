@@ -48,6 +48,8 @@ fn input(services: u32, endpoints: u32) -> EgressInput {
             "10.80.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
             "10.0.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
         ],
+        pod_nets: vec!["10.80.0.0/16".parse().unwrap_or_else(|_| unreachable!())],
+        node_addresses: Default::default(),
         local_vips: None,
         services: (0..services)
             .map(|s| EgressService {
@@ -197,7 +199,8 @@ async fn main() -> Result<()> {
         let eps: Vec<serde_json::Value> = (0..a.endpoints)
             .map(|e| {
                 let ip = if moved == Some(e) { pod(s, 20 + e % 12) } else { pod(s, e) };
-                serde_json::json!({"addresses": [ip.to_string()], "nodeName": "bench-node", "conditions": {"ready": true}})
+                serde_json::json!({"addresses": [ip.to_string()], "nodeName": "bench-node", "conditions": {"ready": true},
+                                   "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("p{s}-{e}")}})
             })
             .collect();
         Ok(serde_json::from_value(serde_json::json!({
@@ -212,9 +215,12 @@ async fn main() -> Result<()> {
         async move {
             let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": format!("s{s}"), "namespace": "bench", "annotations": {"natgw.io/egress": "true"}},
-                "spec": {"type": "LoadBalancer", "loadBalancerIP": vip(s).to_string(), "ports": [{"port": 80}]},
+                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
             }))?;
             services.create(&Default::default(), &svc).await?;
+            // The VIP, as a load balancer would publish it.
+            let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": vip(s).to_string()}]}}});
+            services.patch_status(&format!("s{s}"), &PatchParams::default(), &Patch::Merge(&status)).await?;
             slices.create(&Default::default(), &slice(s, None)?).await?;
             anyhow::Ok(())
         }
@@ -233,6 +239,7 @@ async fn main() -> Result<()> {
         keep_on_exit: false,
         fail_closed: false,
         vip_check: false,
+        resync: natgw_node_agent::RESYNC,
     };
     let agent = tokio::spawn(natgw_node_agent::run(client, cfg, None, std::future::pending()));
     let has = |ip: Ipv4Addr| {
