@@ -58,7 +58,7 @@ fn watch<K: Kind>(
     config: watcher::Config,
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> (Store<K>, impl std::future::Future<Output = ()>) {
-    let (reader, stream) = natgw_controller::cached(Api::<K>::all(client.clone()), config);
+    let (reader, stream) = natgw_controller::cached(client, config, "gateway-agent");
     let fut = async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {

@@ -67,7 +67,7 @@ async fn world(name: &str) -> World {
         controller,
         None,
         "natgw-system".into(),
-        None,
+        natgw_controller::Options::default(),
         std::future::pending(),
     ))];
     let network =

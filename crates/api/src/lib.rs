@@ -12,7 +12,7 @@ pub use crd::{crds, crds_yaml};
 pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files, parse_object};
 pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
-pub use validate::{FieldError, SetError, parse_ip_range, validate_object, validate_set};
+pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};
 
 /// The API group of every natgw kind.
 pub const GROUP: &str = "natgw.io";
@@ -23,9 +23,26 @@ pub const VERSION: &str = "v1alpha1";
 /// may be in that gateway's kernel".
 pub fn gateway_finalizer(gw: &str) -> String {
     // The part after the slash is a qualified name of at most 63 bytes.
-    let mut name = format!("gateway-{gw}");
-    name.truncate(63);
-    format!("natgw.io/{}", name.trim_end_matches(['-', '.']))
+    format!("natgw.io/{}", bounded_name("gateway-", gw, 63))
+}
+
+/// `prefix` + `name` when that fits in `max` bytes; otherwise a cut of it
+/// and a hash of the whole name, so that two long names sharing their
+/// first characters never give the same result.
+pub fn bounded_name(prefix: &str, name: &str, max: usize) -> String {
+    let whole = format!("{prefix}{name}");
+    if whole.len() <= max {
+        return whole;
+    }
+    let hash = format!("{:08x}", fnv1a(name.as_bytes()));
+    let keep = max.saturating_sub(hash.len() + 1);
+    let cut: String = whole.chars().take(keep).collect();
+    format!("{}-{hash}", cut.trim_end_matches(['-', '.']))
+}
+
+/// FNV-1a: a small stable fingerprint for names (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x01000193))
 }
 
 /// Label the controller puts on every Eip and rule: the gateway that
@@ -34,3 +51,21 @@ pub const GATEWAY_LABEL: &str = "natgw.io/gateway";
 
 /// Prefix shared by every gateway agent's finalizer.
 pub const GATEWAY_FINALIZER_PREFIX: &str = "natgw.io/gateway-";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item8_long_names_sharing_a_prefix_never_collide() {
+        let a = format!("{}-one", "x".repeat(60));
+        let b = format!("{}-two", "x".repeat(60));
+        assert_ne!(gateway_finalizer(&a), gateway_finalizer(&b));
+        for n in [&a, &b] {
+            let fin = gateway_finalizer(n);
+            assert!(fin.len() - "natgw.io/".len() <= 63, "{fin}");
+        }
+        // Short names keep their plain, readable form.
+        assert_eq!(gateway_finalizer("demo-gw"), "natgw.io/gateway-demo-gw");
+    }
+}

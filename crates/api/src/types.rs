@@ -56,24 +56,38 @@ pub struct VpcStatus {
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("cidr(self.cidr).containsIP(self.gateway)").message("spec.gateway must lie inside spec.cidr"))]
+#[x_kube(validation = Rule::new("!has(self.excludeIps) || self.excludeIps.all(x, x.split('..').all(p, !isIP(p) || cidr(self.cidr).containsIP(p)))").message("spec.excludeIps: every address must lie inside spec.cidr"))]
 #[x_kube(validation = Rule::new("cidr(self.cidr) == cidr(self.cidr).masked()").message("spec.cidr has host bits set"))]
 #[x_kube(validation = Rule::new("self.cidr == oldSelf.cidr").message("spec.cidr is immutable"))]
 pub struct SubnetSpec {
+    #[x_kube(validation = Rule::new("isCIDR(self) && cidr(self).ip().family() == 4 && string(cidr(self)) == self").message("must be an IPv4 CIDR in canonical form"))]
+    #[schemars(length(max = 18))]
     pub cidr: Ipv4Net,
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
     pub gateway: Ipv4Addr,
     /// Addresses never handed out: single IPs (`10.0.0.5`) or inclusive
-    /// ranges (`10.0.0.10..10.0.0.20`).
+    /// ranges (`10.0.0.10..10.0.0.20`). CIDRs are not accepted: write a
+    /// network as a range.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 33)))]
+    #[x_kube(validation = Rule::new("self.all(x, x.split('..').size() <= 2 && x.split('..').all(p, isIP(p) && ip(p).family() == 4 && ip.isCanonical(p)))").message("each entry must be an IPv4 address or a range A..B of canonical IPv4 addresses (no CIDRs)"))]
     pub exclude_ips: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vpc: Option<String>,
 }
 
 /// A static route on the gateway's VPC side.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("cidr(self.cidr) == cidr(self.cidr).masked()").message("cidr has host bits set"))]
 pub struct GatewayRoute {
+    #[x_kube(validation = Rule::new("isCIDR(self) && cidr(self).ip().family() == 4 && string(cidr(self)) == self").message("must be an IPv4 CIDR in canonical form"))]
+    #[schemars(length(max = 18))]
     pub cidr: Ipv4Net,
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
+    #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub next_hop: Ipv4Addr,
 }
 
@@ -81,6 +95,7 @@ pub struct GatewayRoute {
 /// the VPC side and an external interface on the external subnet.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(group = "natgw.io", version = "v1alpha1", kind = "NatGateway", shortname = "ngw")]
+#[kube(validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name: a NatGateway name has at most 63 characters (it is a label value)"))]
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
 #[kube(printcolumn = r#"{"name":"External","type":"string","jsonPath":".spec.externalSubnet"}"#)]
@@ -92,14 +107,17 @@ pub struct GatewayRoute {
 #[x_kube(validation = Rule::new("self.vpc == oldSelf.vpc").message("spec.vpc is immutable"))]
 pub struct NatGatewaySpec {
     pub vpc: String,
-    #[schemars(regex(pattern = r"^[^/: \t\n\x22]{1,15}$"), length(min = 1, max = 15))]
+    /// Letters, digits, `_`, `.` and `-`, starting with a letter or digit
+    /// (no `*` or `\\`, which nft reads as wildcards).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$"), length(min = 1, max = 15))]
     pub lan_interface: String,
-    #[schemars(regex(pattern = r"^[^/: \t\n\x22]{1,15}$"), length(min = 1, max = 15))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$"), length(min = 1, max = 15))]
     pub external_interface: String,
     /// A Subnet name: its CIDR gives the EIP prefix length, its gateway the
     /// default route.
     pub external_subnet: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub routes: Vec<GatewayRoute>,
     /// The NetworkAttachmentDefinition (`namespace/name`) that gives the
     /// gateway pod its external interface. Standalone mode ignores it.
@@ -124,6 +142,9 @@ pub struct EipSpec {
     pub gateway: String,
     /// Fixed address; empty means the controller allocates one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
+    #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub ip: Option<Ipv4Addr>,
 }
 
@@ -153,6 +174,9 @@ pub struct EipStatus {
 #[x_kube(validation = Rule::new("self.eip == oldSelf.eip").message("spec.eip is immutable: delete the rule and create a new one"))]
 pub struct FloatingIpSpec {
     pub eip: String,
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
+    #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub internal_ip: Ipv4Addr,
 }
 
@@ -171,6 +195,8 @@ pub struct FloatingIpSpec {
 #[x_kube(validation = Rule::new("self.eip == oldSelf.eip").message("spec.eip is immutable: delete the rule and create a new one"))]
 pub struct SnatRuleSpec {
     pub eip: String,
+    #[x_kube(validation = Rule::new("isCIDR(self) && cidr(self).ip().family() == 4 && string(cidr(self)) == self").message("must be an IPv4 CIDR in canonical form"))]
+    #[schemars(length(max = 18))]
     pub internal_cidr: Ipv4Net,
 }
 
@@ -222,6 +248,9 @@ pub struct DnatRuleSpec {
     pub eip: String,
     pub protocol: Protocol,
     pub external_port: u16,
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
+    #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub internal_ip: Ipv4Addr,
     pub internal_port: u16,
 }

@@ -48,7 +48,12 @@ pub fn validate_object(object: &Object) -> Vec<FieldError> {
     match object {
         Object::Vpc(_) => {}
         Object::Subnet(s) => check_subnet(&s.spec, &mut errors),
-        Object::NatGateway(g) => check_gateway(&g.spec, &mut errors),
+        Object::NatGateway(g) => {
+            if g.metadata.name.as_ref().is_some_and(|n| n.len() > 63) {
+                errors.push(err("metadata.name", "a NatGateway name has at most 63 characters (it is a label value)"));
+            }
+            check_gateway(&g.spec, &mut errors)
+        }
         Object::Eip(e) => {
             if let Some(ip) = e.spec.ip {
                 check_unicast("spec.ip", ip, &mut errors);
@@ -101,9 +106,15 @@ fn check_port(field: &str, port: u16, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// Loopback, link-local (169.254.169.254 is a metadata service),
+/// multicast, broadcast and unspecified addresses are never a NAT target
+/// or next hop; the CRDs say the same with CEL's `isGlobalUnicast`.
 fn check_unicast(field: &str, ip: Ipv4Addr, errors: &mut Vec<FieldError>) {
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
-        errors.push(err(field, format!("{ip} is not a unicast address")));
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() || ip.is_link_local() {
+        errors.push(err(
+            field,
+            format!("{ip} is not a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"),
+        ));
     }
 }
 
@@ -113,13 +124,14 @@ fn check_canonical(field: &str, net: Ipv4Net, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// Linux interface names: 1 to 15 bytes, no '/', ':' or white space.
+/// Interface names natgw accepts: 1 to 15 letters, digits, `_`, `.` and
+/// `-`, starting with a letter or digit. Stricter than Linux on purpose:
+/// nft reads `*` and `\` in an interface name as wildcards. The CRDs use
+/// the same pattern.
 pub fn valid_interface_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '"')
+    name.len() <= 15
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 fn check_subnet(spec: &SubnetSpec, errors: &mut Vec<FieldError>) {
@@ -143,9 +155,24 @@ fn check_subnet(spec: &SubnetSpec, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// Parses `A` or `A..B` (inclusive) into (first, last).
+/// Parses `A` or `A..B` (inclusive) into (first, last): the one grammar
+/// of `excludeIps`, in the CRD's CEL as here. CIDRs are refused, so that
+/// an entry reads the same to everyone.
 pub fn parse_ip_range(entry: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
-    let parse = |s: &str| s.trim().parse::<Ipv4Addr>().map_err(|_| format!("{s:?} is not an IPv4 address"));
+    let parse = |s: &str| {
+        s.parse::<Ipv4Addr>().map_err(|_| {
+            if s.contains('/') {
+                format!("{s:?} is a CIDR; write the addresses as a range A..B")
+            } else if s.contains('-') {
+                format!("{s:?} is not an IPv4 address; a range is written A..B")
+            } else {
+                format!("{s:?} is not an IPv4 address")
+            }
+        })
+    };
+    if entry.matches("..").count() > 1 {
+        return Err(format!("{entry:?} is not an IPv4 address or a range A..B"));
+    }
     match entry.split_once("..") {
         None => parse(entry).map(|ip| (ip, ip)),
         Some((a, b)) => {
@@ -167,7 +194,9 @@ fn check_gateway(spec: &NatGatewaySpec, errors: &mut Vec<FieldError>) {
         if !valid_interface_name(name) {
             errors.push(err(
                 field,
-                format!("{name:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"),
+                format!(
+                    "{name:?} is not a valid interface name (1 to 15 letters, digits, '_', '.' or '-', starting with a letter or digit)"
+                ),
             ));
         }
     }
@@ -175,9 +204,17 @@ fn check_gateway(spec: &NatGatewaySpec, errors: &mut Vec<FieldError>) {
         errors.push(err("spec.externalInterface", "must differ from spec.lanInterface"));
     }
     for (i, route) in spec.routes.iter().enumerate() {
-        check_canonical(&format!("spec.routes[{i}].cidr"), route.cidr, errors);
-        check_unicast(&format!("spec.routes[{i}].nextHop"), route.next_hop, errors);
+        errors.extend(check_route(i, route));
     }
+}
+
+/// The problems of route `i`: host bits in the CIDR, a next hop that is
+/// not unicast. The planner skips such a route instead of failing.
+pub fn check_route(i: usize, route: &GatewayRoute) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    check_canonical(&format!("spec.routes[{i}].cidr"), route.cidr, &mut errors);
+    check_unicast(&format!("spec.routes[{i}].nextHop"), route.next_hop, &mut errors);
+    errors
 }
 
 /// References between objects: every name an object points to must exist

@@ -92,6 +92,10 @@ enum Command {
         /// Image for the gateway workloads (runs `natgw agent`).
         #[arg(long, env = "NATGW_AGENT_IMAGE")]
         agent_image: Option<String>,
+        /// Seconds a NatGateway being deleted may go without a ready agent
+        /// before the controller releases the agent's finalizers itself.
+        #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
+        release_after: u64,
     },
     /// Run the node agent: Service egress SNAT for this node (see the
     /// README's "Service egress"). Uses the in-cluster config or
@@ -181,14 +185,19 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
-        Command::Controller { instance, namespace, lease, agent_image } => controller(natgw_controller::Election {
-            namespace,
-            lease,
-            identity: instance,
-            duration_secs: 15,
-            grace_secs: 5,
-            agent_image,
-        }),
+        Command::Controller { instance, namespace, lease, agent_image, release_after } => {
+            controller(natgw_controller::Election {
+                namespace,
+                lease,
+                identity: instance,
+                duration_secs: 15,
+                grace_secs: 5,
+                options: natgw_controller::Options {
+                    agent_image,
+                    release_after: std::time::Duration::from_secs(release_after),
+                },
+            })
+        }
         Command::Agent { gateway, netns } => agent(gateway, netns),
         Command::NodeAgent {
             node,

@@ -5,7 +5,7 @@
 //! its Eip object is gone, and the gateway agent lets an Eip go only after
 //! its address left the gateway: an address is reused only once it is off.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -21,23 +21,90 @@ pub fn claim_name(ip: Ipv4Addr) -> String {
     format!("natgw-eip-{}", ip.to_string().replace('.', "-"))
 }
 
-/// Addresses an Eip may get, lowest first: not the network, broadcast or
-/// router address, nor any `excludeIps` entry.
-pub fn usable(subnet: &SubnetSpec) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    let net: Ipv4Net = subnet.cidr;
-    let excluded: Vec<(Ipv4Addr, Ipv4Addr)> =
-        subnet.exclude_ips.iter().filter_map(|e| parse_ip_range(e).ok()).collect();
-    let edge = net.prefix_len() < 31;
-    net.hosts().filter(move |ip| {
-        *ip != subnet.gateway
-            && !(edge && (*ip == net.network() || *ip == net.broadcast()))
-            && !excluded.iter().any(|(a, b)| a <= ip && ip <= b)
-    })
+/// Why a subnet hands out no address at all: an `excludeIps` entry that
+/// does not parse (an object from before the CRD's rule). Refusing is
+/// safer than dropping the entry: that would hand out fenced-off addresses.
+pub fn exclusions(subnet: &SubnetSpec) -> Result<Vec<(u32, u32)>, String> {
+    let mut out = Vec::new();
+    for (i, entry) in subnet.exclude_ips.iter().enumerate() {
+        let (a, b) = parse_ip_range(entry).map_err(|e| format!("spec.excludeIps[{i}]: {e}"))?;
+        out.push((u32::from(a), u32::from(b)));
+    }
+    Ok(out)
 }
 
-/// The lowest usable address not taken.
-pub fn pick(subnet: &SubnetSpec, taken: impl Fn(&Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
-    usable(subnet).find(|ip| !taken(ip))
+/// Addresses never handed out: the exclusions, the router, and the
+/// network and broadcast addresses; sorted and merged.
+fn blocked(subnet: &SubnetSpec, excluded: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    let net: Ipv4Net = subnet.cidr;
+    let gw = u32::from(subnet.gateway);
+    let mut ranges: Vec<(Ipv4Addr, Ipv4Addr)> =
+        excluded.iter().map(|(a, b)| (Ipv4Addr::from(*a), Ipv4Addr::from(*b))).collect();
+    ranges.push((Ipv4Addr::from(gw), Ipv4Addr::from(gw)));
+    if net.prefix_len() < 31 {
+        ranges.push((net.network(), net.network()));
+        ranges.push((net.broadcast(), net.broadcast()));
+    }
+    natgw_plan::merge_ranges(ranges).into_iter().map(|(a, b)| (u32::from(a), u32::from(b))).collect()
+}
+
+/// Why `ip` may not be held in `subnet`, if it may not.
+pub fn refused(subnet: &SubnetSpec, excluded: &[(u32, u32)], ip: Ipv4Addr) -> Option<String> {
+    let n = u32::from(ip);
+    if !subnet.cidr.contains(&ip) {
+        return Some(format!("{ip} is outside the external subnet {}", subnet.cidr));
+    }
+    if let Some((a, b)) = excluded.iter().find(|(a, b)| *a <= n && n <= *b) {
+        let range = if a == b {
+            Ipv4Addr::from(*a).to_string()
+        } else {
+            format!("{}..{}", Ipv4Addr::from(*a), Ipv4Addr::from(*b))
+        };
+        return Some(format!("{ip} is excluded by the external subnet's excludeIps ({range})"));
+    }
+    blocked(subnet, &[])
+        .iter()
+        .any(|(a, b)| *a <= n && n <= *b)
+        .then(|| format!("{ip} is the external subnet's router, network or broadcast address"))
+}
+
+/// The lowest address of `subnet` that is neither blocked nor `taken`,
+/// and how many jumps finding it took. It jumps over whole blocked ranges
+/// and runs of taken addresses, so its cost grows with the number of
+/// exclusions and claims, never with the size of the subnet.
+pub fn lowest_free<V>(
+    subnet: &SubnetSpec,
+    excluded: &[(u32, u32)],
+    taken: &BTreeMap<Ipv4Addr, V>,
+) -> (Option<Ipv4Addr>, usize) {
+    let blocked = blocked(subnet, excluded);
+    let (first, last) = (u32::from(subnet.cidr.network()) as u64, u32::from(subnet.cidr.broadcast()) as u64);
+    let mut candidate = first;
+    let mut jumps = 0;
+    while candidate <= last {
+        jumps += 1;
+        let c = candidate as u32;
+        // The blocked range holding c, if any (ranges are sorted, disjoint).
+        let i = blocked.partition_point(|(_, b)| *b < c);
+        if let Some((a, b)) = blocked.get(i)
+            && *a <= c
+        {
+            candidate = *b as u64 + 1;
+            continue;
+        }
+        let mut next = candidate;
+        for (ip, _) in taken.range(Ipv4Addr::from(c)..) {
+            if u32::from(*ip) as u64 != next {
+                break;
+            }
+            next += 1;
+        }
+        if next == candidate {
+            return (Some(Ipv4Addr::from(c)), jumps);
+        }
+        candidate = next;
+    }
+    (None, jumps)
 }
 
 /// What the controller decided for one Eip.
@@ -50,6 +117,11 @@ pub enum Outcome {
     Exhausted,
     /// The gateway or its external subnet does not exist (yet).
     NoSubnet,
+    /// The external subnet's `excludeIps` cannot be read: nothing is handed out.
+    BadSubnet(String),
+    /// The fixed `spec.ip` may not be held: excluded, outside the subnet,
+    /// or its router, network or broadcast address.
+    Refused(String),
 }
 
 /// Who holds a claim.
@@ -129,6 +201,15 @@ pub async fn ensure(
     let Some(subnet) = subnet else {
         return Ok(Outcome::NoSubnet);
     };
+    let excluded = match exclusions(subnet) {
+        Ok(e) => e,
+        Err(why) => return Ok(Outcome::BadSubnet(why)),
+    };
+    if let Some(ip) = eip.spec.ip
+        && let Some(why) = refused(subnet, &excluded, ip)
+    {
+        return Ok(Outcome::Refused(format!("spec.ip: {why}")));
+    }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let me = Holder { eip: eip.name_any(), uid: eip.uid().unwrap_or_default() };
     let claims = book.claims(&api).await?;
@@ -149,18 +230,19 @@ pub async fn ensure(
                     Ok(Outcome::Taken { ip, by })
                 } else {
                     // An allocated address lost to another Eip: allocate anew.
-                    allocate(&api, claims, subnet, me).await
+                    allocate(&api, claims, subnet, &excluded, me).await
                 }
             }
         };
     }
-    allocate(&api, claims, subnet, me).await
+    allocate(&api, claims, subnet, &excluded, me).await
 }
 
 async fn allocate(
     api: &Api<ConfigMap>,
     claims: &std::sync::Mutex<Claims>,
     subnet: &SubnetSpec,
+    excluded: &[(u32, u32)],
     me: Holder,
 ) -> Result<Outcome, kube::Error> {
     loop {
@@ -171,7 +253,7 @@ async fn allocate(
             if let Some(ip) = c.by_uid.get(&me.uid) {
                 return Ok(Outcome::Held(*ip));
             }
-            let Some(ip) = pick(subnet, |ip| c.by_ip.contains_key(ip)) else {
+            let Some(ip) = lowest_free(subnet, excluded, &c.by_ip).0 else {
                 return Ok(Outcome::Exhausted);
             };
             // Reserved before the request, so concurrent allocations pick
@@ -224,29 +306,34 @@ pub async fn claims(api: &Api<ConfigMap>) -> Result<BTreeMap<Ipv4Addr, Holder>, 
         .collect())
 }
 
-/// Deletes claims whose Eip no longer exists. Asks the API server, not a
-/// cache: a claim must never go while its Eip is still there.
-pub async fn release_orphans(client: &Client, ns: &str, book: &Book) -> Result<usize, kube::Error> {
+/// Deletes claims whose Eip no longer exists. Candidates come from the
+/// book and the Eip cache (no list per sweep); each is confirmed with the
+/// API server before it goes: a claim must never go while its Eip is there.
+pub async fn release_orphans(
+    client: &Client,
+    ns: &str,
+    book: &Book,
+    cached: impl Fn(&str) -> Option<String>,
+) -> Result<usize, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let claims = claims(&api).await?;
-    if claims.is_empty() {
-        return Ok(0);
-    }
-    // One list per sweep, not one read per claim.
-    let alive: BTreeSet<(String, String)> = Api::<Eip>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|e| (e.name_any(), e.uid().unwrap_or_default()))
-        .collect();
+    let all = lock(book.claims(&api).await?).by_ip.clone();
+    let eips: Api<Eip> = Api::all(client.clone());
     let mut released = 0;
-    for (ip, owner) in claims {
-        if !alive.contains(&(owner.eip, owner.uid)) {
-            api.delete(&claim_name(ip), &DeleteParams::default()).await?;
-            book.with(|c| c.forget(ip));
-            released += 1;
+    for (ip, owner) in all {
+        if cached(&owner.eip).as_deref() == Some(owner.uid.as_str()) {
+            continue;
         }
+        let alive = eips.get_opt(&owner.eip).await?.is_some_and(|e| e.uid().as_deref() == Some(owner.uid.as_str()));
+        if alive {
+            continue;
+        }
+        match api.delete(&claim_name(ip), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+        book.with(|c| c.forget(ip));
+        released += 1;
     }
     Ok(released)
 }
@@ -264,19 +351,57 @@ mod tests {
         }
     }
 
+    fn pick(s: &SubnetSpec, taken: &[&str]) -> Option<Ipv4Addr> {
+        let taken: BTreeMap<Ipv4Addr, ()> = taken.iter().map(|t| (t.parse().unwrap(), ())).collect();
+        lowest_free(s, &exclusions(s).unwrap(), &taken).0
+    }
+
     #[test]
     fn picks_the_lowest_usable_address() {
         let s = subnet("198.51.100.0/24", "198.51.100.1", &["198.51.100.2..198.51.100.9", "198.51.100.11"]);
-        let taken: BTreeSet<Ipv4Addr> = ["198.51.100.10".parse().unwrap()].into();
-        assert_eq!(pick(&s, |_| false), Some("198.51.100.10".parse().unwrap()));
-        assert_eq!(pick(&s, |ip| taken.contains(ip)), Some("198.51.100.12".parse().unwrap()));
+        assert_eq!(pick(&s, &[]), Some("198.51.100.10".parse().unwrap()));
+        assert_eq!(pick(&s, &["198.51.100.10"]), Some("198.51.100.12".parse().unwrap()));
+        assert_eq!(
+            pick(&s, &["198.51.100.10", "198.51.100.12", "198.51.100.13"]),
+            Some("198.51.100.14".parse().unwrap())
+        );
     }
 
     #[test]
     fn never_hands_out_network_broadcast_or_router() {
         let s = subnet("192.0.2.0/30", "192.0.2.1", &[]);
-        let all: Vec<Ipv4Addr> = usable(&s).collect();
-        assert_eq!(all, ["192.0.2.2".parse::<Ipv4Addr>().unwrap()]);
-        assert_eq!(pick(&s, |ip| all.contains(ip)), None);
+        assert_eq!(pick(&s, &[]), Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(pick(&s, &["192.0.2.2"]), None);
+    }
+
+    #[test]
+    fn item9_bad_exclusions_refuse_everything_and_fixed_ips_respect_them() {
+        for bad in ["10.0.0.9..10.0.0.3", "10.0.0.1-10.0.0.5", "10.0.0.0/28", "nope"] {
+            let s = subnet("10.0.0.0/24", "10.0.0.1", &["10.0.0.2", bad]);
+            let err = exclusions(&s).unwrap_err();
+            assert!(err.starts_with("spec.excludeIps[1]"), "{bad}: {err}");
+        }
+        let s = subnet("10.0.0.0/24", "10.0.0.1", &["10.0.0.10..10.0.0.20"]);
+        let ex = exclusions(&s).unwrap();
+        let ip = |t: &str| t.parse::<Ipv4Addr>().unwrap();
+        assert!(refused(&s, &ex, ip("10.0.0.15")).unwrap().contains("excluded"));
+        assert!(refused(&s, &ex, ip("10.0.1.5")).unwrap().contains("outside"));
+        assert!(refused(&s, &ex, ip("10.0.0.255")).unwrap().contains("broadcast"));
+        assert_eq!(refused(&s, &ex, ip("10.0.0.21")), None);
+    }
+
+    #[test]
+    fn item13_allocation_jumps_over_ranges_instead_of_scanning_addresses() {
+        // A /8 excluded but for its last usable address: two jumps, not 16M.
+        let s = subnet("10.0.0.0/8", "10.0.0.1", &["10.0.0.2..10.255.255.253"]);
+        let none: BTreeMap<Ipv4Addr, ()> = BTreeMap::new();
+        let (ip, jumps) = lowest_free(&s, &exclusions(&s).unwrap(), &none);
+        assert_eq!(ip, Some("10.255.255.254".parse().unwrap()));
+        assert!(jumps <= 3, "{jumps} jumps");
+        // Exhausted: the same, with the last address taken.
+        let taken: BTreeMap<Ipv4Addr, ()> = [("10.255.255.254".parse().unwrap(), ())].into();
+        let (ip, jumps) = lowest_free(&s, &exclusions(&s).unwrap(), &taken);
+        assert_eq!(ip, None);
+        assert!(jumps <= 4, "{jumps} jumps");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod address;
 mod binding;
+mod cache;
 pub mod deps;
 mod orphans;
 pub mod workload;
@@ -21,9 +22,11 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
+
+pub use cache::{cached, undecodable_total};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -132,10 +135,25 @@ pub struct Ctx {
     /// Where address claims and gateway workloads live (the controller's
     /// own namespace).
     namespace: String,
-    /// Image of the gateway workloads' agent.
-    agent_image: Option<String>,
+    options: Options,
     /// Address claims known to this leadership term.
     book: address::Book,
+}
+
+/// How the controller runs, beyond the client and its namespace.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Image of the gateway workloads' agent.
+    pub agent_image: Option<String>,
+    /// How long a NatGateway being deleted may go without a ready agent
+    /// before the controller releases the agent's finalizers itself.
+    pub release_after: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { agent_image: None, release_after: Duration::from_secs(300) }
+    }
 }
 
 async fn reconcile<K: Kind>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -242,6 +260,8 @@ async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
             format!("NatGateway {:?} or its external subnet does not exist", eip.spec.gateway),
             None,
         ),
+        address::Outcome::BadSubnet(why) => ("False", "InvalidSubnet", format!("the external subnet: {why}"), None),
+        address::Outcome::Refused(why) => ("False", "AddressRefused", why, None),
     };
     let current = eip.status.as_ref();
     let unchanged = current.is_some_and(|s| {
@@ -274,13 +294,14 @@ async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
 
 /// Applies the gateway's StatefulSet, or says why it cannot.
 async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
-    let (status, reason, message) = match workload::desired(gw, &ctx.namespace, ctx.agent_image.as_deref()) {
+    let (status, reason, message) = match workload::desired(gw, &ctx.namespace, ctx.options.agent_image.as_deref()) {
         Ok(body) => {
             workload::apply(&ctx.client, &ctx.namespace, &body).await?;
             ("True", "Applied", format!("StatefulSet {}/{}", ctx.namespace, workload::name(&gw.name_any())))
         }
         Err(why) => ("False", "NotConfigured", why),
     };
+    report_validity(ctx, gw).await?;
     let current = gw.conditions().iter().find(|c| c.type_ == "WorkloadReady");
     if current.is_none_or(|c| c.status != status || c.message != message) {
         let condition = condition("WorkloadReady", status, reason, message.clone(), gw.metadata.generation);
@@ -303,6 +324,40 @@ async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+/// `Valid` on a NatGateway: an object stored before a CEL rule existed
+/// (a route with host bits, a bad next hop) is named here; the planner
+/// skips what is invalid instead of failing every sync.
+async fn report_validity(ctx: &Ctx, gw: &NatGateway) -> Result<(), Error> {
+    let errors = validate_object(&Object::NatGateway(gw.clone()));
+    let (status, reason, message) = match errors.first() {
+        None => ("True", "Valid", String::new()),
+        Some(e) => ("False", "InvalidSpec", e.to_string()),
+    };
+    let current = gw.conditions().iter().find(|c| c.type_ == "Valid");
+    if current.is_some_and(|c| c.status == status && c.message == message) || (current.is_none() && status == "True") {
+        return Ok(());
+    }
+    let condition = condition("Valid", status, reason, message.clone(), gw.metadata.generation);
+    patch_status::<NatGateway>(
+        ctx,
+        "natgw-controller/validity",
+        &gw.name_any(),
+        serde_json::json!({ "conditions": [condition] }),
+    )
+    .await?;
+    if status == "False" {
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(message),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &gw.object_ref(&())).await;
+    }
+    Ok(())
 }
 
 async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
@@ -387,28 +442,9 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-/// A cache of `api` and the stream of its changed objects. The cache
-/// leaves out managedFields: most of an object's bytes, and never read by
-/// natgw. Shared by the controller and both agents.
-pub fn cached<K>(
-    api: Api<K>,
-    config: watcher::Config,
-) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, writer) = kube::runtime::reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
-    (reader, stream)
-}
-
 /// A controller of kind K over a cache without managedFields.
 fn primary<K: Kind>(client: &Client) -> Controller<K> {
-    let (reader, stream) = cached(Api::<K>::all(client.clone()), watcher::Config::default());
+    let (reader, stream) = cached(client, watcher::Config::default(), "controller");
     Controller::for_stream(stream, reader)
 }
 
@@ -418,12 +454,12 @@ fn parent<P: Kind>(name: &str) -> Option<CacheRef<P>> {
 
 /// Runs the controllers of all kinds until `shutdown` resolves.
 /// `namespace` holds the address claims and gateway workloads (the
-/// controller's own namespace); `agent_image` runs in those workloads.
+/// controller's own namespace).
 pub async fn run(
     client: Client,
     instance: Option<String>,
     namespace: String,
-    agent_image: Option<String>,
+    options: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let cfg = watcher::Config::default();
@@ -433,8 +469,15 @@ pub async fn run(
         .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Vpc>(&g.spec.vpc));
     let subnet = primary::<Subnet>(&client)
         .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Subnet>(&g.spec.external_subnet));
+    // The workloads too: a deleted StatefulSet comes back.
+    let (k, v) = workload::WORKLOAD_LABEL;
     let gateway = primary::<NatGateway>(&client)
-        .watches(Api::<Eip>::all(all(&client)), cfg.clone(), |e| parent::<NatGateway>(&e.spec.gateway));
+        .watches(Api::<Eip>::all(all(&client)), cfg.clone(), |e| parent::<NatGateway>(&e.spec.gateway))
+        .watches(
+            Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(all(&client), &namespace),
+            watcher::Config::default().labels(&format!("{k}={v}")),
+            |s| s.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g)),
+        );
     let eip = primary::<Eip>(&client)
         .watches(Api::<FloatingIp>::all(all(&client)), cfg.clone(), |f| parent::<Eip>(&f.spec.eip))
         .watches(Api::<SnatRule>::all(all(&client)), cfg.clone(), |s| parent::<Eip>(&s.spec.eip))
@@ -457,7 +500,7 @@ pub async fn run(
         stores,
         recorder: Recorder::new(client.clone(), reporter),
         namespace: namespace.clone(),
-        agent_image,
+        options,
         book: address::Book::default(),
     });
     let gc_ctx = ctx.clone();
@@ -494,19 +537,25 @@ pub async fn run(
             drive!(dnat, DnatRule),
         )
     };
-    // Claims of Eips that are gone (their address is off the gateway).
+    // Claims of Eips that are gone (their address is off the gateway), and
+    // finalizers of agents that will never run again. Candidates come from
+    // the caches; the API server confirms each before anything goes.
     let stop_gc = stop();
     let gc = async move {
         tokio::pin!(stop_gc);
+        let mut orphans = orphans::Sweeper::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = &mut stop_gc => return,
             }
-            if let Err(e) = address::release_orphans(&client, &namespace, &gc_ctx.book).await {
+            gc_ctx.stores.ready().await;
+            let eips = &gc_ctx.stores.eips;
+            let cached_uid = |name: &str| eips.get(&CacheRef::new(name)).and_then(|e| e.uid());
+            if let Err(e) = address::release_orphans(&client, &namespace, &gc_ctx.book, cached_uid).await {
                 tracing::warn!(error = %e, "cannot release address claims");
             }
-            if let Err(e) = orphans::release(&client).await {
+            if let Err(e) = orphans.sweep(&gc_ctx).await {
                 tracing::warn!(error = %e, "cannot release finalizers of gone gateways");
             }
         }
@@ -523,8 +572,7 @@ pub struct Election {
     pub identity: String,
     pub duration_secs: u64,
     pub grace_secs: u64,
-    /// Image of the gateway workloads' agent.
-    pub agent_image: Option<String>,
+    pub options: Options,
 }
 
 /// Runs the controllers only while this instance holds the Lease; stops
@@ -594,7 +642,7 @@ async fn lead_while_elected(
             }
         };
         tokio::select! {
-            _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), election.agent_image.clone(), lost) => {
+            _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), election.options.clone(), lost) => {
                 tracing::warn!(identity = %election.identity, "lost the lease; controllers stopped");
             }
             // Dropping the channel afterwards releases the lease for a quick handover.

@@ -1,47 +1,195 @@
-//! Objects must never stay stuck on the finalizer of a gateway agent whose
-//! NatGateway is gone for good: with the NatGateway went its workload and
-//! the namespace that held the state. The NatGateway object itself, asked
-//! of the API server, is the sentinel; a cache is not trusted here.
+//! Objects must never stay stuck on the finalizer of a gateway agent that
+//! will not run again:
+//! - its NatGateway is gone for good: with it went its workload and the
+//!   namespace that held the state. The NatGateway, asked of the API
+//!   server, is the sentinel; a cache only proposes candidates.
+//! - its NatGateway is being deleted and its workload has had no ready pod
+//!   for `Options::release_after` (its node is gone, its image is missing):
+//!   rules would wait for the agent, the Eip for the rules, the gateway for
+//!   the Eip, forever. The pod's namespace, and the state in it, goes with
+//!   the gateway, so the controller releases the agent's finalizers on the
+//!   objects being deleted, with an Event on each.
 
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::reflector::Store;
 use natgw_api::{DnatRule, Eip, FloatingIp, GATEWAY_FINALIZER_PREFIX, NatGateway, SnatRule, gateway_finalizer};
 
-use crate::Kind;
+use crate::{Ctx, Kind, workload};
 
-/// Removes dead gateways' finalizers from objects being deleted; returns
-/// how many objects it released.
-pub async fn release(client: &Client) -> Result<usize, kube::Error> {
-    let live: Vec<String> = Api::<NatGateway>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|g| gateway_finalizer(&g.name_any()))
-        .collect();
-    Ok(sweep::<Eip>(client, &live).await?
-        + sweep::<FloatingIp>(client, &live).await?
-        + sweep::<SnatRule>(client, &live).await?
-        + sweep::<DnatRule>(client, &live).await?)
+/// Remembers since when each gateway being deleted has had no ready agent.
+#[derive(Default)]
+pub struct Sweeper {
+    unready_since: HashMap<String, Instant>,
 }
 
-async fn sweep<K: Kind>(client: &Client, live: &[String]) -> Result<usize, kube::Error> {
-    let api: Api<K> = Api::all(client.clone());
-    let mut released = 0;
-    for o in api.list(&ListParams::default()).await?.items {
+/// Why a finalizer is released.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Gone,
+    Abandoned,
+}
+
+impl Sweeper {
+    /// Releases what may be released; returns how many objects it changed.
+    pub async fn sweep(&mut self, ctx: &Ctx) -> Result<usize, kube::Error> {
+        let gateways = ctx.stores.gateways.state();
+        let live: BTreeSet<String> = gateways.iter().map(|g| gateway_finalizer(&g.name_any())).collect();
+        let deleting: Vec<String> =
+            gateways.iter().filter(|g| g.metadata.deletion_timestamp.is_some()).map(|g| g.name_any()).collect();
+        self.unready_since.retain(|g, _| deleting.contains(g));
+        let mut abandoned = BTreeSet::new();
+        for gw in deleting {
+            if workload_ready(ctx, &gw).await? {
+                self.unready_since.remove(&gw);
+                continue;
+            }
+            let since = *self.unready_since.entry(gw.clone()).or_insert_with(Instant::now);
+            if since.elapsed() >= ctx.options.release_after {
+                abandoned.insert(gateway_finalizer(&gw));
+            }
+        }
+        let why = |f: &String| {
+            if !f.starts_with(GATEWAY_FINALIZER_PREFIX) {
+                None
+            } else if !live.contains(f) {
+                Some(Why::Gone)
+            } else if abandoned.contains(f) {
+                Some(Why::Abandoned)
+            } else {
+                None
+            }
+        };
+        let mut candidates = Candidates {
+            eips: found(&ctx.stores.eips, &why),
+            fips: found(&ctx.stores.floating_ips, &why),
+            snats: found(&ctx.stores.snat_rules, &why),
+            dnats: found(&ctx.stores.dnat_rules, &why),
+        };
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // The API server confirms that a gateway is gone before its
+        // finalizers go: one list, only when there is a candidate.
+        let confirmed: BTreeSet<String> = if candidates.any(Why::Gone) {
+            Api::<NatGateway>::all(ctx.client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .map(|g| gateway_finalizer(&g.name_any()))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut released = 0;
+        released += candidates.release(ctx, &confirmed, Candidates::eips).await?;
+        released += candidates.release(ctx, &confirmed, Candidates::fips).await?;
+        released += candidates.release(ctx, &confirmed, Candidates::snats).await?;
+        released += candidates.release(ctx, &confirmed, Candidates::dnats).await?;
+        Ok(released)
+    }
+}
+
+/// Whether the gateway's StatefulSet has a ready pod.
+async fn workload_ready(ctx: &Ctx, gw: &str) -> Result<bool, kube::Error> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let sts = api.get_opt(&workload::name(gw)).await?;
+    Ok(sts.and_then(|s| s.status).and_then(|s| s.ready_replicas).unwrap_or(0) > 0)
+}
+
+type Found<K> = Vec<(std::sync::Arc<K>, Vec<(String, Why)>)>;
+
+struct Candidates {
+    eips: Found<Eip>,
+    fips: Found<FloatingIp>,
+    snats: Found<SnatRule>,
+    dnats: Found<DnatRule>,
+}
+
+/// Cached objects being deleted that carry a finalizer `why` picks.
+fn found<K: Kind>(store: &Store<K>, why: &impl Fn(&String) -> Option<Why>) -> Found<K> {
+    let mut out = Found::new();
+    for o in store.state() {
         if o.meta().deletion_timestamp.is_none() {
             continue;
         }
-        let fins = o.finalizers().to_vec();
-        let keep: Vec<String> =
-            fins.iter().filter(|f| !f.starts_with(GATEWAY_FINALIZER_PREFIX) || live.contains(f)).cloned().collect();
-        if keep.len() == fins.len() {
-            continue;
+        let fins: Vec<(String, Why)> = o.finalizers().iter().filter_map(|f| Some((f.clone(), why(f)?))).collect();
+        if !fins.is_empty() {
+            out.push((o, fins));
         }
-        tracing::info!(kind = K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway that no longer exists");
-        let patch = serde_json::json!({ "metadata": { "resourceVersion": o.resource_version(), "finalizers": keep } });
-        api.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        released += 1;
     }
-    Ok(released)
+    out
+}
+
+impl Candidates {
+    fn is_empty(&self) -> bool {
+        self.eips.is_empty() && self.fips.is_empty() && self.snats.is_empty() && self.dnats.is_empty()
+    }
+
+    fn any(&self, why: Why) -> bool {
+        fn has<K>(f: &Found<K>, why: Why) -> bool {
+            f.iter().any(|(_, fs)| fs.iter().any(|(_, w)| *w == why))
+        }
+        has(&self.eips, why) || has(&self.fips, why) || has(&self.snats, why) || has(&self.dnats, why)
+    }
+
+    fn eips(&mut self) -> &mut Found<Eip> {
+        &mut self.eips
+    }
+    fn fips(&mut self) -> &mut Found<FloatingIp> {
+        &mut self.fips
+    }
+    fn snats(&mut self) -> &mut Found<SnatRule> {
+        &mut self.snats
+    }
+    fn dnats(&mut self) -> &mut Found<DnatRule> {
+        &mut self.dnats
+    }
+
+    async fn release<K: Kind>(
+        &mut self,
+        ctx: &Ctx,
+        confirmed_live: &BTreeSet<String>,
+        slot: fn(&mut Self) -> &mut Found<K>,
+    ) -> Result<usize, kube::Error> {
+        let api: Api<K> = Api::all(ctx.client.clone());
+        let mut released = 0;
+        for (o, found) in slot(self).drain(..) {
+            // A gateway the API server still has is not gone.
+            let drop: Vec<(String, Why)> =
+                found.into_iter().filter(|(f, w)| *w == Why::Abandoned || !confirmed_live.contains(f)).collect();
+            if drop.is_empty() {
+                continue;
+            }
+            let keep: Vec<String> =
+                o.finalizers().iter().filter(|f| !drop.iter().any(|(d, _)| d == *f)).cloned().collect();
+            tracing::info!(kind = K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway agent that will not run again");
+            let patch =
+                serde_json::json!({ "metadata": { "resourceVersion": o.resource_version(), "finalizers": keep } });
+            api.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            released += 1;
+            if drop.iter().any(|(_, w)| *w == Why::Abandoned) {
+                let note = format!(
+                    "released {}: its NatGateway is being deleted and its agent has had no ready pod for {} s",
+                    drop.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join(", "),
+                    ctx.options.release_after.as_secs()
+                );
+                let event = KubeEvent {
+                    type_: EventType::Warning,
+                    reason: "AgentUnavailable".into(),
+                    note: Some(note),
+                    action: "ReleaseFinalizer".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&event, &o.object_ref(&())).await;
+            }
+        }
+        Ok(released)
+    }
 }

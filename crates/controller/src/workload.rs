@@ -6,12 +6,15 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::NatGateway;
 
-/// StatefulSet names stay well under the 63-byte label limit.
+/// StatefulSet names stay within 52 bytes (the StatefulSet controller
+/// adds a revision hash to a label value of at most 63). A long gateway
+/// name is cut and hashed, so two gateways never share a workload.
 pub fn name(gw: &str) -> String {
-    let mut n = format!("natgw-gw-{gw}");
-    n.truncate(52);
-    n.trim_end_matches(['-', '.']).to_string()
+    natgw_api::bounded_name("natgw-gw-", gw, 52)
 }
+
+/// Label on every gateway workload, for watching them.
+pub const WORKLOAD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "natgw-gateway");
 
 /// The desired StatefulSet, or why there cannot be one.
 pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<serde_json::Value, String> {

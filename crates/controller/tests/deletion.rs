@@ -31,7 +31,7 @@ fn start(client: Client) -> Running {
         client,
         Some("test".into()),
         "natgw-system".into(),
-        Some("natgw:test".into()),
+        natgw_controller::Options { agent_image: Some("natgw:test".into()), ..Default::default() },
         async move {
             let _ = rx.await;
         },
@@ -192,7 +192,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         identity: id.into(),
         duration_secs: 3,
         grace_secs: 1,
-        agent_image: None,
+        options: Default::default(),
     };
     let a = tokio::spawn(natgw_controller::run_elected(
         env.natgw_client("natgw-controller").await.unwrap(),

@@ -74,18 +74,8 @@ fn rule_defs(lan: &str, ext: &str) -> Vec<RuleDef> {
     ]
 }
 
-/// FNV-1a: a stable, dependency-free fingerprint for rule comments.
-fn fingerprint(text: &str) -> u32 {
-    let mut h: u32 = 0x811c9dc5;
-    for b in text.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    h
-}
-
 fn comment(def: &RuleDef) -> String {
-    format!("natgw {} {:08x}", def.role, fingerprint(&def.text))
+    format!("natgw {} {:08x}", def.role, natgw_api::fnv1a(def.text.as_bytes()))
 }
 
 /// The skeleton natgw wants for a gateway with these interfaces.

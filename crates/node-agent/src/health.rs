@@ -30,7 +30,9 @@ fn render_metrics(h: &Health) -> String {
          # TYPE natgw_egress_syncs_total counter\nnatgw_egress_syncs_total{{result=\"ok\"}} {}\nnatgw_egress_syncs_total{{result=\"error\"}} {}\n\
          # TYPE natgw_egress_last_sync_seconds gauge\nnatgw_egress_last_sync_seconds {}\n\
          # TYPE natgw_egress_services gauge\nnatgw_egress_services{{state=\"programmed\"}} {}\nnatgw_egress_services{{state=\"invalid\"}} {}\n\
-         # TYPE natgw_egress_pods gauge\nnatgw_egress_pods{{state=\"translated\"}} {}\nnatgw_egress_pods{{state=\"held\"}} {}\n",
+         # TYPE natgw_egress_pods gauge\nnatgw_egress_pods{{state=\"translated\"}} {}\nnatgw_egress_pods{{state=\"held\"}} {}\n\
+         # HELP natgw_objects_undecodable_total Objects left out of a cache because they could not be decoded.\n\
+         # TYPE natgw_objects_undecodable_total counter\nnatgw_objects_undecodable_total {}\n",
         u8::from(h.cidrs_known),
         h.syncs_ok,
         h.syncs_failed,
@@ -39,6 +41,7 @@ fn render_metrics(h: &Health) -> String {
         h.services_invalid,
         h.pods_translated,
         h.pods_held,
+        natgw_controller::undecodable_total(),
     )
 }
 

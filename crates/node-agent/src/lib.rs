@@ -63,7 +63,7 @@ type Errors = Arc<Mutex<BTreeMap<&'static str, String>>>;
 
 /// A cache of kind K; a failing watch leaves its reason in `errors`.
 fn watch<K>(
-    api: Api<K>,
+    client: &Client,
     config: watcher::Config,
     kind: &'static str,
     errors: &Errors,
@@ -72,7 +72,7 @@ fn watch<K>(
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, stream) = natgw_controller::cached(api, config);
+    let (reader, stream) = natgw_controller::cached(client, config, "node-agent");
     let (errors, tx) = (errors.clone(), tx.clone());
     let fut = async move {
         futures::pin_mut!(stream);
@@ -297,19 +297,17 @@ pub async fn run(
     let errors: Errors = Arc::default();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let all = watcher::Config::default;
-    let (services, w1) = watch(Api::<Service>::all(client.clone()), all(), "Service", &errors, &tx);
-    let (slices, w2) = watch(Api::<EndpointSlice>::all(client.clone()), all(), "EndpointSlice", &errors, &tx);
+    let (services, w1) = watch::<Service>(&client, all(), "Service", &errors, &tx);
+    let (slices, w2) = watch::<EndpointSlice>(&client, all(), "EndpointSlice", &errors, &tx);
     let mine = all().fields(&format!("spec.nodeName={}", cfg.node));
-    let (pods, w3) =
-        optional(cfg.fail_closed.then(|| watch(Api::<Pod>::all(client.clone()), mine, "Pod", &errors, &tx)));
-    let (nodes, w4) = optional(
-        cfg.overrides.pod_cidrs.is_none().then(|| watch(Api::<Node>::all(client.clone()), all(), "Node", &errors, &tx)),
-    );
+    let (pods, w3) = optional(cfg.fail_closed.then(|| watch::<Pod>(&client, mine, "Pod", &errors, &tx)));
+    let (nodes, w4) =
+        optional(cfg.overrides.pod_cidrs.is_none().then(|| watch::<Node>(&client, all(), "Node", &errors, &tx)));
     let (service_cidrs, w5) = optional(
         cfg.overrides
             .service_cidrs
             .is_none()
-            .then(|| watch(Api::<ServiceCIDR>::all(client.clone()), all(), "ServiceCIDR", &errors, &tx)),
+            .then(|| watch::<ServiceCIDR>(&client, all(), "ServiceCIDR", &errors, &tx)),
     );
     let caches = Caches { services, slices, pods, nodes, service_cidrs, errors };
     let shared: health::Shared = Arc::default();

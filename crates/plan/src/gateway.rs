@@ -63,7 +63,13 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
         via: ext.spec.gateway,
         interface: gw.spec.external_interface.clone(),
     });
-    for r in &gw.spec.routes {
+    for (i, r) in gw.spec.routes.iter().enumerate() {
+        // A route the API server should have refused (an object from
+        // before the CEL rule) is reported and skipped, never a failing sync.
+        if let Some(e) = natgw_api::check_route(i, r).into_iter().next() {
+            p.conflict(ObjectRef::new("NatGateway", name), &e.field, e.message);
+            continue;
+        }
         p.plan.routes.insert(Route { dst: r.cidr, via: r.next_hop, interface: gw.spec.lan_interface.clone() });
     }
 
@@ -152,8 +158,10 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
         let net = s.spec.internal_cidr;
         if let Some((_, other)) = by_net.get(&net) {
             p.conflict(r, "spec.internalCidr", format!("{net} is already translated by {other}"));
-        } else if !internal.iter().any(|n| n.contains(&net.network()) || net.contains(&n.network())) {
-            p.conflict(r, "spec.internalCidr", format!("{net} overlaps no subnet of Vpc {:?}", gw.spec.vpc));
+        } else if !internal.iter().any(|n| n.contains(&net)) {
+            // Inside one subnet: a rule must never translate addresses
+            // outside the VPC (0.0.0.0/0 would take other tenants' traffic).
+            p.conflict(r, "spec.internalCidr", format!("{net} is not inside a subnet of Vpc {:?}", gw.spec.vpc));
         } else {
             p.plan.programmed.insert(r.clone());
             by_net.insert(net, (eip, r));

@@ -117,3 +117,136 @@ async fn rbac_is_enforced_for_service_accounts() {
     assert!(err.contains("forbidden") || err.contains("Forbidden"), "{err}");
     assert!(err.contains("system:serviceaccount:natgw-system:nobody"), "{err}");
 }
+
+/// Items 7, 9, 10, 15 and 18 of the hardening issue: what the API server
+/// itself refuses, so that no object natgw cannot decode or must not
+/// program gets stored.
+#[tokio::test]
+async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
+    use natgw_api::*;
+    let env = TestEnv::start().await.expect("control plane");
+    let admin = env.admin().await.unwrap();
+    install_crds(&admin).await;
+    let obj = |kind: &str, name: &str, spec: &str| {
+        format!(
+            "apiVersion: \"natgw.io/v1alpha1\"\nkind: \"{kind}\"\nmetadata: {{\"name\": \"{name}\"}}\nspec: {spec}\n"
+        )
+    };
+    let gw = |name: &str, extra: &str| {
+        obj(
+            "NatGateway",
+            name,
+            &format!(
+                r#"{{"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"{extra}}}"#
+            ),
+        )
+    };
+    // Accepted first: the same objects written canonically.
+    create::<Eip>(&admin, &obj("Eip", "ok", r#"{"gateway": "gw", "ip": "192.0.2.10"}"#)).await.unwrap();
+    create::<NatGateway>(
+        &admin,
+        &gw(&"g".repeat(63), r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "10.0.0.254"}]"#),
+    )
+    .await
+    .unwrap();
+    let cases: Vec<(Result<DynamicObject, String>, &str)> = vec![
+        // Item 7: forms `format: ipv4` accepts but Rust refuses.
+        (create::<Eip>(&admin, &obj("Eip", "b1", r#"{"gateway": "gw", "ip": "010.0.0.5"}"#)).await, "spec.ip"),
+        (
+            create::<FloatingIp>(&admin, &obj("FloatingIp", "b2", r#"{"eip": "e", "internalIp": "::ffff:10.0.0.5"}"#))
+                .await,
+            "spec.internalIp",
+        ),
+        (
+            create::<SnatRule>(&admin, &obj("SnatRule", "b3", r#"{"eip": "e", "internalCidr": "010.0.0.0/24"}"#)).await,
+            "spec.internalCidr",
+        ),
+        (
+            create::<Subnet>(&admin, &obj("Subnet", "b4", r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.01"}"#)).await,
+            "spec.gateway",
+        ),
+        // Item 9: excludeIps in one grammar: IPs and A..B ranges, inside the CIDR.
+        (
+            create::<Subnet>(
+                &admin,
+                &obj(
+                    "Subnet",
+                    "b5",
+                    r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.1.0.5-10.1.0.9"]}"#,
+                ),
+            )
+            .await,
+            "spec.excludeIps",
+        ),
+        (
+            create::<Subnet>(
+                &admin,
+                &obj(
+                    "Subnet",
+                    "b6",
+                    r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.1.0.0/28"]}"#,
+                ),
+            )
+            .await,
+            "spec.excludeIps",
+        ),
+        (
+            create::<Subnet>(
+                &admin,
+                &obj("Subnet", "b7", r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.2.0.5"]}"#),
+            )
+            .await,
+            "every address must lie inside spec.cidr",
+        ),
+        // Item 10: routes as standalone checks them.
+        (
+            create::<NatGateway>(
+                &admin,
+                &gw("b8", r#", "routes": [{"cidr": "10.9.0.1/16", "nextHop": "10.0.0.254"}]"#),
+            )
+            .await,
+            "cidr has host bits set",
+        ),
+        (
+            create::<NatGateway>(&admin, &gw("b9", r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "127.0.0.1"}]"#))
+                .await,
+            "nextHop",
+        ),
+        (
+            create::<NatGateway>(
+                &admin,
+                &gw("b10", r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "224.0.0.5"}]"#),
+            )
+            .await,
+            "nextHop",
+        ),
+        (
+            create::<NatGateway>(
+                &admin,
+                &gw("b11", r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "255.255.255.255"}]"#),
+            )
+            .await,
+            "nextHop",
+        ),
+        // Item 8: a gateway name longer than a label value.
+        (create::<NatGateway>(&admin, &gw(&"g".repeat(64), "")).await, "at most 63 characters"),
+        // Item 15: a link-local target (a metadata service).
+        (
+            create::<FloatingIp>(&admin, &obj("FloatingIp", "b12", r#"{"eip": "e", "internalIp": "169.254.169.254"}"#))
+                .await,
+            "spec.internalIp",
+        ),
+    ];
+    for (i, (result, want)) in cases.into_iter().enumerate() {
+        let err = result.err().unwrap_or_else(|| panic!("case {i} accepted; wanted {want:?}"));
+        assert!(err.contains(want), "case {i}: want {want:?} in {err}");
+    }
+    // Item 18: wildcard characters in interface names.
+    let wild = obj(
+        "NatGateway",
+        "b13",
+        r#"{"vpc": "v", "lanInterface": "eth*", "externalInterface": "net1", "externalSubnet": "ext"}"#,
+    );
+    let err = create::<NatGateway>(&admin, &wild).await.unwrap_err();
+    assert!(err.contains("spec.lanInterface"), "{err}");
+}

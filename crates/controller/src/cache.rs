@@ -1,0 +1,132 @@
+//! Watch caches that survive objects natgw cannot decode. One object the
+//! API server accepted but the Rust types refuse (stored before a CEL rule
+//! existed, or written by a newer version) must not fail the whole list:
+//! the cache would never become ready and nothing could be judged. Such
+//! an object is left out (an earlier good version stays), counted, logged
+//! and reported with a Warning Event on it.
+
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::runtime::{WatchStreamExt, watcher as watch_api};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+static UNDECODABLE: AtomicU64 = AtomicU64::new(0);
+
+/// Objects left out of a cache because they could not be decoded, since
+/// the process started (the `natgw_objects_undecodable_total` metric).
+pub fn undecodable_total() -> u64 {
+    UNDECODABLE.load(Ordering::Relaxed)
+}
+
+/// A cache of every K (cluster-wide, filtered by `config`) and the stream
+/// of its changed objects. Leaves out managedFields: most of an object's
+/// bytes, and never read by natgw. `reporter` names who publishes the
+/// Warning Events about undecodable objects.
+pub fn cached<K>(
+    client: &Client,
+    config: watcher::Config,
+    reporter: &'static str,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let ar = ApiResource::erase::<K>(&());
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let lookup = reader.clone();
+    let events = client.clone();
+    let mut reported: HashSet<(String, String)> = HashSet::new();
+    let stream = watch_api(api, config)
+        .default_backoff()
+        .filter_map(move |ev| {
+            let decoded = ev.map(|ev| decode::<K>(ev, &lookup));
+            let warn = match &decoded {
+                Ok(Err(bad)) => {
+                    let (obj, err) = &**bad;
+                    let key = (obj.uid().unwrap_or_default(), obj.resource_version().unwrap_or_default());
+                    reported.insert(key).then(|| (obj.clone(), err.clone()))
+                }
+                _ => None,
+            };
+            let events = events.clone();
+            async move {
+                if let Some((obj, err)) = warn {
+                    report::<K>(&events, &obj, &err, reporter).await;
+                }
+                match decoded {
+                    Ok(Ok(Some(ev))) => Some(Ok(ev)),
+                    Ok(Ok(None)) | Ok(Err(_)) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        })
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    (reader, stream)
+}
+
+type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(DynamicObject, String)>>;
+
+/// The typed event, `None` when there is nothing to tell the cache, or the
+/// object that could not be decoded.
+fn decode<K>(ev: WatchEvent<DynamicObject>, cache: &Store<K>) -> Decoded<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+{
+    let typed = |o: &DynamicObject| -> Result<K, String> {
+        let value = serde_json::to_value(o).map_err(|e| e.to_string())?;
+        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    };
+    Ok(match ev {
+        WatchEvent::Init => Some(WatchEvent::Init),
+        WatchEvent::InitDone => Some(WatchEvent::InitDone),
+        WatchEvent::Apply(o) => Some(WatchEvent::Apply(typed(&o).map_err(|e| Box::new((o, e)))?)),
+        WatchEvent::InitApply(o) => Some(WatchEvent::InitApply(typed(&o).map_err(|e| Box::new((o, e)))?)),
+        WatchEvent::Delete(o) => match typed(&o) {
+            Ok(k) => Some(WatchEvent::Delete(k)),
+            // Gone for good: drop the version the cache holds, if any.
+            Err(_) => cache.get(&reflector::ObjectRef::new(&o.name_any())).map(|k| WatchEvent::Delete((*k).clone())),
+        },
+    })
+}
+
+async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &DynamicObject, err: &str, reporter: &str) {
+    UNDECODABLE.fetch_add(1, Ordering::Relaxed);
+    let (kind, name) = (K::kind(&()).to_string(), obj.name_any());
+    tracing::error!(kind, name, error = err, "object cannot be decoded; left out until it is fixed");
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta { name: Some(format!("{name}.{:x}", now.as_nanosecond())), ..Default::default() },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some("Undecodable".into()),
+        action: Some("Decode".into()),
+        note: Some(format!("natgw ignores this object until it is fixed: {err}").chars().take(1024).collect()),
+        reporting_controller: Some(format!("natgw.io/{reporter}")),
+        reporting_instance: Some(reporter.into()),
+        regarding: Some(ObjectReference {
+            api_version: Some(K::api_version(&()).to_string()),
+            kind: Some(kind),
+            name: Some(name),
+            namespace: obj.namespace(),
+            uid: obj.uid(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    if let Err(e) = Api::<Event>::namespaced(client.clone(), &ns).create(&Default::default(), &event).await {
+        tracing::warn!(error = %e, "cannot publish Event");
+    }
+}

@@ -1,0 +1,254 @@
+//! The control-plane items of the hardening issue, against a real
+//! kube-apiserver with the controller under deploy/rbac.yaml.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use natgw_api::*;
+use natgw_testenv::TestEnv;
+
+fn start(client: Client, options: natgw_controller::Options) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(natgw_controller::run(
+        client,
+        Some("test".into()),
+        "natgw-system".into(),
+        options,
+        std::future::pending(),
+    ))
+}
+
+struct Stop(tokio::task::JoinHandle<()>);
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn image() -> natgw_controller::Options {
+    natgw_controller::Options { agent_image: Some("natgw:test".into()), ..Default::default() }
+}
+
+async fn setup(crds: &[CustomResourceDefinition]) -> (TestEnv, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let env = TestEnv::start().await.expect("control plane");
+    let admin = env.install_natgw(crds).await.unwrap();
+    (env, admin)
+}
+
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn create<K>(client: &Client, kind: &str, name: &str, spec: serde_json::Value)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let obj: K = natgw_testenv::natgw_object(kind, name, spec).unwrap();
+    natgw_testenv::create(client, &obj).await.unwrap();
+}
+
+async fn network(admin: &Client, gateways: &[&str]) {
+    create::<Vpc>(admin, "Vpc", "v", serde_json::json!({})).await;
+    let ext =
+        serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1", "excludeIps": ["192.0.2.2..192.0.2.9"]});
+    create::<Subnet>(admin, "Subnet", "ext", ext).await;
+    for gw in gateways {
+        let spec = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1",
+                                      "externalSubnet": "ext", "externalNetwork": "kube-system/ext"});
+        create::<NatGateway>(admin, "NatGateway", gw, spec).await;
+    }
+}
+
+async fn warned(admin: &Client, reason: &str, about: &str) -> bool {
+    let events: Api<Event> = Api::all(admin.clone());
+    events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+        e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(about)
+    })
+}
+
+/// The CRDs as they were before the CEL rules on IPs: every
+/// x-kubernetes-validations removed.
+fn without_cel() -> Vec<CustomResourceDefinition> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("x-kubernetes-validations");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    crds()
+        .into_iter()
+        .map(|c| {
+            let mut v = serde_json::to_value(c).unwrap();
+            strip(&mut v);
+            serde_json::from_value(v).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn item7_an_object_natgw_cannot_decode_does_not_freeze_the_controller() {
+    let (env, admin) = setup(&without_cel()).await;
+    // Accepted by `format: ipv4`, refused by Rust's parser.
+    let odd = serde_json::json!({
+        "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp", "metadata": {"name": "odd"},
+        "spec": {"eip": "e", "internalIp": "010.0.0.5"},
+    });
+    let ar = kube::api::ApiResource::erase::<FloatingIp>(&());
+    let dynamic: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &ar);
+    dynamic.create(&Default::default(), &serde_json::from_value(odd).unwrap()).await.unwrap();
+    // Today's CRDs do not touch what is stored.
+    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    for crd in crds() {
+        api.patch(&crd.name_any(), &PatchParams::apply("test").force(), &Patch::Apply(&crd)).await.unwrap();
+    }
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    create::<Vpc>(&admin, "Vpc", "v", serde_json::json!({})).await;
+    let subnet = serde_json::json!({"vpc": "v", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"});
+    create::<Subnet>(&admin, "Subnet", "s", subnet).await;
+    let vpcs: Api<Vpc> = Api::all(admin.clone());
+    eventually("the controller works: membership of the VPC", || async {
+        vpcs.get("v").await.unwrap().status.is_some_and(|s| s.subnets == ["s"])
+    })
+    .await;
+    eventually("a Warning Event on the undecodable object", || warned(&admin, "Undecodable", "odd")).await;
+}
+
+#[tokio::test]
+async fn item8_long_gateway_names_sharing_a_prefix_get_their_own_workloads() {
+    let (env, admin) = setup(&crds()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    let a = format!("{}-a", "long".repeat(14));
+    let b = format!("{}-b", "long".repeat(14));
+    network(&admin, &[&a, &b]).await;
+    let (wa, wb) = (natgw_controller::workload::name(&a), natgw_controller::workload::name(&b));
+    assert_ne!(wa, wb);
+    let sts: Api<StatefulSet> = Api::namespaced(admin.clone(), "natgw-system");
+    eventually("two workloads", || async {
+        sts.get_opt(&wa).await.unwrap().is_some() && sts.get_opt(&wb).await.unwrap().is_some()
+    })
+    .await;
+    // A deleted workload comes back.
+    sts.delete(&wa, &DeleteParams::default()).await.unwrap();
+    eventually("the workload recreated", || async {
+        sts.get_opt(&wa).await.unwrap().is_some_and(|s| s.metadata.deletion_timestamp.is_none())
+    })
+    .await;
+    // Deleting one gateway leaves the other's workload alone.
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    gws.delete(&a, &DeleteParams::default()).await.unwrap();
+    eventually("a's workload gone", || async { gws.get_opt(&a).await.unwrap().is_none() }).await;
+    eventually("a's StatefulSet gone", || async { sts.get_opt(&wa).await.unwrap().is_none() }).await;
+    assert!(sts.get_opt(&wb).await.unwrap().is_some(), "b's workload survives");
+}
+
+#[tokio::test]
+async fn item9_a_fixed_ip_inside_an_exclusion_is_refused_with_a_condition() {
+    let (env, admin) = setup(&crds()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    network(&admin, &["gw"]).await;
+    create::<Eip>(&admin, "Eip", "fenced", serde_json::json!({"gateway": "gw", "ip": "192.0.2.5"})).await;
+    create::<Eip>(&admin, "Eip", "free", serde_json::json!({"gateway": "gw"})).await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    eventually("AddressAssigned=False naming the exclusion", || async {
+        let e = eips.get("fenced").await.unwrap();
+        e.status.is_some_and(|s| {
+            s.ip.is_none()
+                && s.common.conditions.iter().any(|c| {
+                    c.type_ == "AddressAssigned" && c.reason == "AddressRefused" && c.message.contains("excludeIps")
+                })
+        })
+    })
+    .await;
+    eventually("the allocated address skips the exclusion", || async {
+        eips.get("free").await.unwrap().status.and_then(|s| s.ip) == Some("192.0.2.10".parse().unwrap())
+    })
+    .await;
+    assert!(warned(&admin, "AddressRefused", "fenced").await);
+}
+
+#[tokio::test]
+async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
+    let (env, admin) = setup(&crds()).await;
+    let options = natgw_controller::Options { release_after: Duration::from_secs(2), ..image() };
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    network(&admin, &["gw"]).await;
+    create::<Eip>(&admin, "Eip", "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.20"})).await;
+    create::<FloatingIp>(&admin, "FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})).await;
+    // The agent's finalizer, as an agent that ran once and whose node is
+    // gone now would have left it.
+    let fin = gateway_finalizer("gw");
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let fips: Api<FloatingIp> = Api::all(admin.clone());
+    eventually("the controller's finalizers", || async {
+        !eips.get("e").await.unwrap().finalizers().is_empty() && !fips.get("f").await.unwrap().finalizers().is_empty()
+    })
+    .await;
+    for (name, kind) in [("e", "eips"), ("f", "floatingips")] {
+        let patch = serde_json::json!({"metadata": {"finalizers": [natgw_controller::FINALIZER, fin]}});
+        let pp = PatchParams::default();
+        match kind {
+            "eips" => eips.patch(name, &pp, &Patch::Merge(&patch)).await.map(drop),
+            _ => fips.patch(name, &pp, &Patch::Merge(&patch)).await.map(drop),
+        }
+        .unwrap();
+    }
+    fips.delete("f", &DeleteParams::default()).await.unwrap();
+    eips.delete("e", &DeleteParams::default()).await.unwrap();
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    gws.delete("gw", &DeleteParams::default()).await.unwrap();
+    eventually("everything gone", || async {
+        fips.get_opt("f").await.unwrap().is_none()
+            && eips.get_opt("e").await.unwrap().is_none()
+            && gws.get_opt("gw").await.unwrap().is_none()
+    })
+    .await;
+    assert!(warned(&admin, "AgentUnavailable", "f").await, "an Event says why the finalizer went");
+}
+
+/// Item 14: an idle controller lists nothing; it works from its caches.
+#[tokio::test]
+async fn item14_an_idle_controller_sends_no_lists() {
+    let (env, admin) = setup(&crds()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    network(&admin, &["gw"]).await;
+    create::<Eip>(&admin, "Eip", "e", serde_json::json!({"gateway": "gw"})).await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    eventually("the Eip allocated", || async { eips.get("e").await.unwrap().status.and_then(|s| s.ip).is_some() })
+        .await;
+    let lists = || async {
+        let text = admin.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("verb=\"LIST\""))
+            .filter(|l| {
+                ["natgateways", "eips", "floatingips", "snatrules", "dnatrules", "configmaps"]
+                    .iter()
+                    .any(|r| l.contains(&format!("resource=\"{r}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = lists().await;
+    assert!(before > 0.0, "the API server's metrics count the controller's first lists");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(lists().await, before, "lists while idle");
+}
