@@ -9,7 +9,9 @@ mod types;
 mod validate;
 
 pub use crd::{crds, crds_yaml};
-pub use manifest::{LoadError, Source, load_path, load_str, load_texts, manifest_files, parse_object};
+pub use manifest::{
+    LoadError, MAX_DOCUMENTS, MAX_FILE_BYTES, Source, load_path, load_str, load_texts, manifest_files, parse_object,
+};
 pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
 pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};

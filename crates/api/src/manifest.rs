@@ -25,10 +25,33 @@ impl fmt::Display for Source {
     }
 }
 
+/// The largest manifest file natgw reads: the bound that protects memory
+/// (parsing needs a few times the text). 64 MiB holds about 300,000
+/// objects.
+pub const MAX_FILE_BYTES: usize = 64 << 20;
+/// Documents per file at most. The YAML parser's default (1,024) refused
+/// real inventories; within `MAX_FILE_BYTES` this never binds first for
+/// natgw objects.
+pub const MAX_DOCUMENTS: usize = 1_000_000;
+
+/// Parser limits sized for `MAX_FILE_BYTES` of natgw objects.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: MAX_DOCUMENTS,
+            max_nodes: 50_000_000,
+            max_events: 100_000_000,
+            max_total_scalar_bytes: MAX_FILE_BYTES,
+        },
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{file}: {size} bytes; a manifest file holds at most {max} (split it into several files)", max = MAX_FILE_BYTES)]
+    TooLarge { file: PathBuf, size: usize },
     #[error("{file}: malformed YAML: {message}")]
     Yaml { file: PathBuf, message: String },
     #[error("{at}: {message}")]
@@ -47,6 +70,10 @@ pub enum LoadError {
 pub fn load_path(path: &Path) -> Result<(ObjectSet, BTreeMap<ObjectRef, Source>), LoadError> {
     let mut docs = Vec::new();
     for file in manifest_files(path)? {
+        let size = std::fs::metadata(&file).map_err(|source| LoadError::Io { path: file.clone(), source })?.len();
+        if size > MAX_FILE_BYTES as u64 {
+            return Err(LoadError::TooLarge { file, size: size as usize });
+        }
         let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io { path: file.clone(), source })?;
         docs.push((file, text));
     }
@@ -101,7 +128,11 @@ fn load_documents<'a>(
     let mut set = ObjectSet::default();
     let mut sources: BTreeMap<ObjectRef, Source> = BTreeMap::new();
     for (file, text) in files {
-        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        if text.len() > MAX_FILE_BYTES {
+            errors.push(LoadError::TooLarge { file: file.to_path_buf(), size: text.len() });
+            continue;
+        }
+        let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
             Ok(d) => d,
             Err(e) => {
                 errors.push(LoadError::Yaml { file: file.to_path_buf(), message: e.to_string() });

@@ -66,3 +66,28 @@ fn every_error_is_reported_not_only_the_first() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Item 20: a file of 20,000 objects loads (the YAML parser's default
+/// budget stopped at 1,024 documents); the bound that protects memory is
+/// the file size, and it is said clearly.
+#[test]
+fn item20_a_file_of_twenty_thousand_objects_loads_and_a_huge_one_is_refused_clearly() {
+    let mut text = String::from(
+        "apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: v}\n---\n\
+         apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: lan}\nspec: {vpc: v, cidr: 10.0.0.0/8, gateway: 10.0.0.1}\n---\n\
+         apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: ext}\nspec: {cidr: 100.64.0.0/10, gateway: 100.64.0.1}\n---\n\
+         apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: gw}\nspec: {vpc: v, lanInterface: lan0, externalInterface: ext0, externalSubnet: ext}\n",
+    );
+    for i in 0..10_000u32 {
+        let (a, b) = (i / 250, i % 250 + 2);
+        text.push_str(&format!(
+            "---\napiVersion: natgw.io/v1alpha1\nkind: Eip\nmetadata: {{name: e{i}}}\nspec: {{gateway: gw, ip: 100.64.{a}.{b}}}\n\
+             ---\napiVersion: natgw.io/v1alpha1\nkind: FloatingIp\nmetadata: {{name: f{i}}}\nspec: {{eip: e{i}, internalIp: 10.1.{a}.{b}}}\n"
+        ));
+    }
+    let (set, _) = load_str(Path::new("big.yaml"), &text).expect("20,000 objects load");
+    assert_eq!(set.eips.len() + set.floating_ips.len(), 20_000);
+    let huge = "#".repeat(natgw_api::MAX_FILE_BYTES + 1);
+    let e = err(&huge);
+    assert!(e.contains("at most") && e.contains("split it"), "{e}");
+}

@@ -104,24 +104,59 @@ pub fn teardown(netns: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long a file must stay missing before `run` treats it as deleted:
+/// an editor's save (rename the old file away, write the new one) or a
+/// sync tool's swap makes a file vanish for a moment.
+pub const MISSING_GRACE: Duration = Duration::from_secs(2);
+
 /// Manifest texts in force, per file. A file's new content replaces the
 /// old one only if the whole set still loads; otherwise the last good
-/// version stays in force and the error is reported once.
+/// version stays in force and the error is reported once. A file that
+/// cannot be read keeps its last good version; one that is missing counts
+/// as deleted only after `MISSING_GRACE`.
 #[derive(Default)]
 pub struct Manifests {
     good: BTreeMap<PathBuf, String>,
     rejected: BTreeMap<PathBuf, Option<String>>,
+    missing_since: BTreeMap<PathBuf, Instant>,
+    unreadable: BTreeMap<PathBuf, String>,
 }
 
 impl Manifests {
     /// Looks at the files; returns the object set if anything was accepted.
     pub fn refresh(&mut self, dir: &Path) -> Result<Option<ObjectSet>> {
+        self.refresh_at(dir, Instant::now())
+    }
+
+    /// `refresh` as if the time were `now` (tests).
+    pub fn refresh_at(&mut self, dir: &Path, now: Instant) -> Result<Option<ObjectSet>> {
+        // A single file given with -f may be the one that vanished.
+        let listed = if dir.exists() { manifest_files(dir)? } else { Vec::new() };
         let mut seen: BTreeMap<PathBuf, Option<String>> = BTreeMap::new();
-        for f in manifest_files(dir)? {
-            seen.insert(f.clone(), std::fs::read_to_string(&f).ok());
+        self.unreadable.retain(|f, _| listed.contains(f));
+        for f in listed {
+            match std::fs::read_to_string(&f) {
+                Ok(text) => {
+                    self.unreadable.remove(&f);
+                    seen.insert(f, Some(text));
+                }
+                Err(e) => {
+                    // Never a deletion: keep what is in force and say why once.
+                    if self.unreadable.insert(f.clone(), e.to_string()).as_deref() != Some(&e.to_string()) {
+                        tracing::error!(file = %f.display(), "cannot read the manifest ({e}); its last good version stays in force");
+                    }
+                }
+            }
         }
         for f in self.good.keys() {
-            seen.entry(f.clone()).or_insert(None);
+            if seen.contains_key(f) || self.unreadable.contains_key(f) {
+                self.missing_since.remove(f);
+                continue;
+            }
+            let since = *self.missing_since.entry(f.clone()).or_insert(now);
+            if now.duration_since(since) >= MISSING_GRACE {
+                seen.insert(f.clone(), None);
+            }
         }
         let mut accepted = false;
         for (file, content) in seen {
@@ -138,6 +173,7 @@ impl Manifests {
                 Ok(_) => {
                     self.good = candidate;
                     self.rejected.remove(&file);
+                    self.missing_since.remove(&file);
                     accepted = true;
                     tracing::info!(file = %file.display(), "accepted manifest change");
                 }
@@ -168,9 +204,14 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
     let mut dirty = true;
     tracing::info!(netns, dir = %dir.display(), "keeping the namespace converged");
     loop {
-        if let Some(new) = manifests.refresh(dir)? {
-            set = new;
-            dirty = true;
+        match manifests.refresh(dir) {
+            Ok(Some(new)) => {
+                set = new;
+                dirty = true;
+            }
+            Ok(None) => {}
+            // An unreadable directory changes nothing in force.
+            Err(e) => tracing::error!("cannot look at the manifests: {e:#}"),
         }
         let due = last_sync.is_none_or(|t| t.elapsed() >= Duration::from_secs(resync));
         if dirty || due {
@@ -191,5 +232,63 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
             last_sync = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(poll_ms));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NET: &str = "apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: v}\n";
+    const MORE: &str = "apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: w}\n";
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("natgw-manifests-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn item21_an_editors_save_or_an_unreadable_file_never_tears_down_state() {
+        let d = dir("save");
+        let (a, b) = (d.join("a.yaml"), d.join("b.yaml"));
+        std::fs::write(&a, NET).unwrap();
+        std::fs::write(&b, MORE).unwrap();
+        let mut m = Manifests::default();
+        let t0 = Instant::now();
+        assert_eq!(m.refresh_at(&d, t0).unwrap().unwrap().vpcs.len(), 2);
+        // The editor renames the old file away before writing the new one.
+        std::fs::rename(&a, d.join(".a.yaml.swp")).unwrap();
+        assert!(
+            m.refresh_at(&d, t0 + Duration::from_millis(500)).unwrap().is_none(),
+            "no change while briefly missing"
+        );
+        std::fs::write(&a, NET).unwrap();
+        assert!(m.refresh_at(&d, t0 + Duration::from_secs(1)).unwrap().is_none(), "same content: nothing to do");
+        // Unreadable (not UTF-8, e.g. half written by a tool): kept.
+        std::fs::write(&a, [0xff, 0xfe, 0x00]).unwrap();
+        assert!(m.refresh_at(&d, t0 + Duration::from_secs(10)).unwrap().is_none(), "unreadable keeps the last good");
+        // Gone for longer than the grace: deleted.
+        std::fs::remove_file(&a).unwrap();
+        assert!(m.refresh_at(&d, t0 + Duration::from_secs(11)).unwrap().is_none());
+        let set = m.refresh_at(&d, t0 + Duration::from_secs(11) + MISSING_GRACE).unwrap().expect("deletion accepted");
+        assert_eq!(set.vpcs.keys().collect::<Vec<_>>(), ["w"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn item21_a_single_file_that_vanishes_briefly_is_kept() {
+        let d = dir("single");
+        let f = d.join("all.yaml");
+        std::fs::write(&f, NET).unwrap();
+        let mut m = Manifests::default();
+        let t0 = Instant::now();
+        assert!(m.refresh_at(&f, t0).unwrap().is_some());
+        std::fs::remove_file(&f).unwrap();
+        assert!(m.refresh_at(&f, t0 + Duration::from_millis(100)).unwrap().is_none());
+        std::fs::write(&f, NET).unwrap();
+        assert!(m.refresh_at(&f, t0 + Duration::from_secs(5)).unwrap().is_none(), "back before it counted as deleted");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -36,7 +36,7 @@ pub fn cached<K>(
     client: &Client,
     config: watcher::Config,
     reporter: &'static str,
-) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>)
+) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
@@ -72,7 +72,9 @@ where
         })
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
-        .applied_objects();
+        .applied_objects()
+        // Boxed: seven of these in one future overflowed a test thread's stack.
+        .boxed();
     (reader, stream)
 }
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
 use natgw_api::Protocol;
 use natgw_plan::{GatewayPlan, NatTables};
 
@@ -53,9 +54,24 @@ fn dnat_target(nat: &NatTables, e: &CtEntry) -> Option<(Ipv4Addr, Option<u16>)> 
     nat.fip_dnat.get(&e.orig.dst).map(|ip| (*ip, None))
 }
 
-/// `ours`: every address natgw holds or held on this gateway (EIPs).
-pub fn is_stale(e: &CtEntry, plan: &GatewayPlan, ours: &BTreeSet<Ipv4Addr>) -> bool {
+/// Whether a flow is the gateway's own or not forwarded at all: sent from
+/// one of its addresses (IGMP reports of a bridge with an address, ARP
+/// helpers), or to a multicast or broadcast address. natgw neither
+/// translates nor should translate such flows.
+fn not_forwarded(e: &CtEntry, local: &[Ipv4Net]) -> bool {
+    let dst = e.orig.dst;
+    dst.is_multicast()
+        || dst.is_broadcast()
+        || local.iter().any(|n| n.addr() == e.orig.src || (n.prefix_len() < 31 && n.broadcast() == dst))
+}
+
+/// `ours`: every address natgw holds or held on this gateway (EIPs);
+/// `local`: every address of the namespace, with its prefix.
+pub fn is_stale(e: &CtEntry, plan: &GatewayPlan, ours: &BTreeSet<Ipv4Addr>, local: &[Ipv4Net]) -> bool {
     let nat = &plan.nat;
+    if not_forwarded(e, local) {
+        return false;
+    }
     let dnatted = e.orig.dst != e.reply.src;
     let snatted = e.orig.src != e.reply.dst;
     if dnatted && ours.contains(&e.orig.dst) {
@@ -130,7 +146,7 @@ mod tests {
             reply: t("10.0.0.6", "198.51.100.1", 8080, 4000),
         };
         for e in [inbound, outbound, fwd] {
-            assert!(!is_stale(&e, &plan(), &ours()), "{e:?}");
+            assert!(!is_stale(&e, &plan(), &ours(), &[]), "{e:?}");
         }
     }
 
@@ -149,8 +165,8 @@ mod tests {
             orig: t("10.0.0.5", "198.51.100.1", 4000, 53),
             reply: t("198.51.100.1", "198.51.100.10", 53, 4000),
         };
-        assert!(is_stale(&inbound, &p, &ours()));
-        assert!(is_stale(&outbound, &p, &ours()));
+        assert!(is_stale(&inbound, &p, &ours(), &[]));
+        assert!(is_stale(&outbound, &p, &ours(), &[]));
     }
 
     #[test]
@@ -160,7 +176,7 @@ mod tests {
             orig: t("198.51.100.1", "198.51.100.11", 4000, 80),
             reply: t("10.0.0.7", "198.51.100.1", 8080, 4000),
         };
-        assert!(is_stale(&e, &plan(), &ours()));
+        assert!(is_stale(&e, &plan(), &ours(), &[]));
     }
 
     #[test]
@@ -170,10 +186,10 @@ mod tests {
             orig: t("10.0.0.5", "198.51.100.1", 4000, 22),
             reply: t("198.51.100.1", "10.0.0.5", 22, 4000),
         };
-        assert!(is_stale(&e, &plan(), &ours()));
+        assert!(is_stale(&e, &plan(), &ours(), &[]));
         let internal =
             CtEntry { proto: 6, orig: t("10.0.0.5", "10.0.0.9", 4000, 22), reply: t("10.0.0.9", "10.0.0.5", 22, 4000) };
-        assert!(!is_stale(&internal, &plan(), &ours()));
+        assert!(!is_stale(&internal, &plan(), &ours(), &[]));
     }
 
     #[test]
@@ -183,7 +199,27 @@ mod tests {
             orig: t("172.16.0.2", "203.0.113.1", 4000, 22),
             reply: t("203.0.113.1", "192.0.2.99", 22, 4000),
         };
-        assert!(!is_stale(&e, &plan(), &ours()));
+        assert!(!is_stale(&e, &plan(), &ours(), &[]));
+    }
+
+    #[test]
+    fn item19_the_gateways_own_multicast_and_broadcast_flows_never_count() {
+        let mut p = plan();
+        p.nat.snat =
+            vec![natgw_plan::SnatRange { first: ip("10.0.0.0"), last: ip("10.0.0.255"), eip: ip("198.51.100.10") }];
+        let local: Vec<Ipv4Net> = vec!["10.0.0.254/24".parse().unwrap(), "198.51.100.10/24".parse().unwrap()];
+        let flow =
+            |src: &str, dst: &str, proto: u8| CtEntry { proto, orig: t(src, dst, 0, 0), reply: t(dst, src, 0, 0) };
+        // IGMP report of the LAN bridge, mDNS, a subnet broadcast.
+        for e in [
+            flow("10.0.0.254", "224.0.0.22", 2),
+            flow("10.0.0.9", "224.0.0.251", 17),
+            flow("10.0.0.9", "10.0.0.255", 17),
+        ] {
+            assert!(!is_stale(&e, &p, &ours(), &local), "{e:?}");
+        }
+        // A forwarded host that left untranslated still counts.
+        assert!(is_stale(&flow("10.0.0.9", "203.0.113.1", 6), &p, &ours(), &local));
     }
 
     #[test]
@@ -193,6 +229,6 @@ mod tests {
             orig: t("10.0.0.9", "198.51.100.10", 4000, 22),
             reply: t("10.0.0.5", "198.51.100.10", 22, 4000),
         };
-        assert!(!is_stale(&e, &plan(), &ours()));
+        assert!(!is_stale(&e, &plan(), &ours(), &[]));
     }
 }

@@ -91,7 +91,12 @@ pub enum Read {
 /// pass even when nothing changed (first sync after start). A sync from
 /// the mirror that fails is retried once from a fresh kernel read: the
 /// kernel may have changed behind natgw's back.
-pub fn sync(plan: &GatewayPlan, sweep_conntrack: bool, read_mode: Read) -> Result<SyncReport, SyncError> {
+pub fn sync(
+    plan: &GatewayPlan,
+    sweep_conntrack: bool,
+    read_mode: Read,
+    fail_sweep: bool,
+) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     with_links(|links| {
         let mirrored = if read_mode == Read::Mirror { MIRROR.with(|m| m.borrow_mut().take()) } else { None };
@@ -100,11 +105,12 @@ pub fn sync(plan: &GatewayPlan, sweep_conntrack: bool, read_mode: Read) -> Resul
             Some(s) => s,
             None => read(links)?,
         };
-        let result = match converge(links, &snap, plan, sweep_conntrack) {
+        let result = match converge(links, &snap, plan, sweep_conntrack, fail_sweep) {
             Err(e) if from_mirror => {
                 tracing::warn!(error = %e, "sync from the mirror failed; retrying from a kernel read");
                 let fresh = read(links)?;
-                converge(links, &fresh, plan, sweep_conntrack).map(|r| (r, fresh))
+                // The failed attempt may have changed the kernel: sweep.
+                converge(links, &fresh, plan, true, fail_sweep).map(|r| (r, fresh))
             }
             other => other.map(|r| (r, snap)),
         };
@@ -155,6 +161,7 @@ fn converge(
     snap: &Snapshot,
     plan: &GatewayPlan,
     sweep_conntrack: bool,
+    fail_sweep: bool,
 ) -> Result<SyncReport, SyncError> {
     let mut clock = Instant::now();
     let mut lap = |report: &mut SyncReport, phase: &'static str| {
@@ -233,11 +240,16 @@ fn converge(
         || !report.routes_added.is_empty()
         || !report.routes_removed.is_empty();
     if report.changed || sweep_conntrack {
+        if fail_sweep {
+            let injected = std::io::Error::other("injected by a test");
+            return Err(SyncError::Conntrack(conntrack::ConntrackError::Io(injected)));
+        }
         let mut ours = k.our_addresses();
         eips_of(&plan.nat, &mut ours);
         ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
+        let local = local_nets(k);
         let ct = conntrack::Conntrack::open()?;
-        let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &ours)).collect();
+        let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &ours, &local)).collect();
         report.conntrack_deleted = ct.delete(&stale)?;
     }
     lap(&mut report, "conntrack");
@@ -267,6 +279,12 @@ fn converge(
     Ok(report)
 }
 
+/// Every address of the namespace with its prefix: what tells the
+/// gateway's own and broadcast traffic from forwarded traffic.
+fn local_nets(k: &KernelState) -> Vec<ipnet::Ipv4Net> {
+    k.addresses.keys().map(|a| a.addr).collect()
+}
+
 /// Every difference between `plan` and the kernel, conntrack included.
 pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
     with_links(|links| {
@@ -274,8 +292,9 @@ pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
         let mut ours = snap.state.our_addresses();
         eips_of(&plan.nat, &mut ours);
         ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
+        let local = local_nets(&snap.state);
         let dumped = conntrack::Conntrack::open()?.dump()?;
-        let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours)).collect();
+        let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours, &local)).collect();
         Ok(drift(plan, &snap.state, &stale))
     })
 }

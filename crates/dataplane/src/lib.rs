@@ -56,7 +56,13 @@ pub struct SyncReport {
 /// A gateway's network namespace, driven from a dedicated thread.
 pub struct Gateway {
     worker: netns::NetnsWorker,
-    synced_once: AtomicBool,
+    /// A conntrack sweep is owed: at start (flows from before), and after
+    /// any failed sync (the kernel may have changed before the sweep ran).
+    /// Only a successful sweep clears it, so a finalizer released after a
+    /// successful sync never leaves flows of the removed rule behind.
+    sweep_pending: AtomicBool,
+    /// Tests: make the next sweep fail.
+    fail_next_sweep: AtomicBool,
 }
 
 impl Gateway {
@@ -64,7 +70,11 @@ impl Gateway {
     /// /run/netns), or the current one with `None`.
     pub fn open(netns: Option<&str>) -> Result<Self, SyncError> {
         let path: Option<PathBuf> = netns.map(netns::netns_path);
-        Ok(Gateway { worker: netns::NetnsWorker::start(path)?, synced_once: AtomicBool::new(false) })
+        Ok(Gateway {
+            worker: netns::NetnsWorker::start(path)?,
+            sweep_pending: AtomicBool::new(true),
+            fail_next_sweep: AtomicBool::new(false),
+        })
     }
 
     /// One sync: the kernel ends up holding exactly `plan`. Diffs against
@@ -82,10 +92,25 @@ impl Gateway {
 
     fn sync_with(&self, plan: &GatewayPlan, read: engine::Read) -> Result<SyncReport, SyncError> {
         let plan = plan.clone();
-        let first = !self.synced_once.load(Ordering::Relaxed);
-        let report = self.worker.run(move || engine::sync(&plan, first, read))??;
-        self.synced_once.store(true, Ordering::Relaxed);
-        Ok(report)
+        let sweep = self.sweep_pending.load(Ordering::Relaxed);
+        let fail = self.fail_next_sweep.swap(false, Ordering::Relaxed);
+        let result = self.worker.run(move || engine::sync(&plan, sweep, read, fail)).map_err(SyncError::from);
+        match result.and_then(|r| r) {
+            Ok(report) => {
+                self.sweep_pending.store(false, Ordering::Relaxed);
+                Ok(report)
+            }
+            Err(e) => {
+                self.sweep_pending.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Tests: the next conntrack sweep fails, as a netlink error would.
+    #[doc(hidden)]
+    pub fn fail_next_sweep(&self) {
+        self.fail_next_sweep.store(true, Ordering::Relaxed);
     }
 
     /// Differences between `plan` and the kernel; empty when converged.

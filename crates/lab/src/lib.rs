@@ -90,6 +90,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Turns the gateway's LAN side into a bridge with an address, as on
+    /// many real gateways: `lan0` becomes a bridge holding 10.77.0.1 with
+    /// the former veth (`lan0p`) as its port. A bridge with an address
+    /// sends the gateway's own IGMP reports and receives the LAN's
+    /// multicast and broadcast.
+    pub fn bridge_lan(&self) -> Result<(), LabError> {
+        let gw = self.ns("gw");
+        let n = |args: &[&str]| {
+            let mut all = vec!["-n", gw.as_str()];
+            all.extend_from_slice(args);
+            ip(&all)
+        };
+        n(&["addr", "flush", "dev", LAN_IF])?;
+        n(&["link", "set", LAN_IF, "down"])?;
+        n(&["link", "set", LAN_IF, "name", "lan0p"])?;
+        n(&["link", "add", LAN_IF, "type", "bridge"])?;
+        n(&["link", "set", "lan0p", "master", LAN_IF, "up"])?;
+        n(&["link", "set", LAN_IF, "up"])?;
+        n(&["addr", "add", &format!("{GW_LAN_IP}/24"), "dev", LAN_IF])
+    }
+
     /// Namespace name of a role: gw, sw, int1, int2 or ext1.
     pub fn ns(&self, role: &str) -> String {
         format!("{}-{role}", self.prefix)
