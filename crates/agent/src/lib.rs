@@ -284,9 +284,15 @@ pub async fn run(
 ) -> Result<(), Error> {
     let ns = netns.clone();
     let gateway = Arc::new(
-        tokio::task::spawn_blocking(move || Gateway::open(ns.as_deref()))
-            .await
-            .map_err(|e| Error::Other(e.to_string()))??,
+        tokio::task::spawn_blocking(move || {
+            let g = Gateway::open(ns.as_deref())?;
+            // Before anything else: a kernel that cannot mark addresses
+            // would leave every EIP behind.
+            g.check_kernel()?;
+            Ok::<_, natgw_dataplane::SyncError>(g)
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??,
     );
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     // The network objects are few; of Eips and rules, only those the

@@ -65,3 +65,16 @@ fn item19_audit_ignores_the_gateways_own_and_multicast_traffic_on_a_bridged_lan(
     assert_eq!(report.conntrack_deleted, 0, "{report:?}");
     drop((joined, mdns));
 }
+
+#[test]
+fn item17_the_kernel_keeps_the_address_mark_and_the_probe_leaves_nothing() {
+    let lab = lab("probe");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let before = sh(&ns, "ip -d addr");
+    gw.check_kernel().expect("Linux 5.18 or later keeps IFA_PROTO");
+    assert_eq!(sh(&ns, "ip -d addr"), before, "the probe address is gone again");
+    // What an older kernel gets told.
+    let e = natgw_dataplane::link::LinkError::NoAddressMark.to_string();
+    assert!(e.contains("Linux 5.18") && e.contains("refuses to run"), "{e}");
+}

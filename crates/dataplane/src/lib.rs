@@ -77,6 +77,12 @@ impl Gateway {
         })
     }
 
+    /// Refuses to work on a kernel that cannot mark addresses as natgw's
+    /// (before Linux 5.18). Call it once at start, before any sync.
+    pub fn check_kernel(&self) -> Result<(), SyncError> {
+        Ok(self.worker.run(|| link::Links::open().and_then(|l| l.check_address_mark()))??)
+    }
+
     /// One sync: the kernel ends up holding exactly `plan`. Diffs against
     /// what the previous sync left (cheap: O(change)); the first sync of a
     /// handle reads the kernel and sweeps conntrack entries from before.

@@ -16,6 +16,9 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// "n" for natgw; unused by the kernel and by common routing daemons.
 pub const NATGW_PROTO: u8 = 110;
+/// The address the start-up probe puts on `lo` for a moment: loopback, so
+/// nothing outside the namespace ever sees it.
+pub const PROBE: Ipv4Addr = Ipv4Addr::new(127, 77, 77, 77);
 /// Netlink requests in flight at once.
 const IN_FLIGHT: usize = 256;
 
@@ -27,6 +30,11 @@ pub enum LinkError {
     Netlink(#[from] rtnetlink::Error),
     #[error("interface {0:?} does not exist in the gateway's network namespace")]
     NoInterface(String),
+    #[error(
+        "this kernel drops the address ownership mark (IFA_PROTO, kept since Linux 5.18): natgw could not tell \
+         its EIP addresses from others and would never remove them, so it refuses to run; use Linux 5.18 or later"
+    )]
+    NoAddressMark,
 }
 
 /// An interface as natgw needs it.
@@ -131,6 +139,18 @@ impl Links {
             .try_collect::<()>()
             .await
         })
+    }
+
+    /// Refuses a kernel that drops IFA_PROTO (before Linux 5.18): adds a
+    /// marked loopback address, reads it back and removes it again.
+    pub fn check_address_mark(&self) -> Result<(), LinkError> {
+        let lo = self.interfaces()?.get("lo").map(|i| i.index).ok_or_else(|| LinkError::NoInterface("lo".into()))?;
+        let probe = [(lo, Ipv4Net::from(PROBE))];
+        self.add_addresses(&probe)?;
+        let names: BTreeMap<u32, String> = [(lo, "lo".to_string())].into();
+        let kept = self.addresses(&names).map(|a| a.iter().any(|(a, owned)| a.addr.addr() == PROBE && *owned));
+        self.del_addresses(&probe)?;
+        if kept? { Ok(()) } else { Err(LinkError::NoAddressMark) }
     }
 
     /// IPv4 routes of the main table that natgw owns.
