@@ -31,3 +31,17 @@ ensure_rust() {
     exit 1
   fi
 }
+
+# rustfmt and clippy, which scripts/test runs before the tests.
+ensure_rust_tools() {
+  local missing=()
+  cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+  cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if ! command -v rustup >/dev/null; then
+      echo "cargo ${missing[*]} is missing and there is no rustup to add it" >&2
+      exit 1
+    fi
+    rustup component add "${missing[@]}"
+  fi
+}

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -44,6 +45,9 @@ pub use natgw_api::gateway_finalizer as finalizer;
 /// Caches of every kind.
 #[derive(Clone)]
 struct Caches {
+    /// The controller's address claims: an Eip's `status.ip` is used only
+    /// when its claim names the Eip (status alone could be forged).
+    claims: Store<ConfigMap>,
     vpcs: Store<Vpc>,
     subnets: Store<Subnet>,
     gateways: Store<NatGateway>,
@@ -57,13 +61,24 @@ fn watch<K: Kind>(
     client: &Client,
     config: watcher::Config,
     tx: tokio::sync::mpsc::Sender<()>,
-) -> (Store<K>, impl std::future::Future<Output = ()>) {
-    let (reader, stream) = natgw_controller::cached(client, config, "gateway-agent");
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>) {
+    watch_in(client, None, config, tx)
+}
+
+fn watch_in<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, mut stream) = natgw_controller::cached_in(client, namespace, config, "gateway-agent");
     let fut = async move {
-        futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             if let Err(e) = ev {
-                tracing::warn!(kind = K::KIND, error = %e, "watch error");
+                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error");
             }
             let _ = tx.try_send(());
         }
@@ -99,7 +114,8 @@ fn entry<K: Kind>(kind: &'static str, o: &K) -> Entry {
 impl Caches {
     async fn ready(&self) {
         use natgw_controller::is_ready;
-        while !(is_ready(&self.vpcs)
+        while !(is_ready(&self.claims)
+            && is_ready(&self.vpcs)
             && is_ready(&self.subnets)
             && is_ready(&self.gateways)
             && is_ready(&self.eips)
@@ -124,6 +140,8 @@ impl Caches {
         for o in self.gateways.state() {
             set.insert(Object::NatGateway((*o).clone()));
         }
+        let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, natgw_controller::address::Holder> =
+            self.claims.state().iter().filter_map(|c| natgw_controller::address::holder_of(c)).collect();
         let mut my_eips = BTreeSet::new();
         for o in self.eips.state() {
             if o.spec.gateway == gw {
@@ -131,10 +149,12 @@ impl Caches {
                 mine.push(entry("Eip", &*o));
             }
             // Only an address the controller claimed for this Eip is used:
-            // a fixed spec.ip that another Eip holds must not be programmed.
+            // a fixed spec.ip that another Eip holds, or a status.ip that
+            // no claim of this Eip backs, must not be programmed.
             let mut e = (*o).clone();
-            let held = e.status.as_ref().and_then(|s| s.ip);
-            if e.spec.ip.is_some() && e.spec.ip != held {
+            let uid = e.metadata.uid.clone().unwrap_or_default();
+            let held = e.status.as_ref().and_then(|s| s.ip).filter(|ip| claimed.get(ip).is_some_and(|h| h.uid == uid));
+            if e.status.as_ref().and_then(|s| s.ip) != held || (e.spec.ip.is_some() && e.spec.ip != held) {
                 e.spec.ip = None;
                 if let Some(s) = e.status.as_mut() {
                     s.ip = None;
@@ -276,10 +296,12 @@ fn set_contains(set: &ObjectSet, r: &ObjectRef) -> bool {
 }
 
 /// Runs the agent for gateway `gw` in namespace `netns` until `shutdown`.
+/// `claims` is the controller's namespace, where address claims live.
 pub async fn run(
     client: Client,
     gw: String,
     netns: Option<String>,
+    claims: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let ns = netns.clone();
@@ -306,9 +328,11 @@ pub async fn run(
     let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), tx.clone());
     let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), tx.clone());
     let (dnats, w7) = watch::<DnatRule>(&client, mine, tx.clone());
-    let caches = Caches { vpcs, subnets, gateways, eips, fips, snats, dnats };
+    let claim_label = watcher::Config::default().labels(&format!("{}=true", natgw_controller::address::CLAIM_LABEL));
+    let (claims, w0) = watch_in::<ConfigMap>(&client, Some(&claims), claim_label, tx.clone());
+    let caches = Caches { claims, vpcs, subnets, gateways, eips, fips, snats, dnats };
     let watches = async {
-        futures::join!(w1, w2, w3, w4, w5, w6, w7);
+        futures::join!(w0, w1, w2, w3, w4, w5, w6, w7);
     };
     let work = async {
         // The first round reads the kernel: a restarted gateway is fully

@@ -1,4 +1,5 @@
-//! The reports in shared/seeds, end to end: a real kube-apiserver, the
+//! The Kube-OVN reports (kubeovn/kube-ovn #5167, #5115, #4718, #5068),
+//! end to end: a real kube-apiserver, the
 //! controller and the gateway agent under deploy/rbac.yaml, a real gateway
 //! namespace and real packets.
 
@@ -40,7 +41,10 @@ impl World {
         let agent = self.env.natgw_client("natgw-gateway").await.unwrap();
         let netns = self.lab.ns("gw");
         self.agent = Some(tokio::spawn(async move {
-            if let Err(e) = natgw_agent::run(agent, "demo-gw".into(), Some(netns), std::future::pending()).await {
+            if let Err(e) =
+                natgw_agent::run(agent, "demo-gw".into(), Some(netns), "natgw-system".into(), std::future::pending())
+                    .await
+            {
                 panic!("agent stopped: {e}");
             }
         }));
@@ -402,4 +406,40 @@ async fn objects_of_a_gateway_gone_for_good_are_not_stuck() {
         fips.get_opt("f").await.unwrap().is_none() && eips.get_opt("e").await.unwrap().is_none()
     })
     .await;
+}
+
+/// Item 16: the agent trusts an Eip's status.ip only when the controller's
+/// claim of that address names the Eip. A status written by anyone else
+/// (here the admin, with the controller stopped) is never programmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn item16_a_status_ip_without_a_claim_is_never_programmed() {
+    let mut w = world("forged").await;
+    create_yaml(&w.admin, &eip("real", "198.51.100.60")).await;
+    eventually("the claimed address programmed", || async {
+        snapshot(&w).addresses.keys().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 60))
+    })
+    .await;
+    for t in w.tasks.drain(..) {
+        t.abort();
+    }
+    let forged: Eip = natgw_testenv::natgw_object("Eip", "forged", serde_json::json!({"gateway": "demo-gw"})).unwrap();
+    let eips: Api<Eip> = Api::all(w.admin.clone());
+    eips.create(&PostParams::default(), &forged).await.unwrap();
+    let label = serde_json::json!({"metadata": {"labels": {GATEWAY_LABEL: "demo-gw"}}});
+    eips.patch("forged", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await.unwrap();
+    let status = serde_json::json!({"status": {"ip": "198.51.100.77"}});
+    eips.patch_status("forged", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.unwrap();
+    eventually("the agent saw it and says it is not programmed", || async {
+        eips.get("forged")
+            .await
+            .unwrap()
+            .status
+            .is_some_and(|s| s.common.conditions.iter().any(|c| c.type_ == "Programmed" && c.status == "False"))
+    })
+    .await;
+    assert!(
+        !snapshot(&w).addresses.keys().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 77)),
+        "a forged status.ip reached the kernel"
+    );
+    w.kill_agent();
 }

@@ -1,6 +1,6 @@
 //! The baseline: Kube-OVN's VPC NAT gateway programming, one process per
-//! rule into linear iptables chains (see shared/reference/
-//! kube-ovn-nat-gateway.md §2). Kept favourable to the baseline: no
+//! rule into linear iptables chains (kubeovn/kube-ovn's
+//! `dist/images/vpcnatgateway/nat-gateway.sh`). Kept favourable to the baseline: no
 //! `iptables-save` greps, no version probes, no arping, no pod exec.
 
 use std::process::Command;

@@ -1,5 +1,5 @@
-//! `natgw`: one binary for every role. Standalone gateway mode and the lab
-//! live here; the controller and the agents join as subcommands.
+//! `natgw`: one binary for every role: standalone gateway mode, the lab,
+//! the controller, the gateway agent and the node agent.
 
 mod standalone;
 
@@ -76,9 +76,13 @@ enum Command {
         /// Network namespace path or name under /run/netns.
         #[arg(long)]
         netns: Option<String>,
+        /// The controller's namespace, where address claims live (the
+        /// gateway pod runs there).
+        #[arg(long, env = "POD_NAMESPACE")]
+        claims_namespace: String,
     },
-    /// Run the cluster controller (finalizers and deletion order so far),
-    /// leader-elected on a Lease. Uses the in-cluster config or KUBECONFIG;
+    /// Run the cluster controller (finalizers, deletion order, EIP
+    /// addresses, gateway workloads), leader-elected on a Lease. Uses the in-cluster config or KUBECONFIG;
     /// stops on SIGTERM/SIGINT and hands the Lease over.
     Controller {
         /// This instance's unique identity (the pod name in a cluster).
@@ -198,7 +202,7 @@ fn main() -> ExitCode {
                 },
             })
         }
-        Command::Agent { gateway, netns } => agent(gateway, netns),
+        Command::Agent { gateway, netns, claims_namespace } => agent(gateway, netns, claims_namespace),
         Command::NodeAgent {
             node,
             netns,
@@ -295,10 +299,10 @@ fn controller(election: natgw_controller::Election) -> anyhow::Result<ExitCode> 
     })
 }
 
-fn agent(gateway: String, netns: Option<String>) -> anyhow::Result<ExitCode> {
+fn agent(gateway: String, netns: Option<String>, claims: String) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
-        natgw_agent::run(client, gateway, netns, stop_signal()).await?;
+        natgw_agent::run(client, gateway, netns, claims, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -293,17 +293,16 @@ async fn claim(api: &Api<ConfigMap>, ip: Ipv4Addr, me: &Holder) -> Result<Result
     }
 }
 
+/// The holder a claim ConfigMap names, with its address.
+pub fn holder_of(cm: &ConfigMap) -> Option<(Ipv4Addr, Holder)> {
+    let d = cm.data.as_ref()?;
+    Some((d.get("ip")?.parse().ok()?, Holder { eip: d.get("eip")?.clone(), uid: d.get("uid")?.clone() }))
+}
+
 /// Every claim by address.
 pub async fn claims(api: &Api<ConfigMap>) -> Result<BTreeMap<Ipv4Addr, Holder>, kube::Error> {
     let list = api.list(&ListParams::default().labels(&format!("{CLAIM_LABEL}=true"))).await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter_map(|cm| {
-            let d = cm.data?;
-            Some((d.get("ip")?.parse().ok()?, Holder { eip: d.get("eip")?.clone(), uid: d.get("uid")?.clone() }))
-        })
-        .collect())
+    Ok(list.items.iter().filter_map(holder_of).collect())
 }
 
 /// Deletes claims whose Eip no longer exists. Candidates come from the

@@ -40,9 +40,25 @@ pub fn cached<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
+    cached_in(client, None, config, reporter)
+}
+
+/// `cached`, for one namespace when `namespace` is given.
+pub fn cached_in<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    reporter: &'static str,
+) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
     let ar = ApiResource::erase::<K>(&());
-    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let api = match namespace {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+        None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+    };
     let lookup = reader.clone();
     let events = client.clone();
     let mut reported: HashSet<(String, String)> = HashSet::new();

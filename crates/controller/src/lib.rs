@@ -26,7 +26,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
 
-pub use cache::{cached, undecodable_total};
+pub use cache::{cached, cached_in, undecodable_total};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -302,28 +302,37 @@ async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
         Err(why) => ("False", "NotConfigured", why),
     };
     report_validity(ctx, gw).await?;
-    let current = gw.conditions().iter().find(|c| c.type_ == "WorkloadReady");
-    if current.is_none_or(|c| c.status != status || c.message != message) {
-        let condition = condition("WorkloadReady", status, reason, message.clone(), gw.metadata.generation);
-        patch_status::<NatGateway>(
-            ctx,
-            "natgw-controller/workload",
-            &gw.name_any(),
-            serde_json::json!({ "conditions": [condition] }),
-        )
-        .await?;
-        if status == "False" {
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(message),
-                action: "CreateWorkload".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&event, &gw.object_ref(&())).await;
-        }
-    }
+    let manager = "natgw-controller/workload";
+    set_condition(ctx, gw, manager, ("WorkloadReady", status, reason, message), "CreateWorkload").await?;
     Ok(Action::await_change())
+}
+
+/// Writes condition (type, status, reason, message) with `manager` when it
+/// changed, and when it is False says so in a Warning Event too.
+async fn set_condition<K: Kind>(
+    ctx: &Ctx,
+    obj: &K,
+    manager: &str,
+    (type_, status, reason, message): (&str, &str, &str, String),
+    action: &str,
+) -> Result<(), Error> {
+    let current = obj.conditions().iter().find(|c| c.type_ == type_);
+    if current.is_some_and(|c| c.status == status && c.message == message) {
+        return Ok(());
+    }
+    let condition = condition(type_, status, reason, message.clone(), obj.meta().generation);
+    patch_status::<K>(ctx, manager, &obj.name_any(), serde_json::json!({ "conditions": [condition] })).await?;
+    if status == "False" {
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(message),
+            action: action.into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+    }
+    Ok(())
 }
 
 /// `Valid` on a NatGateway: an object stored before a CEL rule existed
@@ -335,29 +344,11 @@ async fn report_validity(ctx: &Ctx, gw: &NatGateway) -> Result<(), Error> {
         None => ("True", "Valid", String::new()),
         Some(e) => ("False", "InvalidSpec", e.to_string()),
     };
-    let current = gw.conditions().iter().find(|c| c.type_ == "Valid");
-    if current.is_some_and(|c| c.status == status && c.message == message) || (current.is_none() && status == "True") {
+    // A valid gateway that never was invalid writes nothing.
+    if status == "True" && gw.conditions().iter().all(|c| c.type_ != "Valid") {
         return Ok(());
     }
-    let condition = condition("Valid", status, reason, message.clone(), gw.metadata.generation);
-    patch_status::<NatGateway>(
-        ctx,
-        "natgw-controller/validity",
-        &gw.name_any(),
-        serde_json::json!({ "conditions": [condition] }),
-    )
-    .await?;
-    if status == "False" {
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(message),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        let _ = ctx.recorder.publish(&event, &gw.object_ref(&())).await;
-    }
-    Ok(())
+    set_condition(ctx, gw, "natgw-controller/validity", ("Valid", status, reason, message), "Validate").await
 }
 
 async fn cleanup<K: Kind>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {

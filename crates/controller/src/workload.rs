@@ -60,6 +60,9 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
                         "name": "agent",
                         "image": image,
                         "args": ["agent", "--gateway", gname],
+                        // Where the address claims live: the agent trusts an
+                        // Eip's status.ip only with a claim behind it.
+                        "env": [{ "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } }],
                         "securityContext": { "capabilities": { "add": ["NET_ADMIN", "NET_RAW"] } },
                         "readinessProbe": { "exec": { "command": ["natgw", "--version"] } },
                     }],

@@ -110,10 +110,10 @@ async fn item7_an_object_natgw_cannot_decode_does_not_freeze_the_controller() {
     let (env, admin) = setup(&without_cel()).await;
     // Accepted by `format: ipv4`, refused by Rust's parser.
     let odd = serde_json::json!({
-        "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp", "metadata": {"name": "odd"},
-        "spec": {"eip": "e", "internalIp": "010.0.0.5"},
+        "apiVersion": "natgw.io/v1alpha1", "kind": "Eip", "metadata": {"name": "odd"},
+        "spec": {"gateway": "gw", "ip": "192.000.2.10"},
     });
-    let ar = kube::api::ApiResource::erase::<FloatingIp>(&());
+    let ar = kube::api::ApiResource::erase::<Eip>(&());
     let dynamic: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &ar);
     dynamic.create(&Default::default(), &serde_json::from_value(odd).unwrap()).await.unwrap();
     // Today's CRDs do not touch what is stored.

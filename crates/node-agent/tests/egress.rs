@@ -201,6 +201,19 @@ async fn endpoints(admin: &Client, eps: &[(&str, &str)]) {
     api.patch("web-1", &PatchParams::apply("test").force(), &Patch::Apply(&slice)).await.unwrap();
 }
 
+/// A pod of `web` on node-a with int2's address, not (yet) an endpoint.
+async fn selected_pod(admin: &Client) {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "web:1"}]},
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    pods.create(&Default::default(), &pod).await.unwrap();
+    let status = serde_json::json!({"status": {"podIP": INT2_IP, "podIPs": [{"ip": INT2_IP}]}});
+    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+}
+
 async fn annotate(admin: &Client, key: &str, value: Option<&str>) {
     let api: Api<Service> = Api::namespaced(admin.clone(), "shop");
     let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
@@ -365,15 +378,7 @@ async fn fail_closed_drops_until_programmed_then_passes() {
     let (lab, _env, admin, client, _servers) = setup("neg5", Some("10.77.0.0/24")).await;
     web_service(&admin, &[]).await;
     // A pod of the Service on this node, not (yet) an endpoint.
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
-        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "web:1"}]},
-    }))
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
-    pods.create(&Default::default(), &pod).await.unwrap();
-    let status = serde_json::json!({"status": {"podIP": INT2_IP, "podIPs": [{"ip": INT2_IP}]}});
-    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    selected_pod(&admin).await;
     let agent = Agent::start(client, &lab, |c| c.fail_closed = true).await;
     eventually("the pod is held", || async { egress_table(&lab).is_some_and(|t| t.contains(INT2_IP)) }).await;
     assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, None, "dropped, never the node IP");
@@ -443,15 +448,7 @@ async fn item2_a_restart_after_kill_9_sweeps_the_old_instances_flows() {
 async fn item4_nothing_is_written_before_the_first_complete_gather() {
     let (lab, _env, admin, client, _servers) = setup("neg8", Some("10.77.0.0/24")).await;
     web_service(&admin, &[]).await;
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
-        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "web:1"}]},
-    }))
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
-    pods.create(&Default::default(), &pod).await.unwrap();
-    let status = serde_json::json!({"status": {"podIP": INT2_IP, "podIPs": [{"ip": INT2_IP}]}});
-    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    selected_pod(&admin).await;
     let held = |c: &mut Config| {
         c.fail_closed = true;
         c.keep_on_exit = true;

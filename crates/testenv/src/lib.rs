@@ -292,17 +292,56 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), EnvError> {
     Ok(())
 }
 
+/// The cluster networks the tests declare: apart from every VPC the tests
+/// use (their API server's own service range is not used by natgw objects).
+pub const TEST_CLUSTER_NETWORKS: &str = "10.96.0.0/12,10.244.0.0/16";
+
+/// Admission policies take effect a moment after they are created: waits
+/// until a request that the cluster-networks policy refuses is refused.
+async fn wait_for_policies(admin: &Client) -> Result<(), EnvError> {
+    use kube::api::ApiResource;
+    let ar = ApiResource {
+        group: "natgw.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "natgw.io/v1alpha1".into(),
+        kind: "FloatingIp".into(),
+        plural: "floatingips".into(),
+    };
+    let probe: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp",
+        "metadata": {"name": "natgw-policy-probe"}, "spec": {"eip": "none", "internalIp": "10.96.0.1"},
+    }))
+    .map_err(|e| EnvError::Kube(e.to_string()))?;
+    let api: Api<DynamicObject> = Api::all_with(admin.clone(), &ar);
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    for _ in 0..200 {
+        match api.create(&dry, &probe).await {
+            Err(kube::Error::Api(s)) if s.message.contains("cluster network") => return Ok(()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Err(EnvError::Kube("the admission policies never took effect".into()))
+}
+
 /// The namespace natgw's ServiceAccounts live in (deploy/rbac.yaml).
 pub const NATGW_NAMESPACE: &str = "natgw-system";
 
 impl TestEnv {
-    /// Installs natgw as a cluster admin would: the CRDs given and exactly
-    /// the RBAC in deploy/rbac.yaml.
+    /// Installs natgw as a cluster admin would: the CRDs given, exactly
+    /// the RBAC, roles and admission policies in deploy/, and the cluster
+    /// networks ConfigMap with `TEST_CLUSTER_NETWORKS`.
     pub async fn install_natgw(&self, crds: &[CustomResourceDefinition]) -> Result<Client, EnvError> {
         let admin = self.admin().await?;
         install_crds(&admin, crds).await?;
-        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rbac.yaml"))?;
-        apply_yaml(&admin, &rbac).await?;
+        for file in ["rbac.yaml", "roles.yaml", "policy.yaml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(file);
+            apply_yaml(&admin, &std::fs::read_to_string(path)?).await?;
+        }
+        let networks = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: natgw-cluster-networks, namespace: {NATGW_NAMESPACE}}}\ndata: {{cidrs: \"{TEST_CLUSTER_NETWORKS}\"}}\n"
+        );
+        apply_yaml(&admin, &networks).await?;
+        wait_for_policies(&admin).await?;
         Ok(admin)
     }
 
