@@ -44,6 +44,19 @@ fn errors_name_the_field() {
             "apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: g}\nspec: {vpc: v, lanInterface: eth0, externalInterface: net1, externalSubnet: e, routes: [{cidr: 10.0.0.0/8, via: 10.0.0.1}]}\n".into(),
             "spec.routes[0].via: unknown field",
         ),
+        // Item 18: what nft would read as a wildcard, refused as in the CRD.
+        (
+            "apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: g}\nspec: {vpc: v, lanInterface: \"eth*\", externalInterface: net1, externalSubnet: e}\n".into(),
+            "spec.lanInterface: \"eth*\" is not a valid interface name",
+        ),
+        // Item 9: excludeIps in the CRD's grammar, with messages that say how.
+        (subnet("{vpc: v, cidr: 10.0.0.0/24, gateway: 10.0.0.1, excludeIps: [10.0.0.0/28]}"), "is a CIDR; write the addresses as a range A..B"),
+        (subnet("{vpc: v, cidr: 10.0.0.0/24, gateway: 10.0.0.1, excludeIps: [10.0.0.2-10.0.0.9]}"), "a range is written A..B"),
+        // Item 8: a gateway name longer than a label value.
+        (
+            format!("apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {{name: {}}}\nspec: {{vpc: v, lanInterface: eth0, externalInterface: net1, externalSubnet: e}}\n", "g".repeat(64)),
+            "at most 63 characters",
+        ),
     ];
     for (text, want) in cases {
         let got = err(&text);

@@ -252,3 +252,27 @@ async fn item14_an_idle_controller_sends_no_lists() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(lists().await, before, "lists while idle");
 }
+
+/// Item 10: a NatGateway stored before the route rules existed says what
+/// is wrong in a condition; its workload is still applied.
+#[tokio::test]
+async fn item10_an_invalid_route_is_a_condition_never_a_failing_loop() {
+    let (env, admin) = setup(&without_cel()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    create::<Vpc>(&admin, "Vpc", "v", serde_json::json!({})).await;
+    create::<Subnet>(&admin, "Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"}))
+        .await;
+    let spec = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext",
+                                  "externalNetwork": "kube-system/ext", "routes": [{"cidr": "10.9.0.1/16", "nextHop": "10.0.0.254"}]});
+    create::<NatGateway>(&admin, "NatGateway", "gw", spec).await;
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    eventually("Valid=False naming the route, WorkloadReady=True", || async {
+        let conditions = gws.get("gw").await.unwrap().status.unwrap_or_default().conditions;
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Valid" && c.status == "False" && c.message.contains("spec.routes[0].cidr"))
+            && conditions.iter().any(|c| c.type_ == "WorkloadReady" && c.status == "True")
+    })
+    .await;
+    assert!(warned(&admin, "InvalidSpec", "gw").await);
+}

@@ -199,3 +199,21 @@ fn planning_is_deterministic_whatever_the_input_order() {
         + &doc("FloatingIp", "fx", "{eip: a, internalIp: 10.0.0.5}");
     assert_eq!(plan(&a), plan(&b));
 }
+
+/// Item 10: a route the API server should have refused (stored before the
+/// CEL rule) is skipped and reported, never a plan that fails every sync.
+#[test]
+fn item10_an_invalid_route_is_skipped_and_reported() {
+    let mut objects = set("");
+    let gw = objects.gateways.get_mut("gw").unwrap();
+    gw.spec.routes = vec![
+        natgw_api::GatewayRoute { cidr: "10.9.0.1/16".parse().unwrap(), next_hop: "10.0.0.254".parse().unwrap() },
+        natgw_api::GatewayRoute { cidr: "10.8.0.0/16".parse().unwrap(), next_hop: "255.255.255.255".parse().unwrap() },
+        natgw_api::GatewayRoute { cidr: "10.7.0.0/16".parse().unwrap(), next_hop: "10.0.0.254".parse().unwrap() },
+    ];
+    let p = plan_gateway(&objects, "gw").expect("the gateway still plans");
+    assert_eq!(p.routes.iter().filter(|r| r.dst.prefix_len() > 0).count(), 1, "only the valid route");
+    let fields: Vec<&str> =
+        p.conflicts.iter().filter(|c| c.object.kind == "NatGateway").map(|c| c.field.as_str()).collect();
+    assert_eq!(fields, ["spec.routes[0].cidr", "spec.routes[1].nextHop"]);
+}
