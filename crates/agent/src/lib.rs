@@ -22,8 +22,9 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use natgw_api::*;
-use natgw_controller::{FINALIZER as CONTROLLER_FINALIZER, Kind};
 use natgw_dataplane::Gateway;
+use natgw_kube_support::claims::{CLAIM_LABEL, Holder, holder_of};
+use natgw_kube_support::{KindResource, with_kind};
 use natgw_plan::{GatewayPlan, plan_gateway};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +33,11 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Sync(#[from] natgw_dataplane::SyncError),
-    #[error("{0}")]
-    Other(String),
+    /// The gateway cannot be planned: the kernel is left as it is.
+    #[error("cannot plan; the kernel is left as it is")]
+    Plan(#[from] natgw_plan::PlanError),
+    #[error("a blocking task died")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// API writes in flight at once.
@@ -57,7 +61,7 @@ struct Caches {
     dnats: Store<DnatRule>,
 }
 
-fn watch<K: Kind>(
+fn watch<K: KindResource>(
     client: &Client,
     config: watcher::Config,
     tx: tokio::sync::mpsc::Sender<()>,
@@ -74,7 +78,7 @@ fn watch_in<K>(
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, mut stream) = natgw_controller::cached_in(client, namespace, config, "gateway-agent");
+    let (reader, mut stream) = natgw_kube_support::cached_in(client, namespace, config, "gateway-agent");
     let fut = async move {
         while let Some(ev) = stream.next().await {
             if let Err(e) = ev {
@@ -97,12 +101,12 @@ struct Entry {
     conditions: Vec<Condition>,
 }
 
-fn entry<K: Kind>(kind: &'static str, o: &K) -> Entry {
+fn entry<K: KindResource>(o: &K) -> Entry {
     let m = o.meta();
     let finalizers = m.finalizers.clone().unwrap_or_default();
     let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
     Entry {
-        object: ObjectRef::new(kind, m.name.clone().unwrap_or_default()),
+        object: ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default()),
         finalizers,
         resource_version: m.resource_version.clone(),
         released,
@@ -113,18 +117,17 @@ fn entry<K: Kind>(kind: &'static str, o: &K) -> Entry {
 
 impl Caches {
     async fn ready(&self) {
-        use natgw_controller::is_ready;
-        while !(is_ready(&self.claims)
-            && is_ready(&self.vpcs)
-            && is_ready(&self.subnets)
-            && is_ready(&self.gateways)
-            && is_ready(&self.eips)
-            && is_ready(&self.fips)
-            && is_ready(&self.snats)
-            && is_ready(&self.dnats))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        natgw_kube_support::all_listed(&[
+            &self.claims,
+            &self.vpcs,
+            &self.subnets,
+            &self.gateways,
+            &self.eips,
+            &self.fips,
+            &self.snats,
+            &self.dnats,
+        ])
+        .await
     }
 
     /// Everything, plus the entries of this gateway's objects.
@@ -140,13 +143,13 @@ impl Caches {
         for o in self.gateways.state() {
             set.insert(Object::NatGateway((*o).clone()));
         }
-        let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, natgw_controller::address::Holder> =
-            self.claims.state().iter().filter_map(|c| natgw_controller::address::holder_of(c)).collect();
+        let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, Holder> =
+            self.claims.state().iter().filter_map(|c| holder_of(c)).collect();
         let mut my_eips = BTreeSet::new();
         for o in self.eips.state() {
             if o.spec.gateway == gw {
                 my_eips.insert(o.name_any());
-                mine.push(entry("Eip", &*o));
+                mine.push(entry(&*o));
             }
             // Only an address the controller claimed for this Eip is used:
             // a fixed spec.ip that another Eip holds, or a status.ip that
@@ -170,19 +173,19 @@ impl Caches {
         };
         for o in self.fips.state() {
             if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry("FloatingIp", &*o));
+                mine.push(entry(&*o));
             }
             set.insert(Object::FloatingIp((*o).clone()));
         }
         for o in self.snats.state() {
             if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry("SnatRule", &*o));
+                mine.push(entry(&*o));
             }
             set.insert(Object::SnatRule((*o).clone()));
         }
         for o in self.dnats.state() {
             if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry("DnatRule", &*o));
+                mine.push(entry(&*o));
             }
             set.insert(Object::DnatRule((*o).clone()));
         }
@@ -190,30 +193,14 @@ impl Caches {
     }
 }
 
-fn remove(set: &mut ObjectSet, r: &ObjectRef) {
-    let n = &r.name;
-    match r.kind {
-        "Eip" => drop(set.eips.remove(n)),
-        "FloatingIp" => drop(set.floating_ips.remove(n)),
-        "SnatRule" => drop(set.snat_rules.remove(n)),
-        "DnatRule" => drop(set.dnat_rules.remove(n)),
-        _ => {}
-    }
-}
-
 /// Writes an object's finalizer list, failing if the object changed since
 /// `resource_version` (merge patch with a resourceVersion precondition).
 async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> Result<(), kube::Error> {
-    let patch = serde_json::json!({ "metadata": { "resourceVersion": e.resource_version, "finalizers": finalizers } });
-    let pp = PatchParams::default();
-    let n = &e.object.name;
-    match e.object.kind {
-        "Eip" => Api::<Eip>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
-        "FloatingIp" => Api::<FloatingIp>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
-        "SnatRule" => Api::<SnatRule>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
-        "DnatRule" => Api::<DnatRule>::all(client.clone()).patch(n, &pp, &Patch::Merge(&patch)).await.map(drop),
-        _ => Ok(()),
+    async fn patch<K: KindResource>(client: &Client, name: &str, body: serde_json::Value) -> Result<(), kube::Error> {
+        Api::<K>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(&body)).await.map(drop)
     }
+    let body = serde_json::json!({ "metadata": { "resourceVersion": e.resource_version, "finalizers": finalizers } });
+    with_kind!(e.object.kind, patch(client, &e.object.name, body))
 }
 
 /// One round: finalizers first, then the kernel, then releases.
@@ -226,7 +213,7 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
         let has = e.finalizers.contains(&fin);
         if e.released || !has {
             // Not (or no longer) allowed in the kernel.
-            remove(&mut set, &e.object);
+            set.remove(&e.object);
         }
         if !e.released && !has {
             adding.push(e);
@@ -249,13 +236,11 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
         .await;
     let plan = match plan_gateway(&set, gw) {
         Ok(p) => p,
-        Err(e) => return Err(Error::Other(format!("cannot plan: {e}; the kernel is left as it is"))),
+        Err(e) => return Err(Error::Plan(e)),
     };
     let g = gateway.clone();
     let p = plan.clone();
-    let report = tokio::task::spawn_blocking(move || if resync { g.resync(&p) } else { g.sync(&p) })
-        .await
-        .map_err(|e| Error::Other(e.to_string()))??;
+    let report = tokio::task::spawn_blocking(move || if resync { g.resync(&p) } else { g.sync(&p) }).await??;
     if report.changed {
         tracing::info!(
             gateway = gw,
@@ -270,9 +255,7 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
     report_status(client, gw, &plan, &settled).await;
     // The kernel no longer holds these: let them go.
     let gone = mine.iter().filter(|e| {
-        e.finalizers.contains(&fin)
-            && !plan.programmed.contains(&e.object)
-            && (e.released || !set_contains(&set, &e.object))
+        e.finalizers.contains(&fin) && !plan.programmed.contains(&e.object) && (e.released || !set.contains(&e.object))
     });
     futures::stream::iter(gone)
         .for_each_concurrent(WRITES, |e| async {
@@ -283,16 +266,6 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
         })
         .await;
     Ok(())
-}
-
-fn set_contains(set: &ObjectSet, r: &ObjectRef) -> bool {
-    match r.kind {
-        "Eip" => set.eips.contains_key(&r.name),
-        "FloatingIp" => set.floating_ips.contains_key(&r.name),
-        "SnatRule" => set.snat_rules.contains_key(&r.name),
-        "DnatRule" => set.dnat_rules.contains_key(&r.name),
-        _ => false,
-    }
 }
 
 /// Runs the agent for gateway `gw` in namespace `netns` until `shutdown`.
@@ -313,8 +286,7 @@ pub async fn run(
             g.check_kernel()?;
             Ok::<_, natgw_dataplane::SyncError>(g)
         })
-        .await
-        .map_err(|e| Error::Other(e.to_string()))??,
+        .await??,
     );
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     // The network objects are few; of Eips and rules, only those the
@@ -328,7 +300,7 @@ pub async fn run(
     let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), tx.clone());
     let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), tx.clone());
     let (dnats, w7) = watch::<DnatRule>(&client, mine, tx.clone());
-    let claim_label = watcher::Config::default().labels(&format!("{}=true", natgw_controller::address::CLAIM_LABEL));
+    let claim_label = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
     let (claims, w0) = watch_in::<ConfigMap>(&client, Some(&claims), claim_label, tx.clone());
     let caches = Caches { claims, vpcs, subnets, gateways, eips, fips, snats, dnats };
     let watches = async {
@@ -341,7 +313,7 @@ pub async fn run(
         let mut last_full = tokio::time::Instant::now();
         loop {
             if let Err(e) = round(&client, &gateway, &caches, &gw, resync).await {
-                tracing::warn!(error = %e, "round failed; retrying");
+                tracing::warn!(error = %natgw_kube_support::chain(&e), "round failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let _ = tx.try_send(());
             }
@@ -443,23 +415,6 @@ async fn patch_status(
     r: &ObjectRef,
     status: serde_json::Value,
 ) -> Result<(), kube::Error> {
-    async fn apply<K: Kind>(
-        client: &Client,
-        manager: &str,
-        name: &str,
-        status: serde_json::Value,
-    ) -> Result<(), kube::Error> {
-        let body = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
-        Api::<K>::all(client.clone())
-            .patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body))
-            .await
-            .map(drop)
-    }
-    match r.kind {
-        "Eip" => apply::<Eip>(client, manager, &r.name, status).await,
-        "FloatingIp" => apply::<FloatingIp>(client, manager, &r.name, status).await,
-        "SnatRule" => apply::<SnatRule>(client, manager, &r.name, status).await,
-        "DnatRule" => apply::<DnatRule>(client, manager, &r.name, status).await,
-        _ => Ok(()),
-    }
+    use natgw_kube_support::status::apply_status;
+    with_kind!(r.kind, apply_status(client, manager, &r.name, status))
 }

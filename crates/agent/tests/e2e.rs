@@ -3,7 +3,6 @@
 //! controller and the gateway agent under deploy/rbac.yaml, a real gateway
 //! namespace and real packets.
 
-use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use natgw_api::*;
 use natgw_dataplane::Gateway;
 use natgw_lab::Lab;
 use natgw_lab::traffic::{tcp_server, tcp_source};
-use natgw_testenv::TestEnv;
+use natgw_testenv::{TestEnv, eventually};
 
 const EXT1: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const INT1: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
@@ -128,14 +127,6 @@ fn fip(name: &str, eip: &str, ip: &str) -> String {
     format!(
         "apiVersion: natgw.io/v1alpha1\nkind: FloatingIp\nmetadata: {{name: {name}}}\nspec: {{eip: {eip}, internalIp: {ip}}}\n"
     )
-}
-
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn snapshot(w: &World) -> natgw_dataplane::KernelState {
@@ -372,7 +363,7 @@ async fn eips_get_distinct_free_addresses_reused_only_once_off_the_gateway() {
     .await;
     // The claim goes once a is gone; only then is the address free again.
     let claims: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(w.admin.clone(), "natgw-system");
-    let claim = natgw_controller::address::claim_name(ia);
+    let claim = natgw_kube_support::claims::claim_name(ia);
     eventually("the claim released", || async { claims.get_opt(&claim).await.unwrap().is_none() }).await;
     create_yaml(&w.admin, &auto("c")).await;
     eventually("c reuses the freed address", || async { ip_of(eips.get("c").await.unwrap()) == Some(ia) }).await;

@@ -12,7 +12,7 @@ pub use crd::{crds, crds_yaml};
 pub use manifest::{
     LoadError, MAX_DOCUMENTS, MAX_FILE_BYTES, Source, load_path, load_str, load_texts, manifest_files, parse_object,
 };
-pub use objects::{KINDS, Object, ObjectRef, ObjectSet, age_key};
+pub use objects::{Kind, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
 pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};
 
@@ -20,6 +20,10 @@ pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_o
 pub const GROUP: &str = "natgw.io";
 /// The only version served so far.
 pub const VERSION: &str = "v1alpha1";
+
+/// The controller's finalizer on every natgw object: held until its
+/// deletion may proceed (deletion order).
+pub const CONTROLLER_FINALIZER: &str = "natgw.io/controller";
 
 /// The gateway agent's finalizer for NatGateway `gw`: "this object's state
 /// may be in that gateway's kernel".

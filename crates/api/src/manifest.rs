@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::objects::{KINDS, Object, ObjectRef, ObjectSet};
+use crate::objects::{Kind, Object, ObjectRef, ObjectSet};
 use crate::types::*;
 use crate::validate::{FieldError, validate_object, validate_set};
 
@@ -192,15 +192,18 @@ pub fn parse_object(doc: Value, source: &Source) -> Result<Object, LoadError> {
     if let Some(spec) = map.get("spec") {
         check_unknown_fields(&kind, spec).map_err(|f| field_err(f, "unknown field".into()))?;
     }
-    let object = match kind.as_str() {
-        "Vpc" => typed::<Vpc>(doc).map(Object::Vpc),
-        "Subnet" => typed::<Subnet>(doc).map(Object::Subnet),
-        "NatGateway" => typed::<NatGateway>(doc).map(Object::NatGateway),
-        "Eip" => typed::<Eip>(doc).map(Object::Eip),
-        "FloatingIp" => typed::<FloatingIp>(doc).map(Object::FloatingIp),
-        "SnatRule" => typed::<SnatRule>(doc).map(Object::SnatRule),
-        "DnatRule" => typed::<DnatRule>(doc).map(Object::DnatRule),
-        other => return Err(doc_err(format!("unknown kind {other:?}; natgw.io/v1alpha1 serves {}", KINDS.join(", ")))),
+    let Some(known) = Kind::from_name(&kind) else {
+        let served = Kind::ALL.map(Kind::as_str).join(", ");
+        return Err(doc_err(format!("unknown kind {kind:?}; natgw.io/v1alpha1 serves {served}")));
+    };
+    let object = match known {
+        Kind::Vpc => typed::<Vpc>(doc).map(Object::Vpc),
+        Kind::Subnet => typed::<Subnet>(doc).map(Object::Subnet),
+        Kind::NatGateway => typed::<NatGateway>(doc).map(Object::NatGateway),
+        Kind::Eip => typed::<Eip>(doc).map(Object::Eip),
+        Kind::FloatingIp => typed::<FloatingIp>(doc).map(Object::FloatingIp),
+        Kind::SnatRule => typed::<SnatRule>(doc).map(Object::SnatRule),
+        Kind::DnatRule => typed::<DnatRule>(doc).map(Object::DnatRule),
     }
     .map_err(|(field, message)| field_err(field, message))?;
     match validate_object(&object).into_iter().next() {
@@ -223,15 +226,17 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
 /// Serde ignores fields it does not know; a typo in an optional field would
 /// then pass unnoticed. Compare against the schema instead.
 fn check_unknown_fields(kind: &str, spec: &Value) -> Result<(), String> {
+    let Some(kind) = Kind::from_name(kind) else { return Ok(()) };
     let known: &[&str] = match kind {
-        "Vpc" => &["description"],
-        "Subnet" => &["cidr", "gateway", "excludeIps", "vpc"],
-        "NatGateway" => &["vpc", "lanInterface", "externalInterface", "externalSubnet", "routes", "externalNetwork"],
-        "Eip" => &["gateway", "ip"],
-        "FloatingIp" => &["eip", "internalIp"],
-        "SnatRule" => &["eip", "internalCidr"],
-        "DnatRule" => &["eip", "protocol", "externalPort", "internalIp", "internalPort"],
-        _ => return Ok(()),
+        Kind::Vpc => &["description"],
+        Kind::Subnet => &["cidr", "gateway", "excludeIps", "vpc"],
+        Kind::NatGateway => {
+            &["vpc", "lanInterface", "externalInterface", "externalSubnet", "routes", "externalNetwork"]
+        }
+        Kind::Eip => &["gateway", "ip"],
+        Kind::FloatingIp => &["eip", "internalIp"],
+        Kind::SnatRule => &["eip", "internalCidr"],
+        Kind::DnatRule => &["eip", "protocol", "externalPort", "internalIp", "internalPort"],
     };
     if let Value::Object(fields) = spec {
         if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {

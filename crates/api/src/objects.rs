@@ -20,15 +20,70 @@ pub enum Object {
     DnatRule(DnatRule),
 }
 
+/// Every kind natgw serves. Matches on it list every kind: a new kind
+/// does not compile until each place says what it does with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Kind {
+    Vpc,
+    Subnet,
+    NatGateway,
+    Eip,
+    FloatingIp,
+    SnatRule,
+    DnatRule,
+}
+
+impl Kind {
+    /// In dependency order (parents first).
+    pub const ALL: [Kind; 7] =
+        [Kind::Vpc, Kind::Subnet, Kind::NatGateway, Kind::Eip, Kind::FloatingIp, Kind::SnatRule, Kind::DnatRule];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Vpc => "Vpc",
+            Kind::Subnet => "Subnet",
+            Kind::NatGateway => "NatGateway",
+            Kind::Eip => "Eip",
+            Kind::FloatingIp => "FloatingIp",
+            Kind::SnatRule => "SnatRule",
+            Kind::DnatRule => "DnatRule",
+        }
+    }
+
+    /// The kind named `name` (a manifest's `kind`).
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// By name, as kinds sorted when they were strings: reports keep their order.
+impl Ord for Kind {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for Kind {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// Kind and name: the identity of a cluster-scoped object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct ObjectRef {
-    pub kind: &'static str,
+    pub kind: Kind,
     pub name: String,
 }
 
 impl ObjectRef {
-    pub fn new(kind: &'static str, name: impl Into<String>) -> Self {
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
         ObjectRef { kind, name: name.into() }
     }
 }
@@ -39,19 +94,16 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Every kind natgw serves, in dependency order (parents first).
-pub const KINDS: [&str; 7] = ["Vpc", "Subnet", "NatGateway", "Eip", "FloatingIp", "SnatRule", "DnatRule"];
-
 impl Object {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> Kind {
         match self {
-            Object::Vpc(_) => "Vpc",
-            Object::Subnet(_) => "Subnet",
-            Object::NatGateway(_) => "NatGateway",
-            Object::Eip(_) => "Eip",
-            Object::FloatingIp(_) => "FloatingIp",
-            Object::SnatRule(_) => "SnatRule",
-            Object::DnatRule(_) => "DnatRule",
+            Object::Vpc(_) => Kind::Vpc,
+            Object::Subnet(_) => Kind::Subnet,
+            Object::NatGateway(_) => Kind::NatGateway,
+            Object::Eip(_) => Kind::Eip,
+            Object::FloatingIp(_) => Kind::FloatingIp,
+            Object::SnatRule(_) => Kind::SnatRule,
+            Object::DnatRule(_) => Kind::DnatRule,
         }
     }
 
@@ -101,6 +153,34 @@ impl ObjectSet {
             Object::FloatingIp(o) => self.floating_ips.insert(name, o).map(Object::FloatingIp),
             Object::SnatRule(o) => self.snat_rules.insert(name, o).map(Object::SnatRule),
             Object::DnatRule(o) => self.dnat_rules.insert(name, o).map(Object::DnatRule),
+        }
+    }
+
+    /// Removes the object `r` names; whether it was there.
+    pub fn remove(&mut self, r: &ObjectRef) -> bool {
+        let n = &r.name;
+        match r.kind {
+            Kind::Vpc => self.vpcs.remove(n).is_some(),
+            Kind::Subnet => self.subnets.remove(n).is_some(),
+            Kind::NatGateway => self.gateways.remove(n).is_some(),
+            Kind::Eip => self.eips.remove(n).is_some(),
+            Kind::FloatingIp => self.floating_ips.remove(n).is_some(),
+            Kind::SnatRule => self.snat_rules.remove(n).is_some(),
+            Kind::DnatRule => self.dnat_rules.remove(n).is_some(),
+        }
+    }
+
+    /// Whether the object `r` names is in the set.
+    pub fn contains(&self, r: &ObjectRef) -> bool {
+        let n = &r.name;
+        match r.kind {
+            Kind::Vpc => self.vpcs.contains_key(n),
+            Kind::Subnet => self.subnets.contains_key(n),
+            Kind::NatGateway => self.gateways.contains_key(n),
+            Kind::Eip => self.eips.contains_key(n),
+            Kind::FloatingIp => self.floating_ips.contains_key(n),
+            Kind::SnatRule => self.snat_rules.contains_key(n),
+            Kind::DnatRule => self.dnat_rules.contains_key(n),
         }
     }
 

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::objects::{Object, ObjectRef, ObjectSet};
+use crate::objects::{Kind, Object, ObjectRef, ObjectSet};
 use crate::types::*;
 
 /// A problem with one field of one object.
@@ -222,29 +222,29 @@ pub fn check_route(i: usize, route: &GatewayRoute) -> Vec<FieldError> {
 /// here; the controller instead waits (the reference may appear later).
 pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
     let mut errors = Vec::new();
-    let mut push = |kind: &'static str, name: &str, field: &str, message: String| {
+    let mut push = |kind: Kind, name: &str, field: &str, message: String| {
         errors.push(SetError { object: ObjectRef::new(kind, name), error: err(field, message) });
     };
     for (name, s) in &set.subnets {
         if let Some(vpc) = &s.spec.vpc
             && !set.vpcs.contains_key(vpc)
         {
-            push("Subnet", name, "spec.vpc", format!("Vpc {vpc:?} does not exist"));
+            push(Kind::Subnet, name, "spec.vpc", format!("Vpc {vpc:?} does not exist"));
         }
     }
     for (name, g) in &set.gateways {
         if !set.vpcs.contains_key(&g.spec.vpc) {
-            push("NatGateway", name, "spec.vpc", format!("Vpc {:?} does not exist", g.spec.vpc));
+            push(Kind::NatGateway, name, "spec.vpc", format!("Vpc {:?} does not exist", g.spec.vpc));
         }
         match set.subnets.get(&g.spec.external_subnet) {
             None => push(
-                "NatGateway",
+                Kind::NatGateway,
                 name,
                 "spec.externalSubnet",
                 format!("Subnet {:?} does not exist", g.spec.external_subnet),
             ),
             Some(s) if s.spec.vpc.is_some() => push(
-                "NatGateway",
+                Kind::NatGateway,
                 name,
                 "spec.externalSubnet",
                 format!("Subnet {:?} belongs to a VPC and cannot be an external subnet", g.spec.external_subnet),
@@ -254,15 +254,15 @@ pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
     }
     for (name, e) in &set.eips {
         if !set.gateways.contains_key(&e.spec.gateway) {
-            push("Eip", name, "spec.gateway", format!("NatGateway {:?} does not exist", e.spec.gateway));
+            push(Kind::Eip, name, "spec.gateway", format!("NatGateway {:?} does not exist", e.spec.gateway));
         }
     }
     let rules = set
         .floating_ips
         .iter()
-        .map(|(n, f)| ("FloatingIp", n, &f.spec.eip))
-        .chain(set.snat_rules.iter().map(|(n, s)| ("SnatRule", n, &s.spec.eip)))
-        .chain(set.dnat_rules.iter().map(|(n, d)| ("DnatRule", n, &d.spec.eip)));
+        .map(|(n, f)| (Kind::FloatingIp, n, &f.spec.eip))
+        .chain(set.snat_rules.iter().map(|(n, s)| (Kind::SnatRule, n, &s.spec.eip)))
+        .chain(set.dnat_rules.iter().map(|(n, d)| (Kind::DnatRule, n, &d.spec.eip)));
     for (kind, name, eip) in rules {
         if !set.eips.contains_key(eip) {
             push(kind, name, "spec.eip", format!("Eip {eip:?} does not exist"));

@@ -14,12 +14,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use natgw_api::{Eip, SubnetSpec, parse_ip_range};
 
-/// Label on every claim, for listing them.
-pub const CLAIM_LABEL: &str = "natgw.io/eip-claim";
-
-pub fn claim_name(ip: Ipv4Addr) -> String {
-    format!("natgw-eip-{}", ip.to_string().replace('.', "-"))
-}
+pub use natgw_kube_support::claims::{CLAIM_LABEL, Holder, claim_name, holder_of};
 
 /// Why a subnet hands out no address at all: an `excludeIps` entry that
 /// does not parse (an object from before the CRD's rule). Refusing is
@@ -122,13 +117,6 @@ pub enum Outcome {
     /// The fixed `spec.ip` may not be held: excluded, outside the subnet,
     /// or its router, network or broadcast address.
     Refused(String),
-}
-
-/// Who holds a claim.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Holder {
-    pub eip: String,
-    pub uid: String,
 }
 
 /// The claims this controller knows of: one list per leadership term, then
@@ -276,11 +264,7 @@ async fn allocate(
 /// Creates the claim of `ip` for `me`; the inner error is the holder if
 /// another Eip holds it.
 async fn claim(api: &Api<ConfigMap>, ip: Ipv4Addr, me: &Holder) -> Result<Result<(), Holder>, kube::Error> {
-    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": claim_name(ip), "labels": { CLAIM_LABEL: "true" } },
-        "data": { "eip": me.eip, "uid": me.uid, "ip": ip.to_string() },
-    }))
-    .map_err(kube::Error::SerdeError)?;
+    let cm = natgw_kube_support::claims::claim(ip, me);
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => Ok(Ok(())),
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -291,12 +275,6 @@ async fn claim(api: &Api<ConfigMap>, ip: Ipv4Addr, me: &Holder) -> Result<Result
         }
         Err(e) => Err(e),
     }
-}
-
-/// The holder a claim ConfigMap names, with its address.
-pub fn holder_of(cm: &ConfigMap) -> Option<(Ipv4Addr, Holder)> {
-    let d = cm.data.as_ref()?;
-    Some((d.get("ip")?.parse().ok()?, Holder { eip: d.get("eip")?.clone(), uid: d.get("uid")?.clone() }))
 }
 
 /// Every claim by address.

@@ -1,6 +1,6 @@
 //! Deletion order (pure): what must be gone before an object may go.
 
-use natgw_api::{ObjectRef, ObjectSet};
+use natgw_api::{Kind, ObjectRef, ObjectSet};
 
 /// Objects that still depend on `target`, sorted. Deletion waits until
 /// this is empty: Vpc ← Subnets and NatGateways; Subnet ← NatGateways
@@ -9,39 +9,52 @@ use natgw_api::{ObjectRef, ObjectSet};
 pub fn blockers(set: &ObjectSet, target: &ObjectRef) -> Vec<ObjectRef> {
     let name = target.name.as_str();
     let mut out: Vec<ObjectRef> = match target.kind {
-        "Vpc" => {
+        Kind::Vpc => {
             let subnets = set
                 .subnets
                 .iter()
                 .filter(|(_, s)| s.spec.vpc.as_deref() == Some(name))
-                .map(|(n, _)| ObjectRef::new("Subnet", n));
-            let gateways =
-                set.gateways.iter().filter(|(_, g)| g.spec.vpc == name).map(|(n, _)| ObjectRef::new("NatGateway", n));
+                .map(|(n, _)| ObjectRef::new(Kind::Subnet, n));
+            let gateways = set
+                .gateways
+                .iter()
+                .filter(|(_, g)| g.spec.vpc == name)
+                .map(|(n, _)| ObjectRef::new(Kind::NatGateway, n));
             subnets.chain(gateways).collect()
         }
-        "Subnet" => {
+        Kind::Subnet => {
             let gws: Vec<&String> =
                 set.gateways.iter().filter(|(_, g)| g.spec.external_subnet == name).map(|(n, _)| n).collect();
-            let eips =
-                set.eips.iter().filter(|(_, e)| gws.contains(&&e.spec.gateway)).map(|(n, _)| ObjectRef::new("Eip", n));
-            gws.iter().map(|n| ObjectRef::new("NatGateway", n.as_str())).chain(eips).collect()
+            let eips = set
+                .eips
+                .iter()
+                .filter(|(_, e)| gws.contains(&&e.spec.gateway))
+                .map(|(n, _)| ObjectRef::new(Kind::Eip, n));
+            gws.iter().map(|n| ObjectRef::new(Kind::NatGateway, n.as_str())).chain(eips).collect()
         }
-        "NatGateway" => {
-            set.eips.iter().filter(|(_, e)| e.spec.gateway == name).map(|(n, _)| ObjectRef::new("Eip", n)).collect()
+        Kind::NatGateway => {
+            set.eips.iter().filter(|(_, e)| e.spec.gateway == name).map(|(n, _)| ObjectRef::new(Kind::Eip, n)).collect()
         }
-        "Eip" => {
+        Kind::Eip => {
             let f = set
                 .floating_ips
                 .iter()
                 .filter(|(_, f)| f.spec.eip == name)
-                .map(|(n, _)| ObjectRef::new("FloatingIp", n));
-            let s =
-                set.snat_rules.iter().filter(|(_, s)| s.spec.eip == name).map(|(n, _)| ObjectRef::new("SnatRule", n));
-            let d =
-                set.dnat_rules.iter().filter(|(_, d)| d.spec.eip == name).map(|(n, _)| ObjectRef::new("DnatRule", n));
+                .map(|(n, _)| ObjectRef::new(Kind::FloatingIp, n));
+            let s = set
+                .snat_rules
+                .iter()
+                .filter(|(_, s)| s.spec.eip == name)
+                .map(|(n, _)| ObjectRef::new(Kind::SnatRule, n));
+            let d = set
+                .dnat_rules
+                .iter()
+                .filter(|(_, d)| d.spec.eip == name)
+                .map(|(n, _)| ObjectRef::new(Kind::DnatRule, n));
             f.chain(s).chain(d).collect()
         }
-        _ => Vec::new(),
+        // Nothing depends on a rule.
+        Kind::FloatingIp | Kind::SnatRule | Kind::DnatRule => Vec::new(),
     };
     out.sort();
     out
@@ -98,24 +111,24 @@ metadata: {name: d}
 spec: {eip: e, protocol: tcp, externalPort: 80, internalIp: 10.0.0.6, internalPort: 80}
 "#;
 
-    fn names(kind: &'static str, name: &str) -> Vec<String> {
+    fn names(kind: Kind, name: &str) -> Vec<String> {
         let set = load_str(std::path::Path::new("t.yaml"), SET).unwrap().0;
         blockers(&set, &ObjectRef::new(kind, name)).iter().map(|r| r.to_string()).collect()
     }
 
     #[test]
     fn each_kind_waits_for_its_dependents() {
-        assert_eq!(names("Vpc", "v"), ["NatGateway/gw", "Subnet/lan"]);
-        assert_eq!(names("Subnet", "ext"), ["Eip/e", "NatGateway/gw"]);
-        assert!(names("Subnet", "lan").is_empty());
-        assert_eq!(names("NatGateway", "gw"), ["Eip/e"]);
-        assert_eq!(names("Eip", "e"), ["DnatRule/d", "FloatingIp/f"]);
-        assert!(names("FloatingIp", "f").is_empty());
+        assert_eq!(names(Kind::Vpc, "v"), ["NatGateway/gw", "Subnet/lan"]);
+        assert_eq!(names(Kind::Subnet, "ext"), ["Eip/e", "NatGateway/gw"]);
+        assert!(names(Kind::Subnet, "lan").is_empty());
+        assert_eq!(names(Kind::NatGateway, "gw"), ["Eip/e"]);
+        assert_eq!(names(Kind::Eip, "e"), ["DnatRule/d", "FloatingIp/f"]);
+        assert!(names(Kind::FloatingIp, "f").is_empty());
     }
 
     #[test]
     fn long_lists_are_cut() {
-        let many: Vec<ObjectRef> = (0..15).map(|i| ObjectRef::new("FloatingIp", format!("f{i}"))).collect();
+        let many: Vec<ObjectRef> = (0..15).map(|i| ObjectRef::new(Kind::FloatingIp, format!("f{i}"))).collect();
         assert!(describe(&many).ends_with("and 5 more"));
     }
 }

@@ -20,7 +20,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::Store;
 use natgw_api::{DnatRule, Eip, FloatingIp, GATEWAY_FINALIZER_PREFIX, NatGateway, SnatRule, gateway_finalizer};
 
-use crate::{Ctx, Kind, workload};
+use crate::{Ctx, KindResource, workload};
 
 /// Remembers since when each gateway being deleted has had no ready agent.
 #[derive(Default)]
@@ -113,7 +113,7 @@ struct Candidates {
 }
 
 /// Cached objects being deleted that carry a finalizer `why` picks.
-fn found<K: Kind>(store: &Store<K>, why: &impl Fn(&String) -> Option<Why>) -> Found<K> {
+fn found<K: KindResource>(store: &Store<K>, why: &impl Fn(&String) -> Option<Why>) -> Found<K> {
     let mut out = Found::new();
     for o in store.state() {
         if o.meta().deletion_timestamp.is_none() {
@@ -152,7 +152,7 @@ impl Candidates {
         &mut self.dnats
     }
 
-    async fn release<K: Kind>(
+    async fn release<K: KindResource>(
         &mut self,
         ctx: &Ctx,
         confirmed_live: &BTreeSet<String>,
@@ -169,7 +169,7 @@ impl Candidates {
             }
             let keep: Vec<String> =
                 o.finalizers().iter().filter(|f| !drop.iter().any(|(d, _)| d == *f)).cloned().collect();
-            tracing::info!(kind = K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway agent that will not run again");
+            tracing::info!(kind = %K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway agent that will not run again");
             let patch =
                 serde_json::json!({ "metadata": { "resourceVersion": o.resource_version(), "finalizers": keep } });
             api.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;

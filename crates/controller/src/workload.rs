@@ -1,10 +1,17 @@
 //! The gateway workload: one StatefulSet per NatGateway running
 //! `natgw agent --gateway NAME` in the controller's namespace.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use natgw_api::NatGateway;
+use natgw_api::{GATEWAY_LABEL, NatGateway};
 
 /// StatefulSet names stay within 52 bytes (the StatefulSet controller
 /// adds a revision hash to a label value of at most 63). A long gateway
@@ -17,7 +24,7 @@ pub fn name(gw: &str) -> String {
 pub const WORKLOAD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "natgw-gateway");
 
 /// The desired StatefulSet, or why there cannot be one.
-pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<serde_json::Value, String> {
+pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<StatefulSet, String> {
     let image = image.ok_or("the controller has no agent image (--agent-image / NATGW_AGENT_IMAGE)")?;
     let network = gw
         .spec
@@ -27,55 +34,80 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
     let (nad_ns, nad) =
         network.split_once('/').ok_or(format!("spec.externalNetwork {network:?} is not namespace/name"))?;
     let gname = gw.name_any();
-    let labels = serde_json::json!({ "app.kubernetes.io/name": "natgw-gateway", "natgw.io/gateway": gname });
+    let labels: BTreeMap<String, String> = [(WORKLOAD_LABEL.0, WORKLOAD_LABEL.1), (GATEWAY_LABEL, gname.as_str())]
+        .map(|(k, v)| (k.into(), v.into()))
+        .into();
     let attachment = serde_json::json!([{ "name": nad, "namespace": nad_ns, "interface": gw.spec.external_interface }]);
-    Ok(serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {
-            "name": name(&gname),
-            "namespace": namespace,
-            "labels": labels,
+    let container = Container {
+        name: "agent".into(),
+        image: Some(image.into()),
+        args: Some(["agent", "--gateway", &gname].map(String::from).to_vec()),
+        // Where the address claims live: the agent trusts an Eip's
+        // status.ip only with a claim behind it.
+        env: Some(vec![EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            capabilities: Some(Capabilities { add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]), drop: None }),
+            ..Default::default()
+        }),
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction { command: Some(vec!["natgw".into(), "--version".into()]) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(StatefulSet {
+        metadata: ObjectMeta {
+            name: Some(name(&gname)),
+            namespace: Some(namespace.into()),
+            labels: Some(labels.clone()),
             // Garbage collection where a controller-manager runs; the
             // controller also deletes it itself.
-            "ownerReferences": [{
-                "apiVersion": NatGateway::api_version(&()),
-                "kind": NatGateway::kind(&()),
-                "name": gname,
-                "uid": gw.uid().unwrap_or_default(),
-            }],
+            owner_references: Some(vec![OwnerReference {
+                api_version: NatGateway::api_version(&()).into(),
+                kind: NatGateway::kind(&()).into(),
+                name: gname.clone(),
+                uid: gw.uid().unwrap_or_default(),
+                ..Default::default()
+            }]),
+            ..Default::default()
         },
-        "spec": {
-            "replicas": 1,
-            "serviceName": name(&gname),
-            "selector": { "matchLabels": labels },
-            "template": {
-                "metadata": {
-                    "labels": labels,
-                    "annotations": { "k8s.v1.cni.cncf.io/networks": attachment.to_string() },
-                },
-                "spec": {
-                    "serviceAccountName": "natgw-gateway",
-                    "containers": [{
-                        "name": "agent",
-                        "image": image,
-                        "args": ["agent", "--gateway", gname],
-                        // Where the address claims live: the agent trusts an
-                        // Eip's status.ip only with a claim behind it.
-                        "env": [{ "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } }],
-                        "securityContext": { "capabilities": { "add": ["NET_ADMIN", "NET_RAW"] } },
-                        "readinessProbe": { "exec": { "command": ["natgw", "--version"] } },
-                    }],
-                },
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(name(&gname)),
+            selector: LabelSelector { match_labels: Some(labels.clone()), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some([("k8s.v1.cni.cncf.io/networks".to_string(), attachment.to_string())].into()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some("natgw-gateway".into()),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
             },
-        },
-    }))
+            ..Default::default()
+        }),
+        status: None,
+    })
 }
 
-pub async fn apply(client: &Client, namespace: &str, body: &serde_json::Value) -> Result<(), kube::Error> {
+pub async fn apply(client: &Client, namespace: &str, sts: &StatefulSet) -> Result<(), kube::Error> {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let n = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    api.patch(&n, &PatchParams::apply("natgw-controller/workload").force(), &Patch::Apply(body)).await.map(drop)
+    let n = sts.name_any();
+    // Server-side apply needs the type in the body.
+    let mut body = serde_json::to_value(sts).map_err(kube::Error::SerdeError)?;
+    body["apiVersion"] = "apps/v1".into();
+    body["kind"] = "StatefulSet".into();
+    api.patch(&n, &PatchParams::apply("natgw-controller/workload").force(), &Patch::Apply(&body)).await.map(drop)
 }
 
 pub async fn remove(client: &Client, namespace: &str, gw: &str) -> Result<(), kube::Error> {

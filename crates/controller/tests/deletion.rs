@@ -1,15 +1,14 @@
 //! Deletion order against a real kube-apiserver, with the controller
 //! running as its ServiceAccount under deploy/rbac.yaml.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
 use natgw_api::*;
 use natgw_controller::FINALIZER;
-use natgw_testenv::TestEnv;
+use natgw_testenv::{TestEnv, eventually};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -57,14 +56,6 @@ async fn setup() -> (TestEnv, Client, Client) {
     let admin = env.install_natgw(&natgw_api::crds()).await.unwrap();
     let controller = env.natgw_client("natgw-controller").await.unwrap();
     (env, admin, controller)
-}
-
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: serde_json::Value) -> K {

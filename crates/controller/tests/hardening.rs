@@ -1,8 +1,7 @@
 //! The control-plane items of the hardening issue, against a real
 //! kube-apiserver with the controller under deploy/rbac.yaml.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::events::v1::Event;
@@ -10,7 +9,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use natgw_api::*;
-use natgw_testenv::TestEnv;
+use natgw_testenv::{TestEnv, eventually};
 
 fn start(client: Client, options: natgw_controller::Options) -> tokio::task::JoinHandle<()> {
     tokio::spawn(natgw_controller::run(
@@ -41,14 +40,6 @@ async fn setup(crds: &[CustomResourceDefinition]) -> (TestEnv, Client) {
     let env = TestEnv::start().await.expect("control plane");
     let admin = env.install_natgw(crds).await.unwrap();
     (env, admin)
-}
-
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn create<K>(client: &Client, kind: &str, name: &str, spec: serde_json::Value)

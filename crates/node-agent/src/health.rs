@@ -41,7 +41,7 @@ fn render_metrics(h: &Health) -> String {
         h.services_invalid,
         h.pods_translated,
         h.pods_held,
-        natgw_controller::undecodable_total(),
+        natgw_kube_support::undecodable_total(),
     )
 }
 

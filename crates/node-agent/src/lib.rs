@@ -20,9 +20,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
-use natgw_controller::is_ready as ready;
+use kube::{Client, Resource};
 use natgw_dataplane::egress::Egress;
+use natgw_kube_support::events::Reporter;
+use natgw_kube_support::is_ready as ready;
 use natgw_plan::{EgressInput, EgressTables, ServiceState, plan_egress};
 
 pub use natgw_dataplane::egress::TABLE;
@@ -31,8 +32,8 @@ pub use natgw_dataplane::egress::TABLE;
 pub enum Error {
     #[error(transparent)]
     Sync(#[from] natgw_dataplane::SyncError),
-    #[error("{0}")]
-    Other(String),
+    #[error("a blocking task died")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Clone, Debug)]
@@ -72,7 +73,7 @@ fn watch<K>(
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, stream) = natgw_controller::cached(client, config, "node-agent");
+    let (reader, stream) = natgw_kube_support::cached(client, config, "node-agent");
     let (errors, tx) = (errors.clone(), tx.clone());
     let fut = async move {
         futures::pin_mut!(stream);
@@ -235,28 +236,8 @@ impl Warnings {
     }
 
     async fn publish(&self, about: ObjectReference, reason: &str, note: &str) -> Result<(), kube::Error> {
-        use k8s_openapi::api::events::v1::Event;
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-        let ns = about.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let prefix: String = about.name.clone().unwrap_or_default().chars().take(200).collect();
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(format!("{prefix}.{:x}", now.as_nanosecond())),
-                namespace: Some(ns.clone()),
-                ..Default::default()
-            },
-            event_time: Some(MicroTime(now)),
-            type_: Some("Warning".into()),
-            reason: Some(reason.into()),
-            action: Some("ProgramEgress".into()),
-            note: Some(note.chars().take(1024).collect()),
-            reporting_controller: Some("natgw.io/node-agent".into()),
-            reporting_instance: Some(self.node.clone()),
-            regarding: Some(about),
-            ..Default::default()
-        };
-        Api::<Event>::namespaced(self.client.clone(), &ns).create(&Default::default(), &event).await.map(drop)
+        let who = Reporter { component: "node-agent".into(), instance: self.node.clone() };
+        natgw_kube_support::events::warning(&self.client, &who, about, reason, "ProgramEgress", note).await
     }
 }
 
@@ -289,11 +270,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let ns = cfg.netns.clone();
-    let egress = Arc::new(
-        tokio::task::spawn_blocking(move || Egress::open(ns.as_deref()))
-            .await
-            .map_err(|e| Error::Other(e.to_string()))??,
-    );
+    let egress = Arc::new(tokio::task::spawn_blocking(move || Egress::open(ns.as_deref())).await??);
     let errors: Errors = Arc::default();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let all = watcher::Config::default;
@@ -439,7 +416,7 @@ pub async fn run(
         return Ok(());
     }
     let e = egress.clone();
-    let report = tokio::task::spawn_blocking(move || e.teardown()).await.map_err(|e| Error::Other(e.to_string()))??;
+    let report = tokio::task::spawn_blocking(move || e.teardown()).await??;
     tracing::info!(conntrack = report.conntrack_deleted, "egress removed");
     Ok(())
 }

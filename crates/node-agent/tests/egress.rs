@@ -4,10 +4,9 @@
 //! No kube-controller-manager runs, so the tests write the Nodes, Services,
 //! EndpointSlices and Pods themselves.
 
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -17,7 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use natgw_lab::traffic::{UdpFlow, tcp_connect, tcp_server, tcp_source};
 use natgw_lab::{EXT1_IP, INT1_IP, INT2_IP, Lab};
 use natgw_node_agent::{Config, cidrs, health};
-use natgw_testenv::{TestEnv, apply_yaml};
+use natgw_testenv::{TestEnv, apply_yaml, eventually};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -114,14 +113,6 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use natgw_api::{DnatRule, FloatingIp, ObjectRef, ObjectSet, age_key};
+use natgw_api::{DnatRule, FloatingIp, Kind, ObjectRef, ObjectSet, age_key};
 
 use crate::snat::longest_prefix_ranges;
 use crate::state::{Conflict, GatewayPlan, IfAddr, Route};
@@ -67,7 +67,7 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
         // A route the API server should have refused (an object from
         // before the CEL rule) is reported and skipped, never a failing sync.
         if let Some(e) = natgw_api::check_route(i, r).into_iter().next() {
-            p.conflict(ObjectRef::new("NatGateway", name), &e.field, e.message);
+            p.conflict(ObjectRef::new(Kind::NatGateway, name), &e.field, e.message);
             continue;
         }
         p.plan.routes.insert(Route { dst: r.cidr, via: r.next_hop, interface: gw.spec.lan_interface.clone() });
@@ -84,10 +84,10 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
     }
     let mut claims: Vec<((Option<String>, String), ObjectRef, Claim)> = Vec::new();
     for f in set.floating_ips.values() {
-        claims.push((age_key(f), ObjectRef::new("FloatingIp", kube::ResourceExt::name_any(f)), Claim::Fip(f)));
+        claims.push((age_key(f), ObjectRef::new(Kind::FloatingIp, kube::ResourceExt::name_any(f)), Claim::Fip(f)));
     }
     for d in set.dnat_rules.values() {
-        claims.push((age_key(d), ObjectRef::new("DnatRule", kube::ResourceExt::name_any(d)), Claim::Dnat(d)));
+        claims.push((age_key(d), ObjectRef::new(Kind::DnatRule, kube::ResourceExt::name_any(d)), Claim::Dnat(d)));
     }
     claims.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut whole: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
@@ -153,7 +153,7 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
     snat_rules.sort_by_key(|s| age_key(*s));
     let mut by_net: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)> = BTreeMap::new();
     for s in snat_rules {
-        let r = ObjectRef::new("SnatRule", kube::ResourceExt::name_any(s));
+        let r = ObjectRef::new(Kind::SnatRule, kube::ResourceExt::name_any(s));
         let Some(eip) = resolve(&mut p, &eips, &r, &s.spec.eip) else { continue };
         let net = s.spec.internal_cidr;
         if let Some((_, other)) = by_net.get(&net) {
@@ -181,7 +181,7 @@ fn plan_eips(p: &mut Planner, gateway: &str, cidr: Ipv4Net, router: Ipv4Addr) ->
     let mut out = BTreeMap::new();
     for e in mine {
         let name = kube::ResourceExt::name_any(e);
-        let r = ObjectRef::new("Eip", name.clone());
+        let r = ObjectRef::new(Kind::Eip, name.clone());
         let Some(ip) = ObjectSet::eip_address(e) else {
             p.pending(r, "spec.ip", "no address allocated yet".into());
             continue;

@@ -214,6 +214,6 @@ fn item10_an_invalid_route_is_skipped_and_reported() {
     let p = plan_gateway(&objects, "gw").expect("the gateway still plans");
     assert_eq!(p.routes.iter().filter(|r| r.dst.prefix_len() > 0).count(), 1, "only the valid route");
     let fields: Vec<&str> =
-        p.conflicts.iter().filter(|c| c.object.kind == "NatGateway").map(|c| c.field.as_str()).collect();
+        p.conflicts.iter().filter(|c| c.object.kind == natgw_api::Kind::NatGateway).map(|c| c.field.as_str()).collect();
     assert_eq!(fields, ["spec.routes[0].cidr", "spec.routes[1].nextHop"]);
 }

@@ -395,3 +395,13 @@ impl Drop for TestEnv {
         }
     }
 }
+
+/// Polls `check` until it holds; panics naming `what` after 30 s. The one
+/// way tests wait for the control plane.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::runtime::{WatchStreamExt, watcher as watch_api};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+
+use crate::events::{Reporter, warning};
 
 static UNDECODABLE: AtomicU64 = AtomicU64::new(0);
 
@@ -123,28 +123,17 @@ async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &DynamicObj
     UNDECODABLE.fetch_add(1, Ordering::Relaxed);
     let (kind, name) = (K::kind(&()).to_string(), obj.name_any());
     tracing::error!(kind, name, error = err, "object cannot be decoded; left out until it is fixed");
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let event = Event {
-        metadata: ObjectMeta { name: Some(format!("{name}.{:x}", now.as_nanosecond())), ..Default::default() },
-        event_time: Some(MicroTime(now)),
-        type_: Some("Warning".into()),
-        reason: Some("Undecodable".into()),
-        action: Some("Decode".into()),
-        note: Some(format!("natgw ignores this object until it is fixed: {err}").chars().take(1024).collect()),
-        reporting_controller: Some(format!("natgw.io/{reporter}")),
-        reporting_instance: Some(reporter.into()),
-        regarding: Some(ObjectReference {
-            api_version: Some(K::api_version(&()).to_string()),
-            kind: Some(kind),
-            name: Some(name),
-            namespace: obj.namespace(),
-            uid: obj.uid(),
-            ..Default::default()
-        }),
+    let regarding = ObjectReference {
+        api_version: Some(K::api_version(&()).to_string()),
+        kind: Some(kind),
+        name: Some(name),
+        namespace: obj.namespace(),
+        uid: obj.uid(),
         ..Default::default()
     };
-    let ns = obj.namespace().unwrap_or_else(|| "default".into());
-    if let Err(e) = Api::<Event>::namespaced(client.clone(), &ns).create(&Default::default(), &event).await {
+    let who = Reporter { component: reporter.into(), instance: reporter.into() };
+    let note = format!("natgw ignores this object until it is fixed: {err}");
+    if let Err(e) = warning(client, &who, regarding, "Undecodable", "Decode", &note).await {
         tracing::warn!(error = %e, "cannot publish Event");
     }
 }

@@ -1,0 +1,42 @@
+//! Deletion order: an object with dependents waits, with a
+//! `DeletionBlocked` condition and a Warning Event naming them.
+
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use natgw_kube_support::Typed;
+use natgw_kube_support::status::condition;
+
+use crate::conditions::patch_status;
+use crate::{Ctx, Error, KindResource, deps, workload};
+
+pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
+    ctx.stores.ready().await;
+    let me = natgw_api::ObjectRef::new(K::KIND, obj.name_any());
+    let blockers = deps::blockers(&ctx.stores.snapshot(), &me);
+    if blockers.is_empty() {
+        // A gateway's workload goes with it.
+        if let Typed::NatGateway(gw) = obj.typed() {
+            workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let message = format!("waiting for {} to be deleted first", deps::describe(&blockers));
+    let current = obj.conditions().iter().find(|c| c.type_ == "DeletionBlocked");
+    if current.is_none_or(|c| c.message != message || c.status != "True") {
+        let condition = condition("DeletionBlocked", "True", "DependentsExist", message.clone(), obj.meta().generation);
+        let conditions = serde_json::json!({ "conditions": [condition] });
+        patch_status::<K>(ctx, "natgw-controller/deletion", &obj.name_any(), conditions).await?;
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "DeletionBlocked".into(),
+            note: Some(message.clone()),
+            action: "Delete".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(object = %me, error = %e, "cannot publish Event");
+        }
+    }
+    Err(Error::Blocked(format!("{me}: {message}")))
+}

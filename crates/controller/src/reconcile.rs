@@ -1,0 +1,61 @@
+//! The reconciler every kind shares: the `natgw.io/controller` finalizer
+//! around per-kind work (`apply`) and deletion order (`deletion`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Error as FinalizerError, Event, finalizer};
+use natgw_kube_support::Typed;
+
+use crate::{BLOCKED_RETRY, Ctx, Error, FINALIZER, KindResource, deletion, eip, gateway, rule, vpc};
+
+pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let api: Api<K> = Api::all(ctx.client.clone());
+    // The helper adds the finalizer before Apply runs and removes it only
+    // when Cleanup returns Ok.
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Event::Apply(o) => apply(&ctx, &*o).await,
+            Event::Cleanup(o) => deletion::cleanup(&ctx, &*o).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        FinalizerError::CleanupFailed(Error::Blocked(m)) => Error::Blocked(m),
+        FinalizerError::AddFinalizer(k) | FinalizerError::RemoveFinalizer(k) if is_conflict(&k) => Error::Conflict(k),
+        other => Error::Finalizer(Box::new(other)),
+    })
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422)
+}
+
+/// Per-kind work: every kind is listed, so a new kind says what it does.
+async fn apply<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
+    match obj.typed() {
+        Typed::Eip(e) => eip::assign_address(ctx, e).await,
+        Typed::NatGateway(g) => gateway::ensure_workload(ctx, g).await,
+        Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => rule::bind(ctx, obj).await,
+        Typed::Vpc(v) => vpc::report_members(ctx, v).await,
+        // A Subnet only carries the finalizer.
+        Typed::Subnet(_) => Ok(Action::await_change()),
+    }
+}
+
+pub fn error_policy<K: KindResource>(obj: Arc<K>, err: &Error, _: Arc<Ctx>) -> Action {
+    match err {
+        Error::Blocked(_) => Action::requeue(BLOCKED_RETRY),
+        Error::Conflict(m) => {
+            tracing::debug!(kind = %K::KIND, name = %obj.name_any(), conflict = %m, "retrying");
+            Action::requeue(Duration::from_millis(50))
+        }
+        e => {
+            tracing::warn!(kind = %K::KIND, name = %obj.name_any(), error = %natgw_kube_support::chain(e), "reconcile failed");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}

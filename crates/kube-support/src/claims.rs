@@ -1,0 +1,46 @@
+//! Address claims. An address belongs to the Eip that created its claim,
+//! a ConfigMap `natgw-eip-A-B-C-D` in the controller's namespace: the API
+//! server's unique names make two holders impossible. The controller
+//! writes claims; the gateway agent reads them to trust an Eip's address.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+/// Label on every claim, for listing and watching them.
+pub const CLAIM_LABEL: &str = "natgw.io/eip-claim";
+
+pub fn claim_name(ip: Ipv4Addr) -> String {
+    format!("natgw-eip-{}", ip.to_string().replace('.', "-"))
+}
+
+/// Who holds a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub eip: String,
+    pub uid: String,
+}
+
+/// The claim of `ip` for `holder`, as the controller creates it.
+pub fn claim(ip: Ipv4Addr, holder: &Holder) -> ConfigMap {
+    ConfigMap {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(claim_name(ip)),
+            labels: Some([(CLAIM_LABEL.to_string(), "true".to_string())].into()),
+            ..Default::default()
+        },
+        data: Some(
+            [("eip", holder.eip.clone()), ("uid", holder.uid.clone()), ("ip", ip.to_string())]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The address a claim ConfigMap is for, and its holder.
+pub fn holder_of(cm: &ConfigMap) -> Option<(Ipv4Addr, Holder)> {
+    let d = cm.data.as_ref()?;
+    Some((d.get("ip")?.parse().ok()?, Holder { eip: d.get("eip")?.clone(), uid: d.get("uid")?.clone() }))
+}

@@ -1,0 +1,47 @@
+//! Warning Events. Each call creates a new Event: kube-runtime's Recorder
+//! counts a repeat of the same reason and keeps the first message, which
+//! hid the current reason once the reason changed. Callers say a message
+//! once per change.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::Api;
+
+/// Who reports: `natgw.io/<component>`, one instance of it.
+#[derive(Clone, Debug)]
+pub struct Reporter {
+    pub component: String,
+    pub instance: String,
+}
+
+/// Publishes a Warning Event about `regarding`.
+pub async fn warning(
+    client: &kube::Client,
+    reporter: &Reporter,
+    regarding: ObjectReference,
+    reason: &str,
+    action: &str,
+    note: &str,
+) -> Result<(), kube::Error> {
+    let ns = regarding.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let prefix: String = regarding.name.clone().unwrap_or_default().chars().take(200).collect();
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{prefix}.{:x}", now.as_nanosecond())),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(now)),
+        type_: Some("Warning".into()),
+        reason: Some(reason.into()),
+        action: Some(action.into()),
+        note: Some(note.chars().take(1024).collect()),
+        reporting_controller: Some(format!("natgw.io/{}", reporter.component)),
+        reporting_instance: Some(reporter.instance.clone()),
+        regarding: Some(regarding),
+        ..Default::default()
+    };
+    Api::<Event>::namespaced(client.clone(), &ns).create(&Default::default(), &event).await.map(drop)
+}

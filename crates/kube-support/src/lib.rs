@@ -1,0 +1,34 @@
+//! What every natgw role needs from Kubernetes, in one place: the
+//! controller, the gateway agent and the node agent depend on this crate
+//! and never on each other.
+//!
+//! - `cache`: watch caches that survive undecodable objects;
+//! - `ready`: whether a set of caches has listed;
+//! - `kind`: what natgw needs to know about each of its kinds;
+//! - `status`: conditions and status written with per-writer field managers;
+//! - `events`: Warning Events whose message is always the current one;
+//! - `claims`: the ConfigMaps that say which Eip holds an address.
+
+pub mod cache;
+pub mod claims;
+pub mod events;
+pub mod kind;
+pub mod ready;
+pub mod status;
+
+pub use cache::{cached, cached_in, undecodable_total};
+pub use kind::{KindResource, Typed};
+pub use ready::{Listed, all_listed, is_ready};
+
+/// An error with its sources, `outer: inner: innermost`, for logs and
+/// conditions (a library error keeps its source instead of a string).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
