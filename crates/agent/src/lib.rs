@@ -10,6 +10,8 @@
 //! - an object counts as deleted once the controller released it (its
 //!   finalizer is gone), so an Eip whose deletion waits for rules stays.
 
+mod args;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,7 @@ pub enum Error {
 const WRITES: usize = 32;
 
 /// The agent's finalizer for gateway `gw`.
+pub use args::Args;
 pub use natgw_api::gateway_finalizer as finalizer;
 
 /// Caches of every kind.
@@ -155,9 +158,7 @@ impl Caches {
             // a fixed spec.ip that another Eip holds, or a status.ip that
             // no claim of this Eip backs, must not be programmed.
             let mut e = (*o).clone();
-            let uid = e.metadata.uid.clone().unwrap_or_default();
-            let held = e.status.as_ref().and_then(|s| s.ip).filter(|ip| claimed.get(ip).is_some_and(|h| h.uid == uid));
-            if e.status.as_ref().and_then(|s| s.ip) != held || (e.spec.ip.is_some() && e.spec.ip != held) {
+            if e.address() != natgw_kube_support::claims::held_address(&e, &claimed) {
                 e.spec.ip = None;
                 if let Some(s) = e.status.as_mut() {
                     s.ip = None;

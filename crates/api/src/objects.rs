@@ -210,10 +210,9 @@ impl ObjectSet {
         v.chain(s).chain(g).chain(e).chain(f).chain(sn).chain(d)
     }
 
-    /// The address an Eip holds: its fixed `spec.ip`, else what the
-    /// controller allocated into `status.ip`.
+    /// The address an Eip holds (`Eip::address`).
     pub fn eip_address(eip: &Eip) -> Option<std::net::Ipv4Addr> {
-        eip.spec.ip.or_else(|| eip.status.as_ref().and_then(|s| s.ip))
+        eip.address()
     }
 }
 

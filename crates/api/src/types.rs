@@ -148,6 +148,16 @@ pub struct EipSpec {
     pub ip: Option<Ipv4Addr>,
 }
 
+impl Eip {
+    /// The address this Eip asks for: its fixed `spec.ip`, else what the
+    /// controller allocated into `status.ip`. The one rule for it: the
+    /// controller claims it, the agent checks the claim
+    /// (`natgw_kube_support::claims::held_address`), the planner uses it.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.spec.ip.or_else(|| self.status.as_ref().and_then(|s| s.ip))
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EipStatus {

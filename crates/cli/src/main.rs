@@ -70,70 +70,17 @@ enum Command {
     Crd,
     /// Run the gateway agent: keep one NatGateway's namespace equal to its
     /// objects, finalizer first. Without --netns it programs its own.
-    Agent {
-        #[arg(long)]
-        gateway: String,
-        /// Network namespace path or name under /run/netns.
-        #[arg(long)]
-        netns: Option<String>,
-        /// The controller's namespace, where address claims live (the
-        /// gateway pod runs there).
-        #[arg(long, env = "POD_NAMESPACE")]
-        claims_namespace: String,
-    },
+    Agent(natgw_agent::Args),
     /// Run the cluster controller (finalizers, deletion order, EIP
-    /// addresses, gateway workloads), leader-elected on a Lease. Uses the in-cluster config or KUBECONFIG;
-    /// stops on SIGTERM/SIGINT and hands the Lease over.
-    Controller {
-        /// This instance's unique identity (the pod name in a cluster).
-        #[arg(long, env = "POD_NAME")]
-        instance: String,
-        /// Namespace of the leader-election Lease (the pod's namespace).
-        #[arg(long, env = "POD_NAMESPACE")]
-        namespace: String,
-        #[arg(long, default_value = "natgw-controller")]
-        lease: String,
-        /// Image for the gateway workloads (runs `natgw agent`).
-        #[arg(long, env = "NATGW_AGENT_IMAGE")]
-        agent_image: Option<String>,
-        /// Seconds a NatGateway being deleted may go without a ready agent
-        /// before the controller releases the agent's finalizers itself.
-        #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
-        release_after: u64,
-    },
+    /// addresses, gateway workloads), leader-elected on a Lease. Uses the
+    /// in-cluster config or KUBECONFIG; stops on SIGTERM/SIGINT and hands
+    /// the Lease over.
+    Controller(natgw_controller::Args),
     /// Run the node agent: Service egress SNAT for this node (see the
     /// README's "Service egress"). Uses the in-cluster config or
     /// KUBECONFIG; on SIGTERM removes its egress table unless
     /// --keep-on-exit.
-    NodeAgent {
-        /// This node's name.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// Network namespace path or name under /run/netns (tests); the
-        /// agent's own namespace (hostNetwork) without it.
-        #[arg(long)]
-        netns: Option<String>,
-        /// Pod CIDRs, comma-separated; overrides discovery from Node.spec.podCIDRs.
-        #[arg(long, env = "NATGW_POD_CIDRS")]
-        pod_cidrs: Option<String>,
-        /// Service CIDRs, comma-separated; overrides discovery from ServiceCIDR objects.
-        #[arg(long, env = "NATGW_SERVICE_CIDRS")]
-        service_cidrs: Option<String>,
-        /// Leave the egress table in place on exit (a planned restart).
-        #[arg(long, env = "NATGW_KEEP_ON_EXIT")]
-        keep_on_exit: bool,
-        /// Drop outside-bound traffic of an egress Service's pods until
-        /// their SNAT is programmed.
-        #[arg(long, env = "NATGW_FAIL_CLOSED")]
-        fail_closed: bool,
-        /// Translate to a VIP even when this node does not hold it (for
-        /// announcers that never put the VIP on an interface).
-        #[arg(long)]
-        no_vip_check: bool,
-        /// Where /readyz and /metrics are served.
-        #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9476")]
-        health_addr: std::net::SocketAddr,
-    },
+    NodeAgent(natgw_node_agent::Args),
     /// The demo and test topology of network namespaces.
     Lab {
         #[command(subcommand)]
@@ -189,33 +136,9 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
-        Command::Controller { instance, namespace, lease, agent_image, release_after } => {
-            controller(natgw_controller::Election {
-                namespace,
-                lease,
-                identity: instance,
-                duration_secs: 15,
-                grace_secs: 5,
-                options: natgw_controller::Options {
-                    agent_image,
-                    release_after: std::time::Duration::from_secs(release_after),
-                },
-            })
-        }
-        Command::Agent { gateway, netns, claims_namespace } => agent(gateway, netns, claims_namespace),
-        Command::NodeAgent {
-            node,
-            netns,
-            pod_cidrs,
-            service_cidrs,
-            keep_on_exit,
-            fail_closed,
-            no_vip_check,
-            health_addr,
-        } => node_agent(
-            NodeAgentArgs { node, netns, pod_cidrs, service_cidrs, keep_on_exit, fail_closed, no_vip_check },
-            health_addr,
-        ),
+        Command::Controller(args) => controller(args.election()),
+        Command::Agent(args) => agent(args),
+        Command::NodeAgent(args) => node_agent(args),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
                 print!("{y}");
@@ -299,41 +222,17 @@ fn controller(election: natgw_controller::Election) -> anyhow::Result<ExitCode> 
     })
 }
 
-fn agent(gateway: String, netns: Option<String>, claims: String) -> anyhow::Result<ExitCode> {
+fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
-        natgw_agent::run(client, gateway, netns, claims, stop_signal()).await?;
+        natgw_agent::run(client, a.gateway, a.netns, a.claims_namespace, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
 
-struct NodeAgentArgs {
-    node: String,
-    netns: Option<String>,
-    pod_cidrs: Option<String>,
-    service_cidrs: Option<String>,
-    keep_on_exit: bool,
-    fail_closed: bool,
-    no_vip_check: bool,
-}
-
-fn node_agent(a: NodeAgentArgs, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    use natgw_node_agent::cidrs;
-    let parse =
-        |flag: &str, v: Option<String>| v.map(|v| cidrs::parse(flag, &v)).transpose().map_err(anyhow::Error::msg);
-    let overrides = cidrs::Overrides {
-        pod_cidrs: parse(cidrs::POD_FLAG, a.pod_cidrs)?,
-        service_cidrs: parse(cidrs::SERVICE_FLAG, a.service_cidrs)?,
-    };
-    let config = natgw_node_agent::Config {
-        node: a.node,
-        netns: a.netns,
-        overrides,
-        keep_on_exit: a.keep_on_exit,
-        fail_closed: a.fail_closed,
-        vip_check: !a.no_vip_check,
-        resync: natgw_node_agent::RESYNC,
-    };
+fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
+    let config = a.config().map_err(anyhow::Error::msg)?;
+    let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(health_addr)
             .await

@@ -201,7 +201,7 @@ pub async fn ensure(
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let me = Holder { eip: eip.name_any(), uid: eip.uid().unwrap_or_default() };
     let claims = book.claims(&api).await?;
-    let wanted = eip.spec.ip.or_else(|| eip.status.as_ref().and_then(|s| s.ip));
+    let wanted = eip.address();
     if let Some(ip) = wanted {
         if lock(claims).by_ip.get(&ip) == Some(&me) {
             return Ok(Outcome::Held(ip));

@@ -4,6 +4,7 @@
 //! `DeletionBlocked` condition and an Event naming them.
 
 pub mod address;
+mod args;
 mod conditions;
 mod deletion;
 pub mod deps;
@@ -16,6 +17,7 @@ mod rule;
 mod vpc;
 pub mod workload;
 
+pub use args::Args;
 pub use leader::{Election, run_elected};
 
 use std::fmt::Debug;

@@ -4,8 +4,7 @@
 //! only while there is something to translate or hold, so a node without
 //! egress holds no natgw state at all.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -15,6 +14,7 @@ use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
 use crate::ctpolicy::CtEntry;
+use crate::model::{Chain, Change, Mirror, Rule, Set, Table, map_change, set_change, whole_change};
 use crate::nft::{self, NftError};
 use crate::{SyncError, netns};
 
@@ -31,13 +31,8 @@ pub struct EgressReport {
     pub duration: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-enum Known {
-    /// Not known (start, or after a failed transaction): write it whole.
-    Unknown,
-    Absent,
-    Present(EgressTables),
-}
+/// What the kernel holds: no table (`None`) or this content.
+type Known = Mirror<Option<EgressTables>>;
 
 /// A node's network namespace, driven from a dedicated thread.
 pub struct Egress {
@@ -46,95 +41,76 @@ pub struct Egress {
     mirror: Mutex<Known>,
 }
 
-type Elements = BTreeMap<&'static str, BTreeMap<String, Option<String>>>;
-
-/// Each set and map as `key -> value` text, the way nft spells them.
-fn elements(t: &EgressTables) -> Elements {
-    let range = |a: &Ipv4Addr, b: &Ipv4Addr| nft::range(*a, *b);
-    let mut e: Elements = BTreeMap::new();
-    let mut put = |set: &'static str, k: String, v: Option<String>| drop(e.entry(set).or_default().insert(k, v));
-    for (a, b) in &t.cluster_nets {
-        put("cluster_nets", range(a, b), None);
+/// The egress table: fixed rules, and sets and maps for what varies.
+fn table() -> Table {
+    let set = |name, key, value, interval| Set { name, key, value, interval };
+    let rule = |role, text: &str| Rule { role, text: text.into() };
+    Table {
+        family: "ip",
+        name: TABLE,
+        comment: "owned by natgw node-agent: changes by hand are reverted",
+        sets: vec![
+            set("cluster_nets", "ipv4_addr", None, true),
+            set("snat_all", "ipv4_addr", Some("ipv4_addr"), false),
+            set("snat_ports", "ipv4_addr . inet_proto . inet_service", Some("ipv4_addr"), false),
+            set("allow_only", "ipv4_addr", None, false),
+            set("allow", "ipv4_addr . ipv4_addr", None, true),
+            set("deny", "ipv4_addr . ipv4_addr", None, true),
+            set("hold", "ipv4_addr", None, false),
+        ],
+        chains: vec![
+            // Before the usual srcnat chains (CNI masquerade at 100): the
+            // first NAT chain that binds wins.
+            Chain {
+                name: "postrouting",
+                kind: "nat",
+                hook: "postrouting",
+                priority: 99,
+                rules: vec![
+                    rule("cluster", "ip daddr @cluster_nets return"),
+                    rule("deny", "ip saddr . ip daddr @deny return"),
+                    rule("allow", "ip saddr @allow_only ip saddr . ip daddr != @allow return"),
+                    rule("snat-ports", "snat ip to ip saddr . meta l4proto . th dport map @snat_ports"),
+                    rule("snat-all", "snat ip to ip saddr map @snat_all"),
+                ],
+            },
+            Chain {
+                name: "forward",
+                kind: "filter",
+                hook: "forward",
+                priority: -1,
+                rules: vec![rule("hold", "ip saddr @hold ip daddr != @cluster_nets counter drop")],
+            },
+        ],
     }
-    for (pod, vip) in &t.snat_all {
-        put("snat_all", pod.to_string(), Some(vip.to_string()));
-    }
-    for ((pod, proto, port), vip) in &t.snat_ports {
-        put("snat_ports", format!("{pod} . {proto} . {port}"), Some(vip.to_string()));
-    }
-    for pod in &t.allow_only {
-        put("allow_only", pod.to_string(), None);
-    }
-    for (pod, (a, b)) in &t.allow {
-        put("allow", format!("{pod} . {}", range(a, b)), None);
-    }
-    for (pod, (a, b)) in &t.deny {
-        put("deny", format!("{pod} . {}", range(a, b)), None);
-    }
-    for pod in &t.hold {
-        put("hold", pod.to_string(), None);
-    }
-    e
 }
 
-fn element(k: &str, v: &Option<String>) -> String {
-    match v {
-        Some(v) => format!("{k} : {v}"),
-        None => k.to_string(),
-    }
-}
-
-fn emit(s: &mut String, verb: &str, set: &str, items: &[String]) {
-    nft::element_lines(s, verb, TABLE, set, items);
+/// What each set and map needs to go from `have` to `want`.
+fn changes(have: &EgressTables, want: &EgressTables) -> Vec<Change> {
+    let ip = |ip: &Ipv4Addr| ip.to_string();
+    let range = |(a, b): &(Ipv4Addr, Ipv4Addr)| nft::range(*a, *b);
+    let pod_range = |(pod, r): &(Ipv4Addr, (Ipv4Addr, Ipv4Addr))| format!("{pod} . {}", range(r));
+    let port_key = |(pod, proto, port): &(Ipv4Addr, natgw_api::Protocol, u16)| format!("{pod} . {proto} . {port}");
+    vec![
+        whole_change("cluster_nets", &have.cluster_nets, &want.cluster_nets, range),
+        map_change("snat_all", &have.snat_all, &want.snat_all, ip, ip),
+        map_change("snat_ports", &have.snat_ports, &want.snat_ports, port_key, ip),
+        set_change("allow_only", &have.allow_only, &want.allow_only, ip),
+        set_change("allow", &have.allow, &want.allow, pod_range),
+        set_change("deny", &have.deny, &want.deny, pod_range),
+        set_change("hold", &have.hold, &want.hold, ip),
+    ]
 }
 
 /// The whole table, replacing whatever is there, in one transaction.
 pub fn full_script(t: &EgressTables) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
-    s.push_str("  comment \"owned by natgw node-agent: changes by hand are reverted\"\n");
-    s.push_str("  set cluster_nets { type ipv4_addr; flags interval; }\n");
-    s.push_str("  map snat_all { type ipv4_addr : ipv4_addr; }\n");
-    s.push_str("  map snat_ports { type ipv4_addr . inet_proto . inet_service : ipv4_addr; }\n");
-    s.push_str("  set allow_only { type ipv4_addr; }\n");
-    s.push_str("  set allow { type ipv4_addr . ipv4_addr; flags interval; }\n");
-    s.push_str("  set deny { type ipv4_addr . ipv4_addr; flags interval; }\n");
-    s.push_str("  set hold { type ipv4_addr; }\n");
-    // Before the usual srcnat chains (CNI masquerade at 100): the first NAT
-    // chain that binds wins.
-    s.push_str("  chain postrouting {\n    type nat hook postrouting priority srcnat - 1; policy accept;\n");
-    s.push_str("    ip daddr @cluster_nets return\n");
-    s.push_str("    ip saddr . ip daddr @deny return\n");
-    s.push_str("    ip saddr @allow_only ip saddr . ip daddr != @allow return\n");
-    s.push_str("    snat ip to ip saddr . meta l4proto . th dport map @snat_ports\n");
-    s.push_str("    snat ip to ip saddr map @snat_all\n  }\n");
-    s.push_str("  chain forward {\n    type filter hook forward priority filter - 1; policy accept;\n");
-    s.push_str("    ip saddr @hold ip daddr != @cluster_nets counter drop\n  }\n}\n");
-    for (set, items) in elements(t) {
-        let items: Vec<String> = items.iter().map(|(k, v)| element(k, v)).collect();
-        emit(&mut s, "add", set, &items);
-    }
-    s
+    table().full_script(&changes(&EgressTables::default(), t))
 }
 
-/// Only the elements that differ; empty when nothing does. A changed map
-/// value is a delete and an add in the same transaction.
+/// Only the elements that differ; empty when nothing does. A changed
+/// map value is a delete and an add in the same transaction.
 pub fn diff_script(have: &EgressTables, want: &EgressTables) -> String {
-    let (h, w) = (elements(have), elements(want));
-    let mut s = String::new();
-    let none = BTreeMap::new();
-    let sets: BTreeSet<&'static str> = h.keys().chain(w.keys()).copied().collect();
-    for set in &sets {
-        let (hs, ws) = (h.get(set).unwrap_or(&none), w.get(set).unwrap_or(&none));
-        let gone: Vec<String> = hs.iter().filter(|(k, v)| ws.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
-        emit(&mut s, "delete", set, &gone);
-    }
-    for set in &sets {
-        let (hs, ws) = (h.get(set).unwrap_or(&none), w.get(set).unwrap_or(&none));
-        let new: Vec<String> = ws.iter().filter(|(k, v)| hs.get(*k) != Some(*v)).map(|(k, v)| element(k, v)).collect();
-        emit(&mut s, "add", set, &new);
-    }
-    s
+    table().script(&changes(have, want))
 }
 
 /// Whether a flow must go because its translation is not the one the
@@ -169,15 +145,9 @@ fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncEr
 /// The addresses the kernel's egress table translates to (empty without
 /// a table): what an earlier instance may have left flows behind with.
 fn kernel_vips() -> Result<BTreeSet<Ipv4Addr>, NftError> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "table", "ip", TABLE])
-        .output()
-        .map_err(NftError::Spawn)?;
-    if !out.status.success() {
-        return Ok(BTreeSet::new());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Parse(e.to_string()))?;
-    Ok(nft::map_values(&v, &["snat_all", "snat_ports"]))
+    let Some(v) = nft::read_json("ip", TABLE)? else { return Ok(BTreeSet::new()) };
+    let (_, elements) = nft::parse_raw(&v)?;
+    Ok(nft::map_values(&elements, &["snat_all", "snat_ports"]))
 }
 
 fn table_exists() -> Result<bool, NftError> {
@@ -192,23 +162,23 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
     // Read before the table is replaced: after a crash, only the kernel
     // knows which VIPs the old instance used.
     let mut vips = want.vips();
-    if let Known::Present(t) = mirror {
+    if let Some(Some(t)) = mirror.known() {
         vips.extend(t.vips());
     }
-    if full || *mirror == Known::Unknown {
+    if full || mirror.known().is_none() {
         vips.extend(kernel_vips()?);
     }
-    let have = match mirror {
-        Known::Present(t) if !full => Some(t),
+    let have = match mirror.known() {
+        Some(Some(t)) if !full => Some(t),
         _ => None,
     };
     let next = if want.is_idle() {
-        if *mirror != Known::Absent || full {
+        if mirror.known() != Some(&None) || full {
             report.changed = table_exists()?;
-            nft::apply(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+            nft::apply(&table().delete_script())?;
             report.full = true;
         }
-        Known::Absent
+        Mirror::Known(None)
     } else {
         let script = match have {
             Some(h) => diff_script(h, want),
@@ -222,7 +192,7 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
             report.changed = true;
             nft::apply(&script)?;
         }
-        Known::Present(want.clone())
+        Mirror::Known(Some(want.clone()))
     };
     if report.changed || report.full {
         report.conntrack_deleted = sweep(want, &vips)?;
@@ -236,7 +206,7 @@ impl Egress {
     /// or the current one with `None`.
     pub fn open(netns: Option<&str>) -> Result<Self, SyncError> {
         let path: Option<PathBuf> = netns.map(netns::netns_path);
-        Ok(Egress { worker: netns::NetnsWorker::start(path)?, mirror: Mutex::new(Known::Unknown) })
+        Ok(Egress { worker: netns::NetnsWorker::start(path)?, mirror: Mutex::new(Mirror::Unknown) })
     }
 
     fn run(&self, want: &EgressTables, full: bool) -> Result<EgressReport, SyncError> {
@@ -250,7 +220,7 @@ impl Egress {
             }
             Err(e) => {
                 // The kernel may hold anything now: the next sync writes whole.
-                *mirror = Known::Unknown;
+                *mirror = Mirror::Unknown;
                 Err(e)
             }
         }

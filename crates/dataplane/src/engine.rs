@@ -45,7 +45,8 @@ fn with_links<R>(f: impl FnOnce(&Links) -> Result<R, SyncError>) -> Result<R, Sy
     })
 }
 
-struct Snapshot {
+/// What a sync read or left: the mirror of the kernel between syncs.
+pub struct Snapshot {
     state: KernelState,
     interfaces: BTreeMap<String, Interface>,
 }
@@ -71,35 +72,20 @@ fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
     s.interfaces.get(name).map(|i| i.index).ok_or_else(|| SyncError::Link(LinkError::NoInterface(name.into())))
 }
 
-thread_local! {
-    // What the last successful sync left in the kernel (kube-proxy keeps the
-    // same kind of mirror). Normal syncs diff against it instead of listing
-    // thousands of elements; drift repair reads the kernel instead.
-    static MIRROR: RefCell<Option<Snapshot>> = const { RefCell::new(None) };
-}
-
-/// How much of the kernel a sync reads first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Read {
-    /// Trust the mirror of the last sync when there is one.
-    Mirror,
-    /// Read everything from the kernel (start, drift repair).
-    Kernel,
-}
-
-/// Converges the namespace to `plan`. `sweep_conntrack` forces a conntrack
-/// pass even when nothing changed (first sync after start). A sync from
-/// the mirror that fails is retried once from a fresh kernel read: the
-/// kernel may have changed behind natgw's back.
+/// Converges the namespace to `plan`, from `mirrored` (what the previous
+/// sync left) or, without it, from a kernel read; returns what the kernel
+/// holds after. `sweep_conntrack` forces a conntrack pass even when
+/// nothing changed (first sync after start). A sync from the mirror that
+/// fails is retried once from a fresh kernel read: the kernel may have
+/// changed behind natgw's back.
 pub fn sync(
     plan: &GatewayPlan,
     sweep_conntrack: bool,
-    read_mode: Read,
+    mirrored: Option<Snapshot>,
     fail_sweep: bool,
-) -> Result<SyncReport, SyncError> {
+) -> Result<(SyncReport, Snapshot), SyncError> {
     let started = Instant::now();
     with_links(|links| {
-        let mirrored = if read_mode == Read::Mirror { MIRROR.with(|m| m.borrow_mut().take()) } else { None };
         let from_mirror = mirrored.is_some();
         let snap = match mirrored {
             Some(s) => s,
@@ -115,9 +101,8 @@ pub fn sync(
             other => other.map(|r| (r, snap)),
         };
         let (mut report, before) = result?;
-        MIRROR.with(|m| *m.borrow_mut() = Some(after(&before, plan)));
         report.duration = started.elapsed();
-        Ok(report)
+        Ok((report, after(&before, plan)))
     })
 }
 
@@ -149,11 +134,6 @@ fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
         },
         interfaces: before.interfaces.clone(),
     }
-}
-
-/// Forgets the mirror, so the next sync reads the kernel.
-pub fn forget() {
-    MIRROR.with(|m| *m.borrow_mut() = None);
 }
 
 fn converge(
@@ -302,7 +282,6 @@ pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
 /// Removes everything natgw owns in this namespace: its table, its
 /// addresses and routes, and conntrack entries through its addresses.
 pub fn teardown() -> Result<SyncReport, SyncError> {
-    forget();
     with_links(|links| {
         let snap = read(links)?;
         let mut report = SyncReport::default();

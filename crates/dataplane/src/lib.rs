@@ -9,15 +9,19 @@ pub mod egress;
 mod engine;
 pub mod garp;
 pub mod link;
+pub mod model;
 pub mod netns;
 pub mod nft;
 pub mod state;
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use natgw_plan::{GatewayPlan, IfAddr, Route};
+
+use crate::model::Mirror;
 
 pub use state::{Drift, KernelState};
 
@@ -63,6 +67,10 @@ pub struct Gateway {
     sweep_pending: AtomicBool,
     /// Tests: make the next sweep fail.
     fail_next_sweep: AtomicBool,
+    /// What the last successful sync left in the kernel (kube-proxy keeps
+    /// the same kind of mirror): normal syncs diff against it instead of
+    /// listing thousands of elements; `resync` reads the kernel instead.
+    mirror: Mutex<Mirror<engine::Snapshot>>,
 }
 
 impl Gateway {
@@ -74,6 +82,7 @@ impl Gateway {
             worker: netns::NetnsWorker::start(path)?,
             sweep_pending: AtomicBool::new(true),
             fail_next_sweep: AtomicBool::new(false),
+            mirror: Mutex::new(Mirror::Unknown),
         })
     }
 
@@ -87,22 +96,26 @@ impl Gateway {
     /// what the previous sync left (cheap: O(change)); the first sync of a
     /// handle reads the kernel and sweeps conntrack entries from before.
     pub fn sync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
-        self.sync_with(plan, engine::Read::Mirror)
+        self.sync_with(plan, false)
     }
 
     /// Like `sync`, but reads the whole kernel state first, so anything
     /// changed behind natgw's back is repaired. Run it periodically.
     pub fn resync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
-        self.sync_with(plan, engine::Read::Kernel)
+        self.sync_with(plan, true)
     }
 
-    fn sync_with(&self, plan: &GatewayPlan, read: engine::Read) -> Result<SyncReport, SyncError> {
+    fn sync_with(&self, plan: &GatewayPlan, read_kernel: bool) -> Result<SyncReport, SyncError> {
         let plan = plan.clone();
         let sweep = self.sweep_pending.load(Ordering::Relaxed);
         let fail = self.fail_next_sweep.swap(false, Ordering::Relaxed);
-        let result = self.worker.run(move || engine::sync(&plan, sweep, read, fail)).map_err(SyncError::from);
+        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken out: a failed sync leaves it unknown, so the next one reads.
+        let have = mirror.take().filter(|_| !read_kernel);
+        let result = self.worker.run(move || engine::sync(&plan, sweep, have, fail)).map_err(SyncError::from);
         match result.and_then(|r| r) {
-            Ok(report) => {
+            Ok((report, after)) => {
+                *mirror = Mirror::Known(after);
                 self.sweep_pending.store(false, Ordering::Relaxed);
                 Ok(report)
             }
@@ -127,6 +140,7 @@ impl Gateway {
 
     /// Removes all natgw state from the namespace.
     pub fn teardown(&self) -> Result<SyncReport, SyncError> {
+        *self.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Mirror::Unknown;
         self.worker.run(engine::teardown)?
     }
 

@@ -8,7 +8,6 @@
 //! added by hand no longer matches and the table is rebuilt.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -17,10 +16,10 @@ use natgw_api::Protocol;
 use natgw_plan::{NatTables, SnatRange};
 use serde_json::Value;
 
+use crate::model::{Chain, Change, Rule, Set, Table, map_change, whole_change};
+
 pub const FAMILY: &str = "ip";
 pub const TABLE: &str = "natgw";
-/// Elements per `add element` statement, to keep lines bounded.
-const CHUNK: usize = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -34,14 +33,7 @@ pub enum NftError {
     Parse(String),
 }
 
-/// The fixed part of the table as the kernel reports it; two views are
-/// equal exactly when no rebuild is needed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Skeleton {
-    pub sets: BTreeMap<String, String>,
-    pub chains: BTreeMap<String, String>,
-    pub rules: BTreeMap<String, Vec<String>>,
-}
+pub use crate::model::Skeleton;
 
 /// What the kernel holds in natgw's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,141 +43,91 @@ pub struct KernelTable {
     pub nat: NatTables,
 }
 
-struct RuleDef {
-    chain: &'static str,
-    role: &'static str,
-    text: String,
-}
-
-fn rule_defs(lan: &str, ext: &str) -> Vec<RuleDef> {
-    let r = |chain, role, text: String| RuleDef { chain, role, text };
+/// The maps and sets: the same whatever the interfaces.
+fn sets() -> Vec<Set> {
+    let set = |name, key, value, interval| Set { name, key, value, interval };
     vec![
-        r("prerouting", "port-fwd", "dnat ip to ip daddr . meta l4proto . th dport map @port_fwd".into()),
-        r("prerouting", "fip-dnat", "dnat ip to ip daddr map @fip_dnat".into()),
-        // Hairpin: an internal host reaching another through its EIP gets
-        // the EIP as source, so the reply comes back through the gateway.
-        r(
-            "postrouting",
-            "hairpin",
-            format!("oifname \"{lan}\" ip saddr @internal_nets ct status dnat snat ip to ct original ip daddr"),
-        ),
-        r("postrouting", "fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @fip_snat")),
-        r("postrouting", "snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
+        set("fip_dnat", "ipv4_addr", Some("ipv4_addr"), false),
+        set("fip_snat", "ipv4_addr", Some("ipv4_addr"), false),
+        set("port_fwd", "ipv4_addr . inet_proto . inet_service", Some("ipv4_addr . inet_service"), false),
+        set("snat_nets", "ipv4_addr", Some("ipv4_addr"), true),
+        set("internal_nets", "ipv4_addr", None, true),
     ]
 }
 
-fn comment(def: &RuleDef) -> String {
-    format!("natgw {} {:08x}", def.role, natgw_api::fnv1a(def.text.as_bytes()))
+/// natgw's table for a gateway with these interfaces.
+pub fn table(lan: &str, ext: &str) -> Table {
+    let rule = |role, text: String| Rule { role, text };
+    Table {
+        family: FAMILY,
+        name: TABLE,
+        comment: "owned by natgw: changes by hand are reverted",
+        sets: sets(),
+        chains: vec![
+            Chain {
+                name: "prerouting",
+                kind: "nat",
+                hook: "prerouting",
+                priority: -100,
+                rules: vec![
+                    rule("port-fwd", "dnat ip to ip daddr . meta l4proto . th dport map @port_fwd".into()),
+                    rule("fip-dnat", "dnat ip to ip daddr map @fip_dnat".into()),
+                ],
+            },
+            Chain {
+                name: "postrouting",
+                kind: "nat",
+                hook: "postrouting",
+                priority: 100,
+                rules: vec![
+                    // Hairpin: an internal host reaching another through its
+                    // EIP gets the EIP as source, so the reply comes back
+                    // through the gateway.
+                    rule(
+                        "hairpin",
+                        format!(
+                            "oifname \"{lan}\" ip saddr @internal_nets ct status dnat snat ip to ct original ip daddr"
+                        ),
+                    ),
+                    rule("fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @fip_snat")),
+                    rule("snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
+                ],
+            },
+        ],
+    }
 }
 
 /// The skeleton natgw wants for a gateway with these interfaces.
 pub fn expected_skeleton(lan: &str, ext: &str) -> Skeleton {
-    let mut s = Skeleton::default();
-    for (name, ty, map, flags) in [
-        ("fip_dnat", "ipv4_addr", "ipv4_addr", ""),
-        ("fip_snat", "ipv4_addr", "ipv4_addr", ""),
-        ("port_fwd", "ipv4_addr . inet_proto . inet_service", "ipv4_addr . inet_service", ""),
-        ("snat_nets", "ipv4_addr", "ipv4_addr", "interval"),
-        ("internal_nets", "ipv4_addr", "", "interval"),
-    ] {
-        s.sets.insert(name.into(), format!("{ty}|{map}|{flags}"));
-    }
-    s.chains.insert("prerouting".into(), "nat|prerouting|-100|accept".into());
-    s.chains.insert("postrouting".into(), "nat|postrouting|100|accept".into());
-    for def in rule_defs(lan, ext) {
-        s.rules.entry(def.chain.into()).or_default().push(comment(&def));
-    }
-    s
+    table(lan, ext).skeleton()
+}
+
+/// What each map and set needs to go from `have` to `want`.
+fn changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
+    let ip = |ip: &Ipv4Addr| ip.to_string();
+    vec![
+        map_change("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
+        map_change("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
+        map_change("port_fwd", &have.port_fwd, &want.port_fwd, port_key, |(ip, port)| format!("{ip} . {port}")),
+        whole_change("snat_nets", &have.snat, &want.snat, |r| format!("{} : {}", range(r.first, r.last), r.eip)),
+        whole_change("internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| range(*a, *b)),
+    ]
 }
 
 /// A script that replaces the whole table with the desired one.
 pub fn full_script(lan: &str, ext: &str, nat: &NatTables) -> String {
-    let mut s = String::new();
-    // add+delete makes the delete succeed whether or not the table exists.
-    let _ = writeln!(s, "add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\ntable {FAMILY} {TABLE} {{");
-    let _ = writeln!(s, "  comment \"owned by natgw: changes by hand are reverted\"");
-    s.push_str("  map fip_dnat { type ipv4_addr : ipv4_addr; }\n");
-    s.push_str("  map fip_snat { type ipv4_addr : ipv4_addr; }\n");
-    s.push_str("  map port_fwd { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }\n");
-    s.push_str("  map snat_nets { type ipv4_addr : ipv4_addr; flags interval; }\n");
-    s.push_str("  set internal_nets { type ipv4_addr; flags interval; }\n");
-    let defs = rule_defs(lan, ext);
-    for (chain, hook, prio) in [("prerouting", "prerouting", "dstnat"), ("postrouting", "postrouting", "srcnat")] {
-        let _ = writeln!(s, "  chain {chain} {{\n    type nat hook {hook} priority {prio}; policy accept;");
-        for def in defs.iter().filter(|d| d.chain == chain) {
-            let _ = writeln!(s, "    {} comment \"{}\"", def.text, comment(def));
-        }
-        s.push_str("  }\n");
-    }
-    s.push_str("}\n");
-    add_elements(&mut s, &NatTables::default(), nat);
-    s
+    table(lan, ext).full_script(&changes(&NatTables::default(), nat))
 }
 
 /// A script that turns the kernel's elements into the desired ones, or an
 /// empty string when they already match.
 pub fn diff_script(have: &NatTables, want: &NatTables) -> String {
-    let mut s = String::new();
-    delete_map_elements(&mut s, "fip_dnat", &have.fip_dnat, &want.fip_dnat, |k| k.to_string());
-    delete_map_elements(&mut s, "fip_snat", &have.fip_snat, &want.fip_snat, |k| k.to_string());
-    delete_map_elements(&mut s, "port_fwd", &have.port_fwd, &want.port_fwd, port_key);
-    // Interval contents are small; replace them whole when they differ, so
-    // that old and new ranges can never overlap inside one transaction.
-    if have.snat != want.snat {
-        let _ = writeln!(s, "flush map {FAMILY} {TABLE} snat_nets");
-    }
-    if have.internal_nets != want.internal_nets {
-        let _ = writeln!(s, "flush set {FAMILY} {TABLE} internal_nets");
-    }
-    add_elements(&mut s, have, want);
-    s
+    let elements = Table { family: FAMILY, name: TABLE, comment: "", sets: sets(), chains: Vec::new() };
+    elements.script(&changes(have, want))
 }
 
 fn port_key((eip, proto, port): &natgw_plan::PortKey) -> String {
     format!("{eip} . {proto} . {port}")
-}
-
-fn delete_map_elements<K: Ord, V: PartialEq>(
-    s: &mut String,
-    map: &str,
-    have: &BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
-    key: impl Fn(&K) -> String,
-) {
-    let gone: Vec<String> = have.iter().filter(|(k, v)| want.get(*k) != Some(*v)).map(|(k, _)| key(k)).collect();
-    element_lines(s, "delete", TABLE, map, &gone);
-}
-
-/// `add element` / `delete element` statements for `items` of one set or
-/// map, in lines of bounded length.
-pub(crate) fn element_lines(s: &mut String, verb: &str, table: &str, set: &str, items: &[String]) {
-    for chunk in items.chunks(CHUNK) {
-        let _ = writeln!(s, "{verb} element {FAMILY} {table} {set} {{ {} }}", chunk.join(", "));
-    }
-}
-
-fn add_elements(s: &mut String, have: &NatTables, want: &NatTables) {
-    fn added<'a, K: Ord, V: PartialEq>(
-        have: &'a BTreeMap<K, V>,
-        want: &'a BTreeMap<K, V>,
-    ) -> impl Iterator<Item = (&'a K, &'a V)> {
-        want.iter().filter(move |(k, v)| have.get(*k) != Some(*v))
-    }
-    let mut emit = |map: &str, items: Vec<String>| element_lines(s, "add", TABLE, map, &items);
-    emit("fip_dnat", added(&have.fip_dnat, &want.fip_dnat).map(|(k, v)| format!("{k} : {v}")).collect());
-    emit("fip_snat", added(&have.fip_snat, &want.fip_snat).map(|(k, v)| format!("{k} : {v}")).collect());
-    emit(
-        "port_fwd",
-        added(&have.port_fwd, &want.port_fwd)
-            .map(|(k, (ip, port))| format!("{} : {ip} . {port}", port_key(k)))
-            .collect(),
-    );
-    if have.snat != want.snat {
-        emit("snat_nets", want.snat.iter().map(|r| format!("{} : {}", range(r.first, r.last), r.eip)).collect());
-    }
-    if have.internal_nets != want.internal_nets {
-        emit("internal_nets", want.internal_nets.iter().map(|(a, b)| range(*a, *b)).collect());
-    }
 }
 
 /// An inclusive range as nft spells it: `a-b`, or `a` alone.
@@ -215,28 +157,33 @@ pub fn apply(script: &str) -> Result<(), NftError> {
 
 /// Reads natgw's table; `present: false` when it does not exist.
 pub fn read() -> Result<KernelTable, NftError> {
-    let out = Command::new("nft").args(["-j", "list", "table", FAMILY, TABLE]).output().map_err(NftError::Spawn)?;
+    match read_json(FAMILY, TABLE)? {
+        Some(v) => parse_table(&v),
+        None => Ok(KernelTable::default()),
+    }
+}
+
+/// `nft -j list table FAMILY NAME`, or `None` when the table does not
+/// exist: the one way natgw reads its tables back.
+pub fn read_json(family: &str, name: &str) -> Result<Option<Value>, NftError> {
+    let out = Command::new("nft").args(["-j", "list", "table", family, name]).output().map_err(NftError::Spawn)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("No such file or directory") {
-            return Ok(KernelTable::default());
+            return Ok(None);
         }
         return Err(NftError::List(err.trim().to_string()));
     }
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| NftError::Parse(e.to_string()))?;
-    parse_table(&v)
+    serde_json::from_slice(&out.stdout).map(Some).map_err(|e| NftError::Parse(e.to_string()))
 }
 
-/// Removes natgw's table if it exists (uninstall, tests).
-pub fn delete_table() -> Result<(), NftError> {
-    apply(&format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"))
-}
-
-/// Parses `nft -j list table` output into the plan's shapes.
-pub fn parse_table(v: &Value) -> Result<KernelTable, NftError> {
+/// The sets, maps, chains and rule comments of a listed table, and each
+/// set's raw elements.
+pub fn parse_raw(v: &Value) -> Result<(Skeleton, BTreeMap<String, Vec<Value>>), NftError> {
     let items =
         v.get("nftables").and_then(Value::as_array).ok_or_else(|| NftError::Parse("no nftables array".into()))?;
-    let mut t = KernelTable { present: true, ..Default::default() };
+    let mut skeleton = Skeleton::default();
+    let mut elements = BTreeMap::new();
     for item in items {
         if let Some(set) = item.get("map").or_else(|| item.get("set")) {
             let name = str_of(set, "name");
@@ -250,9 +197,11 @@ pub fn parse_table(v: &Value) -> Result<KernelTable, NftError> {
                 .and_then(Value::as_array)
                 .map(|f| f.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","));
             let map = set.get("map").and_then(Value::as_str).unwrap_or("");
-            t.skeleton.sets.insert(name.clone(), format!("{ty}|{map}|{}", flags.unwrap_or_default()));
-            let elems = set.get("elem").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-            parse_elements(&name, elems, &mut t.nat).map_err(|e| NftError::Parse(format!("{name}: {e}")))?;
+            skeleton.sets.insert(name.clone(), format!("{ty}|{map}|{}", flags.unwrap_or_default()));
+            let elems = set.get("elem").and_then(Value::as_array).cloned().unwrap_or_default();
+            // Elements with extra attributes come wrapped as {"elem": {"val": ..}}.
+            let elems = elems.into_iter().map(|e| e.get("elem").and_then(|x| x.get("val")).cloned().unwrap_or(e));
+            elements.insert(name, elems.collect());
         } else if let Some(c) = item.get("chain") {
             let desc = format!(
                 "{}|{}|{}|{}",
@@ -261,29 +210,38 @@ pub fn parse_table(v: &Value) -> Result<KernelTable, NftError> {
                 c.get("prio").map(|p| p.to_string()).unwrap_or_default(),
                 str_of(c, "policy")
             );
-            t.skeleton.chains.insert(str_of(c, "name"), desc);
+            skeleton.chains.insert(str_of(c, "name"), desc);
         } else if let Some(r) = item.get("rule") {
             let comment = r.get("comment").and_then(Value::as_str).unwrap_or("(no comment)").to_string();
-            t.skeleton.rules.entry(str_of(r, "chain")).or_default().push(comment);
+            skeleton.rules.entry(str_of(r, "chain")).or_default().push(comment);
         }
+    }
+    Ok((skeleton, elements))
+}
+
+/// Removes natgw's table if it exists (uninstall, tests).
+pub fn delete_table() -> Result<(), NftError> {
+    apply(&format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"))
+}
+
+/// Parses `nft -j list table` output into the plan's shapes.
+pub fn parse_table(v: &Value) -> Result<KernelTable, NftError> {
+    let (skeleton, elements) = parse_raw(v)?;
+    let mut t = KernelTable { present: true, skeleton, ..Default::default() };
+    for (name, elems) in &elements {
+        parse_elements(name, elems, &mut t.nat).map_err(|e| NftError::Parse(format!("{name}: {e}")))?;
     }
     t.nat.snat.sort();
     t.nat.internal_nets.sort();
     Ok(t)
 }
 
-/// The IPv4 values of the named maps in `nft -j` output.
-pub fn map_values(v: &Value, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
-    let items = v.get("nftables").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-    items
-        .iter()
-        .filter_map(|i| i.get("map"))
-        .filter(|m| maps.contains(&str_of(m, "name").as_str()))
-        .flat_map(|m| m.get("elem").and_then(Value::as_array).cloned().unwrap_or_default())
-        .filter_map(|e| {
-            let e = e.get("elem").and_then(|x| x.get("val")).cloned().unwrap_or(e);
-            pair(&e).ok().and_then(|(_, v)| ip(v).ok())
-        })
+/// The IPv4 values of the named maps among a table's raw elements.
+pub fn map_values(elements: &BTreeMap<String, Vec<Value>>, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
+    maps.iter()
+        .filter_map(|m| elements.get(*m))
+        .flatten()
+        .filter_map(|e| pair(e).ok().and_then(|(_, v)| ip(v).ok()))
         .collect()
 }
 
@@ -293,8 +251,6 @@ fn str_of(v: &Value, key: &str) -> String {
 
 fn parse_elements(name: &str, elems: &[Value], nat: &mut NatTables) -> Result<(), String> {
     for e in elems {
-        // Elements with extra attributes come wrapped as {"elem": {"val": ..}}.
-        let e = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
         match name {
             "fip_dnat" | "fip_snat" => {
                 let (k, v) = pair(e)?;

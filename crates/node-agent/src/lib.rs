@@ -5,6 +5,7 @@
 //! say so (log, Event, metric, readiness); on SIGTERM the agent removes
 //! what it owns unless told to keep it.
 
+mod args;
 pub mod cidrs;
 pub mod health;
 pub mod service;
@@ -26,6 +27,7 @@ use natgw_kube_support::events::Reporter;
 use natgw_kube_support::is_ready as ready;
 use natgw_plan::{EgressInput, EgressTables, ServiceState, plan_egress};
 
+pub use args::Args;
 pub use natgw_dataplane::egress::TABLE;
 
 #[derive(Debug, thiserror::Error)]

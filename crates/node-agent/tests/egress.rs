@@ -360,7 +360,8 @@ async fn item3_undiscoverable_cidrs_are_loud_with_the_real_reason_and_program_no
         Agent::start(client, &lab, |c| c.overrides.pod_cidrs = Some(cidrs::parse("t", "10.77.0.0/16").unwrap())).await;
     eventually("with --pod-cidrs, the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
         .await;
-    assert_eq!(agent.get("/readyz").await.0, 200);
+    // Readiness is written right after the sync that programmed the VIP.
+    eventually("ready", || async { agent.get("/readyz").await.0 == 200 }).await;
     agent.stop().await;
 }
 

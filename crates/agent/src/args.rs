@@ -1,0 +1,17 @@
+//! The gateway agent's command line (`natgw agent --help`).
+
+/// Every setting of the gateway agent, with its environment variable.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// The NatGateway this agent programs.
+    #[arg(long, env = "NATGW_GATEWAY")]
+    pub gateway: String,
+    /// Network namespace path or name under /run/netns; the agent's own
+    /// (the gateway pod's) without it.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The controller's namespace, where address claims live (the gateway
+    /// pod runs there).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub claims_namespace: String,
+}

@@ -1,0 +1,298 @@
+//! One nftables model for every table natgw owns (the gateway's `natgw`,
+//! the node's `natgw_egress`), in the manner of knftables: tables, sets,
+//! maps and chains as typed values that render one `nft -f` script.
+//!
+//! - The fixed part (sets, chains, rules) is declared once and gives both
+//!   the script and the skeleton expected back from the kernel. Each rule
+//!   carries a comment with a hash of its text, so a rule edited, removed
+//!   or added by hand no longer matches and the table is rebuilt.
+//! - Everything that varies is elements. `map_change`, `set_change` and
+//!   `whole_change` compare typed contents and render only what changed
+//!   (O(change) text per sync); `Table::script` turns the changes into one
+//!   transaction.
+//! - `Mirror` is what the last successful transaction left: unknown means
+//!   a full write.
+//!
+//! Another family (`ip6`, `inet`) or a new map is a few more lines here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+/// Elements per `add element` statement, to keep lines bounded.
+const CHUNK: usize = 2000;
+
+/// A set (`value` is `None`) or a map.
+#[derive(Clone, Debug)]
+pub struct Set {
+    pub name: &'static str,
+    /// Key type, e.g. `ipv4_addr . inet_proto . inet_service`.
+    pub key: &'static str,
+    pub value: Option<&'static str>,
+    /// Interval sets are replaced whole when they differ: nftables refuses
+    /// overlapping intervals, even transiently inside one transaction.
+    pub interval: bool,
+}
+
+/// A fixed rule and the role its comment names.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub role: &'static str,
+    pub text: String,
+}
+
+/// A base chain.
+#[derive(Clone, Debug)]
+pub struct Chain {
+    pub name: &'static str,
+    /// `nat` or `filter`.
+    pub kind: &'static str,
+    pub hook: &'static str,
+    /// Numeric, as `nft -j` reports it (dstnat -100, srcnat 100, filter 0).
+    pub priority: i32,
+    pub rules: Vec<Rule>,
+}
+
+/// A table natgw owns whole.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub family: &'static str,
+    pub name: &'static str,
+    pub comment: &'static str,
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain>,
+}
+
+/// What one set or map needs to go from one content to another.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub set: &'static str,
+    /// Empty the set first (interval sets are replaced whole).
+    pub flush: bool,
+    pub delete: Vec<String>,
+    pub add: Vec<String>,
+}
+
+/// A map keyed by `K`: deletes the keys whose value changed or that went,
+/// adds the new and changed ones.
+pub fn map_change<K: Ord, V: PartialEq>(
+    set: &'static str,
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    key: impl Fn(&K) -> String,
+    value: impl Fn(&V) -> String,
+) -> Change {
+    let delete = have.iter().filter(|(k, v)| want.get(*k) != Some(*v)).map(|(k, _)| key(k)).collect();
+    let add = want
+        .iter()
+        .filter(|(k, v)| have.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{} : {}", key(k), value(v)))
+        .collect();
+    Change { set, flush: false, delete, add }
+}
+
+/// A set of `T`, element by element.
+pub fn set_change<T: Ord>(
+    set: &'static str,
+    have: &BTreeSet<T>,
+    want: &BTreeSet<T>,
+    key: impl Fn(&T) -> String,
+) -> Change {
+    let delete = have.difference(want).map(&key).collect();
+    let add = want.difference(have).map(&key).collect();
+    Change { set, flush: false, delete, add }
+}
+
+/// A set replaced whole when it differs (intervals that must never
+/// overlap, even inside one transaction).
+pub fn whole_change<T: PartialEq>(set: &'static str, have: &[T], want: &[T], element: impl Fn(&T) -> String) -> Change {
+    if have == want {
+        return Change { set, ..Default::default() };
+    }
+    Change { set, flush: !have.is_empty(), delete: Vec::new(), add: want.iter().map(element).collect() }
+}
+
+/// The fixed part as the kernel reports it; equal exactly when no rebuild
+/// is needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Skeleton {
+    pub sets: BTreeMap<String, String>,
+    pub chains: BTreeMap<String, String>,
+    pub rules: BTreeMap<String, Vec<String>>,
+}
+
+impl Rule {
+    pub fn comment(&self) -> String {
+        format!("natgw {} {:08x}", self.role, natgw_api::fnv1a(self.text.as_bytes()))
+    }
+}
+
+impl Set {
+    /// How the skeleton spells this set (`type|map|flags`).
+    pub fn describe(&self) -> String {
+        format!("{}|{}|{}", self.key, self.value.unwrap_or(""), if self.interval { "interval" } else { "" })
+    }
+}
+
+impl Chain {
+    pub fn describe(&self) -> String {
+        format!("{}|{}|{}|accept", self.kind, self.hook, self.priority)
+    }
+}
+
+impl Table {
+    /// Makes the table absent, whether or not it exists (add + delete).
+    pub fn delete_script(&self) -> String {
+        format!("add table {f} {n}\ndelete table {f} {n}\n", f = self.family, n = self.name)
+    }
+
+    /// Replaces the whole table: the fixed part, then `changes` (made
+    /// against empty contents), in one script.
+    pub fn full_script(&self, changes: &[Change]) -> String {
+        let mut s = self.delete_script();
+        let _ = writeln!(s, "table {} {} {{", self.family, self.name);
+        let _ = writeln!(s, "  comment \"{}\"", self.comment);
+        for set in &self.sets {
+            let (what, ty) = match set.value {
+                Some(v) => ("map", format!("{} : {v}", set.key)),
+                None => ("set", set.key.to_string()),
+            };
+            let flags = if set.interval { " flags interval;" } else { "" };
+            let _ = writeln!(s, "  {what} {} {{ type {ty};{flags} }}", set.name);
+        }
+        for chain in &self.chains {
+            let _ = writeln!(
+                s,
+                "  chain {} {{\n    type {} hook {} priority {}; policy accept;",
+                chain.name, chain.kind, chain.hook, chain.priority
+            );
+            for rule in &chain.rules {
+                let _ = writeln!(s, "    {} comment \"{}\"", rule.text, rule.comment());
+            }
+            s.push_str("  }\n");
+        }
+        s.push_str("}\n");
+        s.push_str(&self.script(changes));
+        s
+    }
+
+    /// The element statements of `changes`: every flush and delete before
+    /// any add; empty when nothing changes.
+    pub fn script(&self, changes: &[Change]) -> String {
+        let mut s = String::new();
+        for c in changes {
+            if c.flush {
+                let what = if self.sets.iter().any(|s| s.name == c.set && s.value.is_some()) { "map" } else { "set" };
+                let _ = writeln!(s, "flush {what} {} {} {}", self.family, self.name, c.set);
+            }
+            self.element_lines(&mut s, "delete", c.set, &c.delete);
+        }
+        for c in changes {
+            self.element_lines(&mut s, "add", c.set, &c.add);
+        }
+        s
+    }
+
+    /// The skeleton natgw writes.
+    pub fn skeleton(&self) -> Skeleton {
+        let mut sk = Skeleton::default();
+        for set in &self.sets {
+            sk.sets.insert(set.name.into(), set.describe());
+        }
+        for chain in &self.chains {
+            sk.chains.insert(chain.name.into(), chain.describe());
+            for rule in &chain.rules {
+                sk.rules.entry(chain.name.into()).or_default().push(rule.comment());
+            }
+        }
+        sk
+    }
+
+    fn element_lines(&self, s: &mut String, verb: &str, set: &str, items: &[String]) {
+        for chunk in items.chunks(CHUNK) {
+            let _ = writeln!(s, "{verb} element {} {} {set} {{ {} }}", self.family, self.name, chunk.join(", "));
+        }
+    }
+}
+
+/// What the last successful transaction left in the kernel. `Unknown` at
+/// start and after any failure: the next write is a full one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Mirror<T> {
+    #[default]
+    Unknown,
+    Known(T),
+}
+
+impl<T> Mirror<T> {
+    /// Takes the state out, leaving `Unknown`: a sync that fails before it
+    /// puts a new state back leaves the mirror unknown.
+    pub fn take(&mut self) -> Option<T> {
+        match std::mem::take(self) {
+            Mirror::Known(t) => Some(t),
+            Mirror::Unknown => None,
+        }
+    }
+
+    pub fn known(&self) -> Option<&T> {
+        match self {
+            Mirror::Known(t) => Some(t),
+            Mirror::Unknown => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        Table {
+            family: "ip",
+            name: "t",
+            comment: "test",
+            sets: vec![
+                Set { name: "m", key: "ipv4_addr", value: Some("ipv4_addr"), interval: false },
+                Set { name: "r", key: "ipv4_addr", value: None, interval: true },
+            ],
+            chains: vec![Chain {
+                name: "post",
+                kind: "nat",
+                hook: "postrouting",
+                priority: 99,
+                rules: vec![Rule { role: "snat", text: "snat ip to ip saddr map @m".into() }],
+            }],
+        }
+    }
+
+    #[test]
+    fn changes_render_only_what_changed_and_intervals_whole() {
+        let t = table();
+        let have: BTreeMap<u8, u8> = [(1, 1), (2, 2)].into();
+        let want: BTreeMap<u8, u8> = [(1, 9), (2, 2), (3, 3)].into();
+        let m = map_change("m", &have, &want, |k| format!("10.0.0.{k}"), |v| format!("192.0.2.{v}"));
+        let r = whole_change("r", &["10.0.0.0-10.0.0.255"], &["10.0.1.0-10.0.1.255"], |e| e.to_string());
+        assert_eq!(
+            t.script(&[m, r]),
+            "delete element ip t m { 10.0.0.1 }\n\
+             flush set ip t r\n\
+             add element ip t m { 10.0.0.1 : 192.0.2.9, 10.0.0.3 : 192.0.2.3 }\n\
+             add element ip t r { 10.0.1.0-10.0.1.255 }\n"
+        );
+        let same = map_change("m", &want, &want, |k| k.to_string(), |v| v.to_string());
+        assert_eq!(t.script(&[same, whole_change("r", &[1], &[1], |e| e.to_string())]), "");
+        let s: BTreeSet<u8> = [1, 2].into();
+        let c = set_change("s", &s, &[2, 3].into(), |e| e.to_string());
+        assert_eq!((c.delete, c.add), (vec!["1".to_string()], vec!["3".to_string()]));
+    }
+
+    #[test]
+    fn the_full_script_and_the_skeleton_agree_on_the_fixed_part() {
+        let t = table();
+        let s = t.full_script(&[]);
+        assert!(s.starts_with("add table ip t\ndelete table ip t\ntable ip t {"), "{s}");
+        let comment = t.chains[0].rules[0].comment();
+        assert!(s.contains(&format!("snat ip to ip saddr map @m comment \"{comment}\"")), "{s}");
+        assert_eq!(t.skeleton().rules["post"], vec![comment]);
+        assert_eq!(t.skeleton().chains["post"], "nat|postrouting|99|accept");
+    }
+}
