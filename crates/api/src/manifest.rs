@@ -52,8 +52,8 @@ pub enum LoadError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{file}: {size} bytes; a manifest file holds at most {max} (split it into several files)", max = MAX_FILE_BYTES)]
     TooLarge { file: PathBuf, size: usize },
-    #[error("{file}: malformed YAML: {message}")]
-    Yaml { file: PathBuf, message: String },
+    #[error("{file}: malformed YAML: {source}")]
+    Yaml { file: PathBuf, source: Box<serde_saphyr::Error> },
     #[error("{at}: {message}")]
     Document { at: Source, message: String },
     #[error("{at}: {object}: {error}")]
@@ -135,7 +135,7 @@ fn load_documents<'a>(
         let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
             Ok(d) => d,
             Err(e) => {
-                errors.push(LoadError::Yaml { file: file.to_path_buf(), message: e.to_string() });
+                errors.push(LoadError::Yaml { file: file.to_path_buf(), source: Box::new(e) });
                 continue;
             }
         };

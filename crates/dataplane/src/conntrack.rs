@@ -14,8 +14,8 @@ use crate::ctpolicy::{self, CtEntry};
 pub enum ConntrackError {
     #[error("conntrack netlink: {0}")]
     Io(#[from] std::io::Error),
-    #[error("conntrack netlink: cannot decode reply: {0}")]
-    Decode(String),
+    #[error("conntrack netlink: cannot decode reply")]
+    Decode(#[source] netlink_packet_core::DecodeError),
     #[error("conntrack netlink: kernel error {0}")]
     Kernel(i32),
 }
@@ -72,8 +72,8 @@ fn receive(s: &Socket, mut each: impl FnMut(ConntrackMessage)) -> Result<(), Con
         let size = s.recv(&mut &mut buf[..], 0)?;
         let mut offset = 0;
         while offset < size {
-            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..size])
-                .map_err(|e| ConntrackError::Decode(e.to_string()))?;
+            let msg =
+                NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..size]).map_err(ConntrackError::Decode)?;
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),

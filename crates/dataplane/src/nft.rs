@@ -29,8 +29,10 @@ pub enum NftError {
     Rejected(String),
     #[error("nft list failed: {0}")]
     List(String),
-    #[error("cannot parse nft JSON output: {0}")]
+    #[error("unexpected nft JSON output: {0}")]
     Parse(String),
+    #[error("cannot parse nft JSON output")]
+    Json(#[source] serde_json::Error),
 }
 
 pub use crate::model::Skeleton;
@@ -174,7 +176,7 @@ pub fn read_json(family: &str, name: &str) -> Result<Option<Value>, NftError> {
         }
         return Err(NftError::List(err.trim().to_string()));
     }
-    serde_json::from_slice(&out.stdout).map(Some).map_err(|e| NftError::Parse(e.to_string()))
+    serde_json::from_slice(&out.stdout).map(Some).map_err(NftError::Json)
 }
 
 /// The sets, maps, chains and rule comments of a listed table, and each
