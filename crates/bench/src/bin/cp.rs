@@ -106,7 +106,10 @@ async fn main() -> Result<()> {
     };
     let controller = spawn("natgw-controller", &["controller", "--instance", "bench", "--namespace", "natgw-system"])?;
     let gw_ns = lab.ns("gw");
-    let agent = spawn("natgw-gateway", &["agent", "--gateway", "demo-gw", "--netns", &gw_ns])?;
+    let agent = spawn(
+        "natgw-gateway",
+        &["agent", "--gateway", "demo-gw", "--netns", &gw_ns, "--claims-namespace", "natgw-system"],
+    )?;
     create(&admin, &obj::<Vpc>("Vpc", "demo", serde_json::json!({}))?).await?;
     create(
         &admin,
