@@ -2,7 +2,6 @@
 //! field manager.
 
 use kube::ResourceExt;
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use natgw_kube_support::status::condition;
 
 use crate::{Ctx, Error, KindResource};
@@ -23,14 +22,7 @@ pub async fn set_condition<K: KindResource>(
     let condition = condition(type_, status, reason, message.clone(), obj.meta().generation);
     patch_status::<K>(ctx, manager, &obj.name_any(), serde_json::json!({ "conditions": [condition] })).await?;
     if status == "False" {
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(message),
-            action: action.into(),
-            secondary: None,
-        };
-        let _ = ctx.recorder.publish(&event, &obj.object_ref(&())).await;
+        warn(ctx, obj, reason, action, &message).await;
     }
     Ok(())
 }
@@ -43,4 +35,15 @@ pub async fn patch_status<K: KindResource>(
     status: serde_json::Value,
 ) -> Result<(), Error> {
     Ok(natgw_kube_support::status::apply_status::<K>(&ctx.client, manager, name, status).await?)
+}
+
+/// A Warning Event about `obj`. A new Event each time: the caller says a
+/// message once per change, and the Event shows the current one.
+pub async fn warn<K: KindResource>(ctx: &Ctx, obj: &K, reason: &str, action: &str, note: &str) {
+    let regarding = obj.object_ref(&());
+    if let Err(e) =
+        natgw_kube_support::events::warning(&ctx.client, &ctx.reporter, regarding, reason, action, note).await
+    {
+        tracing::warn!(kind = %K::KIND, name = %obj.name_any(), error = %e, "cannot publish Event");
+    }
 }

@@ -3,11 +3,10 @@
 
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use natgw_kube_support::Typed;
 use natgw_kube_support::status::condition;
 
-use crate::conditions::patch_status;
+use crate::conditions::{patch_status, warn};
 use crate::{Ctx, Error, KindResource, deps, workload};
 
 pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
@@ -27,16 +26,7 @@ pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Erro
         let condition = condition("DeletionBlocked", "True", "DependentsExist", message.clone(), obj.meta().generation);
         let conditions = serde_json::json!({ "conditions": [condition] });
         patch_status::<K>(ctx, "natgw-controller/deletion", &obj.name_any(), conditions).await?;
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: "DeletionBlocked".into(),
-            note: Some(message.clone()),
-            action: "Delete".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(object = %me, error = %e, "cannot publish Event");
-        }
+        warn(ctx, obj, "DeletionBlocked", "Delete", &message).await;
     }
     Err(Error::Blocked(format!("{me}: {message}")))
 }

@@ -2,14 +2,13 @@
 
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::ObjectRef as CacheRef;
-use kube::{Resource, ResourceExt};
 use natgw_api::*;
 use natgw_kube_support::status::condition;
 
-use crate::conditions::patch_status;
+use crate::conditions::{patch_status, warn};
 use crate::{Ctx, Error, address, rule};
 
 pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
@@ -55,14 +54,7 @@ pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
         }
         patch_status::<Eip>(ctx, "natgw-controller/address", &eip.name_any(), body).await?;
         if ip.is_none() {
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(message),
-                action: "AssignAddress".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&event, &eip.object_ref(&())).await;
+            warn(ctx, eip, reason, "AssignAddress", &message).await;
         }
     }
     Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })

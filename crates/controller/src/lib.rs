@@ -27,7 +27,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -99,7 +98,7 @@ impl Stores {
 pub struct Ctx {
     client: Client,
     stores: Stores,
-    recorder: Recorder,
+    reporter: natgw_kube_support::events::Reporter,
     /// Where address claims and gateway workloads live (the controller's
     /// own namespace).
     namespace: String,
@@ -176,11 +175,13 @@ pub async fn run(
         snat_rules: snat.store(),
         dnat_rules: dnat.store(),
     };
-    let reporter = Reporter { controller: MANAGER.into(), instance };
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         stores,
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter: natgw_kube_support::events::Reporter {
+            component: "controller".into(),
+            instance: instance.unwrap_or_else(|| MANAGER.into()),
+        },
         namespace: namespace.clone(),
         options,
         book: address::Book::default(),

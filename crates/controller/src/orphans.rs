@@ -16,10 +16,10 @@ use std::time::Instant;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::Store;
 use natgw_api::{DnatRule, Eip, FloatingIp, GATEWAY_FINALIZER_PREFIX, NatGateway, SnatRule, gateway_finalizer};
 
+use crate::conditions::warn;
 use crate::{Ctx, KindResource, workload};
 
 /// Remembers since when each gateway being deleted has had no ready agent.
@@ -180,14 +180,7 @@ impl Candidates {
                     drop.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join(", "),
                     ctx.options.release_after.as_secs()
                 );
-                let event = KubeEvent {
-                    type_: EventType::Warning,
-                    reason: "AgentUnavailable".into(),
-                    note: Some(note),
-                    action: "ReleaseFinalizer".into(),
-                    secondary: None,
-                };
-                let _ = ctx.recorder.publish(&event, &o.object_ref(&())).await;
+                warn(ctx, &*o, "AgentUnavailable", "ReleaseFinalizer", &note).await;
             }
         }
         Ok(released)
