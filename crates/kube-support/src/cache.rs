@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -20,12 +19,10 @@ use serde::de::DeserializeOwned;
 
 use crate::events::{Reporter, warning};
 
-static UNDECODABLE: AtomicU64 = AtomicU64::new(0);
-
 /// Objects left out of a cache because they could not be decoded, since
 /// the process started (the `natgw_objects_undecodable_total` metric).
 pub fn undecodable_total() -> u64 {
-    UNDECODABLE.load(Ordering::Relaxed)
+    crate::health::undecodable_counter().get()
 }
 
 /// A cache of every K (cluster-wide, filtered by `config`) and the stream
@@ -120,7 +117,7 @@ where
 }
 
 async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &DynamicObject, err: &str, reporter: &str) {
-    UNDECODABLE.fetch_add(1, Ordering::Relaxed);
+    crate::health::undecodable_counter().inc();
     let (kind, name) = (K::kind(&()).to_string(), obj.name_any());
     tracing::error!(kind, name, error = err, "object cannot be decoded; left out until it is fixed");
     let regarding = ObjectReference {

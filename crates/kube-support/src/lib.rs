@@ -7,11 +7,13 @@
 //! - `kind`: what natgw needs to know about each of its kinds;
 //! - `status`: conditions and status written with per-writer field managers;
 //! - `events`: Warning Events whose message is always the current one;
-//! - `claims`: the ConfigMaps that say which Eip holds an address.
+//! - `claims`: the ConfigMaps that say which Eip holds an address;
+//! - `health`: /healthz, /readyz and /metrics.
 
 pub mod cache;
 pub mod claims;
 pub mod events;
+pub mod health;
 pub mod kind;
 pub mod ready;
 pub mod status;

@@ -289,12 +289,12 @@ pub async fn run(
             .then(|| watch::<ServiceCIDR>(&client, all(), "ServiceCIDR", &errors, &tx)),
     );
     let caches = Caches { services, slices, pods, nodes, service_cidrs, errors };
-    let shared: health::Shared = Arc::default();
+    let (metrics, probe) = health::Metrics::new();
     let server = {
-        let shared = shared.clone();
+        let probe = probe.clone();
         async move {
             match health {
-                Some(l) => health::serve(l, shared).await,
+                Some(l) => health::serve(l, probe).await,
                 None => std::future::pending().await,
             }
         }
@@ -330,7 +330,7 @@ pub async fn run(
                     (EgressTables::default(), Some(format!("egress is not programmed: {why}")), None)
                 }
                 Gathered::NotListed(why) => {
-                    shared.lock().unwrap_or_else(|p| p.into_inner()).not_ready = Some(why.clone());
+                    probe.not_ready(why.clone());
                     let _ = tokio::time::timeout(TICK, rx.recv()).await;
                     continue;
                 }
@@ -356,53 +356,56 @@ pub async fn run(
                 }
             }
             if !gathered {
-                shared.lock().unwrap_or_else(|p| p.into_inner()).not_ready = not_ready;
+                probe.not_ready(not_ready.unwrap_or_else(|| "waiting for the first complete gather".into()));
                 let _ = tokio::time::timeout(TICK, rx.recv()).await;
                 continue;
             }
             let e = egress.clone();
             let t = tables.clone();
             let result = tokio::task::spawn_blocking(move || if full { e.resync(&t) } else { e.sync(&t) }).await;
-            {
-                let mut h = shared.lock().unwrap_or_else(|p| p.into_inner());
-                h.cidrs_known = matches!(round.input, Gathered::Ready(_));
-                h.services_invalid = round.invalid.len();
-                h.services_programmed = plan
-                    .as_ref()
-                    .map(|p| p.services.values().filter(|s| matches!(s, ServiceState::Programmed { .. })).count())
-                    .unwrap_or(0);
-                h.pods_translated = tables.snat_all.len()
-                    + tables.snat_ports.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len();
-                h.pods_held = tables.hold.len();
-                h.not_ready = not_ready;
-                match result {
-                    Ok(Ok(report)) => {
-                        h.syncs_ok += 1;
-                        h.last_sync_seconds = report.duration.as_secs_f64();
-                        if full {
-                            last_full = Some(Instant::now());
-                        }
-                        if report.changed {
-                            tracing::info!(
-                                ms = report.duration.as_millis() as u64,
-                                statements = report.statements,
-                                conntrack = report.conntrack_deleted,
-                                translated = h.pods_translated,
-                                held = h.pods_held,
-                                "egress synced"
-                            );
-                        }
+            metrics.cidrs_known.set(i64::from(matches!(round.input, Gathered::Ready(_))));
+            let programmed = plan
+                .as_ref()
+                .map(|p| p.services.values().filter(|s| matches!(s, ServiceState::Programmed { .. })).count())
+                .unwrap_or(0);
+            metrics.services(programmed, round.invalid.len());
+            let translated = tables.snat_all.len()
+                + tables.snat_ports.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len();
+            metrics.pods(translated, tables.hold.len());
+            let failed = match result {
+                Ok(Ok(report)) => {
+                    metrics.sync(true);
+                    metrics.last_sync_seconds.set(report.duration.as_secs_f64());
+                    metrics.conntrack_deleted.inc_by(report.conntrack_deleted as u64);
+                    if full {
+                        last_full = Some(Instant::now());
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                        metrics.last_full_sync.set(now.map(|d| d.as_secs_f64()).unwrap_or_default());
                     }
-                    Ok(Err(e)) => {
-                        h.syncs_failed += 1;
-                        h.not_ready = Some(format!("egress sync failed: {e}"));
-                        tracing::error!(error = %e, "egress sync failed; retrying");
+                    if report.changed {
+                        tracing::info!(
+                            ms = report.duration.as_millis() as u64,
+                            statements = report.statements,
+                            conntrack = report.conntrack_deleted,
+                            translated,
+                            held = tables.hold.len(),
+                            "egress synced"
+                        );
                     }
-                    Err(e) => {
-                        h.syncs_failed += 1;
-                        h.not_ready = Some(format!("egress sync failed: {e}"));
-                    }
+                    None
                 }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "egress sync failed; retrying");
+                    Some(format!("egress sync failed: {e}"))
+                }
+                Err(e) => Some(format!("egress sync failed: {e}")),
+            };
+            if failed.is_some() {
+                metrics.sync(false);
+            }
+            match failed.or(not_ready) {
+                Some(why) => probe.not_ready(why),
+                None => probe.ready(),
             }
             let _ = tokio::time::timeout(TICK, rx.recv()).await;
         }

@@ -1,0 +1,131 @@
+//! `/healthz`, `/readyz` and `/metrics` for every role, over axum with
+//! prometheus-client metrics. Each role registers its own metrics in a
+//! `Registry`, sets why it is not ready (or that it is), and serves.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+/// What a role reports: its metrics and why it is not ready.
+#[derive(Clone)]
+pub struct Probe {
+    registry: Arc<Registry>,
+    not_ready: Arc<Mutex<Option<String>>>,
+}
+
+impl Probe {
+    /// Serves `registry`, plus the metrics every role shares. Not ready
+    /// until `ready` is called.
+    pub fn new(mut registry: Registry) -> Probe {
+        registry.register(
+            "natgw_objects_undecodable",
+            "Objects left out of a cache because they could not be decoded",
+            undecodable_counter(),
+        );
+        Probe { registry: Arc::new(registry), not_ready: Arc::new(Mutex::new(Some("starting".into()))) }
+    }
+
+    pub fn ready(&self) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Not ready, and why (served by /readyz).
+    pub fn not_ready(&self, why: impl Into<String>) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.into());
+    }
+
+    pub fn why_not_ready(&self) -> Option<String> {
+        self.not_ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process-wide count of undecodable objects (see `cache`).
+pub fn undecodable_counter() -> Counter {
+    static C: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+    C.get_or_init(Counter::default).clone()
+}
+
+/// Serves until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
+    let ready = probe.clone();
+    let metrics = probe;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let why = ready.why_not_ready();
+                async move {
+                    match why {
+                        None => (StatusCode::OK, "ok\n".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.metrics();
+                async move {
+                    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+                        .into_response()
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the health server stopped");
+    }
+}
+
+/// A blocking GET, for tests and tools: (status code, body).
+pub fn get_blocking(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: natgw\r\nconnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_says_why_and_metrics_are_served() {
+        let mut registry = Registry::default();
+        let syncs: Counter = Counter::default();
+        registry.register("natgw_test_syncs", "Syncs", syncs.clone());
+        syncs.inc();
+        let probe = Probe::new(registry);
+        probe.not_ready("no pod CIDR");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, probe.clone()));
+        let get = |path: &'static str| tokio::task::spawn_blocking(move || get_blocking(addr, path).unwrap());
+        assert_eq!(get("/readyz").await.unwrap(), (503, "not ready: no pod CIDR\n".into()));
+        probe.ready();
+        assert_eq!(get("/readyz").await.unwrap().0, 200);
+        assert_eq!(get("/healthz").await.unwrap().0, 200);
+        let metrics = get("/metrics").await.unwrap().1;
+        assert!(metrics.contains("natgw_test_syncs_total 1"), "{metrics}");
+        assert!(metrics.contains("natgw_objects_undecodable_total"), "{metrics}");
+        server.abort();
+    }
+}
