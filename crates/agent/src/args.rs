@@ -14,4 +14,8 @@ pub struct Args {
     /// pod runs there).
     #[arg(long, env = "POD_NAMESPACE")]
     pub claims_namespace: String,
+    /// Where /healthz, /readyz and /metrics are served. Ready means: the
+    /// caches listed and the first full sync is in the kernel.
+    #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9478")]
+    pub health_addr: std::net::SocketAddr,
 }

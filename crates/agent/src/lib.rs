@@ -11,6 +11,7 @@
 //!   finalizer is gone), so an Eip whose deletion waits for rules stays.
 
 mod args;
+mod metrics;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -205,7 +206,14 @@ async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> 
 }
 
 /// One round: finalizers first, then the kernel, then releases.
-async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &str, resync: bool) -> Result<(), Error> {
+async fn round(
+    client: &Client,
+    gateway: &Arc<Gateway>,
+    caches: &Caches,
+    gw: &str,
+    resync: bool,
+    metrics: &metrics::Metrics,
+) -> Result<(), Error> {
     caches.ready().await;
     let fin = finalizer(gw);
     let (mut set, mine) = caches.snapshot(gw);
@@ -242,6 +250,7 @@ async fn round(client: &Client, gateway: &Arc<Gateway>, caches: &Caches, gw: &st
     let g = gateway.clone();
     let p = plan.clone();
     let report = tokio::task::spawn_blocking(move || if resync { g.resync(&p) } else { g.sync(&p) }).await??;
+    metrics.synced(report.duration.as_secs_f64(), report.conntrack_deleted, resync, &plan);
     if report.changed {
         tracing::info!(
             gateway = gw,
@@ -276,8 +285,19 @@ pub async fn run(
     gw: String,
     netns: Option<String>,
     claims: String,
+    health: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    let (metrics, probe) = metrics::Metrics::new();
+    let server = {
+        let probe = probe.clone();
+        async move {
+            match health {
+                Some(l) => natgw_kube_support::health::serve(l, probe).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let ns = netns.clone();
     let gateway = Arc::new(
         tokio::task::spawn_blocking(move || {
@@ -313,10 +333,19 @@ pub async fn run(
         let mut resync = true;
         let mut last_full = tokio::time::Instant::now();
         loop {
-            if let Err(e) = round(&client, &gateway, &caches, &gw, resync).await {
-                tracing::warn!(error = %natgw_kube_support::chain(&e), "round failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = tx.try_send(());
+            match round(&client, &gateway, &caches, &gw, resync, &metrics).await {
+                // The caches listed and the kernel holds the plan (the
+                // first sync of a handle, and the one after any failure,
+                // reads the kernel whole).
+                Ok(()) => probe.ready(),
+                Err(e) => {
+                    let why = natgw_kube_support::chain(&e);
+                    tracing::warn!(error = %why, "round failed; retrying");
+                    metrics.failed();
+                    probe.not_ready(why);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = tx.try_send(());
+                }
             }
             if resync {
                 last_full = tokio::time::Instant::now();
@@ -328,6 +357,7 @@ pub async fn run(
     tokio::select! {
         _ = watches => {}
         _ = work => {}
+        _ = server => {}
         _ = shutdown => {}
     }
     Ok(())

@@ -24,6 +24,8 @@ struct World {
     kernel: Gateway,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     agent: Option<tokio::task::JoinHandle<()>>,
+    /// The running agent's /readyz and /metrics.
+    health: Option<std::net::SocketAddr>,
 }
 
 impl Drop for World {
@@ -39,10 +41,18 @@ impl World {
     async fn start_agent(&mut self) {
         let agent = self.env.natgw_client("natgw-gateway").await.unwrap();
         let netns = self.lab.ns("gw");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.health = Some(listener.local_addr().unwrap());
         self.agent = Some(tokio::spawn(async move {
-            if let Err(e) =
-                natgw_agent::run(agent, "demo-gw".into(), Some(netns), "natgw-system".into(), std::future::pending())
-                    .await
+            if let Err(e) = natgw_agent::run(
+                agent,
+                "demo-gw".into(),
+                Some(netns),
+                "natgw-system".into(),
+                Some(listener),
+                std::future::pending(),
+            )
+            .await
             {
                 panic!("agent stopped: {e}");
             }
@@ -77,7 +87,7 @@ async fn world(name: &str) -> World {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/00-network.yaml")).unwrap();
     create_yaml(&admin, &network).await;
     let kernel = Gateway::open(Some(&lab.ns("gw"))).unwrap();
-    let mut w = World { env, lab, admin, kernel, tasks, agent: None };
+    let mut w = World { env, lab, admin, kernel, tasks, agent: None, health: None };
     w.start_agent().await;
     w
 }
@@ -433,4 +443,30 @@ async fn item16_a_status_ip_without_a_claim_is_never_programmed() {
         "a forged status.ip reached the kernel"
     );
     w.kill_agent();
+}
+
+/// The agent's /readyz after its first full sync, and its /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_reports_readiness_and_metrics() {
+    let w = world("health").await;
+    create_yaml(&w.admin, &(eip("e", "198.51.100.70") + "---\n" + &fip("f", "e", "10.77.0.11"))).await;
+    let addr = w.health.unwrap();
+    let get = |path: &'static str| async move {
+        tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, path).unwrap())
+            .await
+            .unwrap()
+    };
+    eventually("ready", || async { get("/readyz").await.0 == 200 }).await;
+    eventually("the FloatingIp counted as programmed", || async {
+        get("/metrics").await.1.contains("natgw_objects{kind=\"FloatingIp\",state=\"programmed\"} 1")
+    })
+    .await;
+    let metrics = get("/metrics").await.1;
+    for name in [
+        "natgw_sync_duration_seconds_count",
+        "natgw_last_full_sync_timestamp_seconds",
+        "natgw_objects_undecodable_total",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
 }

@@ -136,7 +136,10 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
-        Command::Controller(args) => controller(args.election()),
+        Command::Controller(args) => {
+            let addr = args.health_addr;
+            controller(args.election(), addr)
+        }
         Command::Agent(args) => agent(args),
         Command::NodeAgent(args) => node_agent(args),
         Command::Crd => natgw_api::crds_yaml()
@@ -214,18 +217,29 @@ async fn stop_signal() {
     tracing::info!("stopping");
 }
 
-fn controller(election: natgw_controller::Election) -> anyhow::Result<ExitCode> {
+fn controller(election: natgw_controller::Election, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = bind(health_addr).await?;
         let client = kube::Client::try_default().await?;
-        natgw_controller::run_elected(client, election, stop_signal()).await?;
+        let probe = election.options.health.probe.clone();
+        // The health server lives exactly as long as the controller.
+        tokio::select! {
+            r = natgw_controller::run_elected(client, election, stop_signal()) => r?,
+            _ = natgw_kube_support::health::serve(listener, probe) => {}
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("--health-addr {addr}: {e}"))
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
-        natgw_agent::run(client, a.gateway, a.netns, a.claims_namespace, stop_signal()).await?;
+        let listener = bind(a.health_addr).await?;
+        natgw_agent::run(client, a.gateway, a.netns, a.claims_namespace, Some(listener), stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -234,9 +248,7 @@ fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
     let config = a.config().map_err(anyhow::Error::msg)?;
     let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(health_addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("--health-addr {health_addr}: {e}"))?;
+        let listener = bind(health_addr).await?;
         let client = kube::Client::try_default().await?;
         natgw_node_agent::run(client, config, Some(listener), stop_signal()).await?;
         Ok(ExitCode::SUCCESS)

@@ -25,6 +25,9 @@ pub struct Args {
     /// before the controller releases the agent's finalizers itself.
     #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
     pub release_after: u64,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9477")]
+    pub health_addr: std::net::SocketAddr,
 }
 
 impl Args {
@@ -35,7 +38,11 @@ impl Args {
             identity: self.instance,
             duration_secs: 15,
             grace_secs: 5,
-            options: Options { agent_image: self.agent_image, release_after: Duration::from_secs(self.release_after) },
+            options: Options {
+                agent_image: self.agent_image,
+                release_after: Duration::from_secs(self.release_after),
+                health: Default::default(),
+            },
         }
     }
 }

@@ -69,7 +69,10 @@ async fn lead_while_elected(
     leader: &mut tokio::sync::watch::Receiver<bool>,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> bool {
+    let health = &election.options.health;
     loop {
+        health.leading(false);
+        health.probe.ready();
         while !*leader.borrow_and_update() {
             tokio::select! {
                 changed = leader.changed() => if changed.is_err() { return false },
@@ -77,6 +80,8 @@ async fn lead_while_elected(
             }
         }
         tracing::info!(identity = %election.identity, "leading");
+        health.leading(true);
+        health.probe.not_ready("leading: waiting for the caches to list");
         let mut rx = leader.clone();
         let lost = async move {
             while rx.changed().await.is_ok() {

@@ -107,6 +107,35 @@ pub struct Ctx {
     book: address::Book,
 }
 
+/// The controller's /readyz and /metrics: ready once it is a standby, or
+/// leading with its caches listed; `natgw_leader` says which.
+#[derive(Clone)]
+pub struct Health {
+    pub probe: natgw_kube_support::health::Probe,
+    leader: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("natgw_leader", "1 while this instance leads", leader.clone());
+        Health { probe: natgw_kube_support::health::Probe::new(registry), leader }
+    }
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Health")
+    }
+}
+
+impl Health {
+    pub(crate) fn leading(&self, yes: bool) {
+        self.leader.set(i64::from(yes));
+    }
+}
+
 /// How the controller runs, beyond the client and its namespace.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -115,11 +144,12 @@ pub struct Options {
     /// How long a NatGateway being deleted may go without a ready agent
     /// before the controller releases the agent's finalizers itself.
     pub release_after: Duration,
+    pub health: Health,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { agent_image: None, release_after: Duration::from_secs(300) }
+        Options { agent_image: None, release_after: Duration::from_secs(300), health: Health::default() }
     }
 }
 
@@ -209,8 +239,16 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(true);
     };
+    // Ready once every cache has listed.
+    let health = ctx.options.health.clone();
+    let listed = ctx.clone();
+    let ready = async move {
+        listed.stores.ready().await;
+        health.probe.ready();
+    };
     let controllers = async {
         futures::join!(
+            ready,
             drive!(vpc, Vpc),
             drive!(subnet, Subnet),
             drive!(gateway, NatGateway),

@@ -1,0 +1,69 @@
+//! The agent's /metrics and readiness: ready once its caches listed and
+//! its first full sync is in the kernel.
+
+use std::sync::atomic::AtomicU64;
+
+use natgw_kube_support::health::Probe;
+use natgw_plan::GatewayPlan;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Clone)]
+pub struct Metrics {
+    sync_seconds: Histogram,
+    objects: Family<Labels, Gauge>,
+    conntrack_deleted: Counter,
+    syncs_failed: Counter,
+    last_full_sync: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> (Metrics, Probe) {
+        let m = Metrics {
+            // 1 ms to about 16 s.
+            sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            objects: Family::default(),
+            conntrack_deleted: Counter::default(),
+            syncs_failed: Counter::default(),
+            last_full_sync: Gauge::default(),
+        };
+        let mut r = Registry::default();
+        r.register("natgw_sync_duration_seconds", "Duration of a gateway sync", m.sync_seconds.clone());
+        r.register("natgw_objects", "Objects of this gateway by kind and state", m.objects.clone());
+        r.register("natgw_conntrack_deleted", "Conntrack entries deleted by sweeps", m.conntrack_deleted.clone());
+        r.register("natgw_syncs_failed", "Rounds that failed (planning, API or kernel)", m.syncs_failed.clone());
+        r.register(
+            "natgw_last_full_sync_timestamp_seconds",
+            "When the kernel was last read and repaired whole (Unix time)",
+            m.last_full_sync.clone(),
+        );
+        (m, Probe::new(r))
+    }
+
+    pub fn synced(&self, seconds: f64, conntrack_deleted: usize, full: bool, plan: &GatewayPlan) {
+        self.sync_seconds.observe(seconds);
+        self.conntrack_deleted.inc_by(conntrack_deleted as u64);
+        if full {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            self.last_full_sync.set(now.map(|d| d.as_secs_f64()).unwrap_or_default());
+        }
+        self.objects.clear();
+        for r in &plan.programmed {
+            let labels = vec![("kind".into(), r.kind.to_string()), ("state".into(), "programmed".into())];
+            self.objects.get_or_create(&labels).inc();
+        }
+        for c in plan.conflicts.iter().filter(|c| !c.pending) {
+            let labels = vec![("kind".into(), c.object.kind.to_string()), ("state".into(), "conflict".into())];
+            self.objects.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn failed(&self) {
+        self.syncs_failed.inc();
+    }
+}
