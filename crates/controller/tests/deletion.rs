@@ -62,14 +62,7 @@ fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: serde_js
     natgw_testenv::natgw_object(kind, name, spec).unwrap()
 }
 
-async fn create<K>(client: &Client, obj: K)
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
+async fn create<K: natgw_testenv::ClusterObject>(client: &Client, obj: K) {
     natgw_testenv::create(client, &obj).await.unwrap();
 }
 

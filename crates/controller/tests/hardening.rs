@@ -42,27 +42,19 @@ async fn setup(crds: &[CustomResourceDefinition]) -> (TestEnv, Client) {
     (env, admin)
 }
 
-async fn create<K>(client: &Client, kind: &str, name: &str, spec: serde_json::Value)
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
-    let obj: K = natgw_testenv::natgw_object(kind, name, spec).unwrap();
-    natgw_testenv::create(client, &obj).await.unwrap();
+async fn create<K: natgw_testenv::ClusterObject>(client: &Client, name: &str, spec: serde_json::Value) {
+    natgw_testenv::create_spec::<K>(client, name, spec).await.unwrap();
 }
 
 async fn network(admin: &Client, gateways: &[&str]) {
-    create::<Vpc>(admin, "Vpc", "v", serde_json::json!({})).await;
+    create::<Vpc>(admin, "v", serde_json::json!({})).await;
     let ext =
         serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1", "excludeIps": ["192.0.2.2..192.0.2.9"]});
-    create::<Subnet>(admin, "Subnet", "ext", ext).await;
+    create::<Subnet>(admin, "ext", ext).await;
     for gw in gateways {
         let spec = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1",
                                       "externalSubnet": "ext", "externalNetwork": "kube-system/ext"});
-        create::<NatGateway>(admin, "NatGateway", gw, spec).await;
+        create::<NatGateway>(admin, gw, spec).await;
     }
 }
 
@@ -113,9 +105,9 @@ async fn item7_an_object_natgw_cannot_decode_does_not_freeze_the_controller() {
         api.patch(&crd.name_any(), &PatchParams::apply("test").force(), &Patch::Apply(&crd)).await.unwrap();
     }
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
-    create::<Vpc>(&admin, "Vpc", "v", serde_json::json!({})).await;
+    create::<Vpc>(&admin, "v", serde_json::json!({})).await;
     let subnet = serde_json::json!({"vpc": "v", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"});
-    create::<Subnet>(&admin, "Subnet", "s", subnet).await;
+    create::<Subnet>(&admin, "s", subnet).await;
     let vpcs: Api<Vpc> = Api::all(admin.clone());
     eventually("the controller works: membership of the VPC", || async {
         vpcs.get("v").await.unwrap().status.is_some_and(|s| s.subnets == ["s"])
@@ -157,8 +149,8 @@ async fn item9_a_fixed_ip_inside_an_exclusion_is_refused_with_a_condition() {
     let (env, admin) = setup(&crds()).await;
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
     network(&admin, &["gw"]).await;
-    create::<Eip>(&admin, "Eip", "fenced", serde_json::json!({"gateway": "gw", "ip": "192.0.2.5"})).await;
-    create::<Eip>(&admin, "Eip", "free", serde_json::json!({"gateway": "gw"})).await;
+    create::<Eip>(&admin, "fenced", serde_json::json!({"gateway": "gw", "ip": "192.0.2.5"})).await;
+    create::<Eip>(&admin, "free", serde_json::json!({"gateway": "gw"})).await;
     let eips: Api<Eip> = Api::all(admin.clone());
     eventually("AddressAssigned=False naming the exclusion", || async {
         let e = eips.get("fenced").await.unwrap();
@@ -183,8 +175,8 @@ async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
     let options = natgw_controller::Options { release_after: Duration::from_secs(2), ..image() };
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
     network(&admin, &["gw"]).await;
-    create::<Eip>(&admin, "Eip", "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.20"})).await;
-    create::<FloatingIp>(&admin, "FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})).await;
+    create::<Eip>(&admin, "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.20"})).await;
+    create::<FloatingIp>(&admin, "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})).await;
     // The agent's finalizer, as an agent that ran once and whose node is
     // gone now would have left it.
     let fin = gateway_finalizer("gw");
@@ -222,7 +214,7 @@ async fn item14_an_idle_controller_sends_no_lists() {
     let (env, admin) = setup(&crds()).await;
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
     network(&admin, &["gw"]).await;
-    create::<Eip>(&admin, "Eip", "e", serde_json::json!({"gateway": "gw"})).await;
+    create::<Eip>(&admin, "e", serde_json::json!({"gateway": "gw"})).await;
     let eips: Api<Eip> = Api::all(admin.clone());
     eventually("the Eip allocated", || async { eips.get("e").await.unwrap().status.and_then(|s| s.ip).is_some() })
         .await;
@@ -250,12 +242,11 @@ async fn item14_an_idle_controller_sends_no_lists() {
 async fn item10_an_invalid_route_is_a_condition_never_a_failing_loop() {
     let (env, admin) = setup(&without_cel()).await;
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
-    create::<Vpc>(&admin, "Vpc", "v", serde_json::json!({})).await;
-    create::<Subnet>(&admin, "Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"}))
-        .await;
+    create::<Vpc>(&admin, "v", serde_json::json!({})).await;
+    create::<Subnet>(&admin, "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})).await;
     let spec = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext",
                                   "externalNetwork": "kube-system/ext", "routes": [{"cidr": "10.9.0.1/16", "nextHop": "10.0.0.254"}]});
-    create::<NatGateway>(&admin, "NatGateway", "gw", spec).await;
+    create::<NatGateway>(&admin, "gw", spec).await;
     let gws: Api<NatGateway> = Api::all(admin.clone());
     eventually("Valid=False naming the route, WorkloadReady=True", || async {
         let conditions = gws.get("gw").await.unwrap().status.unwrap_or_default().conditions;
@@ -266,4 +257,25 @@ async fn item10_an_invalid_route_is_a_condition_never_a_failing_loop() {
     })
     .await;
     assert!(warned(&admin, "InvalidSpec", "gw").await);
+}
+
+/// The controller's /readyz once its caches listed, and its /metrics.
+#[tokio::test]
+async fn the_controller_reports_readiness_and_metrics() {
+    let (env, _admin) = setup(&crds()).await;
+    let options = image();
+    let probe = options.health.probe.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(natgw_kube_support::health::serve(listener, probe));
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    let get = |path: &'static str| async move {
+        tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, path).unwrap())
+            .await
+            .unwrap()
+    };
+    eventually("ready once the caches listed", || async { get("/readyz").await.0 == 200 }).await;
+    let metrics = get("/metrics").await.1;
+    assert!(metrics.contains("natgw_leader") && metrics.contains("natgw_objects_undecodable_total"), "{metrics}");
+    server.abort();
 }

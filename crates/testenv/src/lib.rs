@@ -362,15 +362,37 @@ pub fn natgw_object<K: serde::de::DeserializeOwned>(
     serde_json::from_value(doc).map_err(|e| EnvError::Kube(e.to_string()))
 }
 
-/// Creates a cluster-scoped object.
-pub async fn create<K>(client: &Client, obj: &K) -> Result<(), EnvError>
-where
+/// A cluster-scoped object the tests create (every natgw kind).
+pub trait ClusterObject:
+    kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+{
+}
+
+impl<K> ClusterObject for K where
     K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
         + Clone
         + std::fmt::Debug
         + serde::Serialize
-        + serde::de::DeserializeOwned,
+        + serde::de::DeserializeOwned
 {
+}
+
+/// Creates natgw object `name` of kind K from its spec.
+pub async fn create_spec<K: ClusterObject>(
+    client: &Client,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<(), EnvError> {
+    let obj: K = natgw_object(&K::kind(&()), name, spec)?;
+    create(client, &obj).await
+}
+
+/// Creates a cluster-scoped object.
+pub async fn create<K: ClusterObject>(client: &Client, obj: &K) -> Result<(), EnvError> {
     Api::<K>::all(client.clone())
         .create(&PostParams::default(), obj)
         .await
