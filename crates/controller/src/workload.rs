@@ -52,8 +52,15 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
             }),
             ..Default::default()
         }]),
+        // The image's user is unprivileged (for the controller); the agent
+        // runs as root with only the capabilities it uses.
         security_context: Some(SecurityContext {
-            capabilities: Some(Capabilities { add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]), drop: None }),
+            run_as_user: Some(0),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
             ..Default::default()
         }),
         readiness_probe: Some(Probe {
