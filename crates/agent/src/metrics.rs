@@ -3,15 +3,13 @@
 
 use std::sync::atomic::AtomicU64;
 
-use natgw_kube_support::health::Probe;
+use natgw_kube_support::health::{Labels, Probe, labels, set_now};
 use natgw_plan::GatewayPlan;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-type Labels = Vec<(String, String)>;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,17 +47,14 @@ impl Metrics {
         self.sync_seconds.observe(seconds);
         self.conntrack_deleted.inc_by(conntrack_deleted as u64);
         if full {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-            self.last_full_sync.set(now.map(|d| d.as_secs_f64()).unwrap_or_default());
+            set_now(&self.last_full_sync);
         }
         self.objects.clear();
         for r in &plan.programmed {
-            let labels = vec![("kind".into(), r.kind.to_string()), ("state".into(), "programmed".into())];
-            self.objects.get_or_create(&labels).inc();
+            self.objects.get_or_create(&labels(&[("kind", r.kind.as_str()), ("state", "programmed")])).inc();
         }
         for c in plan.conflicts.iter().filter(|c| !c.pending) {
-            let labels = vec![("kind".into(), c.object.kind.to_string()), ("state".into(), "conflict".into())];
-            self.objects.get_or_create(&labels).inc();
+            self.objects.get_or_create(&labels(&[("kind", c.object.kind.as_str()), ("state", "conflict")])).inc();
         }
     }
 

@@ -65,7 +65,7 @@ impl Sweeper {
                 None
             }
         };
-        let mut candidates = Candidates {
+        let candidates = Candidates {
             eips: found(&ctx.stores.eips, &why),
             fips: found(&ctx.stores.floating_ips, &why),
             snats: found(&ctx.stores.snat_rules, &why),
@@ -87,12 +87,11 @@ impl Sweeper {
         } else {
             BTreeSet::new()
         };
-        let mut released = 0;
-        released += candidates.release(ctx, &confirmed, Candidates::eips).await?;
-        released += candidates.release(ctx, &confirmed, Candidates::fips).await?;
-        released += candidates.release(ctx, &confirmed, Candidates::snats).await?;
-        released += candidates.release(ctx, &confirmed, Candidates::dnats).await?;
-        Ok(released)
+        let Candidates { eips, fips, snats, dnats } = candidates;
+        Ok(release(ctx, &confirmed, eips).await?
+            + release(ctx, &confirmed, fips).await?
+            + release(ctx, &confirmed, snats).await?
+            + release(ctx, &confirmed, dnats).await?)
     }
 }
 
@@ -138,51 +137,37 @@ impl Candidates {
         }
         has(&self.eips, why) || has(&self.fips, why) || has(&self.snats, why) || has(&self.dnats, why)
     }
+}
 
-    fn eips(&mut self) -> &mut Found<Eip> {
-        &mut self.eips
-    }
-    fn fips(&mut self) -> &mut Found<FloatingIp> {
-        &mut self.fips
-    }
-    fn snats(&mut self) -> &mut Found<SnatRule> {
-        &mut self.snats
-    }
-    fn dnats(&mut self) -> &mut Found<DnatRule> {
-        &mut self.dnats
-    }
-
-    async fn release<K: KindResource>(
-        &mut self,
-        ctx: &Ctx,
-        confirmed_live: &BTreeSet<String>,
-        slot: fn(&mut Self) -> &mut Found<K>,
-    ) -> Result<usize, kube::Error> {
-        let api: Api<K> = Api::all(ctx.client.clone());
-        let mut released = 0;
-        for (o, found) in slot(self).drain(..) {
-            // A gateway the API server still has is not gone.
-            let drop: Vec<(String, Why)> =
-                found.into_iter().filter(|(f, w)| *w == Why::Abandoned || !confirmed_live.contains(f)).collect();
-            if drop.is_empty() {
-                continue;
-            }
-            let keep: Vec<String> =
-                o.finalizers().iter().filter(|f| !drop.iter().any(|(d, _)| d == *f)).cloned().collect();
-            tracing::info!(kind = %K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway agent that will not run again");
-            let patch =
-                serde_json::json!({ "metadata": { "resourceVersion": o.resource_version(), "finalizers": keep } });
-            api.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            released += 1;
-            if drop.iter().any(|(_, w)| *w == Why::Abandoned) {
-                let note = format!(
-                    "released {}: its NatGateway is being deleted and its agent has had no ready pod for {} s",
-                    drop.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join(", "),
-                    ctx.options.release_after.as_secs()
-                );
-                warn(ctx, &*o, "AgentUnavailable", "ReleaseFinalizer", &note).await;
-            }
+/// Removes the finalizers picked in `found` from each object; returns how
+/// many objects changed.
+async fn release<K: KindResource>(
+    ctx: &Ctx,
+    confirmed_live: &BTreeSet<String>,
+    found: Found<K>,
+) -> Result<usize, kube::Error> {
+    let api: Api<K> = Api::all(ctx.client.clone());
+    let mut released = 0;
+    for (o, found) in found {
+        // A gateway the API server still has is not gone.
+        let drop: Vec<(String, Why)> =
+            found.into_iter().filter(|(f, w)| *w == Why::Abandoned || !confirmed_live.contains(f)).collect();
+        if drop.is_empty() {
+            continue;
         }
-        Ok(released)
+        let keep: Vec<String> = o.finalizers().iter().filter(|f| !drop.iter().any(|(d, _)| d == *f)).cloned().collect();
+        tracing::info!(kind = %K::KIND, name = %o.name_any(), "releasing the finalizer of a gateway agent that will not run again");
+        let patch = serde_json::json!({ "metadata": { "resourceVersion": o.resource_version(), "finalizers": keep } });
+        api.patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        released += 1;
+        if drop.iter().any(|(_, w)| *w == Why::Abandoned) {
+            let note = format!(
+                "released {}: its NatGateway is being deleted and its agent has had no ready pod for {} s",
+                drop.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join(", "),
+                ctx.options.release_after.as_secs()
+            );
+            warn(ctx, &*o, "AgentUnavailable", "ReleaseFinalizer", &note).await;
+        }
     }
+    Ok(released)
 }

@@ -144,10 +144,11 @@ fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncEr
 
 /// The addresses the kernel's egress table translates to (empty without
 /// a table): what an earlier instance may have left flows behind with.
-fn kernel_vips() -> Result<BTreeSet<Ipv4Addr>, NftError> {
-    let Some(v) = nft::read_json("ip", TABLE)? else { return Ok(BTreeSet::new()) };
+/// `None` without a table.
+fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
+    let Some(v) = nft::read_json("ip", TABLE)? else { return Ok(None) };
     let (_, elements) = nft::parse_raw(&v)?;
-    Ok(nft::map_values(&elements, &["snat_all", "snat_ports"]))
+    Ok(Some(nft::map_values(&elements, &["snat_all", "snat_ports"])))
 }
 
 fn table_exists() -> Result<bool, NftError> {
@@ -165,8 +166,12 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
     if let Some(Some(t)) = mirror.known() {
         vips.extend(t.vips());
     }
+    // Whether the table exists: read now, or else what the mirror says.
+    let mut present = mirror.known().map(Option::is_some);
     if full || mirror.known().is_none() {
-        vips.extend(kernel_vips()?);
+        let kernel = kernel_vips()?;
+        present = Some(kernel.is_some());
+        vips.extend(kernel.unwrap_or_default());
     }
     let have = match mirror.known() {
         Some(Some(t)) if !full => Some(t),
@@ -174,7 +179,7 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
     };
     let next = if want.is_idle() {
         if mirror.known() != Some(&None) || full {
-            report.changed = table_exists()?;
+            report.changed = present.unwrap_or(true);
             nft::apply(&table().delete_script())?;
             report.full = true;
         }

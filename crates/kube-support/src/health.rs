@@ -51,6 +51,19 @@ impl Probe {
     }
 }
 
+/// Label sets of natgw's metric families: `[("kind", "Eip"), ...]`.
+pub type Labels = Vec<(String, String)>;
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Sets a timestamp gauge to now (Unix seconds).
+pub fn set_now(gauge: &prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    gauge.set(now.map(|d| d.as_secs_f64()).unwrap_or_default());
+}
+
 /// The process-wide count of undecodable objects (see `cache`).
 pub fn undecodable_counter() -> Counter {
     static C: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();

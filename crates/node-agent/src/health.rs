@@ -8,9 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-pub use natgw_kube_support::health::{Probe, get_blocking as get, serve};
-
-type Labels = Vec<(String, String)>;
+use natgw_kube_support::health::{Labels, labels};
+pub use natgw_kube_support::health::{Probe, get_blocking as get, serve, set_now};
 
 /// Everything the node agent reports.
 #[derive(Clone, Default)]
@@ -22,10 +21,6 @@ pub struct Metrics {
     services: Family<Labels, Gauge>,
     pods: Family<Labels, Gauge>,
     pub conntrack_deleted: Counter,
-}
-
-fn label(k: &str, v: &str) -> Labels {
-    vec![(k.to_string(), v.to_string())]
 }
 
 impl Metrics {
@@ -52,16 +47,16 @@ impl Metrics {
     }
 
     pub fn sync(&self, ok: bool) {
-        self.syncs.get_or_create(&label("result", if ok { "ok" } else { "error" })).inc();
+        self.syncs.get_or_create(&labels(&[("result", if ok { "ok" } else { "error" })])).inc();
     }
 
     pub fn services(&self, programmed: usize, invalid: usize) {
-        self.services.get_or_create(&label("state", "programmed")).set(programmed as i64);
-        self.services.get_or_create(&label("state", "invalid")).set(invalid as i64);
+        self.services.get_or_create(&labels(&[("state", "programmed")])).set(programmed as i64);
+        self.services.get_or_create(&labels(&[("state", "invalid")])).set(invalid as i64);
     }
 
     pub fn pods(&self, translated: usize, held: usize) {
-        self.pods.get_or_create(&label("state", "translated")).set(translated as i64);
-        self.pods.get_or_create(&label("state", "held")).set(held as i64);
+        self.pods.get_or_create(&labels(&[("state", "translated")])).set(translated as i64);
+        self.pods.get_or_create(&labels(&[("state", "held")])).set(held as i64);
     }
 }

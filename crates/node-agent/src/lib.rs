@@ -379,8 +379,7 @@ pub async fn run(
                     metrics.conntrack_deleted.inc_by(report.conntrack_deleted as u64);
                     if full {
                         last_full = Some(Instant::now());
-                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-                        metrics.last_full_sync.set(now.map(|d| d.as_secs_f64()).unwrap_or_default());
+                        health::set_now(&metrics.last_full_sync);
                     }
                     if report.changed {
                         tracing::info!(
