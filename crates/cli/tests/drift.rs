@@ -101,7 +101,7 @@ fn removing_every_eip_keeps_the_routes() {
     converge(&gw, &objects(&rules()));
     // The kernel drops routes through an interface with no address left.
     converge(&gw, &objects(""));
-    assert!(sh(&lab.ns("gw"), "ip route").contains("default via 198.51.100.1 dev ext0"));
+    assert!(sh(&lab.ns("gw"), "ip route show table 7476").contains("default via 198.51.100.1 dev ext0"));
 }
 
 #[test]

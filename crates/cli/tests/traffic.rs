@@ -25,6 +25,36 @@ fn snat_shows_the_eip_to_external_servers() {
     assert_eq!(udp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP);
 }
 
+/// A gateway pod has its own default route (eth0, the cluster network,
+/// where the API server is). natgw's default lives in its own table and
+/// serves only traffic from the LAN, so both keep working.
+#[test]
+fn the_pods_own_default_route_stays_and_only_lan_traffic_takes_natgws() {
+    let lab = lab("podroute");
+    let ns = lab.ns("gw");
+    sh(
+        &ns,
+        "ip link add c0 type veth peer name c1; ip addr add 10.244.9.1/24 dev c0; ip link set c0 up; ip link set c1 up",
+    );
+    sh(&ns, "ip route add default via 10.244.9.2 dev c0");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let p = converge(&gw, &full_set());
+    let _tcp = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    assert_eq!(tcp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP);
+    assert!(sh(&ns, "ip route show default").contains("via 10.244.9.2 dev c0"));
+    assert!(sh(&ns, "ip route show table 7476").contains("default via 198.51.100.1 dev ext0"));
+    assert!(sh(&ns, "ip rule").contains("iif lan0 lookup main suppress_prefixlength 0"));
+    assert_clean(&gw, &p);
+    // A rule deleted by hand is drift, and comes back.
+    sh(&ns, "ip rule del priority 7471");
+    assert!(!gw.audit(&p).unwrap().is_empty());
+    gw.resync(&p).unwrap();
+    assert_clean(&gw, &p);
+    gw.teardown().unwrap();
+    assert!(!sh(&ns, "ip rule").contains("lan0"), "teardown leaves no rule");
+    assert!(sh(&ns, "ip route show default").contains("via 10.244.9.2 dev c0"));
+}
+
 #[test]
 fn floating_ip_translates_both_ways() {
     let lab = lab("fip");

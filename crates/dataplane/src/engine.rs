@@ -58,8 +58,14 @@ fn read(links: &Links) -> Result<Snapshot, SyncError> {
         table: nft::read()?,
         addresses: links.addresses(&names)?,
         routes: links.owned_routes(&names)?,
+        rules: links.owned_rules()?,
         forwarding: sysctl_on(FORWARD),
-        promote_secondaries: interfaces.keys().filter(|n| sysctl_on(&promote_path(n))).cloned().collect(),
+        // The kernel promotes when `all` or the interface says so. In a pod,
+        // /proc/sys is read-only and `all` comes from the pod's sysctls.
+        promote_secondaries: {
+            let all = sysctl_on(&promote_path("all"));
+            interfaces.keys().filter(|n| all || sysctl_on(&promote_path(n))).cloned().collect()
+        },
     };
     Ok(Snapshot { state, interfaces })
 }
@@ -129,6 +135,7 @@ fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
             },
             addresses,
             routes: plan.routes.clone(),
+            rules: crate::state::wanted_rules(plan),
             forwarding: true,
             promote_secondaries: promote,
         },
@@ -212,6 +219,16 @@ fn converge(
             links.del_route(i, r)?;
         }
         report.routes_removed.push(r.clone());
+    }
+    // Rules after routes: a rule never points at an empty table.
+    let rules = crate::state::wanted_rules(plan);
+    for r in rules.difference(&k.rules) {
+        links.add_rule(r)?;
+        report.changed = true;
+    }
+    for r in k.rules.difference(&rules) {
+        links.del_rule(r)?;
+        report.changed = true;
     }
     lap(&mut report, "routes");
     report.changed |= report.nft_statements > 0
@@ -301,6 +318,9 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
                 links.del_route(i, r)?;
             }
             report.routes_removed.push(r.clone());
+        }
+        for r in &snap.state.rules {
+            links.del_rule(r)?;
         }
         let mine: BTreeSet<_> = ours;
         let ct = conntrack::Conntrack::open()?;

@@ -1,7 +1,7 @@
-//! Addresses and routes over rtnetlink. Everything natgw adds carries
-//! protocol number `NATGW_PROTO` (IFA_PROTO on addresses, rtm_protocol on
-//! routes): that mark is how natgw knows what it owns, and it never
-//! removes an address or route without it.
+//! Addresses, routes and policy rules over rtnetlink. Everything natgw
+//! adds carries protocol number `NATGW_PROTO` (IFA_PROTO on addresses,
+//! rtm_protocol on routes, FRA_PROTOCOL on rules): that mark is how natgw
+//! knows what it owns, and it never removes anything without it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,6 +9,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use natgw_plan::{IfAddr, Route};
+use rtnetlink::IpVersion;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+
+use crate::state::{LanRule, RULE_MAIN};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol};
@@ -16,6 +20,9 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// "n" for natgw; unused by the kernel and by common routing daemons.
 pub const NATGW_PROTO: u8 = 110;
+/// natgw's routing table: the gateway's default route, used only by
+/// traffic from the LAN (see [`LanRule`]).
+pub const NATGW_TABLE: u32 = 7476;
 /// The address the start-up probe puts on `lo` for a moment: loopback, so
 /// nothing outside the namespace ever sees it.
 pub const PROBE: Ipv4Addr = Ipv4Addr::new(127, 77, 77, 77);
@@ -153,21 +160,22 @@ impl Links {
         if kept? { Ok(()) } else { Err(LinkError::NoAddressMark) }
     }
 
-    /// IPv4 routes of the main table that natgw owns.
+    /// IPv4 routes natgw owns: its default in its own table, the others
+    /// in the main table.
     pub fn owned_routes(&self, names: &BTreeMap<u32, String>) -> Result<BTreeSet<Route>, LinkError> {
         self.rt.block_on(async {
             let mut out = BTreeSet::new();
             let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
             let mut routes = self.handle.route().get(filter).execute();
             while let Some(msg) = routes.try_next().await? {
-                if msg.header.protocol != RouteProtocol::Other(NATGW_PROTO)
-                    || msg.header.table != RouteHeader::RT_TABLE_MAIN
-                {
+                if msg.header.protocol != RouteProtocol::Other(NATGW_PROTO) {
                     continue;
                 }
                 let (mut dst, mut via, mut oif) = (Ipv4Addr::UNSPECIFIED, None, None);
+                let mut table = u32::from(msg.header.table);
                 for a in &msg.attributes {
                     match a {
+                        RouteAttribute::Table(t) => table = *t,
                         RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
                         RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
                         RouteAttribute::Oif(i) => oif = names.get(i).cloned(),
@@ -179,6 +187,9 @@ impl Links {
                 else {
                     continue;
                 };
+                if table != table_of(dst) {
+                    continue;
+                }
                 out.insert(Route { dst, via, interface });
             }
             Ok(out)
@@ -199,8 +210,13 @@ impl Links {
     }
 }
 
+fn table_of(dst: Ipv4Net) -> u32 {
+    if dst.prefix_len() == 0 { NATGW_TABLE } else { u32::from(RouteHeader::RT_TABLE_MAIN) }
+}
+
 fn route_message(index: u32, r: &Route) -> rtnetlink::packet_route::route::RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(table_of(r.dst))
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
         .gateway(r.via)
         .output_interface(index)
@@ -209,6 +225,63 @@ fn route_message(index: u32, r: &Route) -> rtnetlink::packet_route::route::Route
         // so any connected route) exists on the interface.
         .onlink()
         .build()
+}
+
+impl Links {
+    /// IPv4 policy rules natgw owns (the LAN rules).
+    pub fn owned_rules(&self) -> Result<BTreeSet<LanRule>, LinkError> {
+        self.rt.block_on(async {
+            let mut out = BTreeSet::new();
+            let mut rules = self.handle.rule().get(IpVersion::V4).execute();
+            while let Some(msg) = rules.try_next().await? {
+                let mut rule = (None, None, false);
+                for a in &msg.attributes {
+                    match a {
+                        RuleAttribute::Protocol(p) => rule.2 = *p == RouteProtocol::Other(NATGW_PROTO),
+                        RuleAttribute::Priority(p) => rule.0 = Some(*p),
+                        RuleAttribute::Iifname(n) => rule.1 = Some(n.clone()),
+                        _ => {}
+                    }
+                }
+                if let (Some(priority), Some(iif), true) = rule {
+                    out.insert(LanRule { priority, iif });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn add_rule(&self, r: &LanRule) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            let table = if r.priority == RULE_MAIN { u32::from(RouteHeader::RT_TABLE_MAIN) } else { NATGW_TABLE };
+            let mut req = self
+                .handle
+                .rule()
+                .add()
+                .v4()
+                .priority(r.priority)
+                .input_interface(r.iif.clone())
+                .table_id(table)
+                .action(RuleAction::ToTable);
+            let msg = req.message_mut();
+            msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::Other(NATGW_PROTO)));
+            if r.priority == RULE_MAIN {
+                msg.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+            }
+            req.execute().await.or_else(ignore_errno(libc::EEXIST))
+        })
+    }
+
+    pub fn del_rule(&self, r: &LanRule) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            let mut msg = RuleMessage::default();
+            msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+            msg.attributes.push(RuleAttribute::Priority(r.priority));
+            msg.attributes.push(RuleAttribute::Iifname(r.iif.clone()));
+            msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::Other(NATGW_PROTO)));
+            self.handle.rule().del(msg).execute().await.or_else(ignore_errno(libc::ENOENT))
+        })
+    }
 }
 
 /// Treats one errno as success (already there, already gone).

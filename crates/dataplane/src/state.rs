@@ -18,6 +18,8 @@ pub struct KernelState {
     pub addresses: BTreeMap<IfAddr, bool>,
     /// Routes natgw owns.
     pub routes: BTreeSet<Route>,
+    /// Policy rules natgw owns.
+    pub rules: BTreeSet<LanRule>,
     pub forwarding: bool,
     /// Interfaces with net.ipv4.conf.<if>.promote_secondaries=1.
     pub promote_secondaries: BTreeSet<String>,
@@ -31,6 +33,39 @@ impl KernelState {
             self.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.addr.addr()).collect();
         eips_of(&self.table.nat, &mut ours);
         ours
+    }
+}
+
+/// A policy rule for traffic arriving on the LAN: natgw's default route
+/// lives in its own table ([`crate::link::NATGW_TABLE`]), so the gateway
+/// pod's own default route (to the cluster network, the API server) stays
+/// as it is and only VPC traffic leaves through the external side.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LanRule {
+    pub priority: u32,
+    pub iif: String,
+}
+
+/// Before the main table's default: the main table without its default
+/// routes (connected and VPC routes still win).
+pub const RULE_MAIN: u32 = 7470;
+/// Then natgw's table, which holds only the default route.
+pub const RULE_EXIT: u32 = 7471;
+
+/// The rules a plan needs: none without a default route.
+pub fn wanted_rules(plan: &GatewayPlan) -> BTreeSet<LanRule> {
+    if !plan.routes.iter().any(|r| r.dst.prefix_len() == 0) {
+        return BTreeSet::new();
+    }
+    [RULE_MAIN, RULE_EXIT].map(|priority| LanRule { priority, iif: plan.lan_interface.clone() }).into()
+}
+
+impl fmt::Display for LanRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.priority {
+            RULE_MAIN => write!(f, "rule {} iif {} lookup main suppress_prefixlength 0", self.priority, self.iif),
+            p => write!(f, "rule {p} iif {} lookup {}", self.iif, crate::link::NATGW_TABLE),
+        }
     }
 }
 
@@ -126,6 +161,9 @@ pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drif
     for r in plan.routes.difference(&k.routes) {
         out.push(Drift::Missing(format!("route {} via {} dev {}", r.dst, r.via, r.interface)));
     }
+    let rules = wanted_rules(plan);
+    out.extend(k.rules.difference(&rules).map(|r| Drift::Leaked(r.to_string())));
+    out.extend(rules.difference(&k.rules).map(|r| Drift::Missing(r.to_string())));
     if !k.forwarding {
         out.push(Drift::Missing("net.ipv4.ip_forward=1".into()));
     }

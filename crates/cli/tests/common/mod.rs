@@ -89,5 +89,5 @@ pub fn sh(ns: &str, cmd: &str) -> String {
 
 /// The whole kernel state a test may compare before and after.
 pub fn kernel_dump(ns: &str) -> String {
-    sh(ns, "nft -a list ruleset; ip -d addr; ip -d route; sysctl net.ipv4.ip_forward")
+    sh(ns, "nft -a list ruleset; ip -d addr; ip -d route show table all; ip rule; sysctl net.ipv4.ip_forward")
 }
