@@ -45,3 +45,11 @@ ensure_rust_tools() {
     rustup component add "${missing[@]}"
   fi
 }
+
+# The values deploy/ is rendered with (scripts/render and its staleness test).
+DEPLOY_VALUES="--set createNamespace=true --set egress.enabled=true --set clusterNetworks={10.244.0.0/16,10.96.0.0/12}"
+
+# helm, built from Go modules and cached by version (scripts/k8s/build.sh).
+helm_bin() {
+  echo "$(bash "$ROOT/scripts/k8s/build.sh" helm)/helm"
+}

@@ -6,9 +6,18 @@ use kube::CustomResourceExt;
 
 use crate::types::*;
 
-/// Every natgw CRD, parents first.
+/// Every natgw CRD, parents first, then the admission policy's parameter.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Vpc::crd(), Subnet::crd(), NatGateway::crd(), Eip::crd(), FloatingIp::crd(), SnatRule::crd(), DnatRule::crd()]
+    vec![
+        Vpc::crd(),
+        Subnet::crd(),
+        NatGateway::crd(),
+        Eip::crd(),
+        FloatingIp::crd(),
+        SnatRule::crd(),
+        DnatRule::crd(),
+        ClusterNetworks::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML text (what `natgw crd` prints and

@@ -230,9 +230,16 @@ fn check_unknown_fields(kind: &str, spec: &Value) -> Result<(), String> {
     let known: &[&str] = match kind {
         Kind::Vpc => &["description"],
         Kind::Subnet => &["cidr", "gateway", "excludeIps", "vpc"],
-        Kind::NatGateway => {
-            &["vpc", "lanInterface", "externalInterface", "externalSubnet", "routes", "externalNetwork"]
-        }
+        Kind::NatGateway => &[
+            "vpc",
+            "lanInterface",
+            "externalInterface",
+            "externalSubnet",
+            "routes",
+            "externalNetwork",
+            "lanNetwork",
+            "lanIp",
+        ],
         Kind::Eip => &["gateway", "ip"],
         Kind::FloatingIp => &["eip", "internalIp"],
         Kind::SnatRule => &["eip", "internalCidr"],

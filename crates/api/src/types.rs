@@ -99,8 +99,12 @@ pub struct GatewayRoute {
 #[kube(status = "CommonStatus")]
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
 #[kube(printcolumn = r#"{"name":"External","type":"string","jsonPath":".spec.externalSubnet"}"#)]
+#[kube(printcolumn = r#"{"name":"LAN IP","type":"string","jsonPath":".spec.lanIp"}"#)]
 #[kube(
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"WorkloadReady\")].status"}"#
+)]
+#[kube(
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"WorkloadReady\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.lanInterface != self.externalInterface").message("spec.externalInterface must differ from spec.lanInterface"))]
@@ -120,9 +124,27 @@ pub struct NatGatewaySpec {
     #[schemars(length(max = 64))]
     pub routes: Vec<GatewayRoute>,
     /// The NetworkAttachmentDefinition (`namespace/name`) that gives the
-    /// gateway pod its external interface. Standalone mode ignores it.
+    /// gateway pod its external interface; without it, the controller's
+    /// default (`--gateway-external-network`). Standalone mode ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 317))]
     pub external_network: Option<String>,
+    /// The NetworkAttachmentDefinition (`namespace/name`) of the VPC side:
+    /// it gives the gateway pod its LAN interface. Without it the pod has
+    /// no LAN interface unless something else adds one. Standalone mode
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 317))]
+    pub lan_network: Option<String>,
+    /// The gateway's fixed address on the VPC side, inside one of the VPC's
+    /// subnets: VPC hosts route through it. The controller asks for it in
+    /// the LAN attachment (the NetworkAttachmentDefinition's IPAM must be
+    /// `static`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
+    #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
+    pub lan_ip: Option<Ipv4Addr>,
 }
 
 /// An elastic IP on a gateway's external interface.
@@ -263,4 +285,23 @@ pub struct DnatRuleSpec {
     #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub internal_ip: Ipv4Addr,
     pub internal_port: u16,
+}
+
+/// The cluster's pod and service networks, which no VPC subnet, rule
+/// target or SNAT source may touch: the parameter of the admission policy
+/// `natgw-cluster-networks` (one object, named `natgw`). A CRD rather than
+/// a ConfigMap: kube-apiserver keeps one shared informer per built-in
+/// parameter kind and never restarts it once the last binding using it is
+/// deleted, so a `helm uninstall` and reinstall would leave every natgw
+/// write refused until the API server restarts (kubernetes#133827).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[kube(group = "natgw.io", version = "v1alpha1", kind = "ClusterNetworks", plural = "clusternetworks")]
+#[kube(printcolumn = r#"{"name":"CIDRs","type":"string","jsonPath":".spec.cidrs"}"#)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetworksSpec {
+    /// Pod and service CIDRs (kube-controller-manager --cluster-cidr,
+    /// kube-apiserver --service-cluster-ip-range).
+    #[schemars(length(min = 1, max = 64), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("each entry must be a CIDR such as 10.244.0.0/16"))]
+    pub cidrs: Vec<String>,
 }

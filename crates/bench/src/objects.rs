@@ -52,6 +52,8 @@ pub fn build(s: &Scale) -> ObjectSet {
             external_subnet: "external".into(),
             routes: vec![],
             external_network: None,
+            lan_network: None,
+            lan_ip: None,
         },
     )));
     let mut next_eip = 0;

@@ -54,8 +54,10 @@ enum Command {
     },
     /// Compare kernel and manifests: exit 0 when converged, 1 otherwise.
     Audit {
+        /// The namespace to audit; without it, the current one (inside a
+        /// gateway pod, where entering a namespace is not allowed).
         #[arg(long)]
-        netns: String,
+        netns: Option<String>,
         #[arg(short = 'f', long = "file")]
         path: PathBuf,
         #[arg(long)]
@@ -134,11 +136,11 @@ fn main() -> ExitCode {
         Command::Run { netns, path, gateway, resync, poll_ms } => {
             standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms)
         }
-        Command::Audit { netns, path, gateway } => standalone::audit(&netns, &path, gateway.as_deref()),
+        Command::Audit { netns, path, gateway } => standalone::audit(netns.as_deref(), &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
         Command::Controller(args) => {
             let addr = args.health_addr;
-            controller(args.election(), addr)
+            args.election().map_err(anyhow::Error::msg).and_then(|election| controller(election, addr))
         }
         Command::Agent(args) => agent(args),
         Command::NodeAgent(args) => node_agent(args),

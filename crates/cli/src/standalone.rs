@@ -80,9 +80,9 @@ pub fn apply(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn audit(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode> {
+pub fn audit(netns: Option<&str>, path: &Path, gateway: Option<&str>) -> Result<ExitCode> {
     let plan = load_plan(path, gateway)?;
-    let drift = Gateway::open(Some(netns))?.audit(&plan)?;
+    let drift = Gateway::open(netns)?.audit(&plan)?;
     if drift.is_empty() {
         println!("{}: converged", plan.gateway);
         return Ok(ExitCode::SUCCESS);

@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
+
+use crate::workload::GatewayPod;
 use crate::{Election, Options};
 
 /// Every setting of the controller, with its environment variable.
@@ -21,6 +24,22 @@ pub struct Args {
     /// every NatGateway says `WorkloadReady=False`.
     #[arg(long, env = "NATGW_AGENT_IMAGE")]
     pub agent_image: Option<String>,
+    /// Image pull policy of the gateway pods.
+    #[arg(long, env = "NATGW_GATEWAY_PULL_POLICY")]
+    pub gateway_pull_policy: Option<String>,
+    /// NetworkAttachmentDefinition (namespace/name) of the external side
+    /// for NatGateways without spec.externalNetwork.
+    #[arg(long, env = "NATGW_GATEWAY_EXTERNAL_NETWORK")]
+    pub gateway_external_network: Option<String>,
+    /// The gateway pods' resources, as JSON (a ResourceRequirements).
+    #[arg(long, env = "NATGW_GATEWAY_RESOURCES")]
+    pub gateway_resources: Option<String>,
+    /// The gateway pods' node selector, as a JSON object.
+    #[arg(long, env = "NATGW_GATEWAY_NODE_SELECTOR")]
+    pub gateway_node_selector: Option<String>,
+    /// The gateway pods' tolerations, as a JSON list.
+    #[arg(long, env = "NATGW_GATEWAY_TOLERATIONS")]
+    pub gateway_tolerations: Option<String>,
     /// Seconds a NatGateway being deleted may go without a ready agent
     /// before the controller releases the agent's finalizers itself.
     #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
@@ -30,19 +49,86 @@ pub struct Args {
     pub health_addr: std::net::SocketAddr,
 }
 
+/// A JSON flag: absent or empty is the default; anything unreadable is an
+/// error naming the flag.
+fn json<T: serde::de::DeserializeOwned + Default>(flag: &str, value: &Option<String>) -> Result<T, String> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("null") => Ok(T::default()),
+        Some(v) => serde_json::from_str(v).map_err(|e| format!("--{flag}: {e} in {v:?}")),
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
 impl Args {
-    pub fn election(self) -> Election {
-        Election {
+    /// The gateway pods' settings; a bad JSON flag is an error naming it.
+    pub fn gateway_pod(&self) -> Result<GatewayPod, String> {
+        let resources: ResourceRequirements = json("gateway-resources", &self.gateway_resources)?;
+        Ok(GatewayPod {
+            image: non_empty(self.agent_image.clone()),
+            pull_policy: non_empty(self.gateway_pull_policy.clone()),
+            external_network: non_empty(self.gateway_external_network.clone()),
+            resources: (resources != ResourceRequirements::default()).then_some(resources),
+            node_selector: json("gateway-node-selector", &self.gateway_node_selector)?,
+            tolerations: json("gateway-tolerations", &self.gateway_tolerations)?,
+        })
+    }
+
+    pub fn election(self) -> Result<Election, String> {
+        let gateway_pod = self.gateway_pod()?;
+        Ok(Election {
             namespace: self.namespace,
             lease: self.lease,
             identity: self.instance,
             duration_secs: 15,
             grace_secs: 5,
             options: Options {
-                agent_image: self.agent_image,
+                gateway_pod,
                 release_after: Duration::from_secs(self.release_after),
                 health: Default::default(),
             },
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    fn parse(extra: &[&str]) -> super::Args {
+        let base = ["natgw", "--instance", "a", "--namespace", "natgw-system"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn gateway_pod_settings_come_from_json_flags_and_bad_json_names_the_flag() {
+        let args = parse(&[
+            "--agent-image=natgw:1",
+            r#"--gateway-resources={"limits":{"memory":"256Mi"}}"#,
+            r#"--gateway-node-selector={"natgw.io/gateway":"true"}"#,
+            r#"--gateway-tolerations=[{"operator":"Exists"}]"#,
+            "--gateway-external-network=",
+        ]);
+        let pod = args.gateway_pod().unwrap();
+        assert_eq!(pod.image.as_deref(), Some("natgw:1"));
+        assert_eq!(pod.node_selector["natgw.io/gateway"], "true");
+        assert_eq!(pod.tolerations.len(), 1);
+        assert!(pod.resources.is_some());
+        // An empty value (the chart's default) is no setting, never "".
+        assert_eq!(pod.external_network, None);
+        let bad = parse(&["--gateway-tolerations={oops"]);
+        assert!(bad.gateway_pod().unwrap_err().starts_with("--gateway-tolerations: "));
+        // The chart's empty values are the defaults.
+        let empty = parse(&["--gateway-resources={}", "--gateway-node-selector={}", "--gateway-tolerations=[]"]);
+        let pod = empty.gateway_pod().unwrap();
+        assert!(pod.resources.is_none() && pod.node_selector.is_empty() && pod.tolerations.is_empty());
     }
 }

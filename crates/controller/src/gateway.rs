@@ -1,25 +1,86 @@
 //! A NatGateway's workload and the validity of what the API server stored.
 
+use std::time::Duration;
+
 use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::Action;
 use natgw_api::*;
 
 use crate::conditions::set_condition;
 use crate::{Ctx, Error, KindResource, workload};
 
-/// Applies the gateway's StatefulSet, or says why it cannot.
+/// How often a gateway whose pod is not ready yet is looked at again
+/// (a missing NetworkAttachmentDefinition may appear; nothing watches it).
+const NOT_READY_RETRY: Duration = Duration::from_secs(5);
+
+/// Applies the gateway's StatefulSet, or says why it cannot; then says
+/// whether its pod serves (`WorkloadReady`), with the pod's own reason.
 pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
-    let (status, reason, message) = match workload::desired(gw, &ctx.namespace, ctx.options.agent_image.as_deref()) {
+    let pod = &ctx.options.gateway_pod;
+    let (status, reason, message) = match workload::desired(gw, &ctx.namespace, pod, lan_prefix(ctx, gw)) {
+        Err(why) => ("False", "NotConfigured".to_string(), why),
         Ok(body) => {
-            workload::apply(&ctx.client, &ctx.namespace, &body).await?;
-            ("True", "Applied", format!("StatefulSet {}/{}", ctx.namespace, workload::name(&gw.name_any())))
+            let applied = workload::apply(&ctx.client, &ctx.namespace, &body).await?;
+            match missing_network(ctx, gw).await? {
+                Some(why) => ("False", "NetworkMissing".to_string(), why),
+                None => {
+                    let name = gw.name_any();
+                    let pods: Vec<_> = ctx
+                        .pods
+                        .state()
+                        .iter()
+                        .filter(|p| p.labels().get(GATEWAY_LABEL) == Some(&name))
+                        .map(|p| (**p).clone())
+                        .collect();
+                    workload::readiness(&applied, &pods)
+                }
+            }
         }
-        Err(why) => ("False", "NotConfigured", why),
     };
     report_validity(ctx, gw).await?;
     let manager = "natgw-controller/workload";
-    set_condition(ctx, gw, manager, ("WorkloadReady", status, reason, message), "CreateWorkload").await?;
-    Ok(Action::await_change())
+    set_condition(ctx, gw, manager, ("WorkloadReady", status, &reason, message), "CreateWorkload").await?;
+    Ok(if status == "True" { Action::await_change() } else { Action::requeue(NOT_READY_RETRY) })
+}
+
+/// The prefix length of the VPC subnet holding spec.lanIp.
+fn lan_prefix(ctx: &Ctx, gw: &NatGateway) -> Option<u8> {
+    let ip = gw.spec.lan_ip?;
+    ctx.stores
+        .subnets
+        .state()
+        .iter()
+        .filter(|s| s.spec.vpc.as_deref() == Some(gw.spec.vpc.as_str()))
+        .find(|s| s.spec.cidr.contains(&ip))
+        .map(|s| s.spec.cidr.prefix_len())
+}
+
+/// A NetworkAttachmentDefinition the gateway pod needs and the API server
+/// does not have: the pod would wait in ContainerCreating without a word.
+async fn missing_network(ctx: &Ctx, gw: &NatGateway) -> Result<Option<String>, Error> {
+    let Ok(nets) = workload::networks(gw, &ctx.options.gateway_pod) else { return Ok(None) };
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition"),
+        "network-attachment-definitions",
+    );
+    for (ns, name, field) in nets {
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        match api.get_opt(name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Ok(Some(format!("{field}: NetworkAttachmentDefinition {ns}/{name} does not exist")));
+            }
+            // The type itself is unknown: a bare 404 without a Status.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Ok(Some(format!(
+                    "{field}: the API server serves no NetworkAttachmentDefinitions (is Multus installed?)"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
 }
 
 /// `Valid` on a NatGateway: an object stored before a CEL rule existed

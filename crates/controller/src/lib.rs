@@ -105,6 +105,8 @@ pub struct Ctx {
     options: Options,
     /// Address claims known to this leadership term.
     book: address::Book,
+    /// The gateway pods, for WorkloadReady.
+    pods: Store<k8s_openapi::api::core::v1::Pod>,
 }
 
 /// The controller's /readyz and /metrics: ready once it is a standby, or
@@ -139,8 +141,8 @@ impl Health {
 /// How the controller runs, beyond the client and its namespace.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Image of the gateway workloads' agent.
-    pub agent_image: Option<String>,
+    /// The gateway pods' image and settings.
+    pub gateway_pod: workload::GatewayPod,
     /// How long a NatGateway being deleted may go without a ready agent
     /// before the controller releases the agent's finalizers itself.
     pub release_after: Duration,
@@ -149,7 +151,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { agent_image: None, release_after: Duration::from_secs(300), health: Health::default() }
+        Options { gateway_pod: Default::default(), release_after: Duration::from_secs(300), health: Health::default() }
     }
 }
 
@@ -182,13 +184,17 @@ pub async fn run(
         .watches(Api::<NatGateway>::all(all(&client)), cfg.clone(), |g| parent::<Subnet>(&g.spec.external_subnet));
     // The workloads too: a deleted StatefulSet comes back.
     let (k, v) = workload::WORKLOAD_LABEL;
+    let workloads = watcher::Config::default().labels(&format!("{k}={v}"));
+    let (pods, pod_events) = cached_in(&client, Some(&namespace), workloads.clone(), "controller");
     let gateway = primary::<NatGateway>(&client)
         .watches(Api::<Eip>::all(all(&client)), cfg.clone(), |e| parent::<NatGateway>(&e.spec.gateway))
-        .watches(
-            Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(all(&client), &namespace),
-            watcher::Config::default().labels(&format!("{k}={v}")),
-            |s| s.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g)),
-        );
+        .watches(Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(all(&client), &namespace), workloads, |s| {
+            s.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g))
+        })
+        // And their pods: WorkloadReady follows the pod's state.
+        .watches_stream(pod_events, |p: k8s_openapi::api::core::v1::Pod| {
+            p.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g))
+        });
     let eip = primary::<Eip>(&client)
         .watches(Api::<FloatingIp>::all(all(&client)), cfg.clone(), |f| parent::<Eip>(&f.spec.eip))
         .watches(Api::<SnatRule>::all(all(&client)), cfg.clone(), |s| parent::<Eip>(&s.spec.eip))
@@ -215,6 +221,7 @@ pub async fn run(
         namespace: namespace.clone(),
         options,
         book: address::Book::default(),
+        pods,
     });
     let gc_ctx = ctx.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Sysctl, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::{GATEWAY_LABEL, NatGateway};
@@ -23,25 +24,93 @@ pub fn name(gw: &str) -> String {
 /// Label on every gateway workload, for watching them.
 pub const WORKLOAD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "natgw-gateway");
 
-/// The desired StatefulSet, or why there cannot be one.
-pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<StatefulSet, String> {
-    let image = image.ok_or("the controller has no agent image (--agent-image / NATGW_AGENT_IMAGE)")?;
-    let network = gw
-        .spec
-        .external_network
-        .as_deref()
-        .ok_or("spec.externalNetwork is not set: the gateway pod would have no external interface")?;
-    let (nad_ns, nad) =
-        network.split_once('/').ok_or(format!("spec.externalNetwork {network:?} is not namespace/name"))?;
+/// The sysctls a gateway pod needs; a kubelet must allow them
+/// (`allowedUnsafeSysctls`) on the nodes that run gateways.
+pub const SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.promote_secondaries"];
+
+/// Where the agent serves /healthz, /readyz and /metrics in a gateway pod.
+pub const HEALTH_PORT: i32 = 9478;
+
+/// The gateway pods' settings, from the controller's flags (the chart's
+/// `gateway.*` values).
+#[derive(Clone, Debug, Default)]
+pub struct GatewayPod {
+    pub image: Option<String>,
+    pub pull_policy: Option<String>,
+    /// `namespace/name` for gateways without spec.externalNetwork.
+    pub external_network: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+}
+
+/// A NetworkAttachmentDefinition the pod needs: (namespace, name, which
+/// field named it).
+pub type Network<'a> = (&'a str, &'a str, &'static str);
+
+/// The NetworkAttachmentDefinitions a gateway's pod attaches, or why
+/// they cannot be named.
+pub fn networks<'a>(gw: &'a NatGateway, pod: &'a GatewayPod) -> Result<Vec<Network<'a>>, String> {
+    let external = gw.spec.external_network.as_deref().or(pod.external_network.as_deref()).ok_or(
+        "spec.externalNetwork is not set and the controller has no default (--gateway-external-network, the \
+         chart's gateway.externalNetwork): the gateway pod would have no external interface",
+    )?;
+    let mut out = vec![split(external, "spec.externalNetwork")?];
+    if let Some(lan) = gw.spec.lan_network.as_deref() {
+        out.push(split(lan, "spec.lanNetwork")?);
+    }
+    Ok(out)
+}
+
+fn split<'a>(reference: &'a str, field: &'static str) -> Result<Network<'a>, String> {
+    match reference.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns, name, field)),
+        _ => Err(format!("{field} {reference:?} is not namespace/name")),
+    }
+}
+
+/// The desired StatefulSet, or why there cannot be one. `lan_prefix` is
+/// the prefix length of the VPC subnet holding spec.lanIp.
+pub fn desired(
+    gw: &NatGateway,
+    namespace: &str,
+    pod: &GatewayPod,
+    lan_prefix: Option<u8>,
+) -> Result<StatefulSet, String> {
+    let image = pod.image.as_deref().ok_or("the controller has no agent image (--agent-image / NATGW_AGENT_IMAGE)")?;
+    let nets = networks(gw, pod)?;
     let gname = gw.name_any();
     let labels: BTreeMap<String, String> = [(WORKLOAD_LABEL.0, WORKLOAD_LABEL.1), (GATEWAY_LABEL, gname.as_str())]
         .map(|(k, v)| (k.into(), v.into()))
         .into();
-    let attachment = serde_json::json!([{ "name": nad, "namespace": nad_ns, "interface": gw.spec.external_interface }]);
+    let mut attachments = vec![serde_json::json!({
+        "name": nets[0].1, "namespace": nets[0].0, "interface": gw.spec.external_interface
+    })];
+    if let Some((ns, name, _)) = nets.get(1) {
+        let mut lan = serde_json::json!({ "name": name, "namespace": ns, "interface": gw.spec.lan_interface });
+        if let Some(ip) = gw.spec.lan_ip {
+            let prefix = lan_prefix.ok_or(format!("spec.lanIp {ip} lies in no subnet of VPC {}", gw.spec.vpc))?;
+            lan["ips"] = serde_json::json!([format!("{ip}/{prefix}")]);
+        }
+        attachments.push(lan);
+    }
+    let attachment = serde_json::Value::Array(attachments);
+    let http = |path: &str| HTTPGetAction {
+        path: Some(path.into()),
+        port: IntOrString::Int(HEALTH_PORT),
+        ..Default::default()
+    };
     let container = Container {
         name: "agent".into(),
         image: Some(image.into()),
+        image_pull_policy: pod.pull_policy.clone(),
         args: Some(["agent", "--gateway", &gname].map(String::from).to_vec()),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: HEALTH_PORT,
+            ..Default::default()
+        }]),
+        resources: pod.resources.clone(),
         // Where the address claims live: the agent trusts an Eip's
         // status.ip only with a claim behind it.
         env: Some(vec![EnvVar {
@@ -63,8 +132,11 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
             }),
             ..Default::default()
         }),
-        readiness_probe: Some(Probe {
-            exec: Some(ExecAction { command: Some(vec!["natgw".into(), "--version".into()]) }),
+        // Ready only once the kernel holds the plan (the agent's /readyz).
+        readiness_probe: Some(Probe { http_get: Some(http("/readyz")), period_seconds: Some(1), ..Default::default() }),
+        liveness_probe: Some(Probe {
+            http_get: Some(http("/healthz")),
+            period_seconds: Some(10),
             ..Default::default()
         }),
         ..Default::default()
@@ -88,6 +160,10 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
         spec: Some(StatefulSetSpec {
             replicas: Some(1),
             service_name: Some(name(&gname)),
+            // A new pod is a new network namespace: every translated session
+            // ends. An upgrade (a new image) waits until the operator deletes
+            // the pod, so `helm upgrade` never cuts a gateway's sessions.
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), ..Default::default() }),
             selector: LabelSelector { match_labels: Some(labels.clone()), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -96,8 +172,19 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    // /proc/sys is read-only in a pod: what the gateway needs
+                    // comes from the pod's sysctls (the kubelet must allow
+                    // them: allowedUnsafeSysctls).
+                    security_context: Some(PodSecurityContext {
+                        sysctls: Some(
+                            SYSCTLS.iter().map(|n| Sysctl { name: (*n).into(), value: "1".into() }).collect(),
+                        ),
+                        ..Default::default()
+                    }),
                     service_account_name: Some("natgw-gateway".into()),
                     containers: vec![container],
+                    node_selector: (!pod.node_selector.is_empty()).then(|| pod.node_selector.clone()),
+                    tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
                     ..Default::default()
                 }),
             },
@@ -107,14 +194,58 @@ pub fn desired(gw: &NatGateway, namespace: &str, image: Option<&str>) -> Result<
     })
 }
 
-pub async fn apply(client: &Client, namespace: &str, sts: &StatefulSet) -> Result<(), kube::Error> {
+/// Whether the workload serves, from the applied StatefulSet and its pods:
+/// (status, reason, message) of `WorkloadReady`.
+pub fn readiness(sts: &StatefulSet, pods: &[Pod]) -> (&'static str, String, String) {
+    let ready = sts.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    let n = sts.name_any();
+    if ready > 0 {
+        return ("True", "Ready".into(), format!("StatefulSet {n}: the gateway pod is ready"));
+    }
+    // One replica: its pod, if any, says why.
+    if let Some(pod) = pods.first() {
+        let p = pod.name_any();
+        let status = pod.status.as_ref();
+        let waiting = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.state.as_ref().and_then(|s| s.waiting.as_ref()));
+        if let Some(w) = waiting {
+            let reason = w.reason.clone().unwrap_or_else(|| "Waiting".into());
+            if reason != "ContainerCreating" {
+                let msg = w.message.clone().unwrap_or_default();
+                return ("False", reason.clone(), format!("pod {p}: {reason}: {msg}").trim_end_matches(": ").into());
+            }
+        }
+        // A pod the kubelet refused (SysctlForbidden, ...).
+        if let Some(reason) = status.and_then(|s| s.reason.clone()) {
+            let msg = status.and_then(|s| s.message.clone()).unwrap_or_default();
+            return ("False", reason, format!("pod {p}: {msg}"));
+        }
+        let unschedulable = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+        if let Some(c) = unschedulable {
+            let msg = c.message.clone().unwrap_or_default();
+            return ("False", "Unschedulable".into(), format!("pod {p}: {msg}"));
+        }
+        let phase = status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into());
+        return ("False", "Starting".into(), format!("pod {p} is {phase}, not ready yet"));
+    }
+    ("False", "NoPod".into(), format!("StatefulSet {n} has no pod yet"))
+}
+
+pub async fn apply(client: &Client, namespace: &str, sts: &StatefulSet) -> Result<StatefulSet, kube::Error> {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     let n = sts.name_any();
     // Server-side apply needs the type in the body.
     let mut body = serde_json::to_value(sts).map_err(kube::Error::SerdeError)?;
     body["apiVersion"] = "apps/v1".into();
     body["kind"] = "StatefulSet".into();
-    api.patch(&n, &PatchParams::apply("natgw-controller/workload").force(), &Patch::Apply(&body)).await.map(drop)
+    api.patch(&n, &PatchParams::apply("natgw-controller/workload").force(), &Patch::Apply(&body)).await
 }
 
 pub async fn remove(client: &Client, namespace: &str, gw: &str) -> Result<(), kube::Error> {
@@ -123,5 +254,73 @@ pub async fn remove(client: &Client, namespace: &str, gw: &str) -> Result<(), ku
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "natgw-gw-a-0"}, "status": status})).unwrap()
+    }
+
+    fn sts(ready: i32) -> StatefulSet {
+        serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "natgw-gw-a"}, "status": {"replicas": 1, "readyReplicas": ready}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn workload_readiness_carries_the_pods_own_reason() {
+        assert_eq!(readiness(&sts(1), &[]).0, "True");
+        assert_eq!(readiness(&sts(0), &[]).1, "NoPod");
+        let missing_image =
+            pod(serde_json::json!({"phase": "Pending", "containerStatuses": [{"name": "agent", "ready": false,
+            "restartCount": 0, "image": "natgw:x", "imageID": "", "state": {"waiting": {"reason": "ErrImageNeverPull",
+            "message": "Container image \"natgw:x\" is not present with pull policy of Never"}}}]}));
+        let (status, reason, message) = readiness(&sts(0), &[missing_image]);
+        assert_eq!((status, reason.as_str()), ("False", "ErrImageNeverPull"));
+        assert!(message.contains("natgw:x"), "{message}");
+        let unschedulable = pod(serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable", "message": "0/1 nodes are available"}]}));
+        assert_eq!(readiness(&sts(0), &[unschedulable]).1, "Unschedulable");
+        let creating = pod(
+            serde_json::json!({"phase": "Pending", "containerStatuses": [{"name": "agent", "ready": false,
+            "restartCount": 0, "image": "natgw:x", "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(readiness(&sts(0), &[creating]).1, "Starting");
+        let refused = pod(serde_json::json!({"phase": "Failed", "reason": "SysctlForbidden",
+            "message": "Pod forbidden sysctl: \"net.ipv4.ip_forward\" not allowlisted"}));
+        let (_, reason, message) = readiness(&sts(0), &[refused]);
+        assert_eq!(reason, "SysctlForbidden");
+        assert!(message.contains("not allowlisted"), "{message}");
+    }
+
+    #[test]
+    fn the_lan_attachment_asks_for_the_fixed_address_with_its_subnets_prefix() {
+        let gw: NatGateway = serde_json::from_value(serde_json::json!({
+            "apiVersion": "natgw.io/v1alpha1", "kind": "NatGateway", "metadata": {"name": "a", "uid": "u"},
+            "spec": {"vpc": "v", "lanInterface": "lan0", "externalInterface": "ext0", "externalSubnet": "ext",
+                     "lanNetwork": "natgw-system/vpc1", "lanIp": "10.0.1.254"}}))
+        .unwrap();
+        let pod = GatewayPod {
+            image: Some("natgw:1".into()),
+            external_network: Some("natgw-system/ext".into()),
+            ..Default::default()
+        };
+        let sts = desired(&gw, "natgw-system", &pod, Some(24)).unwrap();
+        let meta = sts.spec.unwrap().template.metadata.unwrap();
+        let nets: serde_json::Value =
+            serde_json::from_str(&meta.annotations.unwrap()["k8s.v1.cni.cncf.io/networks"]).unwrap();
+        assert_eq!(
+            nets,
+            serde_json::json!([
+            {"name": "ext", "namespace": "natgw-system", "interface": "ext0"},
+            {"name": "vpc1", "namespace": "natgw-system", "interface": "lan0", "ips": ["10.0.1.254/24"]}])
+        );
+        // A lanIp outside the VPC's subnets is refused, with the field.
+        assert!(desired(&gw, "natgw-system", &pod, None).unwrap_err().contains("spec.lanIp 10.0.1.254"));
     }
 }

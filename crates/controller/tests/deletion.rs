@@ -30,7 +30,13 @@ fn start(client: Client) -> Running {
         client,
         Some("test".into()),
         "natgw-system".into(),
-        natgw_controller::Options { agent_image: Some("natgw:test".into()), ..Default::default() },
+        natgw_controller::Options {
+            gateway_pod: natgw_controller::workload::GatewayPod {
+                image: Some("natgw:test".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         async move {
             let _ = rx.await;
         },

@@ -29,7 +29,10 @@ impl Drop for Stop {
 }
 
 fn image() -> natgw_controller::Options {
-    natgw_controller::Options { agent_image: Some("natgw:test".into()), ..Default::default() }
+    natgw_controller::Options {
+        gateway_pod: natgw_controller::workload::GatewayPod { image: Some("natgw:test".into()), ..Default::default() },
+        ..Default::default()
+    }
 }
 
 async fn setup(crds: &[CustomResourceDefinition]) -> (TestEnv, Client) {
@@ -248,12 +251,14 @@ async fn item10_an_invalid_route_is_a_condition_never_a_failing_loop() {
                                   "externalNetwork": "kube-system/ext", "routes": [{"cidr": "10.9.0.1/16", "nextHop": "10.0.0.254"}]});
     create::<NatGateway>(&admin, "gw", spec).await;
     let gws: Api<NatGateway> = Api::all(admin.clone());
-    eventually("Valid=False naming the route, WorkloadReady=True", || async {
+    // The workload is applied: without Multus here, the condition names
+    // the missing NetworkAttachmentDefinition, never the route.
+    eventually("Valid=False naming the route, the workload applied", || async {
         let conditions = gws.get("gw").await.unwrap().status.unwrap_or_default().conditions;
         conditions
             .iter()
             .any(|c| c.type_ == "Valid" && c.status == "False" && c.message.contains("spec.routes[0].cidr"))
-            && conditions.iter().any(|c| c.type_ == "WorkloadReady" && c.status == "True")
+            && conditions.iter().any(|c| c.type_ == "WorkloadReady" && c.reason == "NetworkMissing")
     })
     .await;
     assert!(warned(&admin, "InvalidSpec", "gw").await);

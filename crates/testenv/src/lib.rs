@@ -338,7 +338,7 @@ impl TestEnv {
             apply_yaml(&admin, &std::fs::read_to_string(path)?).await?;
         }
         let networks = format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: natgw-cluster-networks, namespace: {NATGW_NAMESPACE}}}\ndata: {{cidrs: \"{TEST_CLUSTER_NETWORKS}\"}}\n"
+            "apiVersion: natgw.io/v1alpha1\nkind: ClusterNetworks\nmetadata: {{name: natgw}}\nspec: {{cidrs: [{TEST_CLUSTER_NETWORKS}]}}\n"
         );
         apply_yaml(&admin, &networks).await?;
         wait_for_policies(&admin).await?;

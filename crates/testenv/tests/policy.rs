@@ -77,8 +77,8 @@ async fn item15_a_tenant_uses_only_its_own_eips_and_never_a_cluster_network() {
     let vpc: Vpc = natgw_object("Vpc", "mine", serde_json::json!({})).unwrap();
     assert!(Api::<Vpc>::all(a.clone()).create(&pp, &vpc).await.is_err(), "rule editors do not own VPCs");
     // Without the cluster networks configured, nothing is guessed: refused.
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(admin.clone(), "natgw-system");
-    cms.delete("natgw-cluster-networks", &DeleteParams::default()).await.unwrap();
+    let networks: Api<natgw_api::ClusterNetworks> = Api::all(admin.clone());
+    networks.delete("natgw", &DeleteParams::default()).await.unwrap();
     let mut refused = false;
     for _ in 0..100 {
         if fa.create(&pp, &fip("alice-2", "a-web", "10.77.0.13")).await.is_err() {
@@ -135,4 +135,62 @@ async fn item16_the_gateway_agent_may_touch_only_its_finalizer_and_conditions() 
     let err = eips.patch_status("b-web", &ssa, &Patch::Apply(&bound)).await.unwrap_err().to_string();
     assert!(err.contains("only its Programmed"), "{err}");
     assert_eq!(Api::<Eip>::all(admin).get("b-web").await.unwrap().labels().get("natgw.io/gateway"), None);
+}
+
+/// An uninstall deletes the bindings; a reinstall creates them again. With
+/// a ConfigMap as the parameter, the API server's shared ConfigMap
+/// informer for policies stops with the last binding and never restarts,
+/// and every natgw write was refused ("no params found") until the API
+/// server restarted: found by `helm uninstall` then `helm install` on a
+/// real cluster. The parameter is a natgw kind, which survives this.
+#[tokio::test]
+async fn the_cluster_networks_policy_survives_an_uninstall_and_reinstall() {
+    let env = TestEnv::start().await.unwrap();
+    let admin = env.install_natgw(&crds()).await.unwrap();
+    let policy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy.yaml")).unwrap();
+    let networks = "apiVersion: natgw.io/v1alpha1\nkind: ClusterNetworks\nmetadata: {name: natgw}\nspec: {cidrs: [10.244.0.0/16]}\n";
+    let gvk = |kind: &str| {
+        kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind))
+    };
+    for _ in 0..2 {
+        // Uninstall: the bindings, the policies and the parameter go.
+        for kind in ["ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy"] {
+            let api: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &gvk(kind));
+            for name in ["natgw-gateway-agent", "natgw-eip-use", "natgw-cluster-networks"] {
+                api.delete(name, &DeleteParams::default()).await.unwrap();
+            }
+        }
+        Api::<ClusterNetworks>::all(admin.clone()).delete("natgw", &DeleteParams::default()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // Reinstall, in the order helm uses (the parameter first).
+        apply_yaml(&admin, networks).await.unwrap();
+        apply_yaml(&admin, &policy).await.unwrap();
+        let subnets: Api<Subnet> = Api::all(admin.clone());
+        let pp = PostParams { dry_run: true, ..Default::default() };
+        let ok: Subnet = natgw_object(
+            "Subnet",
+            "ok",
+            serde_json::json!({"vpc": "v", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}),
+        )
+        .unwrap();
+        let bad: Subnet = natgw_object(
+            "Subnet",
+            "bad",
+            serde_json::json!({"vpc": "v", "cidr": "10.244.1.0/24", "gateway": "10.244.1.1"}),
+        )
+        .unwrap();
+        let mut last = String::new();
+        let mut enforced = false;
+        for _ in 0..100 {
+            let allowed = subnets.create(&pp, &ok).await;
+            let refused = subnets.create(&pp, &bad).await;
+            last = format!("{:?} / {:?}", allowed.as_ref().err(), refused.as_ref().err());
+            if allowed.is_ok() && refused.is_err_and(|e| e.to_string().contains("overlaps a cluster network")) {
+                enforced = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(enforced, "after a reinstall the policy must allow and refuse as before: {last}");
+    }
 }

@@ -1,0 +1,123 @@
+//! charts/natgw is the one source of the deployment: it lints clean,
+//! deploy/ is what it renders, its grants are deploy/rbac.yaml's, and
+//! values that cannot work fail the install with a reason.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn helm(args: &[&str]) -> (bool, String) {
+    let out = Command::new(natgw_testenv::bin_dir().join("helm"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("helm: run scripts/k8s/build.sh helm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+const NETWORKS: &str = "clusterNetworks={10.244.0.0/16,10.96.0.0/12}";
+
+#[test]
+fn the_chart_lints_clean() {
+    let (ok, out) = helm(&["lint", "--strict", "charts/natgw", "--set", NETWORKS]);
+    assert!(ok, "{out}");
+    let (ok, out) = helm(&["lint", "--strict", "charts/natgw", "--set", NETWORKS, "--set", "egress.enabled=true"]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn deploy_is_what_the_chart_renders() {
+    let out = Command::new("bash").arg("scripts/render").arg("--check").current_dir(root()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// (kind, name) -> what it grants or binds, from a multi-document YAML.
+fn grants(yaml: &str) -> BTreeMap<(String, String), serde_json::Value> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).expect("YAML");
+    docs.into_iter()
+        .filter(|d| {
+            let kind = d["kind"].as_str().unwrap_or_default();
+            ["ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding", "ServiceAccount"].contains(&kind)
+        })
+        .map(|d| {
+            let key = (d["kind"].as_str().unwrap_or_default().to_string(), d["metadata"]["name"].to_string());
+            let what = serde_json::json!({
+                "namespace": d["metadata"]["namespace"],
+                "rules": d["rules"],
+                "aggregationRule": d["aggregationRule"],
+                "roleRef": d["roleRef"],
+                "subjects": d["subjects"],
+            });
+            (key, what)
+        })
+        .collect()
+}
+
+#[test]
+fn a_default_install_grants_exactly_what_deploy_rbac_yaml_grants() {
+    let (ok, rendered) = helm(&["template", "natgw", "charts/natgw", "--namespace", "natgw-system", "--set", NETWORKS]);
+    assert!(ok, "{rendered}");
+    let chart = grants(&rendered);
+    let deploy = std::fs::read_to_string(root().join("deploy/rbac.yaml")).unwrap()
+        + "\n---\n"
+        + &std::fs::read_to_string(root().join("deploy/roles.yaml")).unwrap();
+    let deploy = grants(&deploy);
+    assert!(chart.len() >= 10, "{:?}", chart.keys());
+    assert_eq!(chart, deploy);
+}
+
+#[test]
+fn values_that_cannot_work_fail_the_install_with_the_reason() {
+    let (ok, out) = helm(&["template", "natgw", "charts/natgw"]);
+    assert!(!ok);
+    assert!(out.contains("clusterNetworks is required"), "{out}");
+}
+
+/// The controller gets the gateway pods' settings from the values, and
+/// runs restricted; the node agent gets only NET_ADMIN.
+#[test]
+fn the_rendered_workloads_carry_the_values_and_least_privilege() {
+    let (ok, out) = helm(&[
+        "template",
+        "natgw",
+        "charts/natgw",
+        "--set",
+        NETWORKS,
+        "--set",
+        "egress.enabled=true",
+        "--set",
+        "gateway.externalNetwork=natgw-system/ext",
+        "--set-string",
+        "gateway.nodeSelector.natgw\\.io/gateway=true",
+        "--set",
+        "image.tag=t1",
+    ]);
+    assert!(ok, "{out}");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}")).clone();
+    let deploy = find("Deployment");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "natgw.invalid/natgw:t1");
+    let env: BTreeMap<String, serde_json::Value> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].clone()))
+        .collect();
+    assert_eq!(env["NATGW_AGENT_IMAGE"], "natgw.invalid/natgw:t1");
+    assert_eq!(env["NATGW_GATEWAY_EXTERNAL_NETWORK"], "natgw-system/ext");
+    assert_eq!(env["NATGW_GATEWAY_NODE_SELECTOR"], r#"{"natgw.io/gateway":"true"}"#);
+    assert_eq!(deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let ds = find("DaemonSet");
+    let a = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(a["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+    find("PodDisruptionBudget");
+}
