@@ -81,24 +81,10 @@ build_go_command() {
   rm -rf "$work"
 }
 
+# etcd's server in a module of its own: it must not share a version of
+# go.etcd.io/etcd/api with kube-apiserver's etcd client.
 build_etcd() {
-  local out="$BIN/etcd-$ETCD_VERSION"
-  [ -x "$out" ] && return
-  local work
-  work=$(mktemp -d)
-  log "building etcd $ETCD_VERSION in $work"
-  (
-    cd "$work"
-    # A separate module: etcd's server must not share a version of
-    # go.etcd.io/etcd/api with kube-apiserver's etcd client.
-    go mod init natgw.invalid/etcd-build >/dev/null 2>&1
-    go mod edit -require="go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
-    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
-    go mod tidy >/dev/null 2>&1 || go mod tidy
-    go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3
-  )
-  mv "$out.tmp" "$out"
-  rm -rf "$work"
+  build_go_command "$BIN/etcd-$ETCD_VERSION" go.etcd.io/etcd/server/v3 "v$ETCD_VERSION" go.etcd.io/etcd/server/v3
 }
 
 command -v go >/dev/null || { echo "go is missing: the Go toolchain builds kube-apiserver and etcd" >&2; exit 1; }
