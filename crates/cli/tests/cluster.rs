@@ -360,6 +360,11 @@ fn natgw_on_a_real_cluster() {
     assert_eq!(tcp_source(UPSTREAM, dnat_eip, 80).unwrap(), UPSTREAM_IP);
     assert_eq!(udp_source(UPSTREAM, dnat_eip, 53).unwrap(), UPSTREAM_IP);
     assert_audit_clean("after install");
+    // What `kubectl get eips` shows in its UsedBy column.
+    eventually("usedBy on the Eips", 30, || {
+        get(&["get", "eip", "e-fip"])["status"]["usedBy"] == "FloatingIp/fip1"
+            && get(&["get", "eip", "e-dnat"])["status"]["usedBy"] == "DnatRule/dns, DnatRule/web"
+    });
 
     // Report 1: deleting a SNAT rule removes its translation.
     kubectl(&["delete", "snatrule", "snat1", "--wait=true", "--timeout=30s"]);

@@ -57,5 +57,48 @@ pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
             warn(ctx, eip, reason, "AssignAddress", &message).await;
         }
     }
+    report_users(ctx, eip).await?;
     Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })
+}
+
+/// `status.usedBy` (the UsedBy column): the rules naming this Eip, from
+/// the caches; the rule watches bring the Eip back here when they change.
+async fn report_users(ctx: &Ctx, eip: &Eip) -> Result<(), Error> {
+    let users = crate::deps::describe(&users(&ctx.stores, &eip.name_any()));
+    let current = eip.status.as_ref().and_then(|s| s.used_by.clone()).unwrap_or_default();
+    if users == current {
+        return Ok(());
+    }
+    patch_status::<Eip>(ctx, "natgw-controller/users", &eip.name_any(), serde_json::json!({ "usedBy": users })).await
+}
+
+/// The rules that name Eip `name`, sorted; nothing is copied.
+fn users(stores: &crate::Stores, name: &str) -> Vec<ObjectRef> {
+    let mut out: Vec<ObjectRef> = Vec::new();
+    out.extend(
+        stores
+            .floating_ips
+            .state()
+            .iter()
+            .filter(|f| f.spec.eip == name)
+            .map(|f| ObjectRef::new(Kind::FloatingIp, f.name_any())),
+    );
+    out.extend(
+        stores
+            .snat_rules
+            .state()
+            .iter()
+            .filter(|r| r.spec.eip == name)
+            .map(|r| ObjectRef::new(Kind::SnatRule, r.name_any())),
+    );
+    out.extend(
+        stores
+            .dnat_rules
+            .state()
+            .iter()
+            .filter(|r| r.spec.eip == name)
+            .map(|r| ObjectRef::new(Kind::DnatRule, r.name_any())),
+    );
+    out.sort();
+    out
 }

@@ -284,3 +284,28 @@ async fn the_controller_reports_readiness_and_metrics() {
     assert!(metrics.contains("natgw_leader") && metrics.contains("natgw_objects_undecodable_total"), "{metrics}");
     server.abort();
 }
+
+/// `kubectl get eips` shows who uses each Eip (status.usedBy), and it
+/// follows the rules as they come and go.
+#[tokio::test]
+async fn an_eips_users_show_in_its_status_and_follow_the_rules() {
+    let (env, admin) = setup(&crds()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    network(&admin, &["gw"]).await;
+    create::<Subnet>(&admin, "lan", serde_json::json!({"vpc": "v", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}))
+        .await;
+    create::<Eip>(&admin, "e", serde_json::json!({"gateway": "gw"})).await;
+    create::<FloatingIp>(&admin, "f", serde_json::json!({"eip": "e", "internalIp": "10.77.0.11"})).await;
+    create::<DnatRule>(
+        &admin,
+        "d",
+        serde_json::json!({"eip": "e", "protocol": "tcp", "externalPort": 80,
+                                                       "internalIp": "10.77.0.12", "internalPort": 8080}),
+    )
+    .await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let used_by = || async { eips.get("e").await.unwrap().status.and_then(|s| s.used_by).unwrap_or_default() };
+    eventually("both rules named", || async { used_by().await == "DnatRule/d, FloatingIp/f" }).await;
+    Api::<FloatingIp>::all(admin.clone()).delete("f", &DeleteParams::default()).await.unwrap();
+    eventually("the deleted rule gone from usedBy", || async { used_by().await == "DnatRule/d" }).await;
+}
