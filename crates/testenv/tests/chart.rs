@@ -121,3 +121,53 @@ fn the_rendered_workloads_carry_the_values_and_least_privilege() {
     assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
     find("PodDisruptionBudget");
 }
+
+/// Every metric the Grafana dashboard queries is one a natgw role
+/// registers (a renamed metric would leave a silently empty panel), and
+/// the chart ships the dashboard as valid JSON.
+#[test]
+fn the_dashboard_queries_only_metrics_natgw_registers() {
+    let text = std::fs::read_to_string(root().join("charts/natgw/dashboards/natgw.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut registered = String::new();
+    for dir in std::fs::read_dir(root().join("crates")).unwrap() {
+        let src = dir.unwrap().path().join("src");
+        for file in std::fs::read_dir(&src).into_iter().flatten() {
+            registered += &std::fs::read_to_string(file.unwrap().path()).unwrap_or_default();
+        }
+    }
+    let mut queried = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (start, _) in expr.match_indices("natgw_") {
+                let name: String = expr[start..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                let base =
+                    ["_bucket", "_total", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+                assert!(
+                    registered.contains(&format!("\"{base}\"")),
+                    "{:?} queries {name}, which no role registers",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10);
+    let (ok, out) = helm(&[
+        "template",
+        "natgw",
+        "charts/natgw",
+        "--set",
+        NETWORKS,
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+        "--show-only",
+        "templates/dashboard.yaml",
+    ]);
+    assert!(ok, "{out}");
+    let cm: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: serde_json::Value = serde_json::from_str(cm["data"]["natgw.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dash);
+}
