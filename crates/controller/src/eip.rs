@@ -9,7 +9,8 @@ use natgw_api::*;
 use natgw_kube_support::status::condition;
 
 use crate::conditions::{patch_status, warn};
-use crate::{Ctx, Error, address, rule};
+use crate::{Ctx, Error, KindResource, address, rule};
+use kube::runtime::reflector::Store;
 
 pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
     rule::label(&ctx.client, eip, &eip.spec.gateway).await?;
@@ -74,31 +75,19 @@ async fn report_users(ctx: &Ctx, eip: &Eip) -> Result<(), Error> {
 
 /// The rules that name Eip `name`, sorted; nothing is copied.
 fn users(stores: &crate::Stores, name: &str) -> Vec<ObjectRef> {
-    let mut out: Vec<ObjectRef> = Vec::new();
-    out.extend(
-        stores
-            .floating_ips
-            .state()
-            .iter()
-            .filter(|f| f.spec.eip == name)
-            .map(|f| ObjectRef::new(Kind::FloatingIp, f.name_any())),
-    );
-    out.extend(
-        stores
-            .snat_rules
-            .state()
-            .iter()
-            .filter(|r| r.spec.eip == name)
-            .map(|r| ObjectRef::new(Kind::SnatRule, r.name_any())),
-    );
-    out.extend(
-        stores
-            .dnat_rules
-            .state()
-            .iter()
-            .filter(|r| r.spec.eip == name)
-            .map(|r| ObjectRef::new(Kind::DnatRule, r.name_any())),
-    );
+    let mut out: Vec<ObjectRef> = naming(&stores.floating_ips, |f| &f.spec.eip, name)
+        .chain(naming(&stores.snat_rules, |r| &r.spec.eip, name))
+        .chain(naming(&stores.dnat_rules, |r| &r.spec.eip, name))
+        .collect();
     out.sort();
     out
+}
+
+fn naming<K: KindResource>(
+    store: &Store<K>,
+    eip: fn(&K) -> &String,
+    name: &str,
+) -> impl Iterator<Item = ObjectRef> + use<K> {
+    let name = name.to_string();
+    store.state().into_iter().filter(move |o| *eip(o) == name).map(|o| ObjectRef::new(K::KIND, o.name_any()))
 }

@@ -21,6 +21,13 @@ fn helm(args: &[&str]) -> (bool, String) {
 
 const NETWORKS: &str = "clusterNetworks={10.244.0.0/16,10.96.0.0/12}";
 
+/// `helm template` of the chart with the cluster networks and `extra`.
+fn template(extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["template", "natgw", "charts/natgw", "--set", NETWORKS];
+    args.extend(extra);
+    helm(&args)
+}
+
 #[test]
 fn the_chart_lints_clean() {
     let (ok, out) = helm(&["lint", "--strict", "charts/natgw", "--set", NETWORKS]);
@@ -59,7 +66,7 @@ fn grants(yaml: &str) -> BTreeMap<(String, String), serde_json::Value> {
 
 #[test]
 fn a_default_install_grants_exactly_what_deploy_rbac_yaml_grants() {
-    let (ok, rendered) = helm(&["template", "natgw", "charts/natgw", "--namespace", "natgw-system", "--set", NETWORKS]);
+    let (ok, rendered) = template(&["--namespace", "natgw-system"]);
     assert!(ok, "{rendered}");
     let chart = grants(&rendered);
     let deploy = std::fs::read_to_string(root().join("deploy/rbac.yaml")).unwrap()
@@ -81,12 +88,7 @@ fn values_that_cannot_work_fail_the_install_with_the_reason() {
 /// runs restricted; the node agent gets only NET_ADMIN.
 #[test]
 fn the_rendered_workloads_carry_the_values_and_least_privilege() {
-    let (ok, out) = helm(&[
-        "template",
-        "natgw",
-        "charts/natgw",
-        "--set",
-        NETWORKS,
+    let (ok, out) = template(&[
         "--set",
         "egress.enabled=true",
         "--set",
@@ -154,17 +156,8 @@ fn the_dashboard_queries_only_metrics_natgw_registers() {
         }
     }
     assert!(queried >= 10);
-    let (ok, out) = helm(&[
-        "template",
-        "natgw",
-        "charts/natgw",
-        "--set",
-        NETWORKS,
-        "--set",
-        "metrics.grafanaDashboard.enabled=true",
-        "--show-only",
-        "templates/dashboard.yaml",
-    ]);
+    let (ok, out) =
+        template(&["--set", "metrics.grafanaDashboard.enabled=true", "--show-only", "templates/dashboard.yaml"]);
     assert!(ok, "{out}");
     let cm: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
     assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
