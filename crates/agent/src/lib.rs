@@ -213,6 +213,7 @@ async fn round(
     gw: &str,
     resync: bool,
     metrics: &metrics::Metrics,
+    sweep_done: &natgw_dataplane::SweepDone,
 ) -> Result<(), Error> {
     caches.ready().await;
     let fin = finalizer(gw);
@@ -249,23 +250,25 @@ async fn round(
     };
     let g = gateway.clone();
     let p = plan.clone();
-    let report = tokio::task::spawn_blocking(move || if resync { g.resync(&p) } else { g.sync(&p) }).await??;
-    metrics.synced(report.duration.as_secs_f64(), report.conntrack_deleted, resync, &plan);
+    let report = tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
+    metrics.synced(report.duration.as_secs_f64(), resync, &plan);
     if report.changed {
-        tracing::info!(
-            gateway = gw,
-            ms = report.duration.as_millis() as u64,
-            nft = report.nft_statements,
-            conntrack = report.conntrack_deleted,
-            "synced"
-        );
+        tracing::info!(gateway = gw, ms = report.duration.as_millis() as u64, nft = report.nft_statements, "synced");
     }
+    // The conntrack sweep this change owes runs beside the next changes;
+    // its end triggers a round, which releases what it settled.
+    gateway.sweep_in_background(sweep_done.clone());
     // Objects that just got the finalizer are reported by the next round.
     let settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
     report_status(client, gw, &plan, &settled).await;
-    // The kernel no longer holds these: let them go.
+    // The kernel no longer holds these, nor any flow through them once
+    // every change is swept: let them go.
+    let swept = gateway.swept();
     let gone = mine.iter().filter(|e| {
-        e.finalizers.contains(&fin) && !plan.programmed.contains(&e.object) && (e.released || !set.contains(&e.object))
+        swept
+            && e.finalizers.contains(&fin)
+            && !plan.programmed.contains(&e.object)
+            && (e.released || !set.contains(&e.object))
     });
     futures::stream::iter(gone)
         .for_each_concurrent(WRITES, |e| async {
@@ -324,6 +327,24 @@ pub async fn run(
     let claim_label = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
     let (claims, w0) = watch_in::<ConfigMap>(&client, Some(&claims), claim_label, tx.clone());
     let caches = Caches { claims, vpcs, subnets, gateways, eips, fips, snats, dnats };
+    let sweep_done: natgw_dataplane::SweepDone = {
+        let (tx, metrics) = (tx.clone(), metrics.clone());
+        Arc::new(move |result| {
+            match result {
+                Ok(deleted) => {
+                    metrics.swept(deleted);
+                    if deleted > 0 {
+                        tracing::info!(deleted, "conntrack swept");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "conntrack sweep failed; finalizers wait for the next one");
+                    metrics.failed();
+                }
+            }
+            let _ = tx.try_send(());
+        })
+    };
     let watches = async {
         futures::join!(w0, w1, w2, w3, w4, w5, w6, w7);
     };
@@ -333,7 +354,7 @@ pub async fn run(
         let mut resync = true;
         let mut last_full = tokio::time::Instant::now();
         loop {
-            match round(&client, &gateway, &caches, &gw, resync, &metrics).await {
+            match round(&client, &gateway, &caches, &gw, resync, &metrics, &sweep_done).await {
                 // The caches listed and the kernel holds the plan (the
                 // first sync of a handle, and the one after any failure,
                 // reads the kernel whole).

@@ -43,9 +43,12 @@ impl Metrics {
         (m, Probe::new(r))
     }
 
-    pub fn synced(&self, seconds: f64, conntrack_deleted: usize, full: bool, plan: &GatewayPlan) {
-        self.sync_seconds.observe(seconds);
+    pub fn swept(&self, conntrack_deleted: usize) {
         self.conntrack_deleted.inc_by(conntrack_deleted as u64);
+    }
+
+    pub fn synced(&self, seconds: f64, full: bool, plan: &GatewayPlan) {
+        self.sync_seconds.observe(seconds);
         if full {
             set_now(&self.last_full_sync);
         }

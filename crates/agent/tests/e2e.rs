@@ -211,12 +211,11 @@ async fn floating_ips_created_and_deleted_without_pause_leave_exactly_the_live_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn deleting_an_eip_removes_exactly_its_address() {
+async fn deleting_an_eip_removes_exactly_its_local_route() {
     let w = world("eip").await;
     create_yaml(&w.admin, &(eip("a", "198.51.100.30") + "---\n" + &eip("b", "198.51.100.31"))).await;
-    let has = |k: &natgw_dataplane::KernelState, ip: &str| {
-        k.addresses.keys().any(|a| a.addr.to_string() == format!("{ip}/24"))
-    };
+    let has =
+        |k: &natgw_dataplane::KernelState, ip: &str| k.locals.iter().any(|a| a.addr.to_string() == format!("{ip}/32"));
     eventually("both addresses", || async {
         let k = snapshot(&w);
         has(&k, "198.51.100.30") && has(&k, "198.51.100.31")
@@ -341,7 +340,7 @@ async fn eips_get_distinct_free_addresses_reused_only_once_off_the_gateway() {
     eventually("both allocated and on the gateway", || async {
         let (ia, ib) = (ip_of(eips.get("a").await.unwrap()), ip_of(eips.get("b").await.unwrap()));
         let k = snapshot(&w);
-        matches!((ia, ib), (Some(x), Some(y)) if x != y && k.addresses.keys().filter(|a| a.interface == "ext0").count() == 2)
+        matches!((ia, ib), (Some(x), Some(y)) if x != y && k.locals.iter().filter(|a| a.interface == "ext0").count() == 2)
     })
     .await;
     let ia = ip_of(eips.get("a").await.unwrap()).unwrap();
@@ -367,8 +366,8 @@ async fn eips_get_distinct_free_addresses_reused_only_once_off_the_gateway() {
     eventually("a gone and its address off the gateway", || async {
         let k = snapshot(&w);
         eips.get_opt("a").await.unwrap().is_none()
-            && !k.addresses.keys().any(|x| x.addr.addr() == ia)
-            && k.addresses.keys().any(|x| x.addr.addr() == ib)
+            && !k.locals.iter().any(|x| x.addr.addr() == ia)
+            && k.locals.iter().any(|x| x.addr.addr() == ib)
     })
     .await;
     // The claim goes once a is gone; only then is the address free again.
@@ -417,7 +416,7 @@ async fn item16_a_status_ip_without_a_claim_is_never_programmed() {
     let mut w = world("forged").await;
     create_yaml(&w.admin, &eip("real", "198.51.100.60")).await;
     eventually("the claimed address programmed", || async {
-        snapshot(&w).addresses.keys().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 60))
+        snapshot(&w).locals.iter().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 60))
     })
     .await;
     for t in w.tasks.drain(..) {
@@ -439,7 +438,7 @@ async fn item16_a_status_ip_without_a_claim_is_never_programmed() {
     })
     .await;
     assert!(
-        !snapshot(&w).addresses.keys().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 77)),
+        !snapshot(&w).locals.iter().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 77)),
         "a forged status.ip reached the kernel"
     );
     w.kill_agent();

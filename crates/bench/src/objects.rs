@@ -4,11 +4,11 @@ use std::net::Ipv4Addr;
 
 use natgw_api::*;
 
-/// The external subnet of the benchmark: room for tens of thousands of EIPs.
-pub const EXT_NET: &str = "100.64.0.0/16";
+/// The external subnet of the benchmark: room for 250,000 EIPs.
+pub const EXT_NET: &str = "100.64.0.0/14";
 pub const EXT_ROUTER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 /// Internal addresses of FloatingIps beyond the lab's hosts.
-pub const BULK_NET: &str = "10.78.0.0/16";
+pub const BULK_NET: &str = "10.80.0.0/14";
 
 pub struct Scale {
     pub fips: u32,
@@ -23,7 +23,7 @@ pub fn eip_ip(n: u32) -> Ipv4Addr {
 
 /// The n-th bulk internal address.
 fn bulk_ip(n: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 10)) + n)
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 80, 0, 10)) + n)
 }
 
 /// FloatingIp 0 maps eip_ip(0) to the lab's int1, so it carries real
@@ -41,7 +41,7 @@ pub fn build(s: &Scale) -> ObjectSet {
         "demo-lan",
         subnet(Some("demo"), natgw_lab::LAN_CIDR, Ipv4Addr::new(10, 77, 0, 1)),
     )));
-    set.insert(Object::Subnet(Subnet::new("bulk", subnet(Some("demo"), BULK_NET, Ipv4Addr::new(10, 78, 0, 1)))));
+    set.insert(Object::Subnet(Subnet::new("bulk", subnet(Some("demo"), BULK_NET, Ipv4Addr::new(10, 80, 0, 1)))));
     set.insert(Object::Subnet(Subnet::new("external", subnet(None, EXT_NET, EXT_ROUTER))));
     set.insert(Object::NatGateway(NatGateway::new(
         "demo-gw",
@@ -82,17 +82,22 @@ pub fn build(s: &Scale) -> ObjectSet {
             eip: eip.clone(),
             protocol,
             external_port: 1000 + (i % 10) as u16,
-            internal_ip: bulk_ip(50_000 + i),
+            internal_ip: bulk_ip(150_000 + i),
             internal_port: 80,
         };
         set.insert(Object::DnatRule(DnatRule::new(&format!("dnat-{i}"), spec)));
     }
-    // SNAT: one /24 of the bulk subnet per rule, plus the whole /16 as a
-    // catch-all so prefixes nest.
+    // SNAT: one /26 of the bulk subnet per rule, plus the whole subnet as
+    // a catch-all so prefixes nest.
     for i in 0..s.snats {
         let eip = add_eip(&mut set);
-        let cidr = if i == 0 { BULK_NET.to_string() } else { format!("10.78.{}.0/24", i % 256) };
-        let spec = SnatRuleSpec { eip, internal_cidr: cidr.parse().unwrap_or_default() };
+        let cidr = if i == 0 {
+            BULK_NET.parse().unwrap_or_default()
+        } else {
+            let base = u32::from(Ipv4Addr::new(10, 80, 0, 0)) + (i % 4096) * 64;
+            ipnet::Ipv4Net::new(Ipv4Addr::from(base), 26).unwrap_or_default()
+        };
+        let spec = SnatRuleSpec { eip, internal_cidr: cidr };
         set.insert(Object::SnatRule(SnatRule::new(&format!("snat-{i}"), spec)));
     }
     set

@@ -388,11 +388,13 @@ fn natgw_on_a_real_cluster() {
     });
     assert_audit_clean("100 FloatingIps created and deleted");
 
-    // Report 3: an Eip's exact address leaves the gateway.
+    // Report 3: an Eip's exact address leaves the gateway (EIPs are local
+    // routes marked 110; one line per EIP, the address then a space).
     let churn = ip_of("e-churn");
-    assert!(sh(&format!("ip -n {gw_ns} -4 -o addr show dev ext0")).contains(&format!(" {churn}/24")));
+    let eips = format!("ip -n {gw_ns} -4 -o route show table local proto 110 dev ext0");
+    assert!(sh(&eips).contains(&format!("local {churn} ")));
     kubectl(&["delete", "eip", "e-churn", "--wait=true", "--timeout=30s"]);
-    assert!(!sh(&format!("ip -n {gw_ns} -4 -o addr show dev ext0")).contains(&format!(" {churn}/")));
+    assert!(!sh(&eips).contains(&format!("local {churn} ")));
     assert_audit_clean("Eip deleted");
 
     // Report 4: a VPC with live subnets is not deleted, even while the
@@ -486,6 +488,7 @@ fn natgw_on_a_real_cluster() {
     let k = node.snapshot().expect("kernel snapshot");
     let owned: Vec<_> = k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.addr).collect();
     assert!(owned.is_empty(), "addresses natgw marked are left: {owned:?}");
+    assert!(k.locals.is_empty() && k.subnets.is_empty(), "EIP routes are left: {:?} {:?}", k.locals, k.subnets);
     assert!(
         k.routes.is_empty() && k.rules.is_empty(),
         "routes or rules natgw marked are left: {:?} {:?}",

@@ -44,8 +44,10 @@ fn one_sync_repairs_natgw_state_and_leaves_foreign_state_alone() {
     gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
 
-    // natgw's own address removed by hand comes back; the foreign ones stay.
-    sh(&ns, "ip addr del 198.51.100.11/24 dev ext0");
+    // natgw's EIP and subnet routes removed by hand come back; the foreign
+    // address (in the same subnet) stays.
+    sh(&ns, "ip route del local 198.51.100.11 dev ext0 table local proto 110 metric 7476");
+    sh(&ns, "ip route del 198.51.100.0/24 dev ext0 proto 110 metric 7476");
     gw.resync(&p).unwrap();
     assert_clean(&gw, &p);
     let foreign = sh(&ns, "nft list table ip foreign; ip -4 addr show dev ext0; ip route");
@@ -55,7 +57,7 @@ fn one_sync_repairs_natgw_state_and_leaves_foreign_state_alone() {
 
     // Teardown removes natgw's state only.
     gw.teardown().unwrap();
-    let after = sh(&ns, "nft list ruleset; ip -4 addr show dev ext0; ip route");
+    let after = sh(&ns, "nft list ruleset; ip -4 addr show dev ext0; ip route show table all proto 110; ip route");
     assert!(!after.contains("natgw"), "{after}");
     assert!(!after.contains("198.51.100.11") && !after.contains("default via"), "{after}");
     assert!(
@@ -102,6 +104,42 @@ fn removing_every_eip_keeps_the_routes() {
     // The kernel drops routes through an interface with no address left.
     converge(&gw, &objects(""));
     assert!(sh(&lab.ns("gw"), "ip route show table 7476").contains("default via 198.51.100.1 dev ext0"));
+}
+
+/// Earlier versions put EIPs on the interface as marked addresses. An
+/// upgraded agent replaces them with local routes: the traffic's EIPs are
+/// never missing, the marked addresses go, the operator's stays.
+#[test]
+fn eip_addresses_left_by_an_earlier_version_become_local_routes() {
+    use natgw_dataplane::link::Links;
+    let lab = lab("upgrade");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    sh(&ns, "ip addr add 198.51.100.200/24 dev ext0");
+    gw.run(|| {
+        let links = Links::open().unwrap();
+        let ext0 = links.interfaces().unwrap()["ext0"].index;
+        let old = ["198.51.100.10/24", "198.51.100.11/24", "198.51.100.99/24"].map(|a| (ext0, a.parse().unwrap()));
+        links.add_addresses(&old).unwrap();
+    })
+    .unwrap();
+    let p = plan(&objects(&rules()));
+    gw.sync(&p).unwrap();
+    assert_clean(&gw, &p);
+    let addrs = sh(&ns, "ip -4 -o addr show dev ext0");
+    assert!(addrs.contains("198.51.100.200/24") && !addrs.contains("198.51.100.1"), "{addrs}");
+    // Without the operator's address the interface empties, and the
+    // kernel drops routes through it: natgw's come back in the same sync.
+    sh(&ns, "ip addr del 198.51.100.200/24 dev ext0");
+    gw.run(|| {
+        let links = Links::open().unwrap();
+        let ext0 = links.interfaces().unwrap()["ext0"].index;
+        links.add_addresses(&[(ext0, "198.51.100.10/24".parse().unwrap())]).unwrap();
+    })
+    .unwrap();
+    gw.resync(&p).unwrap();
+    assert_clean(&gw, &p);
+    assert!(sh(&ns, "ip -4 -o addr show dev ext0").is_empty());
 }
 
 #[test]

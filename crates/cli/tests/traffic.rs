@@ -146,7 +146,7 @@ fn removing_a_snat_rule_cuts_its_sessions() {
 }
 
 #[test]
-fn removing_one_eip_removes_exactly_its_address() {
+fn removing_one_eip_removes_exactly_its_local_route() {
     let lab = lab("rmeip");
     let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
     converge(&gw, &full_set());
@@ -154,9 +154,13 @@ fn removing_one_eip_removes_exactly_its_address() {
     set.snat_rules.clear();
     set.eips.remove("egress");
     converge(&gw, &set);
-    let addrs = sh(&lab.ns("gw"), "ip -4 -o addr show dev ext0");
-    assert!(!addrs.contains("198.51.100.10/24"), "{addrs}");
-    assert!(addrs.contains("198.51.100.11/24") && addrs.contains("198.51.100.12/24"), "{addrs}");
+    // One line per EIP, each ending in a space after the address: .10 is
+    // not a prefix of .100.
+    let eips = sh(&lab.ns("gw"), "ip -4 -o route show table local proto 110 dev ext0");
+    assert!(!eips.contains("local 198.51.100.10 "), "{eips}");
+    assert!(eips.contains("local 198.51.100.11 ") && eips.contains("local 198.51.100.12 "), "{eips}");
+    // The subnet stays while EIPs are in it.
+    assert!(sh(&lab.ns("gw"), "ip -4 -o route show proto 110 dev ext0").contains("198.51.100.0/24"));
 }
 
 #[test]

@@ -9,9 +9,9 @@ use std::time::Instant;
 use natgw_plan::{GatewayPlan, IfAddr, Route};
 
 use crate::ctpolicy::is_stale;
-use crate::link::{Interface, LinkError, Links};
-use crate::state::{Drift, KernelState, drift, eips_of};
-use crate::{SyncError, SyncReport, conntrack, garp, nft};
+use crate::link::{EipRoute, Interface, LinkError, Links};
+use crate::state::{Drift, KernelState, drift, eip_diff, eips_of, wanted_locals, wanted_subnets};
+use crate::{SyncError, SyncReport, conntrack, garp, nfnl, nft};
 
 const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -30,6 +30,21 @@ thread_local! {
     // on first use and kept: both live in the worker's namespace.
     static LINKS: RefCell<Option<Links>> = const { RefCell::new(None) };
     static ANNOUNCER: RefCell<Option<garp::Announcer>> = const { RefCell::new(None) };
+    static NFNL: RefCell<Option<nfnl::Nfnl>> = const { RefCell::new(None) };
+}
+
+/// Applies map changes on the worker's nf_tables socket.
+fn apply_maps(changes: &[nfnl::MapChange]) -> Result<(), SyncError> {
+    NFNL.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(nfnl::Nfnl::open()?);
+        }
+        match slot.as_ref() {
+            Some(socket) => Ok(socket.apply(changes)?),
+            None => Ok(()),
+        }
+    })
 }
 
 fn with_links<R>(f: impl FnOnce(&Links) -> Result<R, SyncError>) -> Result<R, SyncError> {
@@ -54,10 +69,13 @@ pub struct Snapshot {
 fn read(links: &Links) -> Result<Snapshot, SyncError> {
     let interfaces = links.interfaces()?;
     let names: BTreeMap<u32, String> = interfaces.iter().map(|(n, i)| (i.index, n.clone())).collect();
+    let owned = links.owned_routes(&names)?;
     let state = KernelState {
         table: nft::read()?,
         addresses: links.addresses(&names)?,
-        routes: links.owned_routes(&names)?,
+        routes: owned.routes,
+        locals: owned.locals,
+        subnets: owned.subnets,
         rules: links.owned_rules()?,
         forwarding: sysctl_on(FORWARD),
         // The kernel promotes when `all` or the interface says so. In a pod,
@@ -70,8 +88,17 @@ fn read(links: &Links) -> Result<Snapshot, SyncError> {
     Ok(Snapshot { state, interfaces })
 }
 
-fn with_index(s: &Snapshot, addrs: &[&IfAddr]) -> Result<Vec<(u32, ipnet::Ipv4Net)>, SyncError> {
-    addrs.iter().map(|a| Ok((index(s, &a.interface)?, a.addr))).collect()
+fn with_index<'a>(
+    s: &Snapshot,
+    addrs: impl IntoIterator<Item = &'a IfAddr>,
+) -> Result<Vec<(u32, ipnet::Ipv4Net)>, SyncError> {
+    addrs.into_iter().map(|a| Ok((index(s, &a.interface)?, a.addr))).collect()
+}
+
+/// Those of `addrs` whose interface still exists (one that vanished took
+/// its routes along).
+fn existing<'a>(s: &Snapshot, addrs: impl IntoIterator<Item = &'a IfAddr>) -> Vec<(u32, ipnet::Ipv4Net)> {
+    addrs.into_iter().filter_map(|a| s.interfaces.get(&a.interface).map(|i| (i.index, a.addr))).collect()
 }
 
 fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
@@ -80,16 +107,10 @@ fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
 
 /// Converges the namespace to `plan`, from `mirrored` (what the previous
 /// sync left) or, without it, from a kernel read; returns what the kernel
-/// holds after. `sweep_conntrack` forces a conntrack pass even when
-/// nothing changed (first sync after start). A sync from the mirror that
-/// fails is retried once from a fresh kernel read: the kernel may have
-/// changed behind natgw's back.
-pub fn sync(
-    plan: &GatewayPlan,
-    sweep_conntrack: bool,
-    mirrored: Option<Snapshot>,
-    fail_sweep: bool,
-) -> Result<(SyncReport, Snapshot), SyncError> {
+/// holds after, and what a conntrack sweep of this change must know. A
+/// sync from the mirror that fails is retried once from a fresh kernel
+/// read: the kernel may have changed behind natgw's back.
+pub fn sync(plan: &GatewayPlan, mirrored: Option<Snapshot>) -> Result<(SyncReport, Snapshot, SweepScope), SyncError> {
     let started = Instant::now();
     with_links(|links| {
         let from_mirror = mirrored.is_some();
@@ -97,35 +118,74 @@ pub fn sync(
             Some(s) => s,
             None => read(links)?,
         };
-        let result = match converge(links, &snap, plan, sweep_conntrack, fail_sweep) {
+        let result = match converge(links, &snap, plan) {
             Err(e) if from_mirror => {
                 tracing::warn!(error = %e, "sync from the mirror failed; retrying from a kernel read");
                 let fresh = read(links)?;
-                // The failed attempt may have changed the kernel: sweep.
-                converge(links, &fresh, plan, true, fail_sweep).map(|r| (r, fresh))
+                converge(links, &fresh, plan).map(|r| (r, fresh))
             }
             other => other.map(|r| (r, snap)),
         };
         let (mut report, before) = result?;
         report.duration = started.elapsed();
-        Ok((report, after(&before, plan)))
+        let scope = SweepScope { ours: ours(&before.state, plan), local: local_nets(&before.state) };
+        Ok((report, after(&before, plan), scope))
     })
+}
+
+/// What a conntrack sweep needs besides the plan.
+#[derive(Clone, Debug, Default)]
+pub struct SweepScope {
+    /// Every address natgw holds, held or translates to (EIPs): a flow
+    /// through one that the plan no longer wants is stale.
+    pub ours: BTreeSet<std::net::Ipv4Addr>,
+    /// Every address of the namespace, with its prefix.
+    pub local: Vec<ipnet::Ipv4Net>,
+}
+
+impl SweepScope {
+    /// Both changes' addresses: a sweep owed for several changes covers
+    /// them all.
+    pub fn merge(&mut self, other: SweepScope) {
+        self.ours.extend(other.ours);
+        self.local = other.local;
+    }
+}
+
+fn ours(k: &KernelState, plan: &GatewayPlan) -> BTreeSet<std::net::Ipv4Addr> {
+    let mut ours = k.our_addresses();
+    eips_of(&plan.nat, &mut ours);
+    ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
+    ours
+}
+
+/// The conntrack entries stale under `plan` (a walk of the whole table:
+/// the slow part of a sweep, run without holding anything).
+pub fn stale_entries(plan: &GatewayPlan, scope: &SweepScope) -> Result<Vec<conntrack::Dumped>, SyncError> {
+    let ct = conntrack::Conntrack::open()?;
+    Ok(ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &scope.ours, &scope.local)).collect())
+}
+
+/// Deletes those of `candidates` still stale under `plan`.
+pub fn delete_stale(
+    plan: &GatewayPlan,
+    scope: &SweepScope,
+    candidates: Vec<conntrack::Dumped>,
+) -> Result<usize, SyncError> {
+    let stale: Vec<_> =
+        candidates.into_iter().filter(|d| is_stale(&d.entry, plan, &scope.ours, &scope.local)).collect();
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    Ok(conntrack::Conntrack::open()?.delete(&stale)?)
 }
 
 /// The kernel state a successful sync of `plan` leaves behind.
 fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
     let k = &before.state;
-    let mut addresses: BTreeMap<IfAddr, bool> = k
-        .addresses
-        .iter()
-        .filter(|(a, owned)| !**owned || plan.addresses.contains(*a))
-        .map(|(a, o)| (a.clone(), *o))
-        .collect();
-    for a in &plan.addresses {
-        addresses.entry(a.clone()).or_insert(true);
-    }
+    let addresses = k.addresses.iter().filter(|(_, owned)| !**owned).map(|(a, o)| (a.clone(), *o)).collect();
     let mut promote = k.promote_secondaries.clone();
-    promote.extend(k.addresses.keys().chain(plan.addresses.iter()).map(|a| a.interface.clone()));
+    promote.extend(k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.interface.clone()));
     Snapshot {
         state: KernelState {
             table: nft::KernelTable {
@@ -135,6 +195,8 @@ fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
             },
             addresses,
             routes: plan.routes.clone(),
+            locals: wanted_locals(plan),
+            subnets: wanted_subnets(plan),
             rules: crate::state::wanted_rules(plan),
             forwarding: true,
             promote_secondaries: promote,
@@ -143,13 +205,7 @@ fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
     }
 }
 
-fn converge(
-    links: &Links,
-    snap: &Snapshot,
-    plan: &GatewayPlan,
-    sweep_conntrack: bool,
-    fail_sweep: bool,
-) -> Result<SyncReport, SyncError> {
+fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
     let mut clock = Instant::now();
     let mut lap = |report: &mut SyncReport, phase: &'static str| {
         report.phases.push((phase, clock.elapsed()));
@@ -164,49 +220,76 @@ fn converge(
         std::fs::write(FORWARD, "1").map_err(SyncError::Sysctl)?;
         report.changed = true;
     }
-    let managed: BTreeSet<&String> = plan.addresses.iter().chain(k.addresses.keys()).map(|a| &a.interface).collect();
+    // Interface addresses natgw owns are left by an earlier version (EIPs
+    // are local routes now): they go, and removing one must not take the
+    // others along.
+    let old: Vec<&IfAddr> = k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a).collect();
+    let managed: BTreeSet<&String> = old.iter().map(|a| &a.interface).collect();
     for name in managed.into_iter().filter(|n| !k.promote_secondaries.contains(*n) && snap.interfaces.contains_key(*n))
     {
         std::fs::write(promote_path(name), "1").map_err(SyncError::Sysctl)?;
         report.changed = true;
     }
-    // Additions first: a new translation never points at a missing
-    // address, and nothing is removed before the table commits.
-    let added: Vec<&IfAddr> = plan.addresses.iter().filter(|a| !k.addresses.contains_key(*a)).collect();
-    links.add_addresses(&with_index(snap, &added)?)?;
-    report.addresses_added = added.into_iter().cloned().collect();
-    let announce = report.addresses_added.clone();
-    lap(&mut report, "addresses-add");
+    // Additions first: a new translation never points at a missing EIP,
+    // and nothing is removed before the table commits. nft parses and
+    // commits while the EIPs go in over netlink.
     let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
-    let script = if !k.table.present || k.table.skeleton != skeleton {
-        report.table_rebuilt = true;
-        nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat)
+    let subnets = wanted_subnets(plan);
+    let (new_eips, gone_eips) = eip_diff(&plan.addresses, &k.locals);
+    let table_ok = k.table.present && k.table.skeleton == skeleton;
+    if let Some(maps) = nfnl::changes(&k.table.nat, &plan.nat).filter(|_| table_ok) {
+        // A change of FloatingIps or port forwards: straight over netlink.
+        eip_routes(links, snap, &k.subnets, &subnets, &new_eips)?;
+        lap(&mut report, "eips-add");
+        apply_maps(&maps)?;
+        report.nft_statements = maps.iter().map(|m| m.delete.len() + m.add.len()).sum();
     } else {
-        nft::diff_script(&k.table.nat, &plan.nat)
-    };
-    if !script.is_empty() {
-        nft::apply(&script)?;
+        let script = if table_ok {
+            nft::diff_script(&k.table.nat, &plan.nat)
+        } else {
+            report.table_rebuilt = true;
+            nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat)
+        };
         report.nft_statements = script.lines().count();
+        let nft = if script.is_empty() { None } else { Some(nft::start(script)?) };
+        let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
+        lap(&mut report, "eips-add");
+        let committed = nft.map(nft::Running::wait).transpose();
+        added?;
+        committed?;
     }
+    report.addresses_added = new_eips.into_iter().cloned().collect();
+    let announce = report.addresses_added.clone();
     lap(&mut report, "nft");
-    let leaked: Vec<&IfAddr> =
-        k.addresses.iter().filter(|(a, owned)| **owned && !plan.addresses.contains(*a)).map(|(a, _)| a).collect();
-    links.del_addresses(&with_index(snap, &leaked)?)?;
-    report.addresses_removed = leaked.into_iter().cloned().collect();
-    // Routes last: removing an interface's last address makes the
-    // kernel drop every route through it, so re-read them then.
-    lap(&mut report, "addresses-remove");
-    let emptied = report.addresses_removed.iter().any(|gone| {
-        let left = |a: &IfAddr| a.interface == gone.interface && !report.addresses_removed.contains(a);
-        !k.addresses.keys().chain(plan.addresses.iter()).any(left)
-    });
-    let routes = if !emptied {
-        k.routes.clone()
+    links.del_addresses(&with_index(snap, old.iter().copied())?)?;
+    // Removing an interface's last address makes the kernel drop every
+    // route through it: re-read them then, and put natgw's back.
+    let emptied = old.iter().any(|gone| !k.addresses.iter().any(|(a, owned)| !owned && a.interface == gone.interface));
+    let reread;
+    let (routes, have_locals, have_subnets) = if !emptied {
+        (&k.routes, &k.locals, &k.subnets)
     } else {
         let names: BTreeMap<u32, String> = snap.interfaces.iter().map(|(n, i)| (i.index, n.clone())).collect();
-        links.owned_routes(&names)?
+        reread = links.owned_routes(&names)?;
+        eip_routes(links, snap, &reread.subnets, &subnets, &eip_diff(&plan.addresses, &reread.locals).0)?;
+        (&reread.routes, &reread.locals, &reread.subnets)
     };
-    for r in plan.routes.difference(&routes) {
+    let stale_locals = if emptied { eip_diff(&plan.addresses, have_locals).1 } else { gone_eips };
+    links.del_eip_routes(EipRoute::Local, &existing(snap, stale_locals.iter().copied()))?;
+    report.addresses_removed = stale_locals
+        .iter()
+        .map(|l| {
+            let eip = l.addr.addr();
+            let net = have_subnets.iter().find(|s| s.interface == l.interface && s.addr.contains(&eip));
+            IfAddr {
+                interface: l.interface.clone(),
+                addr: net.map_or(l.addr, |n| ipnet::Ipv4Net::new(eip, n.addr.prefix_len()).unwrap_or(l.addr)),
+            }
+        })
+        .collect();
+    links.del_eip_routes(EipRoute::Subnet, &existing(snap, have_subnets.difference(&subnets)))?;
+    lap(&mut report, "eips-remove");
+    for r in plan.routes.difference(routes) {
         links.add_route(index(snap, &r.interface)?, r)?;
         if !k.routes.contains(r) {
             report.routes_added.push(r.clone());
@@ -232,24 +315,12 @@ fn converge(
     }
     lap(&mut report, "routes");
     report.changed |= report.nft_statements > 0
+        || !old.is_empty()
         || !report.addresses_added.is_empty()
         || !report.addresses_removed.is_empty()
+        || k.subnets != subnets
         || !report.routes_added.is_empty()
         || !report.routes_removed.is_empty();
-    if report.changed || sweep_conntrack {
-        if fail_sweep {
-            let injected = std::io::Error::other("injected by a test");
-            return Err(SyncError::Conntrack(conntrack::ConntrackError::Io(injected)));
-        }
-        let mut ours = k.our_addresses();
-        eips_of(&plan.nat, &mut ours);
-        ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
-        let local = local_nets(k);
-        let ct = conntrack::Conntrack::open()?;
-        let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &ours, &local)).collect();
-        report.conntrack_deleted = ct.delete(&stale)?;
-    }
-    lap(&mut report, "conntrack");
     // Best effort: an unannounced address still works once neighbours'
     // caches expire.
     if !announce.is_empty() {
@@ -276,19 +347,35 @@ fn converge(
     Ok(report)
 }
 
-/// Every address of the namespace with its prefix: what tells the
-/// gateway's own and broadcast traffic from forwarded traffic.
+/// Every address of the namespace with its prefix, EIPs included: what
+/// tells the gateway's own and broadcast traffic from forwarded traffic.
 fn local_nets(k: &KernelState) -> Vec<ipnet::Ipv4Net> {
-    k.addresses.keys().map(|a| a.addr).collect()
+    k.addresses.keys().chain(&k.locals).map(|a| a.addr).collect()
+}
+
+/// Adds the subnet routes `want` has and `have` lacks, then local routes
+/// for `eips`.
+fn eip_routes(
+    links: &Links,
+    snap: &Snapshot,
+    have: &BTreeSet<IfAddr>,
+    want: &BTreeSet<IfAddr>,
+    eips: &[&IfAddr],
+) -> Result<(), SyncError> {
+    links.add_eip_routes(EipRoute::Subnet, &with_index(snap, want.difference(have))?)?;
+    let locals: Vec<(u32, ipnet::Ipv4Net)> = eips
+        .iter()
+        .map(|a| Ok((index(snap, &a.interface)?, ipnet::Ipv4Net::from(a.addr.addr()))))
+        .collect::<Result<_, SyncError>>()?;
+    links.add_eip_routes(EipRoute::Local, &locals)?;
+    Ok(())
 }
 
 /// Every difference between `plan` and the kernel, conntrack included.
 pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
     with_links(|links| {
         let snap = read(links)?;
-        let mut ours = snap.state.our_addresses();
-        eips_of(&plan.nat, &mut ours);
-        ours.extend(plan.addresses.iter().map(|a| a.addr.addr()));
+        let ours = ours(&snap.state, plan);
         let local = local_nets(&snap.state);
         let dumped = conntrack::Conntrack::open()?.dump()?;
         let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours, &local)).collect();
@@ -303,7 +390,7 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
         let snap = read(links)?;
         let mut report = SyncReport::default();
         let ours = snap.state.our_addresses();
-        for a in snap.state.addresses.keys() {
+        for (a, _) in snap.state.addresses.iter().filter(|(_, owned)| **owned) {
             let _ = std::fs::write(promote_path(&a.interface), "1");
         }
         if snap.state.table.present {
@@ -311,8 +398,10 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
             report.table_rebuilt = true;
         }
         let owned: Vec<&IfAddr> = snap.state.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a).collect();
-        links.del_addresses(&with_index(&snap, &owned)?)?;
-        report.addresses_removed = owned.into_iter().cloned().collect();
+        links.del_addresses(&with_index(&snap, owned.iter().copied())?)?;
+        links.del_eip_routes(EipRoute::Local, &existing(&snap, &snap.state.locals))?;
+        links.del_eip_routes(EipRoute::Subnet, &existing(&snap, &snap.state.subnets))?;
+        report.addresses_removed = owned.into_iter().chain(&snap.state.locals).cloned().collect();
         for r in &snap.state.routes {
             if let Ok(i) = index(&snap, &r.interface) {
                 links.del_route(i, r)?;

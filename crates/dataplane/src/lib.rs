@@ -11,12 +11,13 @@ pub mod garp;
 pub mod link;
 pub mod model;
 pub mod netns;
+pub mod nfnl;
 pub mod nft;
 pub mod state;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use natgw_plan::{GatewayPlan, IfAddr, Route};
@@ -31,6 +32,8 @@ pub enum SyncError {
     Netns(#[from] netns::NetnsError),
     #[error(transparent)]
     Nft(#[from] nft::NftError),
+    #[error(transparent)]
+    Nfnl(#[from] nfnl::NfnlError),
     #[error(transparent)]
     Link(#[from] link::LinkError),
     #[error(transparent)]
@@ -57,32 +60,107 @@ pub struct SyncReport {
     pub phases: Vec<(&'static str, Duration)>,
 }
 
-/// A gateway's network namespace, driven from a dedicated thread.
+impl Shared {
+    /// Runs the owed sweep on the sweeper thread and waits.
+    fn sweep(shared: &Arc<Shared>) -> Result<usize, SyncError> {
+        let s = shared.clone();
+        shared.sweeper.run(move || Shared::sweep_here(&s))?
+    }
+
+    /// The sweep itself, on the sweeper thread: walks conntrack without
+    /// holding anything, then deletes under the sync lock, re-judging each
+    /// entry against the plan in force.
+    fn sweep_here(shared: &Arc<Shared>) -> Result<usize, SyncError> {
+        let (generation, plan, scope) = {
+            let sweeps = shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+            match (&sweeps.plan, sweeps.settled()) {
+                (Some(plan), false) => (sweeps.generation, plan.clone(), sweeps.scope.clone()),
+                _ => return Ok(0),
+            }
+        };
+        if shared.fail_next_sweep.swap(false, Ordering::Relaxed) {
+            let injected = std::io::Error::other("injected by a test");
+            return Err(SyncError::Conntrack(conntrack::ConntrackError::Io(injected)));
+        }
+        let candidates = engine::stale_entries(&plan, &scope)?;
+        let _sync = shared.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        let (latest, scope) = {
+            let sweeps = shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+            (sweeps.plan.clone().unwrap_or(plan), sweeps.scope.clone())
+        };
+        let deleted = engine::delete_stale(&latest, &scope, candidates)?;
+        let mut sweeps = shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+        sweeps.done = sweeps.done.max(generation);
+        if sweeps.settled() {
+            // Every change is swept: addresses held before no longer matter.
+            sweeps.scope.ours.clear();
+        }
+        Ok(deleted)
+    }
+}
+
+/// A gateway's network namespace, driven from a dedicated thread; conntrack
+/// sweeps run on a second one, so a sweep never delays the next change.
 pub struct Gateway {
     worker: netns::NetnsWorker,
-    /// A conntrack sweep is owed: at start (flows from before), and after
-    /// any failed sync (the kernel may have changed before the sweep ran).
-    /// Only a successful sweep clears it, so a finalizer released after a
-    /// successful sync never leaves flows of the removed rule behind.
-    sweep_pending: AtomicBool,
-    /// Tests: make the next sweep fail.
-    fail_next_sweep: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    sweeper: netns::NetnsWorker,
     /// What the last successful sync left in the kernel (kube-proxy keeps
     /// the same kind of mirror): normal syncs diff against it instead of
     /// listing thousands of elements; `resync` reads the kernel instead.
+    /// Held for the whole sync, and by a sweep while it deletes: a sweep
+    /// never judges entries against a plan older than the kernel's.
     mirror: Mutex<Mirror<engine::Snapshot>>,
+    sweeps: Mutex<Sweeps>,
+    /// Tests: make the next sweep fail.
+    fail_next_sweep: AtomicBool,
 }
+
+/// Conntrack sweeps owed and done. Every sync that changed the kernel owes
+/// one (and the first sync after start: flows from before). A sweep uses
+/// the latest plan, so one sweep settles every sync before it started.
+/// Only a successful sweep settles: a finalizer released once `swept()`
+/// never leaves flows of the removed rule behind.
+#[derive(Default)]
+struct Sweeps {
+    /// Syncs so far.
+    generation: u64,
+    /// The generation a sweep must reach.
+    owed: u64,
+    /// The generation the last successful sweep started at.
+    done: u64,
+    plan: Option<Arc<GatewayPlan>>,
+    scope: engine::SweepScope,
+    /// A background sweep is queued or running.
+    running: bool,
+}
+
+impl Sweeps {
+    fn settled(&self) -> bool {
+        self.done >= self.owed
+    }
+}
+
+/// Called by a background sweep when it finished: `Ok(deleted)` or the error.
+pub type SweepDone = Arc<dyn Fn(Result<usize, String>) + Send + Sync>;
 
 impl Gateway {
     /// Opens the namespace at `netns` (a path, or a name under
     /// /run/netns), or the current one with `None`.
     pub fn open(netns: Option<&str>) -> Result<Self, SyncError> {
         let path: Option<PathBuf> = netns.map(netns::netns_path);
+        let sweeps = Sweeps { owed: 1, ..Default::default() };
         Ok(Gateway {
-            worker: netns::NetnsWorker::start(path)?,
-            sweep_pending: AtomicBool::new(true),
-            fail_next_sweep: AtomicBool::new(false),
-            mirror: Mutex::new(Mirror::Unknown),
+            worker: netns::NetnsWorker::start(path.clone())?,
+            shared: Arc::new(Shared {
+                sweeper: netns::NetnsWorker::start(path)?,
+                mirror: Mutex::new(Mirror::Unknown),
+                sweeps: Mutex::new(sweeps),
+                fail_next_sweep: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -92,44 +170,104 @@ impl Gateway {
         Ok(self.worker.run(|| link::Links::open().and_then(|l| l.check_address_mark()))??)
     }
 
-    /// One sync: the kernel ends up holding exactly `plan`. Diffs against
+    /// One sync, conntrack sweep included: the kernel ends up holding
+    /// exactly `plan` and no flow of a removed translation. Diffs against
     /// what the previous sync left (cheap: O(change)); the first sync of a
     /// handle reads the kernel and sweeps conntrack entries from before.
     pub fn sync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
-        self.sync_with(plan, false)
+        let mut report = self.program(plan)?;
+        report.conntrack_deleted = self.sweep()?;
+        Ok(report)
     }
 
     /// Like `sync`, but reads the whole kernel state first, so anything
     /// changed behind natgw's back is repaired. Run it periodically.
     pub fn resync(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
-        self.sync_with(plan, true)
+        let mut report = self.reprogram(plan)?;
+        report.conntrack_deleted = self.sweep()?;
+        Ok(report)
     }
 
-    fn sync_with(&self, plan: &GatewayPlan, read_kernel: bool) -> Result<SyncReport, SyncError> {
-        let plan = plan.clone();
-        let sweep = self.sweep_pending.load(Ordering::Relaxed);
-        let fail = self.fail_next_sweep.swap(false, Ordering::Relaxed);
-        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+    /// Converges the kernel to `plan` and returns once the translation is
+    /// in force; the conntrack sweep it owes is left to [`Gateway::sweep`]
+    /// or [`Gateway::sweep_in_background`].
+    pub fn program(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
+        self.program_with(plan, false)
+    }
+
+    /// `program` from a kernel read.
+    pub fn reprogram(&self, plan: &GatewayPlan) -> Result<SyncReport, SyncError> {
+        self.program_with(plan, true)
+    }
+
+    fn program_with(&self, plan: &GatewayPlan, read_kernel: bool) -> Result<SyncReport, SyncError> {
+        let owned = Arc::new(plan.clone());
+        let mut mirror = self.shared.mirror.lock().unwrap_or_else(|p| p.into_inner());
         // Taken out: a failed sync leaves it unknown, so the next one reads.
         let have = mirror.take().filter(|_| !read_kernel);
-        let result = self.worker.run(move || engine::sync(&plan, sweep, have, fail)).map_err(SyncError::from);
+        let p = owned.clone();
+        let result = self.worker.run(move || engine::sync(&p, have)).map_err(SyncError::from);
+        let mut sweeps = self.shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+        sweeps.generation += 1;
+        sweeps.plan = Some(owned);
         match result.and_then(|r| r) {
-            Ok((report, after)) => {
+            Ok((report, after, scope)) => {
                 *mirror = Mirror::Known(after);
-                self.sweep_pending.store(false, Ordering::Relaxed);
+                if report.changed || !sweeps.settled() {
+                    sweeps.owed = sweeps.generation;
+                }
+                sweeps.scope.merge(scope);
                 Ok(report)
             }
             Err(e) => {
-                self.sweep_pending.store(true, Ordering::Relaxed);
+                // The kernel may have changed before the failure.
+                sweeps.owed = sweeps.generation;
                 Err(e)
             }
+        }
+    }
+
+    /// Whether every change programmed so far has been swept.
+    pub fn swept(&self) -> bool {
+        self.shared.sweeps.lock().unwrap_or_else(|p| p.into_inner()).settled()
+    }
+
+    /// Runs the sweep owed, if any, and waits for it.
+    pub fn sweep(&self) -> Result<usize, SyncError> {
+        Shared::sweep(&self.shared)
+    }
+
+    /// Starts the sweep owed on the sweeper thread, unless one is already
+    /// queued or running (it takes the latest plan when it starts); `done`
+    /// is called when it finished. Returns at once.
+    pub fn sweep_in_background(&self, done: SweepDone) {
+        let shared = self.shared.clone();
+        {
+            let mut sweeps = shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+            if sweeps.settled() || sweeps.running {
+                return;
+            }
+            sweeps.running = true;
+        }
+        let s = shared.clone();
+        let job = move || {
+            let result = Shared::sweep_here(&s);
+            s.sweeps.lock().unwrap_or_else(|p| p.into_inner()).running = false;
+            if result.is_err() {
+                // No tight loop of failing sweeps.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            done(result.map_err(|e| e.to_string()));
+        };
+        if shared.sweeper.spawn(job).is_err() {
+            shared.sweeps.lock().unwrap_or_else(|p| p.into_inner()).running = false;
         }
     }
 
     /// Tests: the next conntrack sweep fails, as a netlink error would.
     #[doc(hidden)]
     pub fn fail_next_sweep(&self) {
-        self.fail_next_sweep.store(true, Ordering::Relaxed);
+        self.shared.fail_next_sweep.store(true, Ordering::Relaxed);
     }
 
     /// Differences between `plan` and the kernel; empty when converged.
@@ -140,7 +278,7 @@ impl Gateway {
 
     /// Removes all natgw state from the namespace.
     pub fn teardown(&self) -> Result<SyncReport, SyncError> {
-        *self.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Mirror::Unknown;
+        *self.shared.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Mirror::Unknown;
         self.worker.run(engine::teardown)?
     }
 

@@ -1,7 +1,8 @@
-//! Addresses, routes and policy rules over rtnetlink. Everything natgw
-//! adds carries protocol number `NATGW_PROTO` (IFA_PROTO on addresses,
-//! rtm_protocol on routes, FRA_PROTOCOL on rules): that mark is how natgw
-//! knows what it owns, and it never removes anything without it.
+//! Routes, EIPs, policy rules and addresses over rtnetlink. Everything
+//! natgw adds carries protocol number `NATGW_PROTO` (rtm_protocol on
+//! routes, FRA_PROTOCOL on rules, IFA_PROTO on the interface addresses
+//! earlier versions used for EIPs): that mark is how natgw knows what it
+//! owns, and it never removes anything without it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -15,7 +16,7 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use crate::state::{LanRule, RULE_MAIN};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
 use rtnetlink::packet_route::link::LinkAttribute;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 /// "n" for natgw; unused by the kernel and by common routing daemons.
@@ -160,11 +161,12 @@ impl Links {
         if kept? { Ok(()) } else { Err(LinkError::NoAddressMark) }
     }
 
-    /// IPv4 routes natgw owns: its default in its own table, the others
-    /// in the main table.
-    pub fn owned_routes(&self, names: &BTreeMap<u32, String>) -> Result<BTreeSet<Route>, LinkError> {
+    /// Everything natgw owns in the routing tables: its routes (the default
+    /// in its own table, the others in main), its EIPs (local routes) and
+    /// the subnets they sit in (link routes).
+    pub fn owned_routes(&self, names: &BTreeMap<u32, String>) -> Result<OwnedRoutes, LinkError> {
         self.rt.block_on(async {
-            let mut out = BTreeSet::new();
+            let mut out = OwnedRoutes::default();
             let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
             let mut routes = self.handle.route().get(filter).execute();
             while let Some(msg) = routes.try_next().await? {
@@ -182,17 +184,51 @@ impl Links {
                         _ => {}
                     }
                 }
-                let (Some(via), Some(interface), Ok(dst)) =
-                    (via, oif, Ipv4Net::new(dst, msg.header.destination_prefix_length))
-                else {
+                let (Some(interface), Ok(dst)) = (oif, Ipv4Net::new(dst, msg.header.destination_prefix_length)) else {
                     continue;
                 };
-                if table != table_of(dst) {
-                    continue;
+                match (via, msg.header.kind) {
+                    (None, RouteType::Local) if table == TABLE_LOCAL => {
+                        out.locals.insert(IfAddr { interface, addr: dst });
+                    }
+                    (None, RouteType::Unicast) if table == TABLE_MAIN => {
+                        out.subnets.insert(IfAddr { interface, addr: dst });
+                    }
+                    (Some(via), RouteType::Unicast) if table == table_of(dst) => {
+                        out.routes.insert(Route { dst, via, interface });
+                    }
+                    _ => {}
                 }
-                out.insert(Route { dst, via, interface });
             }
             Ok(out)
+        })
+    }
+
+    /// Adds EIPs (`/32`, as local routes) or subnets (as link routes),
+    /// many requests in flight: the kernel inserts each in time
+    /// logarithmic in the table, where an interface address costs time
+    /// proportional to the addresses already there.
+    pub fn add_eip_routes(&self, kind: EipRoute, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            futures::stream::iter(items.iter().map(|(index, dst)| {
+                let req = self.handle.route().add(eip_route(kind, *index, *dst));
+                async move { req.execute().await.or_else(ignore_errno(libc::EEXIST)) }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await
+        })
+    }
+
+    pub fn del_eip_routes(&self, kind: EipRoute, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
+        self.rt.block_on(async {
+            futures::stream::iter(items.iter().map(|(index, dst)| {
+                let req = self.handle.route().del(eip_route(kind, *index, *dst));
+                async move { req.execute().await.or_else(ignore_errno(libc::ESRCH)) }
+            }))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await
         })
     }
 
@@ -210,8 +246,49 @@ impl Links {
     }
 }
 
+/// What natgw owns in the routing tables, read in one dump.
+#[derive(Clone, Debug, Default)]
+pub struct OwnedRoutes {
+    pub routes: BTreeSet<Route>,
+    /// EIPs: `local` routes (`/32`) in the local table. The kernel answers
+    /// ARP for them and delivers what is not translated, as for an address.
+    pub locals: BTreeSet<IfAddr>,
+    /// The subnets of the EIPs, as link routes in the main table: what an
+    /// interface address's connected route gave before.
+    pub subnets: BTreeSet<IfAddr>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum EipRoute {
+    Local,
+    Subnet,
+}
+
+const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+const TABLE_LOCAL: u32 = 255;
+/// The metric of natgw's EIP and subnet routes: an operator's address
+/// for the same EIP or subnet (metric 0) lives beside them, never
+/// collides, and is never removed by natgw.
+pub const NATGW_METRIC: u32 = 7476;
+
+fn eip_route(kind: EipRoute, index: u32, dst: Ipv4Net) -> rtnetlink::packet_route::route::RouteMessage {
+    let (table, scope, route_type) = match kind {
+        EipRoute::Local => (TABLE_LOCAL, RouteScope::Host, RouteType::Local),
+        EipRoute::Subnet => (TABLE_MAIN, RouteScope::Link, RouteType::Unicast),
+    };
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(table)
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(index)
+        .protocol(RouteProtocol::Other(NATGW_PROTO))
+        .scope(scope)
+        .kind(route_type)
+        .priority(NATGW_METRIC)
+        .build()
+}
+
 fn table_of(dst: Ipv4Net) -> u32 {
-    if dst.prefix_len() == 0 { NATGW_TABLE } else { u32::from(RouteHeader::RT_TABLE_MAIN) }
+    if dst.prefix_len() == 0 { NATGW_TABLE } else { TABLE_MAIN }
 }
 
 fn route_message(index: u32, r: &Route) -> rtnetlink::packet_route::route::RouteMessage {

@@ -79,6 +79,13 @@ impl NetnsWorker {
     }
 }
 
+impl NetnsWorker {
+    /// Queues `f` inside the namespace without waiting for it.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<(), NetnsError> {
+        self.jobs.as_ref().ok_or(NetnsError::Stopped)?.send(Box::new(f)).map_err(|_| NetnsError::Stopped)
+    }
+}
+
 impl Drop for NetnsWorker {
     fn drop(&mut self) {
         drop(self.jobs.take());

@@ -139,6 +139,18 @@ pub(crate) fn range(first: Ipv4Addr, last: Ipv4Addr) -> String {
 
 /// Applies a script with `nft -f -`: all of it or, on error, none of it.
 pub fn apply(script: &str) -> Result<(), NftError> {
+    start(script.to_string())?.wait()
+}
+
+/// An `nft -f -` running in the background: the caller does its netlink
+/// work while nft parses and commits.
+pub struct Running {
+    child: std::process::Child,
+    writer: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts `nft -f -` on `script` in the calling thread's namespace.
+pub fn start(script: String) -> Result<Running, NftError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -146,14 +158,23 @@ pub fn apply(script: &str) -> Result<(), NftError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(NftError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(NftError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NftError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    let stdin = child.stdin.take();
+    // A large script fills the pipe before nft reads it all.
+    let writer = std::thread::spawn(move || match stdin {
+        Some(mut stdin) => stdin.write_all(script.as_bytes()),
+        None => Ok(()),
+    });
+    Ok(Running { child, writer })
+}
+
+impl Running {
+    pub fn wait(self) -> Result<(), NftError> {
+        let out = self.child.wait_with_output().map_err(NftError::Spawn)?;
+        let written = self.writer.join().unwrap_or_else(|_| Err(std::io::Error::other("nft writer panicked")));
+        if !out.status.success() {
+            return Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        written.map_err(NftError::Spawn)
     }
 }
 

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
+
 use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route};
 
 use crate::ctpolicy::CtEntry;
@@ -14,10 +16,16 @@ use crate::nft::{KernelTable, expected_skeleton};
 #[derive(Clone, Debug, Default)]
 pub struct KernelState {
     pub table: KernelTable,
-    /// IPv4 addresses on every interface, with whether natgw owns them.
+    /// IPv4 addresses on every interface, with whether natgw owns them
+    /// (natgw no longer adds any: an owned one is left by an earlier
+    /// version and goes).
     pub addresses: BTreeMap<IfAddr, bool>,
     /// Routes natgw owns.
     pub routes: BTreeSet<Route>,
+    /// EIPs natgw holds: its local routes, each a `/32`.
+    pub locals: BTreeSet<IfAddr>,
+    /// Link routes natgw holds for the EIPs' subnets.
+    pub subnets: BTreeSet<IfAddr>,
     /// Policy rules natgw owns.
     pub rules: BTreeSet<LanRule>,
     pub forwarding: bool,
@@ -31,6 +39,7 @@ impl KernelState {
     pub fn our_addresses(&self) -> BTreeSet<Ipv4Addr> {
         let mut ours: BTreeSet<Ipv4Addr> =
             self.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.addr.addr()).collect();
+        ours.extend(self.locals.iter().map(|a| a.addr.addr()));
         eips_of(&self.table.nat, &mut ours);
         ours
     }
@@ -65,6 +74,53 @@ impl fmt::Display for LanRule {
         match self.priority {
             RULE_MAIN => write!(f, "rule {} iif {} lookup main suppress_prefixlength 0", self.priority, self.iif),
             p => write!(f, "rule {p} iif {} lookup {}", self.iif, crate::link::NATGW_TABLE),
+        }
+    }
+}
+
+/// The local routes a plan needs: one `/32` per EIP.
+pub fn wanted_locals(plan: &GatewayPlan) -> BTreeSet<IfAddr> {
+    plan.addresses
+        .iter()
+        .map(|a| IfAddr { interface: a.interface.clone(), addr: Ipv4Net::from(a.addr.addr()) })
+        .collect()
+}
+
+/// The link routes a plan needs: each EIP's subnet, once.
+pub fn wanted_subnets(plan: &GatewayPlan) -> BTreeSet<IfAddr> {
+    let mut out = BTreeSet::new();
+    let mut last: Option<(&str, Ipv4Net)> = None;
+    for a in plan.addresses.iter().filter(|a| a.addr.prefix_len() < 32) {
+        // EIPs come sorted: a subnet's come together, one allocation each.
+        let net = a.addr.trunc();
+        if last != Some((a.interface.as_str(), net)) {
+            out.insert(IfAddr { interface: a.interface.clone(), addr: net });
+            last = Some((a.interface.as_str(), net));
+        }
+    }
+    out
+}
+
+/// The EIPs a plan has and the kernel's local routes lack, and the local
+/// routes the plan no longer has: one merge of two sorted sets, no
+/// allocation, so a change costs little however many EIPs there are.
+pub fn eip_diff<'a>(eips: &'a BTreeSet<IfAddr>, locals: &'a BTreeSet<IfAddr>) -> (Vec<&'a IfAddr>, Vec<&'a IfAddr>) {
+    let key = |a: &'a IfAddr| (a.interface.as_str(), a.addr.addr());
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut e, mut l) = (eips.iter().peekable(), locals.iter().peekable());
+    loop {
+        match (e.peek(), l.peek()) {
+            (Some(a), Some(b)) => match key(a).cmp(&key(b)) {
+                std::cmp::Ordering::Less => added.extend(e.next()),
+                std::cmp::Ordering::Greater => removed.extend(l.next()),
+                std::cmp::Ordering::Equal => {
+                    e.next();
+                    l.next();
+                }
+            },
+            (Some(_), None) => added.extend(e.next()),
+            (None, Some(_)) => removed.extend(l.next()),
+            (None, None) => return (added, removed),
         }
     }
 }
@@ -146,15 +202,17 @@ pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drif
     list_drift(&mut out, "snat_nets", &have.snat, &want.snat, |r| format!("{}-{} : {}", r.first, r.last, r.eip));
     list_drift(&mut out, "internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| format!("{a}-{b}"));
     for (a, owned) in &k.addresses {
-        if *owned && !plan.addresses.contains(a) {
+        if *owned {
             out.push(Drift::Leaked(format!("address {} dev {}", a.addr, a.interface)));
         }
     }
-    for a in &plan.addresses {
-        if !k.addresses.contains_key(a) {
-            out.push(Drift::Missing(format!("address {} dev {}", a.addr, a.interface)));
-        }
-    }
+    let show = |what: &str, a: &IfAddr| format!("{what} {} dev {}", a.addr, a.interface);
+    let locals = wanted_locals(plan);
+    out.extend(k.locals.difference(&locals).map(|a| Drift::Leaked(show("eip local", a))));
+    out.extend(locals.difference(&k.locals).map(|a| Drift::Missing(show("eip local", a))));
+    let subnets = wanted_subnets(plan);
+    out.extend(k.subnets.difference(&subnets).map(|a| Drift::Leaked(show("eip subnet route", a))));
+    out.extend(subnets.difference(&k.subnets).map(|a| Drift::Missing(show("eip subnet route", a))));
     for r in k.routes.difference(&plan.routes) {
         out.push(Drift::Leaked(format!("route {} via {} dev {}", r.dst, r.via, r.interface)));
     }
@@ -166,10 +224,6 @@ pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drif
     out.extend(rules.difference(&k.rules).map(|r| Drift::Missing(r.to_string())));
     if !k.forwarding {
         out.push(Drift::Missing("net.ipv4.ip_forward=1".into()));
-    }
-    let interfaces: BTreeSet<&String> = plan.addresses.iter().map(|a| &a.interface).collect();
-    for name in interfaces.into_iter().filter(|n| !k.promote_secondaries.contains(*n)) {
-        out.push(Drift::Missing(format!("net.ipv4.conf.{name}.promote_secondaries=1")));
     }
     for e in stale {
         out.push(Drift::Leaked(format!(
@@ -187,4 +241,45 @@ pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drif
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn eips(items: &[(u8, u8, u8)]) -> BTreeSet<IfAddr> {
+        items
+            .iter()
+            .map(|(i, host, prefix)| IfAddr {
+                interface: format!("ext{}", i % 2),
+                addr: Ipv4Net::new(Ipv4Addr::new(198, 51, 100, *host), 24 + prefix % 9).unwrap(),
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// The merge equals the set differences it replaces.
+        #[test]
+        fn eip_diff_is_the_set_difference(want in prop::collection::vec(any::<(u8, u8, u8)>(), 0..40),
+                                          have in prop::collection::vec(any::<(u8, u8, u8)>(), 0..40)) {
+            let plan = eips(&want);
+            let locals: BTreeSet<IfAddr> = eips(&have)
+                .into_iter()
+                .map(|a| IfAddr { interface: a.interface, addr: Ipv4Net::from(a.addr.addr()) })
+                .collect();
+            // One plan entry per address, as the planner guarantees.
+            let mut seen = BTreeSet::new();
+            let plan: BTreeSet<IfAddr> =
+                plan.into_iter().filter(|a| seen.insert((a.interface.clone(), a.addr.addr()))).collect();
+            let p = GatewayPlan { addresses: plan.clone(), ..Default::default() };
+            let want_locals = wanted_locals(&p);
+            let (added, removed) = eip_diff(&plan, &locals);
+            let added: BTreeSet<IfAddr> =
+                added.into_iter().map(|a| IfAddr { interface: a.interface.clone(), addr: Ipv4Net::from(a.addr.addr()) }).collect();
+            let removed: BTreeSet<IfAddr> = removed.into_iter().cloned().collect();
+            prop_assert_eq!(added, want_locals.difference(&locals).cloned().collect::<BTreeSet<_>>());
+            prop_assert_eq!(removed, locals.difference(&want_locals).cloned().collect::<BTreeSet<_>>());
+        }
+    }
 }
