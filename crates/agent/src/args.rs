@@ -18,4 +18,6 @@ pub struct Args {
     /// caches listed and the first full sync is in the kernel.
     #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9478")]
     pub health_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub ports: crate::ports::PortArgs,
 }

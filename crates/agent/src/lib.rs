@@ -12,6 +12,7 @@
 
 mod args;
 mod metrics;
+pub mod ports;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -291,6 +292,19 @@ pub async fn run(
     health: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    run_with(client, gw, netns, claims, health, ports::PortArgs::default(), shutdown).await
+}
+
+/// `run` with port accounting settings.
+pub async fn run_with(
+    client: Client,
+    gw: String,
+    netns: Option<String>,
+    claims: String,
+    health: Option<tokio::net::TcpListener>,
+    port_args: ports::PortArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     let (metrics, probe) = metrics::Metrics::new();
     let server = {
         let probe = probe.clone();
@@ -312,6 +326,11 @@ pub async fn run(
         })
         .await??,
     );
+    if let Some(sink) = port_args.translation_sink() {
+        let counts = Arc::new(natgw_dataplane::translog::Counts::default());
+        gateway.start_translation_log(sink, port_args.translation_log_rate, counts.clone())?;
+        metrics.translation_log(counts);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     // The network objects are few; of Eips and rules, only those the
     // controller bound to this gateway.
@@ -326,6 +345,7 @@ pub async fn run(
     let (dnats, w7) = watch::<DnatRule>(&client, mine, tx.clone());
     let claim_label = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
     let (claims, w0) = watch_in::<ConfigMap>(&client, Some(&claims), claim_label, tx.clone());
+    let eips_cache = eips.clone();
     let caches = Caches { claims, vpcs, subnets, gateways, eips, fips, snats, dnats };
     let sweep_done: natgw_dataplane::SweepDone = {
         let (tx, metrics) = (tx.clone(), metrics.clone());
@@ -375,9 +395,11 @@ pub async fn run(
             resync = tokio::time::timeout(wait, rx.recv()).await.is_err();
         }
     };
+    let accounting = ports::run(client.clone(), gateway.clone(), eips_cache, metrics.clone(), port_args);
     tokio::select! {
         _ = watches => {}
         _ = work => {}
+        _ = accounting => {}
         _ = server => {}
         _ = shutdown => {}
     }

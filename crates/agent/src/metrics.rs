@@ -1,6 +1,7 @@
 //! The agent's /metrics and readiness: ready once its caches listed and
 //! its first full sync is in the kernel.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 
 use natgw_kube_support::health::{Labels, Probe, labels, set_now};
@@ -18,6 +19,14 @@ pub struct Metrics {
     conntrack_deleted: Counter,
     syncs_failed: Counter,
     last_full_sync: Gauge<f64, AtomicU64>,
+    eip_connections: Family<Labels, Gauge>,
+    destination_connections: Family<Labels, Gauge>,
+    port_saturation: Family<Labels, Gauge<f64, AtomicU64>>,
+    insert_failures: Counter,
+    /// The kernel's cumulative count at the last read.
+    insert_failures_seen: std::sync::Arc<AtomicU64>,
+    eips_omitted: Gauge,
+    translation_lines: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -29,6 +38,13 @@ impl Metrics {
             conntrack_deleted: Counter::default(),
             syncs_failed: Counter::default(),
             last_full_sync: Gauge::default(),
+            eip_connections: Family::default(),
+            destination_connections: Family::default(),
+            port_saturation: Family::default(),
+            insert_failures: Counter::default(),
+            insert_failures_seen: Default::default(),
+            eips_omitted: Gauge::default(),
+            translation_lines: Family::default(),
         };
         let mut r = Registry::default();
         r.register("natgw_sync_duration_seconds", "Duration of a gateway sync", m.sync_seconds.clone());
@@ -39,6 +55,36 @@ impl Metrics {
             "natgw_last_full_sync_timestamp_seconds",
             "When the kernel was last read and repaired whole (Unix time)",
             m.last_full_sync.clone(),
+        );
+        r.register(
+            "natgw_eip_connections",
+            "Translated connections per EIP and protocol (the busiest EIPs; see natgw_port_metrics_eips_omitted)",
+            m.eip_connections.clone(),
+        );
+        r.register(
+            "natgw_eip_destination_connections",
+            "Connections leaving through an EIP to its busiest destinations (address:port), top K per EIP and protocol",
+            m.destination_connections.clone(),
+        );
+        r.register(
+            "natgw_eip_port_saturation",
+            "Share of the source ports in use towards an EIP's busiest destination (1 = no port left)",
+            m.port_saturation.clone(),
+        );
+        r.register(
+            "natgw_nat_insert_failures",
+            "Conntrack insert failures: packets dropped because no translated source port was free",
+            m.insert_failures.clone(),
+        );
+        r.register(
+            "natgw_port_metrics_eips_omitted",
+            "EIPs with connections left out of the per-EIP metrics by the cardinality limit",
+            m.eips_omitted.clone(),
+        );
+        r.register(
+            "natgw_translation_log_lines",
+            "Translation log lines since start, by outcome: written, or dropped over the rate, lost by the kernel's event queue, refused by the destination",
+            m.translation_lines.clone(),
         );
         (m, Probe::new(r))
     }
@@ -59,6 +105,57 @@ impl Metrics {
         for c in plan.conflicts.iter().filter(|c| !c.pending) {
             self.objects.get_or_create(&labels(&[("kind", c.object.kind.as_str()), ("state", "conflict")])).inc();
         }
+    }
+
+    /// Replaces the port series with `report`'s, at most `max_eips` EIPs
+    /// (the busiest): the label sets stay bounded.
+    pub fn ports(&self, report: &natgw_dataplane::PortReport, max_eips: usize) {
+        use std::sync::atomic::Ordering;
+        self.eip_connections.clear();
+        self.destination_connections.clear();
+        self.port_saturation.clear();
+        let mut eips = BTreeSet::new();
+        for u in &report.usage {
+            if !eips.contains(&u.eip) && eips.len() >= max_eips {
+                continue;
+            }
+            eips.insert(u.eip);
+            let (eip, proto) = (u.eip.to_string(), natgw_dataplane::ports::proto_name(u.proto));
+            let base = [("eip", eip.as_str()), ("proto", proto.as_str())];
+            self.eip_connections.get_or_create(&labels(&base)).set(i64::from(u.connections));
+            self.port_saturation.get_or_create(&labels(&base)).set(u.saturation());
+            for (d, n) in &u.destinations {
+                let dest = format!("{}:{}", d.addr, d.port);
+                let l = labels(&[base[0], base[1], ("destination", dest.as_str())]);
+                self.destination_connections.get_or_create(&l).set(i64::from(*n));
+            }
+        }
+        let all: BTreeSet<_> = report.usage.iter().map(|u| u.eip).collect();
+        self.eips_omitted.set((all.len() - eips.len()) as i64);
+        if let Some(total) = report.insert_failures {
+            let before = self.insert_failures_seen.swap(total, Ordering::Relaxed);
+            self.insert_failures.inc_by(total.saturating_sub(before));
+        }
+    }
+
+    /// Exposes a translation log's counts, copied every second: the log's
+    /// thread never touches the registry.
+    pub fn translation_log(&self, counts: std::sync::Arc<natgw_dataplane::translog::Counts>) {
+        let family = self.translation_lines.clone();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            loop {
+                for (outcome, n) in [
+                    ("written", &counts.written),
+                    ("dropped_rate", &counts.dropped_rate),
+                    ("dropped_kernel", &counts.dropped_kernel),
+                    ("dropped_write", &counts.dropped_write),
+                ] {
+                    family.get_or_create(&labels(&[("outcome", outcome)])).set(n.load(Relaxed) as i64);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 
     pub fn failed(&self) {

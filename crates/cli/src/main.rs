@@ -2,6 +2,7 @@
 //! the controller, the gateway agent and the node agent.
 
 mod standalone;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,38 @@ enum Command {
         path: PathBuf,
         #[arg(long)]
         gateway: Option<String>,
+    },
+    /// Show the busiest EIPs, their busiest destinations and how many of
+    /// their source ports are in use, live (inside a gateway pod without
+    /// --netns).
+    Top {
+        #[arg(long)]
+        netns: Option<String>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        /// (EIP, protocol) rows shown.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+        /// Destinations shown per row.
+        #[arg(long, default_value_t = 3)]
+        destinations: usize,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Who held an EIP (or EIP:port) at a moment: the translations in force
+    /// then, from a translation log (`natgw agent --translation-log`).
+    Logs {
+        /// The log file (a rotated one too; give each file in turn).
+        #[arg(long)]
+        file: PathBuf,
+        /// `198.51.100.10` or `198.51.100.10:1024`.
+        #[arg(long)]
+        eip: String,
+        /// RFC 3339 UTC, as the log writes it: 2026-11-28T10:00:00Z.
+        #[arg(long)]
+        at: String,
     },
     /// Remove everything natgw owns from a namespace.
     Teardown {
@@ -138,6 +171,10 @@ fn main() -> ExitCode {
         }
         Command::Audit { netns, path, gateway } => standalone::audit(netns.as_deref(), &path, gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
+        Command::Logs { file, eip, at } => top::logs(&file, &eip, &at),
+        Command::Top { netns, interval, rows, destinations, once } => {
+            top::top(netns.as_deref(), std::time::Duration::from_secs(interval.max(1)), rows, destinations, once)
+        }
         Command::Controller(args) => {
             let addr = args.health_addr;
             args.election().map_err(anyhow::Error::msg).and_then(|election| controller(election, addr))
@@ -241,7 +278,9 @@ fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
         let listener = bind(a.health_addr).await?;
-        natgw_agent::run(client, a.gateway, a.netns, a.claims_namespace, Some(listener), stop_signal()).await?;
+        a.ports.check().map_err(anyhow::Error::msg)?;
+        let (gw, ns, claims) = (a.gateway, a.netns, a.claims_namespace);
+        natgw_agent::run_with(client, gw, ns, claims, Some(listener), a.ports, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -113,7 +113,7 @@ fn dump(s: &Socket) -> Result<Vec<Dumped>, ConntrackError> {
                 }
             }
             if let (Some(o), Some(r)) = (orig, reply)
-                && let (Some((proto, ot)), Some((_, rt))) = (decode(&o), decode(&r))
+                && let (Some((proto, ot)), Some((_, rt))) = (decode_tuple(&o), decode_tuple(&r))
             {
                 out.push(Dumped { entry: CtEntry { proto, orig: ot, reply: rt }, orig: o });
             }
@@ -122,7 +122,8 @@ fn dump(s: &Socket) -> Result<Vec<Dumped>, ConntrackError> {
     Ok(out)
 }
 
-fn decode(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
+/// A netlink tuple as (protocol number, addresses and ports).
+pub fn decode_tuple(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
     let (mut src, mut dst, mut sport, mut dport, mut proto) = (None, None, 0, 0, None);
     for t in tuple {
         match t {

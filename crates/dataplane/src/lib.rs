@@ -13,7 +13,9 @@ pub mod model;
 pub mod netns;
 pub mod nfnl;
 pub mod nft;
+pub mod ports;
 pub mod state;
+pub mod translog;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +99,18 @@ impl Shared {
         }
         Ok(deleted)
     }
+}
+
+/// Port use of a gateway's EIPs at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct PortReport {
+    /// Busiest EIP first.
+    pub usage: Vec<ports::EipUsage>,
+    /// Conntrack insert failures so far (port exhaustion drops), when the
+    /// kernel reports them.
+    pub insert_failures: Option<u64>,
+    /// Conntrack entries of the namespace.
+    pub entries: usize,
 }
 
 /// A gateway's network namespace, driven from a dedicated thread; conntrack
@@ -262,6 +276,47 @@ impl Gateway {
         if shared.sweeper.spawn(job).is_err() {
             shared.sweeps.lock().unwrap_or_else(|p| p.into_inner()).running = false;
         }
+    }
+
+    /// How the EIPs' ports are used, from a conntrack walk on the sweeper
+    /// thread (never in the way of a change). The EIPs are the last
+    /// synced plan's or, before any sync, those in the kernel's table.
+    pub fn port_usage(&self, top: usize) -> Result<PortReport, SyncError> {
+        let plan = self.shared.sweeps.lock().unwrap_or_else(|p| p.into_inner()).plan.clone();
+        self.shared.sweeper.run(move || {
+            let mut eips = std::collections::BTreeSet::new();
+            match plan {
+                Some(p) => {
+                    state::eips_of(&p.nat, &mut eips);
+                    eips.extend(p.addresses.iter().map(|a| a.addr.addr()));
+                }
+                None => state::eips_of(&nft::read()?.nat, &mut eips),
+            }
+            let entries: Vec<_> = conntrack::Conntrack::open()?.dump()?.into_iter().map(|d| d.entry).collect();
+            let stat = std::fs::read_to_string("/proc/net/stat/nf_conntrack").unwrap_or_default();
+            Ok(PortReport {
+                usage: ports::account(&entries, &eips, top),
+                insert_failures: ports::insert_failures(&stat),
+                entries: entries.len(),
+            })
+        })?
+    }
+
+    /// Starts translation logs for this namespace on a thread of their own:
+    /// one JSON line per translation created and ended, at most `rate`
+    /// lines a second; what is not written is counted in `counts`.
+    pub fn start_translation_log(
+        &self,
+        sink: translog::Sink,
+        rate: u32,
+        counts: Arc<translog::Counts>,
+    ) -> Result<(), SyncError> {
+        let path = self.worker.path().map(std::path::Path::to_path_buf);
+        Ok(netns::detached(path, move || {
+            if let Err(e) = translog::run(sink, rate, counts) {
+                tracing::error!(error = %e, "translation log stopped: cannot read conntrack events");
+            }
+        })?)
     }
 
     /// Tests: the next conntrack sweep fails, as a netlink error would.

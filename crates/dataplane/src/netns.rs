@@ -95,6 +95,30 @@ impl Drop for NetnsWorker {
     }
 }
 
+/// Runs `f` on a detached thread of its own inside the namespace (a
+/// blocking reader that lives as long as the process).
+pub fn detached(path: Option<PathBuf>, f: impl FnOnce() + Send + 'static) -> Result<(), NetnsError> {
+    let file = match &path {
+        Some(p) => Some(File::open(p).map_err(|source| NetnsError::Open { path: p.clone(), source })?),
+        None => None,
+    };
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
+    thread::Builder::new()
+        .name("natgw-netns-reader".into())
+        .spawn(move || {
+            if let (Some(f), Some(p)) = (&file, &path)
+                && let Err(source) = setns(f, CloneFlags::CLONE_NEWNET)
+            {
+                let _ = ready_tx.send(Err(NetnsError::Enter { path: p.clone(), source }));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            f();
+        })
+        .map_err(|source| NetnsError::Open { path: PathBuf::new(), source })?;
+    ready_rx.recv().map_err(|_| NetnsError::Stopped)?
+}
+
 /// Runs one closure in a namespace on a short-lived thread (tests, tools).
 pub fn run_in<R: Send + 'static>(path: &Path, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
     NetnsWorker::start(Some(path.to_path_buf()))?.run(f)
