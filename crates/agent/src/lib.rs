@@ -326,11 +326,15 @@ pub async fn run_with(
         })
         .await??,
     );
-    if let Some(sink) = port_args.translation_sink() {
-        let counts = Arc::new(natgw_dataplane::translog::Counts::default());
-        gateway.start_translation_log(sink, port_args.translation_log_rate, counts.clone())?;
-        metrics.translation_log(counts);
-    }
+    // Lives as long as the agent runs.
+    let _translation_log = match port_args.translation_sink() {
+        Some(sink) => {
+            let log = gateway.start_translation_log(sink, port_args.translation_log_rate)?;
+            metrics.translation_log(log.counts.clone());
+            Some(log)
+        }
+        None => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     // The network objects are few; of Eips and rules, only those the
     // controller bound to this gateway.

@@ -26,7 +26,7 @@ pub struct Metrics {
     /// The kernel's cumulative count at the last read.
     insert_failures_seen: std::sync::Arc<AtomicU64>,
     eips_omitted: Gauge,
-    translation_lines: Family<Labels, Gauge>,
+    translation_lines: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -144,14 +144,20 @@ impl Metrics {
         let family = self.translation_lines.clone();
         tokio::spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;
+            let mut seen = [0u64; 4];
             loop {
-                for (outcome, n) in [
+                for (i, (outcome, n)) in [
                     ("written", &counts.written),
                     ("dropped_rate", &counts.dropped_rate),
                     ("dropped_kernel", &counts.dropped_kernel),
                     ("dropped_write", &counts.dropped_write),
-                ] {
-                    family.get_or_create(&labels(&[("outcome", outcome)])).set(n.load(Relaxed) as i64);
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let now = n.load(Relaxed);
+                    family.get_or_create(&labels(&[("outcome", outcome)])).inc_by(now.saturating_sub(seen[i]));
+                    seen[i] = now;
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }

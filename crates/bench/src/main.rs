@@ -3,6 +3,7 @@
 
 mod baseline;
 mod objects;
+mod plot;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -45,6 +46,21 @@ struct Args {
     /// Skip the `ip -batch` address floor (209 s at 100,000 addresses).
     #[arg(long)]
     skip_floor: bool,
+    /// Measure full sync and one change at several scales instead, natgw
+    /// and the baseline, and draw them into this SVG file.
+    #[arg(long)]
+    curve: Option<std::path::PathBuf>,
+    /// With --curve: the largest scale (FloatingIps) the baseline's full
+    /// sync runs at (one process per rule: minutes beyond).
+    #[arg(long, default_value_t = 2_500)]
+    curve_baseline_full_max: u32,
+    /// Measure the translation log instead: new connections per second
+    /// through one FloatingIp without and with it, for this many seconds.
+    #[arg(long)]
+    translog_seconds: Option<u64>,
+    /// With --curve: the largest scale (FloatingIps) the baseline runs at.
+    #[arg(long, default_value_t = 10_000)]
+    curve_baseline_max: u32,
 }
 
 const PREFIX: &str = "nbench";
@@ -196,6 +212,12 @@ fn baseline_run(set: &ObjectSet, iptables: &str, changes: u32, full: bool) -> Re
 
 /// New TCP connections per second from ext1 to FloatingIp 0 (int1).
 fn connection_rate(lab: &Lab, seconds: u64) -> Result<f64> {
+    connection_rate_with(lab, seconds, 1, None)
+}
+
+/// Same, from `clients` threads at once, each paced to its share of
+/// `offered` connections per second when given.
+fn connection_rate_with(lab: &Lab, seconds: u64, clients: usize, offered: Option<f64>) -> Result<f64> {
     let listener = in_ns(&lab.ns("int1"), || TcpListener::bind("10.77.0.11:7000"))??;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -209,17 +231,36 @@ fn connection_rate(lab: &Lab, seconds: u64) -> Result<f64> {
         }
     });
     let target = SocketAddrV4::new(eip_ip(0), 7000);
-    let count = in_ns(&lab.ns("ext1"), move || {
-        let end = Instant::now() + Duration::from_secs(seconds);
-        let mut n = 0u64;
-        while Instant::now() < end {
-            if let Ok(mut c) = TcpStream::connect_timeout(&target.into(), Duration::from_secs(1)) {
-                let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
-                n += 1;
-            }
-        }
-        n
-    })?;
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let ns = lab.ns("ext1");
+            std::thread::spawn(move || {
+                in_ns(&ns, move || {
+                    let start = Instant::now();
+                    let end = start + Duration::from_secs(seconds);
+                    let gap = offered.map(|r| Duration::from_secs_f64(clients as f64 / r));
+                    let mut n = 0u64;
+                    while Instant::now() < end {
+                        if let Some(gap) = gap {
+                            let due = start + gap * n as u32;
+                            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                        if let Ok(mut c) = TcpStream::connect_timeout(&target.into(), Duration::from_secs(1)) {
+                            let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+        })
+        .collect();
+    let mut count = 0;
+    for t in threads {
+        count += t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     Ok(count as f64 / seconds as f64)
@@ -302,8 +343,102 @@ fn row(name: &str, natgw: f64, base: Option<f64>, unit: &str, target: &str) {
     println!("| {name} | {natgw:.1} {unit} | {b} | {r} | {target} |");
 }
 
+/// Full sync and one change at growing scales (FloatingIps; DnatRules and
+/// SnatRules in the proportions of the main run), drawn into `path`.
+fn curve(args: &Args, path: &std::path::Path) -> Result<()> {
+    let mut points = Vec::new();
+    for fips in [100u32, 1_000, 2_500, 10_000, 100_000] {
+        let scale = Scale { fips, dnats: fips / 5, snats: (fips / 50).max(1) };
+        let set = build(&scale);
+        eprintln!("curve: {} objects", set.len());
+        let n = natgw_run(&set, args.changes)?;
+        let (mut base_full, mut base_change) = (None, None);
+        if fips <= args.curve_baseline_max {
+            let b = baseline_run(&set, &args.iptables, args.changes, fips <= args.curve_baseline_full_max)?;
+            base_full = b.full_ms;
+            base_change = Some(b.change_p50);
+        }
+        println!(
+            "| {} | {:.1} | {} | {:.2} | {} |",
+            set.len(),
+            n.full_ms,
+            base_full.map_or("".into(), |v| format!("{v:.0}")),
+            n.change_p50,
+            base_change.map_or("".into(), |v| format!("{v:.1}"))
+        );
+        points.push(plot::Point {
+            objects: set.len(),
+            natgw_full: n.full_ms,
+            natgw_change: n.change_p50,
+            baseline_full: base_full,
+            baseline_change: base_change,
+        });
+        plot::draw(&points, &machine(), path)?;
+    }
+    Ok(())
+}
+
+/// New connections per second without and with a translation log to a
+/// file, and what the log wrote and dropped: as fast as three clients go,
+/// and paced at 10,000 per second.
+fn translog_bench(seconds: u64) -> Result<()> {
+    println!("machine: {}", machine());
+    println!(
+        "| offered | connections/s without the log | with it | ratio | lines written/s | dropped (rate / kernel / write) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for offered in [None, Some(10_000.0)] {
+        translog_run(seconds, offered)?;
+    }
+    Ok(())
+}
+
+fn translog_run(seconds: u64, offered: Option<f64>) -> Result<()> {
+    let one = build(&Scale { fips: 1, dnats: 0, snats: 0 });
+    let clients = 3;
+    let off = {
+        let lab = lab()?;
+        let gw = Gateway::open(Some(&lab.ns("gw")))?;
+        gw.sync(&plan_gateway(&one, "demo-gw")?)?;
+        connection_rate_with(&lab, seconds, clients, offered)?
+    };
+    let lab = lab()?;
+    let gw = Gateway::open(Some(&lab.ns("gw")))?;
+    gw.sync(&plan_gateway(&one, "demo-gw")?)?;
+    let file = std::env::temp_dir().join("natgw-bench-translations.log");
+    let _ = std::fs::remove_file(&file);
+    let log = gw.start_translation_log(natgw_dataplane::translog::Sink::file(file.clone(), 1 << 30, 1), 1_000_000)?;
+    let on = connection_rate_with(&lab, seconds, clients, offered)?;
+    std::thread::sleep(Duration::from_millis(700));
+    let c = &log.counts;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "| {} | {off:.0} | {on:.0} | {:.3} | {:.0} | {} / {} / {} |",
+        offered.map_or(format!("as fast as {clients} clients go"), |r| format!("{r:.0}/s")),
+        on / off,
+        load(&c.written) as f64 / seconds as f64,
+        load(&c.dropped_rate),
+        load(&c.dropped_kernel),
+        load(&c.dropped_write)
+    );
+    drop(log);
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(seconds) = args.translog_seconds {
+        return translog_bench(seconds);
+    }
+    if let Some(path) = &args.curve {
+        println!("machine: {}\n", machine());
+        println!(
+            "| objects | natgw full sync (ms) | baseline full sync (ms) | natgw one change p50 (ms) | baseline one change p50 (ms) |"
+        );
+        println!("|---|---|---|---|---|");
+        return curve(&args, path);
+    }
     let big = build(&Scale { fips: args.fips, dnats: args.dnats, snats: args.snats });
     let small = build(&SMALL);
     eprintln!("machine: {}", machine());

@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::*;
 use natgw_dataplane::Gateway;
-use natgw_dataplane::translog::{Counts, Sink};
+use natgw_dataplane::translog::Sink;
 use natgw_lab::traffic::{UdpFlow, udp_server};
 
 #[test]
@@ -20,11 +19,10 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     let dir = std::env::temp_dir().join(format!("natgw-tlog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("translations.log");
-    let counts = Arc::new(Counts::default());
-    gw.start_translation_log(Sink::file(file.clone(), 1 << 20, 1), 1000, counts.clone()).unwrap();
+    let _log = gw.start_translation_log(Sink::file(file.clone(), 1 << 20, 1), 1000).unwrap();
     // A log that cannot be written: translation goes on, the loss counts.
-    let lost = Arc::new(Counts::default());
-    gw.start_translation_log(Sink::file("/proc/no-such-dir/log".into(), 1 << 20, 1), 1000, lost.clone()).unwrap();
+    let unwritable = gw.start_translation_log(Sink::file("/proc/no-such-dir/log".into(), 1 << 20, 1), 1000).unwrap();
+    let lost = unwritable.counts.clone();
     let _server = udp_server(&lab.ns("ext1"), EXT1, 5353).unwrap();
     let flow = UdpFlow::open(&lab.ns("int2"), EXT1, 5353).unwrap();
     assert_eq!(flow.source().unwrap(), EGRESS_EIP);

@@ -304,19 +304,18 @@ impl Gateway {
 
     /// Starts translation logs for this namespace on a thread of their own:
     /// one JSON line per translation created and ended, at most `rate`
-    /// lines a second; what is not written is counted in `counts`.
-    pub fn start_translation_log(
-        &self,
-        sink: translog::Sink,
-        rate: u32,
-        counts: Arc<translog::Counts>,
-    ) -> Result<(), SyncError> {
+    /// lines a second; what is not written is counted in its counts.
+    /// The log stops when the returned handle is dropped.
+    pub fn start_translation_log(&self, sink: translog::Sink, rate: u32) -> Result<translog::Running, SyncError> {
         let path = self.worker.path().map(std::path::Path::to_path_buf);
-        Ok(netns::detached(path, move || {
-            if let Err(e) = translog::run(sink, rate, counts) {
+        let counts = Arc::new(translog::Counts::default());
+        let c = counts.clone();
+        netns::detached(path, move || {
+            if let Err(e) = translog::run(sink, rate, c) {
                 tracing::error!(error = %e, "translation log stopped: cannot read conntrack events");
             }
-        })?)
+        })?;
+        Ok(translog::Running { counts })
     }
 
     /// Tests: the next conntrack sweep fails, as a netlink error would.

@@ -35,26 +35,39 @@ pub fn netns_path(name_or_path: &str) -> PathBuf {
     if name_or_path.contains('/') { PathBuf::from(name_or_path) } else { Path::new("/run/netns").join(name_or_path) }
 }
 
+/// Opens the namespace file, if any: before the thread starts, so a
+/// missing namespace is the caller's error.
+fn open(path: &Option<PathBuf>) -> Result<Option<File>, NetnsError> {
+    match path {
+        Some(p) => Ok(Some(File::open(p).map_err(|source| NetnsError::Open { path: p.clone(), source })?)),
+        None => Ok(None),
+    }
+}
+
+/// Enters the namespace on the calling (new, dedicated) thread.
+fn enter(file: &Option<File>, path: &Option<PathBuf>) -> Result<(), NetnsError> {
+    if let (Some(f), Some(p)) = (file, path) {
+        setns(f, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter { path: p.clone(), source })?;
+    }
+    Ok(())
+}
+
 impl NetnsWorker {
     /// Starts the worker; `None` stays in the current namespace.
     pub fn start(path: Option<PathBuf>) -> Result<Self, NetnsError> {
-        let file = match &path {
-            Some(p) => Some(File::open(p).map_err(|source| NetnsError::Open { path: p.clone(), source })?),
-            None => None,
-        };
+        let file = open(&path)?;
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let p = path.clone();
         let thread = thread::Builder::new()
             .name("natgw-netns".into())
             .spawn(move || {
-                if let (Some(f), Some(p)) = (&file, &p)
-                    && let Err(source) = setns(f, CloneFlags::CLONE_NEWNET)
-                {
-                    let _ = ready_tx.send(Err(NetnsError::Enter { path: p.clone(), source }));
+                let entered = enter(&file, &p);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
                     return;
                 }
-                let _ = ready_tx.send(Ok(()));
                 for job in jobs_rx {
                     job();
                 }
@@ -98,22 +111,17 @@ impl Drop for NetnsWorker {
 /// Runs `f` on a detached thread of its own inside the namespace (a
 /// blocking reader that lives as long as the process).
 pub fn detached(path: Option<PathBuf>, f: impl FnOnce() + Send + 'static) -> Result<(), NetnsError> {
-    let file = match &path {
-        Some(p) => Some(File::open(p).map_err(|source| NetnsError::Open { path: p.clone(), source })?),
-        None => None,
-    };
+    let file = open(&path)?;
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
     thread::Builder::new()
         .name("natgw-netns-reader".into())
         .spawn(move || {
-            if let (Some(f), Some(p)) = (&file, &path)
-                && let Err(source) = setns(f, CloneFlags::CLONE_NEWNET)
-            {
-                let _ = ready_tx.send(Err(NetnsError::Enter { path: p.clone(), source }));
-                return;
+            let entered = enter(&file, &path);
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            if ok {
+                f();
             }
-            let _ = ready_tx.send(Ok(()));
-            f();
         })
         .map_err(|source| NetnsError::Open { path: PathBuf::new(), source })?;
     ready_rx.recv().map_err(|_| NetnsError::Stopped)?

@@ -117,6 +117,19 @@ pub struct Counts {
     pub dropped_kernel: AtomicU64,
     /// The destination refused them (full disk, unwritable file).
     pub dropped_write: AtomicU64,
+    /// Set to stop the log's thread (it looks every half second).
+    pub stop: std::sync::atomic::AtomicBool,
+}
+
+/// A running translation log; dropping it stops the log's thread.
+pub struct Running {
+    pub counts: Arc<Counts>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.counts.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Where lines go: stdout, or a file rotated at `max_bytes` keeping
@@ -244,11 +257,27 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
     socket.bind(&SocketAddr::new(0, GROUPS))?;
     // A deep queue rides out bursts; beyond it the kernel drops (counted).
     let _ = socket.set_rx_buf_sz(8 << 20);
+    // Wakes up twice a second to see whether to stop.
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 500_000 };
+    // SAFETY: a valid socket descriptor and a timeval of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut limiter = Limiter::new(rate);
     let mut buf = vec![0u8; 1 << 17];
-    loop {
+    while !counts.stop.load(Ordering::Relaxed) {
         let size = match socket.recv(&mut &mut buf[..], 0) {
             Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 // How many were lost is unknown: at least one.
                 counts.dropped_kernel.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +286,7 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
             Err(e) => return Err(e),
         };
         let (now, instant) = (SystemTime::now(), Instant::now());
-        let mut out = Vec::new();
+        let (mut out, mut lines) = (Vec::new(), 0u64);
         let mut offset = 0;
         while offset < size {
             let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..size]) else { break };
@@ -270,7 +299,7 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
                     if let Ok(text) = serde_json::to_string(&l) {
                         out.extend(text.as_bytes());
                         out.push(b'\n');
-                        counts.written.fetch_add(1, Ordering::Relaxed);
+                        lines += 1;
                     }
                 } else {
                     counts.dropped_rate.fetch_add(1, Ordering::Relaxed);
@@ -281,12 +310,12 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
             }
             offset += len.next_multiple_of(4);
         }
-        if !out.is_empty() && sink.write(&out).is_err() {
-            let lines = out.iter().filter(|b| **b == b'\n').count() as u64;
-            counts.written.fetch_sub(lines, Ordering::Relaxed);
-            counts.dropped_write.fetch_add(lines, Ordering::Relaxed);
+        if !out.is_empty() {
+            let outcome = if sink.write(&out).is_ok() { &counts.written } else { &counts.dropped_write };
+            outcome.fetch_add(lines, Ordering::Relaxed);
         }
     }
+    Ok(())
 }
 
 /// The translations of `eip` (address, or address:port) in force at `at`
