@@ -334,7 +334,9 @@ fn natgw_on_a_real_cluster() {
     let gw_ns = pod_netns(NS, &gateway_pod());
     let links = sh(&format!("ip -n {gw_ns} -4 -o addr"));
     assert!(links.contains("lan0") && links.contains("10.0.1.254/24"), "the LAN attachment: {links}");
-    assert!(links.contains("ext0"), "the external attachment: {links}");
+    // ext0 carries no address: EIPs are local routes.
+    let ext = sh(&format!("ip -n {gw_ns} -o link show ext0"));
+    assert!(ext.contains("ext0"), "the external attachment: {ext}");
 
     kubectl(&["create", "namespace", "vpc-test"]);
     apply(&(vpc_pod("vpc-a", VPC_A) + "---" + &vpc_pod("vpc-b", VPC_B)));
@@ -360,6 +362,10 @@ fn natgw_on_a_real_cluster() {
     assert_eq!(tcp_source(UPSTREAM, dnat_eip, 80).unwrap(), UPSTREAM_IP);
     assert_eq!(udp_source(UPSTREAM, dnat_eip, 53).unwrap(), UPSTREAM_IP);
     assert_audit_clean("after install");
+    // `natgw top` inside the gateway pod: the SNAT flows just made (UDP
+    // entries live 30 s) show on their EIP, towards the upstream server.
+    let top = kubectl(&["-n", NS, "exec", &gateway_pod(), "--", "natgw", "top", "--once"]);
+    assert!(top.contains(&snat_eip.to_string()) && top.contains(&format!("{UPSTREAM_IP}:9000")), "{top}");
     // What `kubectl get eips` shows in its UsedBy column.
     eventually("usedBy on the Eips", 30, || {
         get(&["get", "eip", "e-fip"])["status"]["usedBy"] == "FloatingIp/fip1"
@@ -415,7 +421,12 @@ fn natgw_on_a_real_cluster() {
     // The old pod serves until it is gone; the outage runs from then
     // until traffic passes the new one.
     let (mut restored, mut outage) = (Vec::new(), Vec::new());
-    let uid = || get(&["-n", NS, "get", "pod", &gateway_pod(), "--ignore-not-found"])["metadata"]["uid"].clone();
+    // Between the old pod's end and the new one's creation kubectl prints
+    // nothing (--ignore-not-found): no uid then.
+    let uid = || {
+        let text = kubectl(&["-n", NS, "get", "pod", &gateway_pod(), "--ignore-not-found", "-o", "json"]);
+        serde_json::from_str::<Value>(&text).unwrap_or_default()["metadata"]["uid"].clone()
+    };
     for _ in 0..5 {
         let old = uid();
         let deleted = Instant::now();
