@@ -54,6 +54,10 @@ struct Args {
     /// sync runs at (one process per rule: minutes beyond).
     #[arg(long, default_value_t = 2_500)]
     curve_baseline_full_max: u32,
+    /// Measure only natgw's new-connection rate with 1 and with --fips
+    /// FloatingIps (three runs each, alternating).
+    #[arg(long)]
+    rates_only: bool,
     /// Measure the translation log instead: new connections per second
     /// through one FloatingIp without and with it, for this many seconds.
     #[arg(long)]
@@ -119,9 +123,11 @@ struct NatgwFigures {
 }
 
 fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
+    eprintln!("memory: objects built {:.0} MB", rss_mb());
     let t = Instant::now();
     let plan = plan_gateway(set, "demo-gw")?;
     let plan_ms = ms(t.elapsed());
+    eprintln!("memory: + plan {:.0} MB (peak {:.0})", rss_mb(), peak_mb());
     anyhow::ensure!(plan.conflicts.is_empty(), "benchmark objects conflict: {:?}", &plan.conflicts[..1]);
     let lab = lab()?;
     let gw = Gateway::open(Some(&lab.ns("gw")))?;
@@ -131,6 +137,7 @@ fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
     gw.sweep()?;
     let full_sweep_ms = ms(t.elapsed());
     let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
+    eprintln!("memory: + full sync (mirror) {:.0} MB (peak {:.0})", rss_mb(), peak_mb());
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
     let (mut sync_times, mut plan_sync_times, mut sweeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
@@ -164,6 +171,16 @@ fn natgw_run(set: &ObjectSet, changes: u32) -> Result<NatgwFigures> {
         full_phases,
         peak_mb: peak_mb(),
     })
+}
+
+/// VmRSS of this process now, in MB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// VmHWM of this process, in MB.
@@ -430,6 +447,21 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(seconds) = args.translog_seconds {
         return translog_bench(seconds);
+    }
+    if args.rates_only {
+        let one = build(&Scale { fips: 1, dnats: 0, snats: 0 });
+        let many = build(&Scale { fips: args.fips, dnats: 0, snats: 0 });
+        println!("machine: {}", machine());
+        let (mut r1, mut rn) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            r1.push(natgw_rate(&one, args.rate_seconds)?);
+            rn.push(natgw_rate(&many, args.rate_seconds)?);
+        }
+        let (m1, mn) = (percentile(&mut r1, 0.5), percentile(&mut rn, 0.5));
+        println!("new TCP connections/s through FloatingIp 0, median of 3 runs of {} s:", args.rate_seconds);
+        println!("| 1 FloatingIp | {} FloatingIps | ratio |\n|---|---|---|\n| {m1:.0} | {mn:.0} | {:.3} |", args.fips, mn / m1);
+        println!("runs: 1: {r1:.0?}; {}: {rn:.0?}", args.fips);
+        return Ok(());
     }
     if let Some(path) = &args.curve {
         println!("machine: {}\n", machine());
