@@ -196,6 +196,31 @@ impl Caches {
     }
 }
 
+/// What the plan reads of the objects: kind, name, uid and generation
+/// (spec changes), and an Eip's address in use. Status writes change none
+/// of it.
+fn plan_key(set: &ObjectSet) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn meta(h: &mut impl Hasher, kind: &str, m: &kube::api::ObjectMeta) {
+        (kind, &m.name, &m.uid, m.generation, m.deletion_timestamp.is_some()).hash(h);
+        if m.generation.is_none() {
+            m.resource_version.hash(h);
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    set.vpcs.values().for_each(|o| meta(&mut h, "Vpc", &o.metadata));
+    set.subnets.values().for_each(|o| meta(&mut h, "Subnet", &o.metadata));
+    set.gateways.values().for_each(|o| meta(&mut h, "NatGateway", &o.metadata));
+    for o in set.eips.values() {
+        meta(&mut h, "Eip", &o.metadata);
+        o.address().hash(&mut h);
+    }
+    set.floating_ips.values().for_each(|o| meta(&mut h, "FloatingIp", &o.metadata));
+    set.snat_rules.values().for_each(|o| meta(&mut h, "SnatRule", &o.metadata));
+    set.dnat_rules.values().for_each(|o| meta(&mut h, "DnatRule", &o.metadata));
+    h.finish()
+}
+
 /// Writes an object's finalizer list, failing if the object changed since
 /// `resource_version` (merge patch with a resourceVersion precondition).
 async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> Result<(), kube::Error> {
@@ -206,52 +231,71 @@ async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> 
     with_kind!(e.object.kind, patch(client, &e.object.name, body))
 }
 
+/// What every round works with.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    client: &'a Client,
+    gateway: &'a Arc<Gateway>,
+    caches: &'a Caches,
+    gw: &'a str,
+    metrics: &'a metrics::Metrics,
+    sweep_done: &'a natgw_dataplane::SweepDone,
+}
+
 /// One round: finalizers first, then the kernel, then releases.
-async fn round(
-    client: &Client,
-    gateway: &Arc<Gateway>,
-    caches: &Caches,
-    gw: &str,
-    resync: bool,
-    metrics: &metrics::Metrics,
-    sweep_done: &natgw_dataplane::SweepDone,
-) -> Result<(), Error> {
+async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPlan>)>) -> Result<(), Error> {
+    let Ctx { client, gateway, caches, gw, metrics, sweep_done } = ctx;
     caches.ready().await;
     let fin = finalizer(gw);
     let (mut set, mine) = caches.snapshot(gw);
     let mut adding = Vec::new();
     for e in &mine {
         let has = e.finalizers.contains(&fin);
-        if e.released || !has {
-            // Not (or no longer) allowed in the kernel.
+        if e.released {
+            // No longer allowed in the kernel.
             set.remove(&e.object);
-        }
-        if !e.released && !has {
+        } else if !has {
             adding.push(e);
         }
     }
-    // Many objects arrive at once: their writes go in parallel.
+    // Many objects arrive at once: their writes go in parallel. An object
+    // whose finalizer is persisted is programmed in this same round; one
+    // whose write failed stays out of the kernel.
+    let failed = std::sync::Mutex::new(BTreeSet::new());
     futures::stream::iter(&adding)
         .for_each_concurrent(WRITES, |e| async {
             let mut list = e.finalizers.clone();
             list.push(fin.clone());
-            match set_finalizers(client, e, list).await {
-                // Persisted: the next round (triggered by this very write)
-                // programs it.
-                Ok(()) => tracing::debug!(object = %e.object, "finalizer added"),
-                Err(err) => {
-                    tracing::info!(object = %e.object, error = %err, "finalizer not persisted; not programming")
-                }
+            if let Err(err) = set_finalizers(client, e, list).await {
+                tracing::info!(object = %e.object, error = %err, "finalizer not persisted; not programming");
+                failed.lock().unwrap_or_else(|p| p.into_inner()).insert(e.object.clone());
             }
         })
         .await;
-    let plan = match plan_gateway(&set, gw) {
-        Ok(p) => p,
-        Err(e) => return Err(Error::Plan(e)),
+    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut finalized = Vec::new();
+    for e in adding {
+        if failed.contains(&e.object) {
+            set.remove(&e.object);
+        } else {
+            finalized.push(e);
+        }
+    }
+    // Rounds triggered by natgw's own status writes change nothing the
+    // plan reads: planning again (O(objects)) is skipped then.
+    let key = plan_key(&set);
+    let (plan, report) = match memo.as_ref() {
+        Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default()),
+        _ => {
+            let plan = Arc::new(plan_gateway(&set, gw).map_err(Error::Plan)?);
+            let (g, p) = (gateway.clone(), plan.clone());
+            let report =
+                tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
+            // Kept only once the kernel holds it.
+            *memo = Some((key, plan.clone()));
+            (plan, report)
+        }
     };
-    let g = gateway.clone();
-    let p = plan.clone();
-    let report = tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
     metrics.synced(report.duration.as_secs_f64(), resync, &plan);
     if report.changed {
         tracing::info!(gateway = gw, ms = report.duration.as_millis() as u64, nft = report.nft_statements, "synced");
@@ -259,8 +303,8 @@ async fn round(
     // The conntrack sweep this change owes runs beside the next changes;
     // its end triggers a round, which releases what it settled.
     gateway.sweep_in_background(sweep_done.clone());
-    // Objects that just got the finalizer are reported by the next round.
-    let settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
+    let mut settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
+    settled.extend(finalized);
     report_status(client, gw, &plan, &settled).await;
     // The kernel no longer holds these, nor any flow through them once
     // every change is swept: let them go.
@@ -377,8 +421,18 @@ pub async fn run_with(
         // re-programmed and stale conntrack entries are swept.
         let mut resync = true;
         let mut last_full = tokio::time::Instant::now();
+        // The last plan and the key of the objects it came from.
+        let mut memo = None;
         loop {
-            match round(&client, &gateway, &caches, &gw, resync, &metrics, &sweep_done).await {
+            let ctx = Ctx {
+                client: &client,
+                gateway: &gateway,
+                caches: &caches,
+                gw: &gw,
+                metrics: &metrics,
+                sweep_done: &sweep_done,
+            };
+            match round(ctx, resync, &mut memo).await {
                 // The caches listed and the kernel holds the plan (the
                 // first sync of a handle, and the one after any failure,
                 // reads the kernel whole).

@@ -459,7 +459,11 @@ fn main() -> Result<()> {
         }
         let (m1, mn) = (percentile(&mut r1, 0.5), percentile(&mut rn, 0.5));
         println!("new TCP connections/s through FloatingIp 0, median of 3 runs of {} s:", args.rate_seconds);
-        println!("| 1 FloatingIp | {} FloatingIps | ratio |\n|---|---|---|\n| {m1:.0} | {mn:.0} | {:.3} |", args.fips, mn / m1);
+        println!(
+            "| 1 FloatingIp | {} FloatingIps | ratio |\n|---|---|---|\n| {m1:.0} | {mn:.0} | {:.3} |",
+            args.fips,
+            mn / m1
+        );
         println!("runs: 1: {r1:.0?}; {}: {rn:.0?}", args.fips);
         return Ok(());
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Error as FinalizerError, Event, finalizer};
 use natgw_kube_support::Typed;
@@ -14,6 +14,24 @@ use crate::{BLOCKED_RETRY, Ctx, Error, FINALIZER, KindResource, deletion, eip, g
 
 pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let api: Api<K> = Api::all(ctx.client.clone());
+    if let Some(gateway) = new_rule_gateway(&ctx, &*obj) {
+        // A new rule whose Eip is known: finalizer and gateway label in one
+        // write (the agent waits for the label; two writes in sequence
+        // doubled a create's latency). The resourceVersion makes it fail
+        // rather than overwrite a concurrent change of the finalizers.
+        let mut finalizers = obj.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        let patch = serde_json::json!({ "metadata": {
+            "resourceVersion": obj.resource_version(),
+            "finalizers": finalizers,
+            "labels": { natgw_api::GATEWAY_LABEL: gateway },
+        }});
+        return match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(Action::await_change()),
+            Err(e) if is_conflict(&e) => Err(Error::Conflict(e)),
+            Err(e) => Err(Error::Finalizer(Box::new(FinalizerError::AddFinalizer(e)))),
+        };
+    }
     // The helper adds the finalizer before Apply runs and removes it only
     // when Cleanup returns Ok.
     finalizer(&api, FINALIZER, obj, |event| async {
@@ -28,6 +46,16 @@ pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Ac
         FinalizerError::AddFinalizer(k) | FinalizerError::RemoveFinalizer(k) if is_conflict(&k) => Error::Conflict(k),
         other => Error::Finalizer(Box::new(other)),
     })
+}
+
+/// The gateway of a rule that has neither the controller's finalizer nor
+/// a pending deletion, when its Eip is in the cache.
+fn new_rule_gateway<K: KindResource>(ctx: &Ctx, obj: &K) -> Option<String> {
+    if obj.meta().deletion_timestamp.is_some() || obj.finalizers().iter().any(|f| f == FINALIZER) {
+        return None;
+    }
+    let eip = obj.typed().rule_eip()?.to_string();
+    ctx.stores.eips.get(&kube::runtime::reflector::ObjectRef::new(&eip)).map(|e| e.spec.gateway.clone())
 }
 
 fn is_conflict(e: &kube::Error) -> bool {

@@ -41,7 +41,22 @@ pub fn bin_dir() -> PathBuf {
     })
 }
 
+/// A port free now, below the kernel's ephemeral range (32768 and up by
+/// default): a port the kernel handed out for bind(0) can be taken as the
+/// source port of any outgoing connection (etcd's clients included) before
+/// the server binds it, which failed a test with "address already in use".
 fn free_port() -> Result<u16, EnvError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 16);
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(0x9E37_79B9, Ordering::Relaxed).wrapping_add(seed);
+        let port = 20_000 + (n % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
