@@ -135,65 +135,74 @@ impl Caches {
         .await
     }
 
-    /// Everything, plus the entries of this gateway's objects.
-    fn snapshot(&self, gw: &str) -> (ObjectSet, Vec<Entry>) {
-        let mut set = ObjectSet::default();
+    /// Brings `set` up to the caches (a copy only of objects whose
+    /// resourceVersion changed: copying every object was most of a round
+    /// at 10,000 objects) and returns the entries of this gateway's objects.
+    fn refresh(&self, set: &mut ObjectSet, gw: &str) -> Vec<Entry> {
         let mut mine = Vec::new();
-        for o in self.vpcs.state() {
-            set.insert(Object::Vpc((*o).clone()));
-        }
-        for o in self.subnets.state() {
-            set.insert(Object::Subnet((*o).clone()));
-        }
-        for o in self.gateways.state() {
-            set.insert(Object::NatGateway((*o).clone()));
-        }
+        refresh(&mut set.vpcs, &self.vpcs, |_, _| true);
+        refresh(&mut set.subnets, &self.subnets, |_, _| true);
+        refresh(&mut set.gateways, &self.gateways, |_, _| true);
         let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, Holder> =
             self.claims.state().iter().filter_map(|c| holder_of(c)).collect();
+        // Only an address the controller claimed for this Eip is used: a
+        // fixed spec.ip that another Eip holds, or a status.ip that no
+        // claim of this Eip backs, must not be programmed. Claims change
+        // apart from Eips, so the decision is taken again every round.
+        let held = |e: &Eip| natgw_kube_support::claims::held_address(e, &claimed);
+        refresh(&mut set.eips, &self.eips, |have, cached| have.address() == held(cached));
+        for e in set.eips.values_mut() {
+            if e.address().is_some() && e.address() != held(e) {
+                e.spec.ip = None;
+                if let Some(s) = e.status.as_mut() {
+                    s.ip = None;
+                }
+            }
+        }
         let mut my_eips = BTreeSet::new();
         for o in self.eips.state() {
             if o.spec.gateway == gw {
                 my_eips.insert(o.name_any());
                 mine.push(entry(&*o));
             }
-            // Only an address the controller claimed for this Eip is used:
-            // a fixed spec.ip that another Eip holds, or a status.ip that
-            // no claim of this Eip backs, must not be programmed.
-            let mut e = (*o).clone();
-            if e.address() != natgw_kube_support::claims::held_address(&e, &claimed) {
-                e.spec.ip = None;
-                if let Some(s) = e.status.as_mut() {
-                    s.ip = None;
-                }
-            }
-            set.insert(Object::Eip(e));
         }
+        refresh(&mut set.floating_ips, &self.fips, |_, _| true);
+        refresh(&mut set.snat_rules, &self.snats, |_, _| true);
+        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true);
         let fin = finalizer(gw);
         // A rule is ours if its Eip is, or if it still carries our finalizer
         // (its Eip may be gone already).
         let ours = |eip: &str, m: &kube::api::ObjectMeta| {
             my_eips.contains(eip) || m.finalizers.as_ref().is_some_and(|f| f.contains(&fin))
         };
-        for o in self.fips.state() {
-            if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry(&*o));
-            }
-            set.insert(Object::FloatingIp((*o).clone()));
-        }
-        for o in self.snats.state() {
-            if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry(&*o));
-            }
-            set.insert(Object::SnatRule((*o).clone()));
-        }
-        for o in self.dnats.state() {
-            if ours(&o.spec.eip, &o.metadata) {
-                mine.push(entry(&*o));
-            }
-            set.insert(Object::DnatRule((*o).clone()));
-        }
-        (set, mine)
+        mine.extend(self.fips.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
+        mine.extend(self.snats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
+        mine.extend(self.dnats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
+        mine
     }
+}
+
+/// Makes `map` hold what `store` holds: objects whose resourceVersion
+/// changed (or for which `same` says the copy no longer fits) are copied,
+/// vanished ones removed.
+fn refresh<K>(map: &mut std::collections::BTreeMap<String, K>, store: &Store<K>, same: impl Fn(&K, &K) -> bool)
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    let state = store.state();
+    let mut seen = std::collections::HashSet::with_capacity(state.len());
+    for o in &state {
+        let name = o.name_any();
+        let fresh = match map.get(&name) {
+            Some(have) => have.meta().resource_version != o.meta().resource_version || !same(have, o),
+            None => true,
+        };
+        if fresh {
+            map.insert(name.clone(), (**o).clone());
+        }
+        seen.insert(name);
+    }
+    map.retain(|n, _| seen.contains(n));
 }
 
 /// What the plan reads of the objects: kind, name, uid and generation
@@ -243,11 +252,18 @@ struct Ctx<'a> {
 }
 
 /// One round: finalizers first, then the kernel, then releases.
-async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPlan>)>) -> Result<(), Error> {
+async fn round(
+    ctx: Ctx<'_>,
+    resync: bool,
+    memo: &mut Option<(u64, Arc<GatewayPlan>)>,
+    set: &mut ObjectSet,
+) -> Result<(), Error> {
     let Ctx { client, gateway, caches, gw, metrics, sweep_done } = ctx;
     caches.ready().await;
+    let started = std::time::Instant::now();
     let fin = finalizer(gw);
-    let (mut set, mine) = caches.snapshot(gw);
+    let mine = caches.refresh(set, gw);
+    let snapshot_ms = started.elapsed().as_millis() as u64;
     let mut adding = Vec::new();
     for e in &mine {
         let has = e.finalizers.contains(&fin);
@@ -273,6 +289,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPl
         })
         .await;
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let finalized_count = adding.len();
     let mut finalized = Vec::new();
     for e in adding {
         if failed.contains(&e.object) {
@@ -283,11 +300,12 @@ async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPl
     }
     // Rounds triggered by natgw's own status writes change nothing the
     // plan reads: planning again (O(objects)) is skipped then.
-    let key = plan_key(&set);
+    let finalizers_ms = started.elapsed().as_millis() as u64;
+    let key = plan_key(set);
     let (plan, report) = match memo.as_ref() {
         Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default()),
         _ => {
-            let plan = Arc::new(plan_gateway(&set, gw).map_err(Error::Plan)?);
+            let plan = Arc::new(plan_gateway(set, gw).map_err(Error::Plan)?);
             let (g, p) = (gateway.clone(), plan.clone());
             let report =
                 tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
@@ -296,6 +314,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPl
             (plan, report)
         }
     };
+    let programmed_ms = started.elapsed().as_millis() as u64;
     metrics.synced(report.duration.as_secs_f64(), resync, &plan);
     if report.changed {
         tracing::info!(gateway = gw, ms = report.duration.as_millis() as u64, nft = report.nft_statements, "synced");
@@ -323,6 +342,14 @@ async fn round(ctx: Ctx<'_>, resync: bool, memo: &mut Option<(u64, Arc<GatewayPl
             }
         })
         .await;
+    tracing::debug!(
+        snapshot_ms,
+        finalizers_ms,
+        programmed_ms,
+        total_ms = started.elapsed().as_millis() as u64,
+        finalized = finalized_count,
+        "round"
+    );
     Ok(())
 }
 
@@ -423,6 +450,8 @@ pub async fn run_with(
         let mut last_full = tokio::time::Instant::now();
         // The last plan and the key of the objects it came from.
         let mut memo = None;
+        // The objects as the last round saw them (refreshed, not copied).
+        let mut objects = ObjectSet::default();
         loop {
             let ctx = Ctx {
                 client: &client,
@@ -432,7 +461,7 @@ pub async fn run_with(
                 metrics: &metrics,
                 sweep_done: &sweep_done,
             };
-            match round(ctx, resync, &mut memo).await {
+            match round(ctx, resync, &mut memo, &mut objects).await {
                 // The caches listed and the kernel holds the plan (the
                 // first sync of a handle, and the one after any failure,
                 // reads the kernel whole).

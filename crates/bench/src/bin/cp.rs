@@ -98,7 +98,8 @@ async fn main() -> Result<()> {
         let child = std::process::Command::new(&natgw)
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "warn")
+            // NATGW_CP_BENCH_LOG=info,natgw_agent=debug shows each round.
+            .env("RUST_LOG", std::env::var("NATGW_CP_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -163,15 +164,31 @@ async fn main() -> Result<()> {
         let i = n + s;
         let t = Instant::now();
         fip(&admin, i).await?;
+        // One element asked for, not the whole table listed: a poll every
+        // few milliseconds must not load the 2 cores it measures.
+        let element = format!("{{ {} }}", internal(i));
         loop {
-            let k = kernel.snapshot()?;
-            if k.table.nat.fip_snat.contains_key(&internal(i)) {
+            let e = element.clone();
+            let found = kernel.run(move || {
+                std::process::Command::new("nft")
+                    .args(["get", "element", "ip", "natgw", "fip_snat", &e])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })?;
+            if found {
                 break;
             }
             anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "FloatingIp f{i} never programmed");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    if std::env::var("NATGW_CP_BENCH_LOG").is_ok() {
+        for sa in ["natgw-controller", "natgw-gateway"] {
+            let to = std::env::temp_dir().join(format!("natgw-cp-bench-{sa}.log"));
+            std::fs::copy(env.dir().join(format!("{sa}.log")), &to)?;
+            eprintln!("log: {}", to.display());
+        }
     }
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
