@@ -209,22 +209,24 @@ impl Links {
     /// logarithmic in the table, where an interface address costs time
     /// proportional to the addresses already there.
     pub fn add_eip_routes(&self, kind: EipRoute, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
-        self.rt.block_on(async {
-            futures::stream::iter(items.iter().map(|(index, dst)| {
-                let req = self.handle.route().add(eip_route(kind, *index, *dst));
-                async move { req.execute().await.or_else(ignore_errno(libc::EEXIST)) }
-            }))
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect::<()>()
-            .await
-        })
+        self.eip_route_batch(kind, items, true)
     }
 
     pub fn del_eip_routes(&self, kind: EipRoute, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
+        self.eip_route_batch(kind, items, false)
+    }
+
+    fn eip_route_batch(&self, kind: EipRoute, items: &[(u32, Ipv4Net)], add: bool) -> Result<(), LinkError> {
+        // Already there, already gone: both count as done.
+        let done = if add { libc::EEXIST } else { libc::ESRCH };
         self.rt.block_on(async {
             futures::stream::iter(items.iter().map(|(index, dst)| {
-                let req = self.handle.route().del(eip_route(kind, *index, *dst));
-                async move { req.execute().await.or_else(ignore_errno(libc::ESRCH)) }
+                let msg = eip_route(kind, *index, *dst);
+                let handle = self.handle.route();
+                async move {
+                    let sent = if add { handle.add(msg).execute().await } else { handle.del(msg).execute().await };
+                    sent.or_else(ignore_errno(done))
+                }
             }))
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<()>()
