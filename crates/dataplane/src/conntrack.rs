@@ -31,12 +31,18 @@ pub struct Conntrack {
     socket: Socket,
 }
 
+/// A netfilter netlink socket talking to the kernel, in the namespace of
+/// the calling thread.
+pub(crate) fn netfilter_socket() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
 impl Conntrack {
     pub fn open() -> Result<Self, ConntrackError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Conntrack { socket })
+        Ok(Conntrack { socket: netfilter_socket()? })
     }
 
     /// All IPv4 entries.

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 
 use natgw_api::Protocol;
 use natgw_plan::NatTables;
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::Socket;
 
 use crate::nft::TABLE;
 
@@ -215,10 +215,7 @@ pub struct Nfnl {
 
 impl Nfnl {
     pub fn open() -> Result<Self, NfnlError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Nfnl { socket })
+        Ok(Nfnl { socket: crate::conntrack::netfilter_socket()? })
     }
 
     /// Applies the changes in one transaction: all or nothing.
