@@ -302,8 +302,8 @@ async fn round(
     // plan reads: planning again (O(objects)) is skipped then.
     let finalizers_ms = started.elapsed().as_millis() as u64;
     let key = plan_key(set);
-    let (plan, report) = match memo.as_ref() {
-        Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default()),
+    let (plan, report, reused) = match memo.as_ref() {
+        Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
         _ => {
             let plan = Arc::new(plan_gateway(set, gw).map_err(Error::Plan)?);
             let (g, p) = (gateway.clone(), plan.clone());
@@ -311,11 +311,13 @@ async fn round(
                 tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
             // Kept only once the kernel holds it.
             *memo = Some((key, plan.clone()));
-            (plan, report)
+            (plan, report, false)
         }
     };
     let programmed_ms = started.elapsed().as_millis() as u64;
-    metrics.synced(report.duration.as_secs_f64(), resync, &plan);
+    if !reused {
+        metrics.synced(report.duration.as_secs_f64(), resync, &plan);
+    }
     if report.changed {
         tracing::info!(gateway = gw, ms = report.duration.as_millis() as u64, nft = report.nft_statements, "synced");
     }
@@ -324,7 +326,12 @@ async fn round(
     gateway.sweep_in_background(sweep_done.clone());
     let mut settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
     settled.extend(finalized);
-    report_status(client, gw, &plan, &settled).await;
+    // With the plan reused, what each object's conditions should say is
+    // what the last round wrote; a write that failed is retried by the
+    // next plan or the periodic resync (30 s).
+    if !reused {
+        report_status(client, gw, &plan, &settled).await;
+    }
     // The kernel no longer holds these, nor any flow through them once
     // every change is swept: let them go.
     let swept = gateway.swept();
