@@ -129,7 +129,8 @@ pub fn sync(plan: &GatewayPlan, mirrored: Option<Snapshot>) -> Result<(SyncRepor
         let (mut report, before) = result?;
         report.duration = started.elapsed();
         let scope = SweepScope { ours: ours(&before.state, plan), local: local_nets(&before.state) };
-        Ok((report, after(&before, plan), scope))
+        let after = after(before, plan, &report);
+        Ok((report, after, scope))
     })
 }
 
@@ -180,9 +181,23 @@ pub fn delete_stale(
     Ok(conntrack::Conntrack::open()?.delete(&stale)?)
 }
 
-/// The kernel state a successful sync of `plan` leaves behind.
-fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
-    let k = &before.state;
+/// The kernel state a successful sync of `plan` leaves behind. The EIPs'
+/// local routes are the ones before, less those removed, plus those
+/// added: O(change), where rebuilding them cost one allocation per EIP on
+/// every sync.
+fn after(before: Snapshot, plan: &GatewayPlan, report: &SyncReport) -> Snapshot {
+    let Snapshot { state: mut k, interfaces } = before;
+    let mut locals = std::mem::take(&mut k.locals);
+    let local = |a: &IfAddr| IfAddr { interface: a.interface.clone(), addr: ipnet::Ipv4Net::from(a.addr.addr()) };
+    for a in &report.addresses_removed {
+        locals.remove(&local(a));
+    }
+    locals.extend(report.addresses_added.iter().map(local));
+    // After the kernel flushed an emptied interface the old set is no
+    // base: one entry per EIP or a rebuild.
+    if locals.len() != plan.addresses.len() {
+        locals = wanted_locals(plan);
+    }
     let addresses = k.addresses.iter().filter(|(_, owned)| !**owned).map(|(a, o)| (a.clone(), *o)).collect();
     let mut promote = k.promote_secondaries.clone();
     promote.extend(k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.interface.clone()));
@@ -195,13 +210,13 @@ fn after(before: &Snapshot, plan: &GatewayPlan) -> Snapshot {
             },
             addresses,
             routes: plan.routes.clone(),
-            locals: wanted_locals(plan),
+            locals,
             subnets: wanted_subnets(plan),
             rules: crate::state::wanted_rules(plan),
             forwarding: true,
             promote_secondaries: promote,
         },
-        interfaces: before.interfaces.clone(),
+        interfaces,
     }
 }
 
