@@ -29,7 +29,7 @@ use natgw_api::*;
 use natgw_dataplane::Gateway;
 use natgw_kube_support::claims::{CLAIM_LABEL, Holder, holder_of};
 use natgw_kube_support::{KindResource, with_kind};
-use natgw_plan::{GatewayPlan, plan_gateway};
+use natgw_plan::{GatewayPlan, GatewayPlanner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -138,11 +138,12 @@ impl Caches {
     /// Brings `set` up to the caches (a copy only of objects whose
     /// resourceVersion changed: copying every object was most of a round
     /// at 10,000 objects) and returns the entries of this gateway's objects.
-    fn refresh(&self, set: &mut ObjectSet, gw: &str) -> Vec<Entry> {
+    /// The objects copied or removed go into `changed`.
+    fn refresh(&self, set: &mut ObjectSet, gw: &str, changed: &mut BTreeSet<ObjectRef>) -> Vec<Entry> {
         let mut mine = Vec::new();
-        refresh(&mut set.vpcs, &self.vpcs, |_, _| true);
-        refresh(&mut set.subnets, &self.subnets, |_, _| true);
-        refresh(&mut set.gateways, &self.gateways, |_, _| true);
+        refresh(&mut set.vpcs, &self.vpcs, |_, _| true, Kind::Vpc, changed);
+        refresh(&mut set.subnets, &self.subnets, |_, _| true, Kind::Subnet, changed);
+        refresh(&mut set.gateways, &self.gateways, |_, _| true, Kind::NatGateway, changed);
         let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, Holder> =
             self.claims.state().iter().filter_map(|c| holder_of(c)).collect();
         // Only an address the controller claimed for this Eip is used: a
@@ -150,7 +151,7 @@ impl Caches {
         // claim of this Eip backs, must not be programmed. Claims change
         // apart from Eips, so the decision is taken again every round.
         let held = |e: &Eip| natgw_kube_support::claims::held_address(e, &claimed);
-        refresh(&mut set.eips, &self.eips, |have, cached| have.address() == held(cached));
+        refresh(&mut set.eips, &self.eips, |have, cached| have.address() == held(cached), Kind::Eip, changed);
         for e in set.eips.values_mut() {
             if e.address().is_some() && e.address() != held(e) {
                 e.spec.ip = None;
@@ -166,9 +167,9 @@ impl Caches {
                 mine.push(entry(&*o));
             }
         }
-        refresh(&mut set.floating_ips, &self.fips, |_, _| true);
-        refresh(&mut set.snat_rules, &self.snats, |_, _| true);
-        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true);
+        refresh(&mut set.floating_ips, &self.fips, |_, _| true, Kind::FloatingIp, changed);
+        refresh(&mut set.snat_rules, &self.snats, |_, _| true, Kind::SnatRule, changed);
+        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true, Kind::DnatRule, changed);
         let fin = finalizer(gw);
         // A rule is ours if its Eip is, or if it still carries our finalizer
         // (its Eip may be gone already).
@@ -184,9 +185,14 @@ impl Caches {
 
 /// Makes `map` hold what `store` holds: objects whose resourceVersion
 /// changed (or for which `same` says the copy no longer fits) are copied,
-/// vanished ones removed.
-fn refresh<K>(map: &mut std::collections::BTreeMap<String, K>, store: &Store<K>, same: impl Fn(&K, &K) -> bool)
-where
+/// vanished ones removed; both go into `changed`.
+fn refresh<K>(
+    map: &mut std::collections::BTreeMap<String, K>,
+    store: &Store<K>,
+    same: impl Fn(&K, &K) -> bool,
+    kind: Kind,
+    changed: &mut BTreeSet<ObjectRef>,
+) where
     K: kube::Resource<DynamicType = ()> + Clone,
 {
     let state = store.state();
@@ -199,10 +205,17 @@ where
         };
         if fresh {
             map.insert(name.clone(), (**o).clone());
+            changed.insert(ObjectRef::new(kind, name.clone()));
         }
         seen.insert(name);
     }
-    map.retain(|n, _| seen.contains(n));
+    map.retain(|n, _| {
+        let keep = seen.contains(n);
+        if !keep {
+            changed.insert(ObjectRef::new(kind, n.clone()));
+        }
+        keep
+    });
 }
 
 /// What the plan reads of the objects: kind, name, uid and generation
@@ -251,18 +264,52 @@ struct Ctx<'a> {
     sweep_done: &'a natgw_dataplane::SweepDone,
 }
 
+/// What rounds carry over: the last plan the kernel holds with the key of
+/// the objects it came from, and the planner that keeps the plan up to
+/// date in O(change).
+#[derive(Default)]
+struct Planning {
+    memo: Option<(u64, Arc<GatewayPlan>)>,
+    planner: Option<GatewayPlanner>,
+}
+
+impl Planning {
+    /// The plan for `set`, where `changed` changed since the last call:
+    /// incremental, except on a resync, which plans from scratch so no
+    /// slip of the incremental path outlives it.
+    fn plan(
+        &mut self,
+        set: &ObjectSet,
+        gw: &str,
+        changed: &BTreeSet<ObjectRef>,
+        resync: bool,
+    ) -> Result<Arc<GatewayPlan>, Error> {
+        let planned = match self.planner.as_mut() {
+            Some(p) if !resync => p.update(set, changed),
+            _ => GatewayPlanner::new(set, gw).map(|p| {
+                self.planner = Some(p);
+            }),
+        };
+        match (planned, self.planner.as_ref()) {
+            (Ok(()), Some(p)) => Ok(Arc::new(p.plan().clone())),
+            (Err(e), _) => {
+                // Changes taken in are lost with the error: plan anew next.
+                self.planner = None;
+                Err(Error::Plan(e))
+            }
+            (Ok(()), None) => Err(Error::Plan(natgw_plan::PlanError::NoGateway(gw.into()))),
+        }
+    }
+}
+
 /// One round: finalizers first, then the kernel, then releases.
-async fn round(
-    ctx: Ctx<'_>,
-    resync: bool,
-    memo: &mut Option<(u64, Arc<GatewayPlan>)>,
-    set: &mut ObjectSet,
-) -> Result<(), Error> {
+async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut ObjectSet) -> Result<(), Error> {
     let Ctx { client, gateway, caches, gw, metrics, sweep_done } = ctx;
     caches.ready().await;
     let started = std::time::Instant::now();
     let fin = finalizer(gw);
-    let mine = caches.refresh(set, gw);
+    let mut changed = BTreeSet::new();
+    let mine = caches.refresh(set, gw, &mut changed);
     let snapshot_ms = started.elapsed().as_millis() as u64;
     let mut adding = Vec::new();
     for e in &mine {
@@ -270,6 +317,7 @@ async fn round(
         if e.released {
             // No longer allowed in the kernel.
             set.remove(&e.object);
+            changed.insert(e.object.clone());
         } else if !has {
             adding.push(e);
         }
@@ -294,6 +342,7 @@ async fn round(
     for e in adding {
         if failed.contains(&e.object) {
             set.remove(&e.object);
+            changed.insert(e.object.clone());
         } else {
             finalized.push(e);
         }
@@ -302,15 +351,17 @@ async fn round(
     // plan reads: planning again (O(objects)) is skipped then.
     let finalizers_ms = started.elapsed().as_millis() as u64;
     let key = plan_key(set);
-    let (plan, report, reused) = match memo.as_ref() {
+    // Only what changed is planned again; the plan shares the rest with
+    // the last one, and the kernel diff skips what they share.
+    let (plan, report, reused) = match planning.memo.as_ref() {
         Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
         _ => {
-            let plan = Arc::new(plan_gateway(set, gw).map_err(Error::Plan)?);
+            let plan = planning.plan(set, gw, &changed, resync)?;
             let (g, p) = (gateway.clone(), plan.clone());
             let report =
                 tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
             // Kept only once the kernel holds it.
-            *memo = Some((key, plan.clone()));
+            planning.memo = Some((key, plan.clone()));
             (plan, report, false)
         }
     };
@@ -455,8 +506,8 @@ pub async fn run_with(
         // re-programmed and stale conntrack entries are swept.
         let mut resync = true;
         let mut last_full = tokio::time::Instant::now();
-        // The last plan and the key of the objects it came from.
-        let mut memo = None;
+        // The last plan, the key of the objects it came from, the planner.
+        let mut planning = Planning::default();
         // The objects as the last round saw them (refreshed, not copied).
         let mut objects = ObjectSet::default();
         loop {
@@ -468,7 +519,7 @@ pub async fn run_with(
                 metrics: &metrics,
                 sweep_done: &sweep_done,
             };
-            match round(ctx, resync, &mut memo, &mut objects).await {
+            match round(ctx, resync, &mut planning, &mut objects).await {
                 // The caches listed and the kernel holds the plan (the
                 // first sync of a handle, and the one after any failure,
                 // reads the kernel whole).

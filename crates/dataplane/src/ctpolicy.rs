@@ -65,11 +65,12 @@ fn not_forwarded(e: &CtEntry, local: &[Ipv4Net]) -> bool {
         || local.iter().any(|n| n.addr() == e.orig.src || (n.prefix_len() < 31 && n.broadcast() == dst))
 }
 
-/// `ours`: every address natgw holds or held on this gateway (EIPs);
-/// `local`: every address of the namespace, with its prefix.
+/// `ours`: the addresses (EIPs) whose flows to judge; `local`: every
+/// address of the namespace's interfaces, with its prefix. A flow from an
+/// EIP is the gateway's own.
 pub fn is_stale(e: &CtEntry, plan: &GatewayPlan, ours: &BTreeSet<Ipv4Addr>, local: &[Ipv4Net]) -> bool {
     let nat = &plan.nat;
-    if not_forwarded(e, local) {
+    if not_forwarded(e, local) || plan.holds_eip(e.orig.src) {
         return false;
     }
     let dnatted = e.orig.dst != e.reply.src;

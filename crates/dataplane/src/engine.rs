@@ -10,7 +10,9 @@ use natgw_plan::{GatewayPlan, IfAddr, Route};
 
 use crate::ctpolicy::is_stale;
 use crate::link::{EipRoute, Interface, LinkError, Links};
-use crate::state::{Drift, KernelState, drift, eip_diff, eips_of, wanted_locals, wanted_subnets};
+use crate::state::{
+    Drift, KernelState, drift, eip_diff, eips_of, held_eips, touched_eips, wanted_locals, wanted_subnets,
+};
 use crate::{SyncError, SyncReport, conntrack, garp, nfnl, nft};
 
 const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -73,6 +75,7 @@ fn read(links: &Links) -> Result<Snapshot, SyncError> {
     let state = KernelState {
         table: nft::read()?,
         addresses: links.addresses(&names)?,
+        eips: held_eips(&owned.locals, &owned.subnets),
         routes: owned.routes,
         locals: owned.locals,
         subnets: owned.subnets,
@@ -122,13 +125,17 @@ pub fn sync(plan: &GatewayPlan, mirrored: Option<Snapshot>) -> Result<(SyncRepor
             Err(e) if from_mirror => {
                 tracing::warn!(error = %e, "sync from the mirror failed; retrying from a kernel read");
                 let fresh = read(links)?;
-                converge(links, &fresh, plan).map(|r| (r, fresh))
+                converge(links, &fresh, plan).map(|r| (r, fresh, false))
             }
-            other => other.map(|r| (r, snap)),
+            other => other.map(|r| (r, snap, from_mirror)),
         };
-        let (mut report, before) = result?;
+        let (mut report, before, mirrored) = result?;
         report.duration = started.elapsed();
-        let scope = SweepScope { ours: ours(&before.state, plan), local: local_nets(&before.state) };
+        // From the mirror, the flows to judge are those through what this
+        // change touched (earlier changes owe their own sweeps); from a
+        // kernel read, through anything natgw holds: flows from before.
+        let ours = if mirrored { touched(&before.state, plan, &report) } else { ours(&before.state, plan) };
+        let scope = SweepScope { ours, local: local_nets(&before.state) };
         let after = after(before, plan, &report);
         Ok((report, after, scope))
     })
@@ -151,6 +158,14 @@ impl SweepScope {
         self.ours.extend(other.ours);
         self.local = other.local;
     }
+}
+
+/// The EIPs a change from `k` to `plan` touched: O(change).
+fn touched(k: &KernelState, plan: &GatewayPlan, report: &SyncReport) -> BTreeSet<std::net::Ipv4Addr> {
+    let mut out = BTreeSet::new();
+    touched_eips(&k.table.nat, &plan.nat, &mut out);
+    out.extend(report.addresses_added.iter().chain(&report.addresses_removed).map(|a| a.addr.addr()));
+    out
 }
 
 fn ours(k: &KernelState, plan: &GatewayPlan) -> BTreeSet<std::net::Ipv4Addr> {
@@ -210,6 +225,7 @@ fn after(before: Snapshot, plan: &GatewayPlan, report: &SyncReport) -> Snapshot 
             },
             addresses,
             routes: plan.routes.clone(),
+            eips: plan.addresses.clone(),
             locals,
             subnets: wanted_subnets(plan),
             rules: crate::state::wanted_rules(plan),
@@ -250,7 +266,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
     // commits while the EIPs go in over netlink.
     let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
     let subnets = wanted_subnets(plan);
-    let (new_eips, gone_eips) = eip_diff(&plan.addresses, &k.locals);
+    let (new_eips, gone_eips) = eip_diff(&k.eips, &plan.addresses);
     let table_ok = k.table.present && k.table.skeleton == skeleton;
     if let Some(maps) = nfnl::changes(&k.table.nat, &plan.nat).filter(|_| table_ok) {
         // A change of FloatingIps or port forwards: straight over netlink.
@@ -281,27 +297,20 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
     // route through it: re-read them then, and put natgw's back.
     let emptied = old.iter().any(|gone| !k.addresses.iter().any(|(a, owned)| !owned && a.interface == gone.interface));
     let reread;
-    let (routes, have_locals, have_subnets) = if !emptied {
-        (&k.routes, &k.locals, &k.subnets)
+    let reheld;
+    let (routes, have_eips, have_subnets) = if !emptied {
+        (&k.routes, &k.eips, &k.subnets)
     } else {
         let names: BTreeMap<u32, String> = snap.interfaces.iter().map(|(n, i)| (i.index, n.clone())).collect();
         reread = links.owned_routes(&names)?;
-        eip_routes(links, snap, &reread.subnets, &subnets, &eip_diff(&plan.addresses, &reread.locals).0)?;
-        (&reread.routes, &reread.locals, &reread.subnets)
+        reheld = held_eips(&reread.locals, &reread.subnets);
+        eip_routes(links, snap, &reread.subnets, &subnets, &eip_diff(&reheld, &plan.addresses).0)?;
+        (&reread.routes, &reheld, &reread.subnets)
     };
-    let stale_locals = if emptied { eip_diff(&plan.addresses, have_locals).1 } else { gone_eips };
-    links.del_eip_routes(EipRoute::Local, &existing(snap, stale_locals.iter().copied()))?;
-    report.addresses_removed = stale_locals
-        .iter()
-        .map(|l| {
-            let eip = l.addr.addr();
-            let net = have_subnets.iter().find(|s| s.interface == l.interface && s.addr.contains(&eip));
-            IfAddr {
-                interface: l.interface.clone(),
-                addr: net.map_or(l.addr, |n| ipnet::Ipv4Net::new(eip, n.addr.prefix_len()).unwrap_or(l.addr)),
-            }
-        })
-        .collect();
+    let stale_locals = if emptied { eip_diff(have_eips, &plan.addresses).1 } else { gone_eips };
+    let stale_routes: Vec<IfAddr> = stale_locals.iter().map(|a| as_local(a)).collect();
+    links.del_eip_routes(EipRoute::Local, &existing(snap, &stale_routes))?;
+    report.addresses_removed = stale_locals.into_iter().cloned().collect();
     links.del_eip_routes(EipRoute::Subnet, &existing(snap, have_subnets.difference(&subnets)))?;
     lap(&mut report, "eips-remove");
     for r in plan.routes.difference(routes) {
@@ -362,10 +371,16 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
     Ok(report)
 }
 
-/// Every address of the namespace with its prefix, EIPs included: what
-/// tells the gateway's own and broadcast traffic from forwarded traffic.
+/// Every address of the namespace's interfaces with its prefix: what
+/// tells the gateway's own and broadcast traffic from forwarded traffic
+/// (EIPs are asked of the plan).
 fn local_nets(k: &KernelState) -> Vec<ipnet::Ipv4Net> {
-    k.addresses.keys().chain(&k.locals).map(|a| a.addr).collect()
+    k.addresses.keys().map(|a| a.addr).collect()
+}
+
+/// An EIP's local route: the address alone.
+fn as_local(a: &IfAddr) -> IfAddr {
+    IfAddr { interface: a.interface.clone(), addr: ipnet::Ipv4Net::from(a.addr.addr()) }
 }
 
 /// Adds the subnet routes `want` has and `have` lacks, then local routes

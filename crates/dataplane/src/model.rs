@@ -90,6 +90,30 @@ pub fn map_change<K: Ord, V: PartialEq>(
     Change { set, flush: false, delete, add }
 }
 
+/// `map_change` for the plan's persistent maps: the diff skips subtrees
+/// both share, so a plan derived from the last one costs O(change).
+pub fn ord_map_change<K: Ord + Clone, V: PartialEq + Clone>(
+    set: &'static str,
+    have: &imbl::OrdMap<K, V>,
+    want: &imbl::OrdMap<K, V>,
+    key: impl Fn(&K) -> String,
+    value: impl Fn(&V) -> String,
+) -> Change {
+    use imbl::ordmap::DiffItem;
+    let mut c = Change { set, ..Default::default() };
+    for d in have.diff(want) {
+        match d {
+            DiffItem::Add(k, v) => c.add.push(format!("{} : {}", key(k), value(v))),
+            DiffItem::Update { new: (k, v), .. } => {
+                c.delete.push(key(k));
+                c.add.push(format!("{} : {}", key(k), value(v)));
+            }
+            DiffItem::Remove(k, _) => c.delete.push(key(k)),
+        }
+    }
+    c
+}
+
 /// A set of `T`, element by element.
 pub fn set_change<T: Ord>(
     set: &'static str,

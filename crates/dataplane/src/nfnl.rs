@@ -81,37 +81,28 @@ fn target((addr, port): &natgw_plan::Target) -> Vec<u8> {
     v
 }
 
-/// One merge of two sorted maps: linear, no lookups.
-fn map_diff<K: Ord, V: PartialEq>(
+/// The diff of two persistent maps: it skips the subtrees they share, so
+/// a plan derived from the last one costs O(change).
+fn map_diff<K: Ord + Clone, V: PartialEq + Clone>(
     set: &'static str,
-    have: &std::collections::BTreeMap<K, V>,
-    want: &std::collections::BTreeMap<K, V>,
+    have: &imbl::OrdMap<K, V>,
+    want: &imbl::OrdMap<K, V>,
     key: impl Fn(&K) -> Vec<u8>,
     value: impl Fn(&V) -> Vec<u8>,
 ) -> MapChange {
-    use std::cmp::Ordering::*;
+    use imbl::ordmap::DiffItem;
     let mut c = MapChange { set, ..Default::default() };
-    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
-    loop {
-        let order = match (h.peek(), w.peek()) {
-            (Some((hk, _)), Some((wk, _))) => hk.cmp(wk),
-            (Some(_), None) => Less,
-            (None, Some(_)) => Greater,
-            (None, None) => return c,
-        };
-        match order {
-            Less => c.delete.extend(h.next().map(|(k, v)| (key(k), value(v)))),
-            Greater => c.add.extend(w.next().map(|(k, v)| (key(k), value(v)))),
-            Equal => {
-                if let (Some((k, hv)), Some((_, wv))) = (h.next(), w.next())
-                    && hv != wv
-                {
-                    c.delete.push((key(k), value(hv)));
-                    c.add.push((key(k), value(wv)));
-                }
+    for d in have.diff(want) {
+        match d {
+            DiffItem::Add(k, v) => c.add.push((key(k), value(v))),
+            DiffItem::Update { old: (k, hv), new: (_, wv) } => {
+                c.delete.push((key(k), value(hv)));
+                c.add.push((key(k), value(wv)));
             }
+            DiffItem::Remove(k, v) => c.delete.push((key(k), value(v))),
         }
     }
+    c
 }
 
 /// The map changes from `have` to `want`, or `None` when an interval set

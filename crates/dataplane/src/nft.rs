@@ -16,7 +16,7 @@ use natgw_api::Protocol;
 use natgw_plan::{NatTables, SnatRange};
 use serde_json::Value;
 
-use crate::model::{Chain, Change, Rule, Set, Table, map_change, whole_change};
+use crate::model::{Chain, Change, Rule, Set, Table, ord_map_change, whole_change};
 
 pub const FAMILY: &str = "ip";
 pub const TABLE: &str = "natgw";
@@ -108,9 +108,9 @@ pub fn expected_skeleton(lan: &str, ext: &str) -> Skeleton {
 fn changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
     let ip = |ip: &Ipv4Addr| ip.to_string();
     vec![
-        map_change("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
-        map_change("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
-        map_change("port_fwd", &have.port_fwd, &want.port_fwd, port_key, |(ip, port)| format!("{ip} . {port}")),
+        ord_map_change("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
+        ord_map_change("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
+        ord_map_change("port_fwd", &have.port_fwd, &want.port_fwd, port_key, |(ip, port)| format!("{ip} . {port}")),
         whole_change("snat_nets", &have.snat, &want.snat, |r| format!("{} : {}", range(r.first, r.last), r.eip)),
         whole_change("internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| range(*a, *b)),
     ]

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use imbl::OrdSet;
 use ipnet::Ipv4Net;
 
 use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route};
@@ -26,6 +27,10 @@ pub struct KernelState {
     pub locals: BTreeSet<IfAddr>,
     /// Link routes natgw holds for the EIPs' subnets.
     pub subnets: BTreeSet<IfAddr>,
+    /// The same EIPs as a plan spells them (`held_eips`): what a change
+    /// is diffed against. After a sync it is the plan's own set, so the
+    /// next plan derived from that one differs from it in O(change).
+    pub eips: OrdSet<IfAddr>,
     /// Policy rules natgw owns.
     pub rules: BTreeSet<LanRule>,
     pub forwarding: bool,
@@ -86,42 +91,93 @@ pub fn wanted_locals(plan: &GatewayPlan) -> BTreeSet<IfAddr> {
         .collect()
 }
 
-/// The link routes a plan needs: each EIP's subnet, once.
+/// The link routes a plan needs: each EIP's subnet, once. The planner
+/// gives every EIP of an interface its subnet's prefix, and EIPs come
+/// sorted, so one lookup per subnet skips that subnet's EIPs: O(subnets
+/// × log EIPs), not a walk of every EIP on each change.
 pub fn wanted_subnets(plan: &GatewayPlan) -> BTreeSet<IfAddr> {
+    use std::ops::Bound::{Excluded, Unbounded};
     let mut out = BTreeSet::new();
-    let mut last: Option<(&str, Ipv4Net)> = None;
-    for a in plan.addresses.iter().filter(|a| a.addr.prefix_len() < 32) {
-        // EIPs come sorted: a subnet's come together, one allocation each.
-        let net = a.addr.trunc();
-        if last != Some((a.interface.as_str(), net)) {
+    let mut next = plan.addresses.get_min().cloned();
+    while let Some(a) = next {
+        let last = if a.addr.prefix_len() < 32 {
+            let net = a.addr.trunc();
             out.insert(IfAddr { interface: a.interface.clone(), addr: net });
-            last = Some((a.interface.as_str(), net));
-        }
+            IfAddr { interface: a.interface, addr: Ipv4Net::new(net.broadcast(), 32).unwrap_or(a.addr) }
+        } else {
+            a
+        };
+        next = plan.addresses.range::<_, IfAddr>((Excluded(&last), Unbounded)).next().cloned();
     }
     out
 }
 
-/// The EIPs a plan has and the kernel's local routes lack, and the local
-/// routes the plan no longer has: one merge of two sorted sets, no
-/// allocation, so a change costs little however many EIPs there are.
-pub fn eip_diff<'a>(eips: &'a BTreeSet<IfAddr>, locals: &'a BTreeSet<IfAddr>) -> (Vec<&'a IfAddr>, Vec<&'a IfAddr>) {
-    let key = |a: &'a IfAddr| (a.interface.as_str(), a.addr.addr());
+/// The EIPs natgw holds, as a plan spells them: each local route with the
+/// prefix of its subnet route on the same interface (`/32` without one).
+pub fn held_eips(locals: &BTreeSet<IfAddr>, subnets: &BTreeSet<IfAddr>) -> OrdSet<IfAddr> {
+    locals
+        .iter()
+        .map(|l| {
+            let eip = l.addr.addr();
+            let net = subnets.iter().find(|s| s.interface == l.interface && s.addr.contains(&eip));
+            let addr = net.map_or(l.addr, |n| Ipv4Net::new(eip, n.addr.prefix_len()).unwrap_or(l.addr));
+            IfAddr { interface: l.interface.clone(), addr }
+        })
+        .collect()
+}
+
+/// Whether `set` has `addr` on `interface`, with any prefix.
+fn holds(set: &OrdSet<IfAddr>, interface: &str, addr: Ipv4Addr) -> bool {
+    let at =
+        |prefix| IfAddr { interface: interface.to_string(), addr: Ipv4Net::new(addr, prefix).unwrap_or(addr.into()) };
+    set.range(at(0)..=at(32)).next().is_some()
+}
+
+/// The EIPs a plan has and the kernel lacks, and those the kernel holds
+/// and the plan no longer has, compared by interface and address (a new
+/// prefix is a subnet route's business, not the EIP's). The diff skips
+/// what the two sets share: O(change) for a plan derived from the held
+/// one.
+pub fn eip_diff<'a>(held: &'a OrdSet<IfAddr>, want: &'a OrdSet<IfAddr>) -> (Vec<&'a IfAddr>, Vec<&'a IfAddr>) {
+    use imbl::ordset::DiffItem;
     let (mut added, mut removed) = (Vec::new(), Vec::new());
-    let (mut e, mut l) = (eips.iter().peekable(), locals.iter().peekable());
-    loop {
-        match (e.peek(), l.peek()) {
-            (Some(a), Some(b)) => match key(a).cmp(&key(b)) {
-                std::cmp::Ordering::Less => added.extend(e.next()),
-                std::cmp::Ordering::Greater => removed.extend(l.next()),
-                std::cmp::Ordering::Equal => {
-                    e.next();
-                    l.next();
-                }
-            },
-            (Some(_), None) => added.extend(e.next()),
-            (None, Some(_)) => removed.extend(l.next()),
-            (None, None) => return (added, removed),
+    for d in held.diff(want) {
+        match d {
+            DiffItem::Add(a) if !holds(held, &a.interface, a.addr.addr()) => added.push(a),
+            DiffItem::Remove(a) if !holds(want, &a.interface, a.addr.addr()) => removed.push(a),
+            _ => {}
         }
+    }
+    (added, removed)
+}
+
+/// The EIPs whose translation differs between two tables, on either side:
+/// the addresses a sweep of that change must judge flows through.
+pub fn touched_eips(have: &NatTables, want: &NatTables, out: &mut BTreeSet<Ipv4Addr>) {
+    use imbl::ordmap::DiffItem;
+    fn both<K: Ord + Clone, V: PartialEq + Clone>(
+        have: &imbl::OrdMap<K, V>,
+        want: &imbl::OrdMap<K, V>,
+        out: &mut BTreeSet<Ipv4Addr>,
+        eip: impl Fn(&K, &V) -> Ipv4Addr,
+    ) {
+        for d in have.diff(want) {
+            match d {
+                DiffItem::Add(k, v) | DiffItem::Remove(k, v) => {
+                    out.insert(eip(k, v));
+                }
+                DiffItem::Update { old: (k, hv), new: (_, wv) } => {
+                    out.insert(eip(k, hv));
+                    out.insert(eip(k, wv));
+                }
+            }
+        }
+    }
+    both(&have.fip_dnat, &want.fip_dnat, out, |k, _| *k);
+    both(&have.fip_snat, &want.fip_snat, out, |_, v| *v);
+    both(&have.port_fwd, &want.port_fwd, out, |k, _| k.0);
+    if have.snat != want.snat {
+        out.extend(have.snat.iter().chain(&want.snat).map(|r| r.eip));
     }
 }
 
@@ -153,21 +209,22 @@ impl fmt::Display for Drift {
     }
 }
 
-fn map_drift<K: Ord, V: PartialEq>(
+fn map_drift<K: Ord + Clone, V: PartialEq + Clone>(
     out: &mut Vec<Drift>,
     name: &str,
-    have: &BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
+    have: &imbl::OrdMap<K, V>,
+    want: &imbl::OrdMap<K, V>,
     show: impl Fn(&K, &V) -> String,
 ) {
-    for (k, v) in have {
-        if want.get(k) != Some(v) {
-            out.push(Drift::Leaked(format!("nft {name} element {}", show(k, v))));
-        }
-    }
-    for (k, v) in want {
-        if have.get(k) != Some(v) {
-            out.push(Drift::Missing(format!("nft {name} element {}", show(k, v))));
+    use imbl::ordmap::DiffItem;
+    for d in have.diff(want) {
+        match d {
+            DiffItem::Add(k, v) => out.push(Drift::Missing(format!("nft {name} element {}", show(k, v)))),
+            DiffItem::Remove(k, v) => out.push(Drift::Leaked(format!("nft {name} element {}", show(k, v)))),
+            DiffItem::Update { old: (k, hv), new: (_, wv) } => {
+                out.push(Drift::Leaked(format!("nft {name} element {}", show(k, hv))));
+                out.push(Drift::Missing(format!("nft {name} element {}", show(k, wv))));
+            }
         }
     }
 }
@@ -258,28 +315,66 @@ mod tests {
             .collect()
     }
 
+    fn local(a: &IfAddr) -> IfAddr {
+        IfAddr { interface: a.interface.clone(), addr: Ipv4Net::from(a.addr.addr()) }
+    }
+
+    /// One plan entry per address, as the planner guarantees.
+    fn one_per_address(set: BTreeSet<IfAddr>) -> OrdSet<IfAddr> {
+        let mut seen = BTreeSet::new();
+        set.into_iter().filter(|a| seen.insert((a.interface.clone(), a.addr.addr()))).collect()
+    }
+
     proptest! {
-        /// The merge equals the set differences it replaces.
+        /// The diff of held and wanted EIPs equals the set differences of
+        /// their local routes, whatever prefixes either side spells.
         #[test]
         fn eip_diff_is_the_set_difference(want in prop::collection::vec(any::<(u8, u8, u8)>(), 0..40),
-                                          have in prop::collection::vec(any::<(u8, u8, u8)>(), 0..40)) {
-            let plan = eips(&want);
-            let locals: BTreeSet<IfAddr> = eips(&have)
-                .into_iter()
-                .map(|a| IfAddr { interface: a.interface, addr: Ipv4Net::from(a.addr.addr()) })
+                                          have in prop::collection::vec(any::<(u8, u8, u8)>(), 0..40),
+                                          edits in prop::collection::vec(any::<(bool, u8, u8, u8)>(), 0..6)) {
+            let held = one_per_address(eips(&have));
+            let plan = one_per_address(eips(&want));
+            let locals: BTreeSet<IfAddr> = held.iter().map(local).collect();
+            // A plan derived from the held set shares its structure.
+            let mut derived = held.clone();
+            for (add, i, host, prefix) in edits {
+                let a = eips(&[(i, host, prefix)]).into_iter().next().unwrap();
+                if add && !holds(&derived, &a.interface, a.addr.addr()) { derived.insert(a); } else { derived.remove(&a); }
+            }
+            for want in [plan, derived] {
+                let want_locals = wanted_locals(&GatewayPlan { addresses: want.clone(), ..Default::default() });
+                let (added, removed) = eip_diff(&held, &want);
+                let added: BTreeSet<IfAddr> = added.into_iter().map(local).collect();
+                let removed: BTreeSet<IfAddr> = removed.into_iter().map(local).collect();
+                prop_assert_eq!(added, want_locals.difference(&locals).cloned().collect::<BTreeSet<_>>());
+                prop_assert_eq!(removed, locals.difference(&want_locals).cloned().collect::<BTreeSet<_>>());
+            }
+        }
+
+        /// Skipping each subnet's EIPs finds the subnets a walk finds, when
+        /// every EIP of an interface has one prefix (as planned).
+        #[test]
+        fn wanted_subnets_skips_to_each_subnet(want in prop::collection::vec(any::<(u8, u8)>(), 0..60),
+                                               prefixes in any::<(u8, u8)>()) {
+            let items: Vec<(u8, u8, u8)> =
+                want.iter().map(|(i, h)| (*i, *h, if i % 2 == 0 { prefixes.0 } else { prefixes.1 })).collect();
+            let plan = GatewayPlan { addresses: one_per_address(eips(&items)), ..Default::default() };
+            let walked: BTreeSet<IfAddr> = plan
+                .addresses
+                .iter()
+                .filter(|a| a.addr.prefix_len() < 32)
+                .map(|a| IfAddr { interface: a.interface.clone(), addr: a.addr.trunc() })
                 .collect();
-            // One plan entry per address, as the planner guarantees.
-            let mut seen = BTreeSet::new();
-            let plan: BTreeSet<IfAddr> =
-                plan.into_iter().filter(|a| seen.insert((a.interface.clone(), a.addr.addr()))).collect();
-            let p = GatewayPlan { addresses: plan.clone(), ..Default::default() };
-            let want_locals = wanted_locals(&p);
-            let (added, removed) = eip_diff(&plan, &locals);
-            let added: BTreeSet<IfAddr> =
-                added.into_iter().map(|a| IfAddr { interface: a.interface.clone(), addr: Ipv4Net::from(a.addr.addr()) }).collect();
-            let removed: BTreeSet<IfAddr> = removed.into_iter().cloned().collect();
-            prop_assert_eq!(added, want_locals.difference(&locals).cloned().collect::<BTreeSet<_>>());
-            prop_assert_eq!(removed, locals.difference(&want_locals).cloned().collect::<BTreeSet<_>>());
+            prop_assert_eq!(wanted_subnets(&plan), walked);
+        }
+
+        /// The EIPs held back from local routes and subnet routes are the
+        /// plan's when the kernel holds what the plan wants.
+        #[test]
+        fn held_eips_read_back_the_plan(want in prop::collection::vec(any::<(u8, u8)>(), 0..60), prefix in any::<u8>()) {
+            let items: Vec<(u8, u8, u8)> = want.iter().map(|(i, h)| (*i, *h, prefix)).collect();
+            let plan = GatewayPlan { addresses: one_per_address(eips(&items)), ..Default::default() };
+            prop_assert_eq!(held_eips(&wanted_locals(&plan), &wanted_subnets(&plan)), plan.addresses);
         }
     }
 }

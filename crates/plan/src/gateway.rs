@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use natgw_api::{DnatRule, FloatingIp, Kind, ObjectRef, ObjectSet, age_key};
+use natgw_api::{DnatRule, Eip, FloatingIp, Kind, ObjectRef, ObjectSet, age_key};
 
 use crate::snat::longest_prefix_ranges;
 use crate::state::{Conflict, GatewayPlan, IfAddr, Route};
@@ -19,37 +19,69 @@ pub enum PlanError {
     NoExternalSubnet { gateway: String, subnet: String },
 }
 
-struct Planner<'a> {
-    set: &'a ObjectSet,
-    plan: GatewayPlan,
+fn conflict(plan: &mut GatewayPlan, object: ObjectRef, field: &str, reason: String) {
+    plan.conflicts.push(Conflict { object, field: field.into(), reason, pending: false });
 }
 
-impl Planner<'_> {
-    fn conflict(&mut self, object: ObjectRef, field: &str, reason: String) {
-        self.plan.conflicts.push(Conflict { object, field: field.into(), reason, pending: false });
+/// What claims on EIPs are weighed against, fixed by the gateway, its
+/// subnets and its Eips: a change of any of these plans the gateway anew.
+#[derive(Clone, Debug)]
+pub(crate) struct Scope {
+    pub(crate) vpc: String,
+    /// The VPC's subnets.
+    pub(crate) internal: Vec<Ipv4Net>,
+    /// Eips of this gateway with a usable address, by name.
+    pub(crate) eips: BTreeMap<String, Ipv4Addr>,
+    /// The external subnet and its router.
+    pub(crate) cidr: Ipv4Net,
+    pub(crate) router: Ipv4Addr,
+}
+
+/// A claim on a whole EIP (FloatingIp) or on EIP ports (DnatRule).
+pub(crate) enum Claim<'a> {
+    Fip(&'a FloatingIp),
+    Dnat(&'a DnatRule),
+}
+
+impl Claim<'_> {
+    fn eip_name(&self) -> &str {
+        match self {
+            Claim::Fip(f) => &f.spec.eip,
+            Claim::Dnat(d) => &d.spec.eip,
+        }
     }
-    fn pending(&mut self, object: ObjectRef, field: &str, reason: String) {
-        self.plan.conflicts.push(Conflict { object, field: field.into(), reason, pending: true });
-    }
+}
+
+/// A claim with what orders it: age, then kind and name.
+pub(crate) type Weighed<'a> = ((Option<String>, String), ObjectRef, Claim<'a>);
+
+pub(crate) fn fip_claim(f: &FloatingIp) -> Weighed<'_> {
+    (age_key(f), ObjectRef::new(Kind::FloatingIp, kube::ResourceExt::name_any(f)), Claim::Fip(f))
+}
+
+pub(crate) fn dnat_claim(d: &DnatRule) -> Weighed<'_> {
+    (age_key(d), ObjectRef::new(Kind::DnatRule, kube::ResourceExt::name_any(d)), Claim::Dnat(d))
 }
 
 /// Computes everything gateway `name` should hold. Deterministic: when two
 /// objects claim the same thing, the older one wins (creation time, then
 /// name) and the other is reported in `conflicts`.
 pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanError> {
+    plan_with_scope(set, name).map(|(plan, _)| plan)
+}
+
+/// `plan_gateway`, and the scope its claims were weighed in.
+pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPlan, Scope), PlanError> {
     let gw = set.gateways.get(name).ok_or_else(|| PlanError::NoGateway(name.into()))?;
     let ext = set
         .subnets
         .get(&gw.spec.external_subnet)
         .ok_or_else(|| PlanError::NoExternalSubnet { gateway: name.into(), subnet: gw.spec.external_subnet.clone() })?;
-    let mut p = Planner {
-        set,
-        plan: GatewayPlan {
-            gateway: name.into(),
-            lan_interface: gw.spec.lan_interface.clone(),
-            external_interface: gw.spec.external_interface.clone(),
-            ..Default::default()
-        },
+    let mut plan = GatewayPlan {
+        gateway: name.into(),
+        lan_interface: gw.spec.lan_interface.clone(),
+        external_interface: gw.spec.external_interface.clone(),
+        ..Default::default()
     };
     let internal: Vec<Ipv4Net> = set
         .subnets
@@ -57,8 +89,8 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
         .filter(|s| s.spec.vpc.as_deref() == Some(gw.spec.vpc.as_str()))
         .map(|s| s.spec.cidr)
         .collect();
-    p.plan.nat.internal_nets = merge_ranges(internal.iter().map(|n| (n.network(), n.broadcast())));
-    p.plan.routes.insert(Route {
+    plan.nat.internal_nets = merge_ranges(internal.iter().map(|n| (n.network(), n.broadcast())));
+    plan.routes.insert(Route {
         dst: Ipv4Net::default(),
         via: ext.spec.gateway,
         interface: gw.spec.external_interface.clone(),
@@ -67,86 +99,24 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
         // A route the API server should have refused (an object from
         // before the CEL rule) is reported and skipped, never a failing sync.
         if let Some(e) = natgw_api::check_route(i, r).into_iter().next() {
-            p.conflict(ObjectRef::new(Kind::NatGateway, name), &e.field, e.message);
+            conflict(&mut plan, ObjectRef::new(Kind::NatGateway, name), &e.field, e.message);
             continue;
         }
-        p.plan.routes.insert(Route { dst: r.cidr, via: r.next_hop, interface: gw.spec.lan_interface.clone() });
+        plan.routes.insert(Route { dst: r.cidr, via: r.next_hop, interface: gw.spec.lan_interface.clone() });
     }
 
-    let eips = plan_eips(&mut p, name, ext.spec.cidr, ext.spec.gateway);
-    let in_vpc = |ip: Ipv4Addr| internal.iter().any(|n| n.contains(&ip));
-
-    // Claims on a whole EIP (FloatingIp) and on EIP ports (DnatRule) are
-    // weighed together, oldest first.
-    enum Claim<'a> {
-        Fip(&'a FloatingIp),
-        Dnat(&'a DnatRule),
-    }
-    let mut claims: Vec<((Option<String>, String), ObjectRef, Claim)> = Vec::new();
-    for f in set.floating_ips.values() {
-        claims.push((age_key(f), ObjectRef::new(Kind::FloatingIp, kube::ResourceExt::name_any(f)), Claim::Fip(f)));
-    }
-    for d in set.dnat_rules.values() {
-        claims.push((age_key(d), ObjectRef::new(Kind::DnatRule, kube::ResourceExt::name_any(d)), Claim::Dnat(d)));
-    }
-    claims.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut whole: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
-    let mut ports: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
-    let mut fip_internal: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
-    let mut port_owner: BTreeMap<crate::PortKey, ObjectRef> = BTreeMap::new();
-    for (_, r, claim) in &claims {
-        let eip_name = match claim {
-            Claim::Fip(f) => &f.spec.eip,
-            Claim::Dnat(d) => &d.spec.eip,
-        };
-        let Some(eip) = resolve(&mut p, &eips, r, eip_name) else { continue };
-        match claim {
-            Claim::Fip(f) => {
-                let internal_ip = f.spec.internal_ip;
-                if let Some(other) = whole.get(&eip).or_else(|| ports.get(&eip)) {
-                    p.conflict(r.clone(), "spec.eip", format!("Eip {eip_name:?} ({eip}) is already used by {other}"));
-                } else if !in_vpc(internal_ip) {
-                    p.conflict(
-                        r.clone(),
-                        "spec.internalIp",
-                        format!("{internal_ip} is outside every subnet of Vpc {:?}", gw.spec.vpc),
-                    );
-                } else if let Some(other) = fip_internal.get(&internal_ip) {
-                    p.conflict(
-                        r.clone(),
-                        "spec.internalIp",
-                        format!("{internal_ip} already has a floating IP through {other}"),
-                    );
-                } else {
-                    whole.insert(eip, r.clone());
-                    fip_internal.insert(internal_ip, r.clone());
-                    p.plan.nat.fip_dnat.insert(eip, internal_ip);
-                    p.plan.nat.fip_snat.insert(internal_ip, eip);
-                    p.plan.programmed.insert(r.clone());
-                }
-            }
-            Claim::Dnat(d) => {
-                let key = (eip, d.spec.protocol, d.spec.external_port);
-                if let Some(other) = whole.get(&eip) {
-                    p.conflict(r.clone(), "spec.eip", format!("Eip {eip_name:?} ({eip}) is taken whole by {other}"));
-                } else if let Some(other) = port_owner.get(&key) {
-                    let what = format!(
-                        "{} port {} of Eip {eip_name:?} is already forwarded by {other}",
-                        d.spec.protocol, d.spec.external_port
-                    );
-                    p.conflict(r.clone(), "spec.externalPort", what);
-                } else if !in_vpc(d.spec.internal_ip) {
-                    let what = format!("{} is outside every subnet of Vpc {:?}", d.spec.internal_ip, gw.spec.vpc);
-                    p.conflict(r.clone(), "spec.internalIp", what);
-                } else {
-                    ports.entry(eip).or_insert_with(|| r.clone());
-                    port_owner.insert(key, r.clone());
-                    p.plan.nat.port_fwd.insert(key, (d.spec.internal_ip, d.spec.internal_port));
-                    p.plan.programmed.insert(r.clone());
-                }
-            }
-        }
-    }
+    let mut scope = Scope {
+        vpc: gw.spec.vpc.clone(),
+        internal,
+        eips: BTreeMap::new(),
+        cidr: ext.spec.cidr,
+        router: ext.spec.gateway,
+    };
+    let mine: Vec<&Eip> = set.eips.values().filter(|e| e.spec.gateway == name).collect();
+    weigh_eips(&mut plan, &mut scope, mine);
+    let mut claims: Vec<Weighed> = set.floating_ips.values().map(fip_claim).collect();
+    claims.extend(set.dnat_rules.values().map(dnat_claim));
+    weigh(&mut plan, set, &scope, claims);
 
     // SnatRule: identical networks conflict, overlapping ones nest.
     let mut snat_rules: Vec<_> = set.snat_rules.values().collect();
@@ -154,74 +124,147 @@ pub fn plan_gateway(set: &ObjectSet, name: &str) -> Result<GatewayPlan, PlanErro
     let mut by_net: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)> = BTreeMap::new();
     for s in snat_rules {
         let r = ObjectRef::new(Kind::SnatRule, kube::ResourceExt::name_any(s));
-        let Some(eip) = resolve(&mut p, &eips, &r, &s.spec.eip) else { continue };
+        let Some(eip) = resolve(&mut plan, set, &scope.eips, &r, &s.spec.eip) else { continue };
         let net = s.spec.internal_cidr;
         if let Some((_, other)) = by_net.get(&net) {
-            p.conflict(r, "spec.internalCidr", format!("{net} is already translated by {other}"));
-        } else if !internal.iter().any(|n| n.contains(&net)) {
+            conflict(&mut plan, r, "spec.internalCidr", format!("{net} is already translated by {other}"));
+        } else if !scope.internal.iter().any(|n| n.contains(&net)) {
             // Inside one subnet: a rule must never translate addresses
             // outside the VPC (0.0.0.0/0 would take other tenants' traffic).
-            p.conflict(r, "spec.internalCidr", format!("{net} is not inside a subnet of Vpc {:?}", gw.spec.vpc));
+            conflict(&mut plan, r, "spec.internalCidr", format!("{net} is not inside a subnet of Vpc {:?}", scope.vpc));
         } else {
-            p.plan.programmed.insert(r.clone());
+            plan.programmed.insert(r.clone());
             by_net.insert(net, (eip, r));
         }
     }
     let rules: Vec<(Ipv4Net, Ipv4Addr)> = by_net.iter().map(|(n, (e, _))| (*n, *e)).collect();
-    p.plan.nat.snat = longest_prefix_ranges(&rules);
-    p.plan.conflicts.sort();
-    Ok(p.plan)
+    plan.nat.snat = longest_prefix_ranges(&rules);
+    plan.conflicts.sort();
+    Ok((plan, scope))
 }
 
-/// Eips of this gateway with a usable address, by name.
-fn plan_eips(p: &mut Planner, gateway: &str, cidr: Ipv4Net, router: Ipv4Addr) -> BTreeMap<String, Ipv4Addr> {
-    let mut mine: Vec<_> = p.set.eips.values().filter(|e| e.spec.gateway == gateway).collect();
-    mine.sort_by_key(|e| age_key(*e));
+/// Weighs claims on EIPs (FloatingIps take an EIP whole, DnatRules take
+/// ports of one), oldest first, into `plan`. `claims` must hold every
+/// claim that shares an EIP or an internal address with any of them: the
+/// outcome of one depends only on the older ones it shares those with.
+pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut claims: Vec<Weighed>) {
+    claims.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let in_vpc = |ip: Ipv4Addr| scope.internal.iter().any(|n| n.contains(&ip));
+    let vpc = &scope.vpc;
+    let mut whole: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
+    let mut ports: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
+    let mut fip_internal: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
+    let mut port_owner: BTreeMap<crate::PortKey, ObjectRef> = BTreeMap::new();
+    for (_, r, claim) in &claims {
+        let eip_name = claim.eip_name();
+        let Some(eip) = resolve(plan, set, &scope.eips, r, eip_name) else { continue };
+        match claim {
+            Claim::Fip(f) => {
+                let internal_ip = f.spec.internal_ip;
+                if let Some(other) = whole.get(&eip).or_else(|| ports.get(&eip)) {
+                    let what = format!("Eip {eip_name:?} ({eip}) is already used by {other}");
+                    conflict(plan, r.clone(), "spec.eip", what);
+                } else if !in_vpc(internal_ip) {
+                    let what = format!("{internal_ip} is outside every subnet of Vpc {vpc:?}");
+                    conflict(plan, r.clone(), "spec.internalIp", what);
+                } else if let Some(other) = fip_internal.get(&internal_ip) {
+                    let what = format!("{internal_ip} already has a floating IP through {other}");
+                    conflict(plan, r.clone(), "spec.internalIp", what);
+                } else {
+                    whole.insert(eip, r.clone());
+                    fip_internal.insert(internal_ip, r.clone());
+                    plan.nat.fip_dnat.insert(eip, internal_ip);
+                    plan.nat.fip_snat.insert(internal_ip, eip);
+                    plan.programmed.insert(r.clone());
+                }
+            }
+            Claim::Dnat(d) => {
+                let key = (eip, d.spec.protocol, d.spec.external_port);
+                if let Some(other) = whole.get(&eip) {
+                    let what = format!("Eip {eip_name:?} ({eip}) is taken whole by {other}");
+                    conflict(plan, r.clone(), "spec.eip", what);
+                } else if let Some(other) = port_owner.get(&key) {
+                    let what = format!(
+                        "{} port {} of Eip {eip_name:?} is already forwarded by {other}",
+                        d.spec.protocol, d.spec.external_port
+                    );
+                    conflict(plan, r.clone(), "spec.externalPort", what);
+                } else if !in_vpc(d.spec.internal_ip) {
+                    let what = format!("{} is outside every subnet of Vpc {vpc:?}", d.spec.internal_ip);
+                    conflict(plan, r.clone(), "spec.internalIp", what);
+                } else {
+                    ports.entry(eip).or_insert_with(|| r.clone());
+                    port_owner.insert(key, r.clone());
+                    plan.nat.port_fwd.insert(key, (d.spec.internal_ip, d.spec.internal_port));
+                    plan.programmed.insert(r.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Weighs Eips of this gateway, oldest first, into `plan` and
+/// `scope.eips`. `eips` must hold every Eip of the gateway that shares an
+/// address with any of them.
+pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Vec<&Eip>) {
+    let (cidr, router) = (scope.cidr, scope.router);
+    eips.sort_by_key(|e| age_key(*e));
     let mut by_ip: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    for e in mine {
+    for e in eips {
         let name = kube::ResourceExt::name_any(e);
         let r = ObjectRef::new(Kind::Eip, name.clone());
         let Some(ip) = ObjectSet::eip_address(e) else {
-            p.pending(r, "spec.ip", "no address allocated yet".into());
+            plan.conflicts.push(Conflict {
+                object: r,
+                field: "spec.ip".into(),
+                reason: "no address allocated yet".into(),
+                pending: true,
+            });
             continue;
         };
         let field = if e.spec.ip.is_some() { "spec.ip" } else { "status.ip" };
         if !cidr.contains(&ip) {
-            p.conflict(r, field, format!("{ip} is outside the external subnet {cidr}"));
+            conflict(plan, r, field, format!("{ip} is outside the external subnet {cidr}"));
         } else if ip == router || (cidr.prefix_len() < 31 && (ip == cidr.network() || ip == cidr.broadcast())) {
-            p.conflict(r, field, format!("{ip} is the external subnet's gateway, network or broadcast address"));
+            conflict(plan, r, field, format!("{ip} is the external subnet's gateway, network or broadcast address"));
         } else if let Some(other) = by_ip.get(&ip) {
-            p.conflict(r, field, format!("{ip} is already held by {other}"));
+            conflict(plan, r, field, format!("{ip} is already held by {other}"));
         } else {
-            let addr = Ipv4Net::new(ip, cidr.prefix_len()).unwrap_or(Ipv4Net::from(ip));
-            p.plan.addresses.insert(IfAddr { interface: p.plan.external_interface.clone(), addr });
-            p.plan.programmed.insert(r.clone());
+            plan.addresses.insert(eip_addr(plan, scope, ip));
+            plan.programmed.insert(r.clone());
             by_ip.insert(ip, r);
-            out.insert(name, ip);
+            scope.eips.insert(name, ip);
         }
     }
-    out
+}
+
+/// An EIP as the plan holds it: on the external interface, with the
+/// external subnet's prefix.
+pub(crate) fn eip_addr(plan: &GatewayPlan, scope: &Scope, ip: Ipv4Addr) -> IfAddr {
+    let addr = Ipv4Net::new(ip, scope.cidr.prefix_len()).unwrap_or(Ipv4Net::from(ip));
+    IfAddr { interface: plan.external_interface.clone(), addr }
 }
 
 /// The address of the Eip a rule names, if the Eip is on this gateway and
 /// usable. Rules of other gateways are skipped silently (not ours);
 /// rules on a missing or unusable Eip are reported as pending.
-fn resolve(p: &mut Planner, eips: &BTreeMap<String, Ipv4Addr>, r: &ObjectRef, eip_name: &str) -> Option<Ipv4Addr> {
+pub(crate) fn resolve(
+    plan: &mut GatewayPlan,
+    set: &ObjectSet,
+    eips: &BTreeMap<String, Ipv4Addr>,
+    r: &ObjectRef,
+    eip_name: &str,
+) -> Option<Ipv4Addr> {
     if let Some(ip) = eips.get(eip_name) {
         return Some(*ip);
     }
-    match p.set.eips.get(eip_name) {
-        Some(e) if e.spec.gateway != p.plan.gateway => None,
-        Some(_) => {
-            p.pending(r.clone(), "spec.eip", format!("Eip {eip_name:?} has no usable address"));
-            None
-        }
-        None => {
-            p.pending(r.clone(), "spec.eip", format!("Eip {eip_name:?} does not exist"));
-            None
-        }
-    }
+    let reason = match set.eips.get(eip_name) {
+        Some(e) if e.spec.gateway != plan.gateway => return None,
+        Some(_) => format!("Eip {eip_name:?} has no usable address"),
+        None => format!("Eip {eip_name:?} does not exist"),
+    };
+    plan.conflicts.push(Conflict { object: r.clone(), field: "spec.eip".into(), reason, pending: true });
+    None
 }
 
 /// Sorts inclusive ranges and joins the ones that overlap or touch.

@@ -1,7 +1,9 @@
 //! The desired state of one gateway. The kernel side reads what the kernel
 //! holds into the same shapes, so comparing the two is plain equality.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use imbl::{OrdMap, OrdSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -32,16 +34,18 @@ pub type PortKey = (Ipv4Addr, Protocol, u16);
 pub type Target = (Ipv4Addr, u16);
 
 /// The content of natgw's nftables table: maps and sets only. The rules that
-/// use them are fixed per (LAN, external) interface pair.
+/// use them are fixed per (LAN, external) interface pair. The maps are
+/// persistent: a plan derived from another shares its structure, so
+/// cloning is cheap and a diff visits only what changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NatTables {
     /// FloatingIp, inbound: EIP -> internal IP.
-    pub fip_dnat: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub fip_dnat: OrdMap<Ipv4Addr, Ipv4Addr>,
     /// FloatingIp, outbound: internal IP -> EIP.
-    pub fip_snat: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub fip_snat: OrdMap<Ipv4Addr, Ipv4Addr>,
     /// DnatRule: (EIP, protocol, port) -> (internal IP, port).
     #[serde(serialize_with = "as_pairs")]
-    pub port_fwd: BTreeMap<PortKey, Target>,
+    pub port_fwd: OrdMap<PortKey, Target>,
     /// SnatRule, split into disjoint ranges where the longest prefix wins.
     pub snat: Vec<SnatRange>,
     /// VPC-side networks as merged inclusive ranges, for hairpin NAT.
@@ -80,12 +84,24 @@ pub struct GatewayPlan {
     pub gateway: String,
     pub lan_interface: String,
     pub external_interface: String,
-    pub addresses: BTreeSet<IfAddr>,
+    pub addresses: OrdSet<IfAddr>,
     pub routes: BTreeSet<Route>,
     pub nat: NatTables,
     /// Objects whose state this plan carries.
-    pub programmed: BTreeSet<ObjectRef>,
+    pub programmed: OrdSet<ObjectRef>,
     pub conflicts: Vec<Conflict>,
+}
+
+impl GatewayPlan {
+    /// Whether `ip` is one of this plan's EIPs (they are all on the
+    /// external interface): one lookup.
+    pub fn holds_eip(&self, ip: Ipv4Addr) -> bool {
+        let at = |prefix| IfAddr {
+            interface: self.external_interface.clone(),
+            addr: Ipv4Net::new(ip, prefix).unwrap_or(Ipv4Net::from(ip)),
+        };
+        self.addresses.range(at(0)..=at(32)).next().is_some()
+    }
 }
 
 impl fmt::Display for GatewayPlan {
@@ -117,6 +133,6 @@ impl fmt::Display for GatewayPlan {
 }
 
 /// JSON object keys must be strings; tuple-keyed maps become pair lists.
-fn as_pairs<S: serde::Serializer, K: Serialize, V: Serialize>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+fn as_pairs<S: serde::Serializer, K: Serialize + Ord, V: Serialize>(m: &OrdMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(m.iter())
 }

@@ -1,0 +1,294 @@
+//! `GatewayPlanner`: the same plan as `plan_gateway`, kept up to date by
+//! re-weighing only the claims a change touches.
+//!
+//! A FloatingIp's or DnatRule's outcome depends only on the older claims it
+//! shares an EIP or (FloatingIps) an internal address with. So a change
+//! re-weighs the group of claims linked to it through those keys, and
+//! nothing else. The plan's maps are persistent: the new plan shares all
+//! but the changed paths with the last one, and the data plane's diff
+//! skips what they share. An Eip's change re-weighs the Eips at its old
+//! and new address, then the claims that name it. A change of anything
+//! else (a gateway, subnet, Vpc or SnatRule) plans the gateway anew.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use natgw_api::{Eip, Kind, ObjectRef, ObjectSet};
+
+use crate::gateway::{Scope, Weighed, dnat_claim, eip_addr, fip_claim, plan_with_scope, weigh, weigh_eips};
+use crate::{GatewayPlan, PlanError};
+
+/// The keys a claim holds: the Eip it names, the EIP that resolved to,
+/// and a FloatingIp's internal address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Keys {
+    eip_name: String,
+    eip: Option<Ipv4Addr>,
+    internal: Option<Ipv4Addr>,
+}
+
+type Group = (BTreeSet<ObjectRef>, BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>);
+
+/// One gateway's plan and what it takes to change it in O(change).
+#[derive(Clone, Debug)]
+pub struct GatewayPlanner {
+    name: String,
+    plan: GatewayPlan,
+    scope: Scope,
+    keys: BTreeMap<ObjectRef, Keys>,
+    // Indexes are flat sets of (key, object): a set per key cost a node
+    // allocation per EIP, 190 MB at 100k objects.
+    by_eip: BTreeSet<(Ipv4Addr, ObjectRef)>,
+    by_internal: BTreeSet<(Ipv4Addr, ObjectRef)>,
+    by_eip_name: BTreeSet<(String, ObjectRef)>,
+    /// This gateway's Eips with the address each asks for, and by address.
+    eip_ips: BTreeMap<String, Option<Ipv4Addr>>,
+    eips_at: BTreeSet<(Ipv4Addr, String)>,
+}
+
+fn keys_of(scope: &Scope, set: &ObjectSet, r: &ObjectRef) -> Option<Keys> {
+    match r.kind {
+        Kind::FloatingIp => set.floating_ips.get(&r.name).map(|f| Keys {
+            eip_name: f.spec.eip.clone(),
+            eip: scope.eips.get(&f.spec.eip).copied(),
+            internal: Some(f.spec.internal_ip),
+        }),
+        Kind::DnatRule => set.dnat_rules.get(&r.name).map(|d| Keys {
+            eip_name: d.spec.eip.clone(),
+            eip: scope.eips.get(&d.spec.eip).copied(),
+            internal: None,
+        }),
+        _ => None,
+    }
+}
+
+fn claim<'a>(set: &'a ObjectSet, r: &ObjectRef) -> Option<Weighed<'a>> {
+    match r.kind {
+        Kind::FloatingIp => set.floating_ips.get(&r.name).map(fip_claim),
+        Kind::DnatRule => set.dnat_rules.get(&r.name).map(dnat_claim),
+        _ => None,
+    }
+}
+
+impl GatewayPlanner {
+    /// Plans gateway `name` from scratch.
+    pub fn new(set: &ObjectSet, name: &str) -> Result<Self, PlanError> {
+        let (plan, scope) = plan_with_scope(set, name)?;
+        let mut planner = GatewayPlanner {
+            name: name.into(),
+            plan,
+            scope,
+            keys: BTreeMap::new(),
+            by_eip: BTreeSet::new(),
+            by_internal: BTreeSet::new(),
+            by_eip_name: BTreeSet::new(),
+            eip_ips: BTreeMap::new(),
+            eips_at: BTreeSet::new(),
+        };
+        for e in set.eips.values().filter(|e| e.spec.gateway == name) {
+            planner.index_eip(kube::ResourceExt::name_any(e), ObjectSet::eip_address(e));
+        }
+        let refs = set
+            .floating_ips
+            .keys()
+            .map(|n| ObjectRef::new(Kind::FloatingIp, n.clone()))
+            .chain(set.dnat_rules.keys().map(|n| ObjectRef::new(Kind::DnatRule, n.clone())));
+        for r in refs {
+            if let Some(k) = keys_of(&planner.scope, set, &r) {
+                planner.index(r, k);
+            }
+        }
+        Ok(planner)
+    }
+
+    /// The plan as of the last update.
+    pub fn plan(&self) -> &GatewayPlan {
+        &self.plan
+    }
+
+    /// Brings the plan up to `set`, in which the objects `changed` were
+    /// added, modified or removed since the last update. FloatingIps and
+    /// DnatRules are re-weighed with the claims they share keys with,
+    /// Eips with the Eips they share an address with (and the claims that
+    /// name them); any other kind plans the gateway anew. An error leaves
+    /// the plan as it was.
+    pub fn update(&mut self, set: &ObjectSet, changed: &BTreeSet<ObjectRef>) -> Result<(), PlanError> {
+        if changed.iter().any(|r| !matches!(r.kind, Kind::FloatingIp | Kind::DnatRule | Kind::Eip)) {
+            *self = GatewayPlanner::new(set, &self.name)?;
+            return Ok(());
+        }
+        let eips: BTreeSet<&String> = changed.iter().filter(|r| r.kind == Kind::Eip).map(|r| &r.name).collect();
+        let mut claims: BTreeSet<ObjectRef> = changed.iter().filter(|r| r.kind != Kind::Eip).cloned().collect();
+        if !eips.is_empty() {
+            for name in self.reweigh_eips(set, eips) {
+                claims.extend(at(&self.by_eip_name, &name, lowest()).cloned());
+            }
+        }
+        self.reweigh_claims(set, &claims);
+        Ok(())
+    }
+
+    /// Re-weighs the Eips `changed` with every Eip of this gateway at
+    /// their old or new address; returns the names whose outcome may
+    /// have changed.
+    fn reweigh_eips(&mut self, set: &ObjectSet, changed: BTreeSet<&String>) -> BTreeSet<String> {
+        let gateway = self.name.clone();
+        let mine = |n: &String| set.eips.get(n).filter(|e| e.spec.gateway == gateway);
+        let mut ips = BTreeSet::new();
+        for n in &changed {
+            ips.extend(self.eip_ips.get(*n).copied().flatten());
+            ips.extend(mine(n).and_then(ObjectSet::eip_address));
+        }
+        let mut names: BTreeSet<String> = changed.into_iter().cloned().collect();
+        for ip in &ips {
+            names.extend(at(&self.eips_at, ip, String::new()).cloned());
+        }
+        for n in &names {
+            self.unindex_eip(n);
+            if let Some(ip) = self.scope.eips.remove(n) {
+                let addr = eip_addr(&self.plan, &self.scope, ip);
+                self.plan.addresses.remove(&addr);
+            }
+            self.plan.programmed.remove(&ObjectRef::new(Kind::Eip, n.clone()));
+        }
+        self.plan.conflicts.retain(|c| c.object.kind != Kind::Eip || !names.contains(&c.object.name));
+        let group: Vec<&Eip> = names.iter().filter_map(mine).collect();
+        for e in &group {
+            self.index_eip(kube::ResourceExt::name_any(*e), ObjectSet::eip_address(e));
+        }
+        weigh_eips(&mut self.plan, &mut self.scope, group);
+        names
+    }
+
+    /// Re-weighs the claims `changed` with every claim they share an EIP
+    /// or an internal address with.
+    fn reweigh_claims(&mut self, set: &ObjectSet, changed: &BTreeSet<ObjectRef>) {
+        // The keys the changed claims held and hold now.
+        let (mut eips, mut internals) = (BTreeSet::new(), BTreeSet::new());
+        for r in changed {
+            if let Some(old) = self.unindex(r) {
+                eips.extend(old.eip);
+                internals.extend(old.internal.filter(|_| old.eip.is_some()));
+            }
+            if let Some(new) = keys_of(&self.scope, set, r) {
+                eips.extend(new.eip);
+                internals.extend(new.internal.filter(|_| new.eip.is_some()));
+                self.index(r.clone(), new);
+            }
+        }
+        let (group, eips, internals) = self.group(changed, eips, internals);
+        // Out with what the group produced (every entry at its keys is
+        // the group's), then weigh it again.
+        let nat = &mut self.plan.nat;
+        for e in &eips {
+            nat.fip_dnat.remove(e);
+            // Tcp is the lowest protocol: the range starts at this EIP.
+            let ports: Vec<_> = nat
+                .port_fwd
+                .range((*e, natgw_api::Protocol::Tcp, 0)..)
+                .take_while(|(p, _)| p.0 == *e)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in ports {
+                nat.port_fwd.remove(&p);
+            }
+        }
+        for i in &internals {
+            nat.fip_snat.remove(i);
+        }
+        for r in &group {
+            self.plan.programmed.remove(r);
+        }
+        self.plan.conflicts.retain(|c| !group.contains(&c.object));
+        let claims: Vec<Weighed> = group.iter().filter_map(|r| claim(set, r)).collect();
+        weigh(&mut self.plan, set, &self.scope, claims);
+        self.plan.conflicts.sort();
+    }
+
+    /// The changed claims and every claim linked to them through an EIP or
+    /// an internal address, transitively; and those EIPs and addresses.
+    fn group(
+        &self,
+        changed: &BTreeSet<ObjectRef>,
+        mut eips: BTreeSet<Ipv4Addr>,
+        mut internals: BTreeSet<Ipv4Addr>,
+    ) -> Group {
+        let mut group: BTreeSet<ObjectRef> = changed.clone();
+        let (mut seen_eips, mut seen_internals) = (BTreeSet::new(), BTreeSet::new());
+        while !eips.is_empty() || !internals.is_empty() {
+            let mut found = Vec::new();
+            for e in std::mem::take(&mut eips) {
+                if seen_eips.insert(e) {
+                    found.extend(at(&self.by_eip, &e, lowest()));
+                }
+            }
+            for i in std::mem::take(&mut internals) {
+                if seen_internals.insert(i) {
+                    found.extend(at(&self.by_internal, &i, lowest()));
+                }
+            }
+            for r in found {
+                if group.insert(r.clone())
+                    && let Some(k) = self.keys.get(r)
+                {
+                    eips.extend(k.eip.filter(|e| !seen_eips.contains(e)));
+                    internals.extend(k.internal.filter(|i| k.eip.is_some() && !seen_internals.contains(i)));
+                }
+            }
+        }
+        (group, seen_eips, seen_internals)
+    }
+
+    fn index_eip(&mut self, name: String, ip: Option<Ipv4Addr>) {
+        if let Some(ip) = ip {
+            self.eips_at.insert((ip, name.clone()));
+        }
+        self.eip_ips.insert(name, ip);
+    }
+
+    fn unindex_eip(&mut self, name: &String) {
+        if let Some(Some(ip)) = self.eip_ips.remove(name) {
+            self.eips_at.remove(&(ip, name.clone()));
+        }
+    }
+
+    fn index(&mut self, r: ObjectRef, k: Keys) {
+        self.by_eip_name.insert((k.eip_name.clone(), r.clone()));
+        // A claim on no EIP of this gateway shares nothing: it is weighed
+        // alone (pending, or another gateway's).
+        if let Some(e) = k.eip {
+            self.by_eip.insert((e, r.clone()));
+            if let Some(i) = k.internal {
+                self.by_internal.insert((i, r.clone()));
+            }
+        }
+        self.keys.insert(r, k);
+    }
+
+    fn unindex(&mut self, r: &ObjectRef) -> Option<Keys> {
+        let k = self.keys.remove(r)?;
+        if let Some(e) = k.eip {
+            self.by_eip.remove(&(e, r.clone()));
+            if let Some(i) = k.internal {
+                self.by_internal.remove(&(i, r.clone()));
+            }
+        }
+        self.by_eip_name.remove(&(k.eip_name.clone(), r.clone()));
+        Some(k)
+    }
+}
+
+/// The lowest object reference: where a range over one key starts.
+fn lowest() -> ObjectRef {
+    ObjectRef::new(Kind::ALL.iter().copied().min().unwrap_or(Kind::Vpc), String::new())
+}
+
+/// The values an index holds under `key`; `first` sorts before all of them.
+fn at<'a, K: Ord + Clone, V: Ord>(
+    index: &'a BTreeSet<(K, V)>,
+    key: &K,
+    first: V,
+) -> impl Iterator<Item = &'a V> + use<'a, K, V> {
+    let key = key.clone();
+    index.range((key.clone(), first)..).take_while(move |(k, _)| *k == key).map(|(_, v)| v)
+}
