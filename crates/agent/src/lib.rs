@@ -106,6 +106,24 @@ struct Entry {
     conditions: Vec<Condition>,
 }
 
+/// Each object's entry, kept between rounds.
+type Entries = std::collections::BTreeMap<ObjectRef, Arc<Entry>>;
+
+/// What an entry is made from, for any kind.
+trait KindEntry {
+    fn object_ref(&self) -> ObjectRef;
+    fn entry(&self) -> Entry;
+}
+
+impl<K: KindResource> KindEntry for K {
+    fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(K::KIND, self.meta().name.clone().unwrap_or_default())
+    }
+    fn entry(&self) -> Entry {
+        entry(self)
+    }
+}
+
 fn entry<K: KindResource>(o: &K) -> Entry {
     let m = o.meta();
     let finalizers = m.finalizers.clone().unwrap_or_default();
@@ -138,8 +156,15 @@ impl Caches {
     /// Brings `set` up to the caches (a copy only of objects whose
     /// resourceVersion changed: copying every object was most of a round
     /// at 10,000 objects) and returns the entries of this gateway's objects.
-    /// The objects copied or removed go into `changed`.
-    fn refresh(&self, set: &mut ObjectSet, gw: &str, changed: &mut BTreeSet<ObjectRef>) -> Vec<Entry> {
+    /// The objects copied or removed go into `changed`; `entries` keeps
+    /// each object's entry until its resourceVersion moves.
+    fn refresh(
+        &self,
+        set: &mut ObjectSet,
+        gw: &str,
+        changed: &mut BTreeSet<ObjectRef>,
+        entries: &mut Entries,
+    ) -> Vec<Arc<Entry>> {
         let mut mine = Vec::new();
         refresh(&mut set.vpcs, &self.vpcs, |_, _| true, Kind::Vpc, changed);
         refresh(&mut set.subnets, &self.subnets, |_, _| true, Kind::Subnet, changed);
@@ -160,25 +185,36 @@ impl Caches {
                 }
             }
         }
+        refresh(&mut set.floating_ips, &self.fips, |_, _| true, Kind::FloatingIp, changed);
+        refresh(&mut set.snat_rules, &self.snats, |_, _| true, Kind::SnatRule, changed);
+        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true, Kind::DnatRule, changed);
+        let mut kept = Entries::new();
+        let mut entry_of = |o: &dyn KindEntry| {
+            let r = o.object_ref();
+            let e = match entries.get(&r) {
+                Some(e) if !changed.contains(&r) => e.clone(),
+                _ => Arc::new(o.entry()),
+            };
+            kept.insert(r, e.clone());
+            e
+        };
         let mut my_eips = BTreeSet::new();
         for o in self.eips.state() {
             if o.spec.gateway == gw {
                 my_eips.insert(o.name_any());
-                mine.push(entry(&*o));
+                mine.push(entry_of(&*o));
             }
         }
-        refresh(&mut set.floating_ips, &self.fips, |_, _| true, Kind::FloatingIp, changed);
-        refresh(&mut set.snat_rules, &self.snats, |_, _| true, Kind::SnatRule, changed);
-        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true, Kind::DnatRule, changed);
         let fin = finalizer(gw);
         // A rule is ours if its Eip is, or if it still carries our finalizer
         // (its Eip may be gone already).
         let ours = |eip: &str, m: &kube::api::ObjectMeta| {
             my_eips.contains(eip) || m.finalizers.as_ref().is_some_and(|f| f.contains(&fin))
         };
-        mine.extend(self.fips.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
-        mine.extend(self.snats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
-        mine.extend(self.dnats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry(&**o)));
+        mine.extend(self.fips.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
+        mine.extend(self.snats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
+        mine.extend(self.dnats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
+        *entries = kept;
         mine
     }
 }
@@ -271,6 +307,18 @@ struct Ctx<'a> {
 struct Planning {
     memo: Option<(u64, Arc<GatewayPlan>)>,
     planner: Option<GatewayPlanner>,
+    entries: Entries,
+    /// The plan whose conditions the last status pass wrote, and the
+    /// objects changed since: a status pass looks only at these and at
+    /// what the plan changed for (O(change)).
+    reported: Option<Arc<GatewayPlan>>,
+    unreported: BTreeSet<ObjectRef>,
+    /// Objects whose finalizer this agent persisted, with the
+    /// resourceVersion they had before: until the cache shows the write,
+    /// they count as finalized (a round triggered by another event must
+    /// not write again, fail on the stale version, and drop them from the
+    /// kernel meanwhile).
+    persisted: std::collections::BTreeMap<ObjectRef, Option<String>>,
 }
 
 impl Planning {
@@ -309,11 +357,19 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let started = std::time::Instant::now();
     let fin = finalizer(gw);
     let mut changed = BTreeSet::new();
-    let mine = caches.refresh(set, gw, &mut changed);
+    let mine = caches.refresh(set, gw, &mut changed, &mut planning.entries);
     let snapshot_ms = started.elapsed().as_millis() as u64;
     let mut adding = Vec::new();
+    let persisted = std::mem::take(&mut planning.persisted);
+    let mut finalized_before = Vec::new();
     for e in &mine {
-        let has = e.finalizers.contains(&fin);
+        let written = persisted.get(&e.object).is_some_and(|rv| *rv == e.resource_version);
+        if written && !e.released {
+            // Still not in the cache: ours all the same.
+            planning.persisted.insert(e.object.clone(), e.resource_version.clone());
+            finalized_before.push(e);
+        }
+        let has = e.finalizers.contains(&fin) || written;
         if e.released {
             // No longer allowed in the kernel.
             set.remove(&e.object);
@@ -344,12 +400,15 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
             set.remove(&e.object);
             changed.insert(e.object.clone());
         } else {
+            planning.persisted.insert(e.object.clone(), e.resource_version.clone());
             finalized.push(e);
         }
     }
+    finalized.extend(finalized_before);
     // Rounds triggered by natgw's own status writes change nothing the
     // plan reads: planning again (O(objects)) is skipped then.
     let finalizers_ms = started.elapsed().as_millis() as u64;
+    planning.unreported.extend(changed.iter().cloned());
     let key = plan_key(set);
     // Only what changed is planned again; the plan shares the rest with
     // the last one, and the kernel diff skips what they share.
@@ -375,13 +434,20 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     // The conntrack sweep this change owes runs beside the next changes;
     // its end triggers a round, which releases what it settled.
     gateway.sweep_in_background(sweep_done.clone());
-    let mut settled: Vec<&Entry> = mine.iter().filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
-    settled.extend(finalized);
+    let mut settled: Vec<&Entry> =
+        mine.iter().map(|e| &**e).filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
+    settled.extend(finalized.into_iter().map(|e| &**e));
     // With the plan reused, what each object's conditions should say is
     // what the last round wrote; a write that failed is retried by the
     // next plan or the periodic resync (30 s).
     if !reused {
+        if let Some(before) = planning.reported.as_ref().filter(|_| !resync) {
+            let scope = status_scope(before, &plan, &planning.unreported);
+            settled.retain(|e| scope.contains(&e.object));
+        }
         report_status(client, gw, &plan, &settled).await;
+        planning.reported = Some(plan.clone());
+        planning.unreported.clear();
     }
     // The kernel no longer holds these, nor any flow through them once
     // every change is swept: let them go.
@@ -551,12 +617,32 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The objects whose conditions may differ from what the status pass of
+/// `before` wrote: those changed since, and those `plan` programs, stops
+/// programming or reports differently. The plans share structure, so the
+/// diff of `programmed` is O(change).
+fn status_scope(before: &GatewayPlan, plan: &GatewayPlan, changed: &BTreeSet<ObjectRef>) -> BTreeSet<ObjectRef> {
+    use imbl::ordset::DiffItem;
+    let mut out = changed.clone();
+    for d in before.programmed.diff(&plan.programmed) {
+        match d {
+            DiffItem::Add(r) | DiffItem::Remove(r) => out.insert(r.clone()),
+        };
+    }
+    let (old, new): (BTreeSet<_>, BTreeSet<_>) = (before.conflicts.iter().collect(), plan.conflicts.iter().collect());
+    out.extend(old.symmetric_difference(&new).map(|c| c.object.clone()));
+    out
+}
+
 /// (type, status, reason, message) of the conditions the agent owns.
 type Want = [(&'static str, &'static str, String, String); 3];
 
 fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
     let programmed = plan.programmed.contains(object);
-    let conflict = plan.conflicts.iter().find(|c| &c.object == object);
+    // Conflicts are sorted by object: a lookup, not a walk per object
+    // (quadratic while thousands of new rules wait for their Eips).
+    let at = plan.conflicts.partition_point(|c| &c.object < object);
+    let conflict = plan.conflicts.get(at).filter(|c| &c.object == object);
     let (p_reason, p_msg) = match conflict {
         _ if programmed => ("InKernel".to_string(), format!("programmed in gateway {}", plan.gateway)),
         Some(c) if c.pending => ("Pending".to_string(), format!("{}: {}", c.field, c.reason)),
@@ -636,4 +722,53 @@ async fn patch_status(
 ) -> Result<(), kube::Error> {
     use natgw_kube_support::status::apply_status;
     with_kind!(r.kind, apply_status(client, manager, &r.name, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natgw_plan::Conflict;
+
+    fn fip(name: &str) -> ObjectRef {
+        ObjectRef::new(Kind::FloatingIp, name)
+    }
+
+    #[test]
+    fn a_status_pass_looks_at_what_changed_and_what_the_plan_changed_for() {
+        let mut before = GatewayPlan::default();
+        before.programmed.insert(fip("kept"));
+        before.programmed.insert(fip("dropped"));
+        let conflict = |o: &str, reason: &str| Conflict {
+            object: fip(o),
+            field: "spec.eip".into(),
+            reason: reason.into(),
+            pending: false,
+        };
+        before.conflicts = vec![conflict("loser", "taken by a"), conflict("steady", "taken by b")];
+        let mut plan = before.clone();
+        plan.programmed.remove(&fip("dropped"));
+        plan.programmed.insert(fip("new"));
+        plan.conflicts = vec![conflict("loser", "taken by c"), conflict("steady", "taken by b")];
+        let changed: BTreeSet<ObjectRef> = [fip("edited")].into();
+        let scope = status_scope(&before, &plan, &changed);
+        let want: BTreeSet<ObjectRef> = [fip("edited"), fip("dropped"), fip("new"), fip("loser")].into();
+        assert_eq!(scope, want);
+    }
+
+    #[test]
+    fn conflicts_are_found_by_bisection() {
+        let mut plan = GatewayPlan::default();
+        for name in ["a", "b", "c"] {
+            plan.conflicts.push(Conflict {
+                object: fip(name),
+                field: "spec.eip".into(),
+                reason: format!("reason {name}"),
+                pending: name == "b",
+            });
+        }
+        let [(_, _, reason, _), ..] = wanted(&plan, &fip("b"));
+        assert_eq!(reason, "Pending");
+        let [(_, status, _, _), ..] = wanted(&plan, &fip("zz"));
+        assert_eq!(status, "False");
+    }
 }

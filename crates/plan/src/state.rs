@@ -89,6 +89,7 @@ pub struct GatewayPlan {
     pub nat: NatTables,
     /// Objects whose state this plan carries.
     pub programmed: OrdSet<ObjectRef>,
+    /// Sorted, so by object first: one object's are found by bisection.
     pub conflicts: Vec<Conflict>,
 }
 
