@@ -201,3 +201,25 @@ fn random_sequences_of_object_sets_converge_exactly() {
         }
     });
 }
+
+/// Thousands of FloatingIps arriving in one round (50,000 objects created
+/// at once) are more than one netlink message carries: every round failed
+/// with EMSGSIZE until such changes went through `nft -f`.
+#[test]
+fn a_map_change_too_large_for_one_netlink_message_still_converges() {
+    let lab = lab("bigmap");
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    let small = plan(&objects(&rules()));
+    converge(&gw, &objects(&rules()));
+    let mut big = small.clone();
+    for i in 0..20_000u32 {
+        let eip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 80, 0, 1)) + i);
+        let internal = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 78, 0, 1)) + i);
+        big.nat.fip_dnat.insert(eip, internal);
+        big.nat.fip_snat.insert(internal, eip);
+    }
+    gw.sync(&big).expect("20,000 new map elements in one sync");
+    assert_clean(&gw, &big);
+    gw.sync(&small).expect("20,000 map elements removed in one sync");
+    assert_clean(&gw, &small);
+}
