@@ -161,6 +161,30 @@ fn primary<K: KindResource>(client: &Client) -> Controller<K> {
     Controller::for_stream(stream, reader)
 }
 
+/// A controller of kind K, and the same changes (deletions too) for other
+/// controllers, each passed on once K's cache holds it. The relay drives
+/// both until `stop`.
+fn shared<K: KindResource>(
+    client: &Client,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    Controller<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (reader, stream) = natgw_kube_support::cached_touched::<K>(client, watcher::Config::default(), "controller");
+    let (to_self, from_self) = futures::channel::mpsc::unbounded();
+    let (to_others, from_others) = futures::channel::mpsc::unbounded();
+    let relay = stream.take_until(stop).for_each(move |item| {
+        if let Ok(o) = &item {
+            let _ = to_others.unbounded_send(Ok(o.clone()));
+        }
+        let _ = to_self.unbounded_send(item);
+        futures::future::ready(())
+    });
+    (Controller::for_stream(from_self, reader), from_others, relay)
+}
+
 fn parent<P: KindResource>(name: &str) -> Option<CacheRef<P>> {
     (!name.is_empty()).then(|| CacheRef::new(name))
 }
@@ -175,6 +199,13 @@ pub async fn run(
     options: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let cfg = watcher::Config::default();
     let all = |c: &Client| c.clone();
     let vpc = primary::<Vpc>(&client)
@@ -195,13 +226,16 @@ pub async fn run(
         .watches_stream(pod_events, |p: k8s_openapi::api::core::v1::Pod| {
             p.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g))
         });
+    // The rules' own caches trigger their Eips (`status.usedBy`). A watch
+    // of its own could fire before the cache held the change: the Eip
+    // then read a stale cache and was never triggered again.
+    let (fip, fip_events, fip_relay) = shared::<FloatingIp>(&client, stop());
+    let (snat, snat_events, snat_relay) = shared::<SnatRule>(&client, stop());
+    let (dnat, dnat_events, dnat_relay) = shared::<DnatRule>(&client, stop());
     let eip = primary::<Eip>(&client)
-        .watches(Api::<FloatingIp>::all(all(&client)), cfg.clone(), |f| parent::<Eip>(&f.spec.eip))
-        .watches(Api::<SnatRule>::all(all(&client)), cfg.clone(), |s| parent::<Eip>(&s.spec.eip))
-        .watches(Api::<DnatRule>::all(all(&client)), cfg.clone(), |d| parent::<Eip>(&d.spec.eip));
-    let fip = primary::<FloatingIp>(&client);
-    let snat = primary::<SnatRule>(&client);
-    let dnat = primary::<DnatRule>(&client);
+        .watches_stream(fip_events, |f: FloatingIp| parent::<Eip>(&f.spec.eip))
+        .watches_stream(snat_events, |s: SnatRule| parent::<Eip>(&s.spec.eip))
+        .watches_stream(dnat_events, |d: DnatRule| parent::<Eip>(&d.spec.eip));
     let stores = Stores {
         vpcs: vpc.store(),
         subnets: subnet.store(),
@@ -224,13 +258,6 @@ pub async fn run(
         pods,
     });
     let gc_ctx = ctx.clone();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let stop = move || {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
     macro_rules! drive {
         ($c:expr, $k:ty) => {
             $c.graceful_shutdown_on(stop()).run(reconcile::reconcile::<$k>, reconcile::error_policy::<$k>, ctx.clone()).for_each(|r| async move {
@@ -288,5 +315,5 @@ pub async fn run(
             }
         }
     };
-    futures::join!(relay, controllers, gc);
+    futures::join!(relay, controllers, gc, fip_relay, snat_relay, dnat_relay);
 }

@@ -50,6 +50,37 @@ pub fn cached_in<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
+    let (reader, events) = reflected(client, namespace, config, reporter);
+    (reader, events.applied_objects().boxed())
+}
+
+/// `cached`, whose stream carries deleted objects too: for a trigger that
+/// must also fire when an object goes. Each object comes once the cache
+/// holds the change, so whatever it triggers reads a cache at least as new.
+pub fn cached_touched<K>(
+    client: &Client,
+    config: watcher::Config,
+    reporter: &'static str,
+) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, events) = reflected(client, None, config, reporter);
+    (reader, events.touched_objects().boxed())
+}
+
+type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, watcher::Error>>;
+
+/// The cache and its stream of watch events, after the cache took each.
+fn reflected<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    reporter: &'static str,
+) -> (Store<K>, Events<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
     let ar = ApiResource::erase::<K>(&());
     let api = match namespace {
@@ -85,7 +116,6 @@ where
         })
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
-        .applied_objects()
         // Boxed: seven of these in one future overflowed a test thread's stack.
         .boxed();
     (reader, stream)
