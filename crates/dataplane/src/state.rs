@@ -354,7 +354,7 @@ mod tests {
         /// Skipping each subnet's EIPs finds the subnets a walk finds, when
         /// every EIP of an interface has one prefix (as planned).
         #[test]
-        fn wanted_subnets_skips_to_each_subnet(want in prop::collection::vec(any::<(u8, u8)>(), 0..60),
+        fn wanted_subnets_jumps_to_each_subnet(want in prop::collection::vec(any::<(u8, u8)>(), 0..60),
                                                prefixes in any::<(u8, u8)>()) {
             let items: Vec<(u8, u8, u8)> =
                 want.iter().map(|(i, h)| (*i, *h, if i % 2 == 0 { prefixes.0 } else { prefixes.1 })).collect();
