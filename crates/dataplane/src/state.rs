@@ -351,7 +351,7 @@ mod tests {
             }
         }
 
-        /// Skipping each subnet's EIPs finds the subnets a walk finds, when
+        /// Jumping from subnet to subnet finds the subnets a walk finds, when
         /// every EIP of an interface has one prefix (as planned).
         #[test]
         fn wanted_subnets_jumps_to_each_subnet(want in prop::collection::vec(any::<(u8, u8)>(), 0..60),
