@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use imbl::OrdSet;
 use ipnet::Ipv4Net;
 
-use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route};
+use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route, holds_address as holds};
 
 use crate::ctpolicy::CtEntry;
 use crate::nft::{KernelTable, expected_skeleton};
@@ -124,13 +124,6 @@ pub fn held_eips(locals: &BTreeSet<IfAddr>, subnets: &BTreeSet<IfAddr>) -> OrdSe
             IfAddr { interface: l.interface.clone(), addr }
         })
         .collect()
-}
-
-/// Whether `set` has `addr` on `interface`, with any prefix.
-fn holds(set: &OrdSet<IfAddr>, interface: &str, addr: Ipv4Addr) -> bool {
-    let at =
-        |prefix| IfAddr { interface: interface.to_string(), addr: Ipv4Net::new(addr, prefix).unwrap_or(addr.into()) };
-    set.range(at(0)..=at(32)).next().is_some()
 }
 
 /// The EIPs a plan has and the kernel lacks, and those the kernel holds

@@ -14,4 +14,4 @@ pub use egress::{EgressInput, EgressPlan, EgressService, EgressTables, ServiceSt
 pub use gateway::{PlanError, merge_ranges, plan_gateway};
 pub use incremental::GatewayPlanner;
 pub use snat::{SnatRange, longest_prefix_ranges};
-pub use state::{Conflict, GatewayPlan, IfAddr, NatTables, PortKey, Route, Target};
+pub use state::{Conflict, GatewayPlan, IfAddr, NatTables, PortKey, Route, Target, holds_address};

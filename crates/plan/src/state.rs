@@ -97,12 +97,18 @@ impl GatewayPlan {
     /// Whether `ip` is one of this plan's EIPs (they are all on the
     /// external interface): one lookup.
     pub fn holds_eip(&self, ip: Ipv4Addr) -> bool {
-        let at = |prefix| IfAddr {
-            interface: self.external_interface.clone(),
-            addr: Ipv4Net::new(ip, prefix).unwrap_or(Ipv4Net::from(ip)),
-        };
-        self.addresses.range(at(0)..=at(32)).next().is_some()
+        holds_address(&self.addresses, &self.external_interface, ip)
     }
+}
+
+/// Whether `set` has `ip` on `interface`, with any prefix: one range
+/// lookup (addresses sort by interface, then address, then prefix).
+pub fn holds_address(set: &OrdSet<IfAddr>, interface: &str, ip: Ipv4Addr) -> bool {
+    let at = |prefix| IfAddr {
+        interface: interface.to_string(),
+        addr: Ipv4Net::new(ip, prefix).unwrap_or(Ipv4Net::from(ip)),
+    };
+    set.range(at(0)..=at(32)).next().is_some()
 }
 
 impl fmt::Display for GatewayPlan {
