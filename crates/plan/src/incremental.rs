@@ -8,7 +8,8 @@
 //! but the changed paths with the last one, and the data plane's diff
 //! skips what they share. An Eip's change re-weighs the Eips at its old
 //! and new address, then the claims that name it. A change of anything
-//! else (a gateway, subnet, Vpc or SnatRule) plans the gateway anew.
+//! else (a gateway, subnet, Vpc or SnatRule), or of an Eip a SnatRule
+//! names, plans the gateway anew.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -110,8 +111,8 @@ impl GatewayPlanner {
     /// added, modified or removed since the last update. FloatingIps and
     /// DnatRules are re-weighed with the claims they share keys with,
     /// Eips with the Eips they share an address with (and the claims that
-    /// name them); any other kind plans the gateway anew. An error leaves
-    /// the plan as it was.
+    /// name them); any other kind, or an Eip a SnatRule names, plans the
+    /// gateway anew. An error leaves the plan as it was.
     pub fn update(&mut self, set: &ObjectSet, changed: &BTreeSet<ObjectRef>) -> Result<(), PlanError> {
         if changed.iter().any(|r| !matches!(r.kind, Kind::FloatingIp | Kind::DnatRule | Kind::Eip)) {
             *self = GatewayPlanner::new(set, &self.name)?;
@@ -120,7 +121,14 @@ impl GatewayPlanner {
         let eips: BTreeSet<&String> = changed.iter().filter(|r| r.kind == Kind::Eip).map(|r| &r.name).collect();
         let mut claims: BTreeSet<ObjectRef> = changed.iter().filter(|r| r.kind != Kind::Eip).cloned().collect();
         if !eips.is_empty() {
-            for name in self.reweigh_eips(set, eips) {
+            let names = self.reweigh_eips(set, eips);
+            // A SnatRule is weighed only in a whole plan: so is a change
+            // of an Eip one names (SnatRules are few).
+            if set.snat_rules.values().any(|s| names.contains(&s.spec.eip)) {
+                *self = GatewayPlanner::new(set, &self.name)?;
+                return Ok(());
+            }
+            for name in names {
                 claims.extend(at(&self.by_eip_name, &name, lowest()).cloned());
             }
         }

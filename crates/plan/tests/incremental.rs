@@ -1,6 +1,7 @@
 //! The incremental planner gives exactly the plan `plan_gateway` gives,
-//! after any sequence of FloatingIp and DnatRule changes, and its maps
-//! share structure with the plan before the change.
+//! after any sequence of FloatingIp, DnatRule and Eip changes (a SnatRule
+//! names one of the Eips), and its maps share structure with the plan
+//! before the change.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -59,6 +60,11 @@ apiVersion: natgw.io/v1alpha1
 kind: Eip
 metadata: {name: unusable}
 spec: {gateway: gw, ip: 192.0.2.1}
+---
+apiVersion: natgw.io/v1alpha1
+kind: SnatRule
+metadata: {name: egress}
+spec: {eip: b, internalCidr: 10.0.0.0/24}
 "#;
 
 // Names shared by both kinds and with a long common prefix; Eips that
