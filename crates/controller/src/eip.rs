@@ -9,8 +9,7 @@ use natgw_api::*;
 use natgw_kube_support::status::condition;
 
 use crate::conditions::{patch_status, warn};
-use crate::{Ctx, Error, KindResource, address, rule};
-use kube::runtime::reflector::Store;
+use crate::{Ctx, Error, address, rule};
 
 pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
     rule::label(&ctx.client, eip, &eip.spec.gateway).await?;
@@ -47,47 +46,47 @@ pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
                 .iter()
                 .any(|c| c.type_ == "AddressAssigned" && c.status == status && c.message == message)
     });
+    let users = crate::deps::describe(&ctx.users.of(&ctx.stores, &eip.name_any()));
+    let users_unchanged = current.and_then(|s| s.used_by.as_deref()).unwrap_or_default() == users;
     if !unchanged {
+        // usedBy rides along: one write where there were two. Always in
+        // this manager's apply, so an apply never drops it.
         let condition = condition("AddressAssigned", status, reason, message.clone(), eip.metadata.generation);
-        let mut body = serde_json::json!({ "conditions": [condition] });
+        let mut body = serde_json::json!({ "conditions": [condition], "usedBy": users });
         if let Some(ip) = ip {
             body["ip"] = serde_json::json!(ip);
         }
-        patch_status::<Eip>(ctx, "natgw-controller/address", &eip.name_any(), body).await?;
+        write_once(ctx, eip, "natgw-controller/address", body).await?;
         if ip.is_none() {
             warn(ctx, eip, reason, "AssignAddress", &message).await;
         }
+    } else if !users_unchanged {
+        // `status.usedBy` (the UsedBy column): the rules naming this Eip,
+        // from the caches; the rules' caches bring the Eip back here when
+        // they change.
+        write_once(ctx, eip, "natgw-controller/users", serde_json::json!({ "usedBy": users })).await?;
     }
-    report_users(ctx, eip).await?;
     Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })
 }
 
-/// `status.usedBy` (the UsedBy column): the rules naming this Eip, from
-/// the caches; the rule watches bring the Eip back here when they change.
-async fn report_users(ctx: &Ctx, eip: &Eip) -> Result<(), Error> {
-    let users = crate::deps::describe(&users(&ctx.stores, &eip.name_any()));
-    let current = eip.status.as_ref().and_then(|s| s.used_by.clone()).unwrap_or_default();
-    if users == current {
-        return Ok(());
+/// Applies `status` to `eip` unless this same apply was made already and
+/// the cache has not caught up with it yet: every rule event triggers the
+/// Eip, and a trigger that came before the cache held the last write wrote
+/// it again (2.1 Eip status writes per new rule, where 1 is owed).
+async fn write_once(ctx: &Ctx, eip: &Eip, manager: &str, status: serde_json::Value) -> Result<(), Error> {
+    let name = eip.name_any();
+    let what = format!("{manager} {status}");
+    let version = eip.resource_version();
+    {
+        let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.get(&name) {
+            Some((v, w)) if *v == version && *w == what => return Ok(()),
+            // The cache moved on: what it shows is judged afresh.
+            Some(_) => drop(written.remove(&name)),
+            None => {}
+        }
     }
-    patch_status::<Eip>(ctx, "natgw-controller/users", &eip.name_any(), serde_json::json!({ "usedBy": users })).await
-}
-
-/// The rules that name Eip `name`, sorted; nothing is copied.
-fn users(stores: &crate::Stores, name: &str) -> Vec<ObjectRef> {
-    let mut out: Vec<ObjectRef> = naming(&stores.floating_ips, |f| &f.spec.eip, name)
-        .chain(naming(&stores.snat_rules, |r| &r.spec.eip, name))
-        .chain(naming(&stores.dnat_rules, |r| &r.spec.eip, name))
-        .collect();
-    out.sort();
-    out
-}
-
-fn naming<K: KindResource>(
-    store: &Store<K>,
-    eip: fn(&K) -> &String,
-    name: &str,
-) -> impl Iterator<Item = ObjectRef> + use<K> {
-    let name = name.to_string();
-    store.state().into_iter().filter(move |o| *eip(o) == name).map(|o| ObjectRef::new(K::KIND, o.name_any()))
+    patch_status::<Eip>(ctx, manager, &name, status).await?;
+    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).insert(name, (version, what));
+    Ok(())
 }

@@ -14,6 +14,7 @@ mod leader;
 mod orphans;
 mod reconcile;
 mod rule;
+mod users;
 mod vpc;
 pub mod workload;
 
@@ -107,6 +108,11 @@ pub struct Ctx {
     book: address::Book,
     /// The gateway pods, for WorkloadReady.
     pods: Store<k8s_openapi::api::core::v1::Pod>,
+    /// Which rules name each Eip.
+    users: users::Users,
+    /// Eip status applies made, by Eip: (its resourceVersion then, the
+    /// apply), until the cache shows a newer version.
+    written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, String)>>,
 }
 
 /// The controller's /readyz and /metrics: ready once it is a standby, or
@@ -161,11 +167,12 @@ fn primary<K: KindResource>(client: &Client) -> Controller<K> {
     Controller::for_stream(stream, reader)
 }
 
-/// A controller of kind K, and the same changes (deletions too) for other
-/// controllers, each passed on once K's cache holds it. The relay drives
-/// both until `stop`.
+/// A controller of rule kind K, and the same changes (deletions too) for
+/// other controllers, each passed on once K's cache holds it and `users`
+/// took it in. The relay drives both until `stop`.
 fn shared<K: KindResource>(
     client: &Client,
+    users: &users::Users,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (
     Controller<K>,
@@ -175,8 +182,10 @@ fn shared<K: KindResource>(
     let (reader, stream) = natgw_kube_support::cached_touched::<K>(client, watcher::Config::default(), "controller");
     let (to_self, from_self) = futures::channel::mpsc::unbounded();
     let (to_others, from_others) = futures::channel::mpsc::unbounded();
+    let (users, cache) = (users.clone(), reader.clone());
     let relay = stream.take_until(stop).for_each(move |item| {
         if let Ok(o) = &item {
+            users.touched(&cache, o);
             let _ = to_others.unbounded_send(Ok(o.clone()));
         }
         let _ = to_self.unbounded_send(item);
@@ -229,9 +238,10 @@ pub async fn run(
     // The rules' own caches trigger their Eips (`status.usedBy`). A watch
     // of its own could fire before the cache held the change: the Eip
     // then read a stale cache and was never triggered again.
-    let (fip, fip_events, fip_relay) = shared::<FloatingIp>(&client, stop());
-    let (snat, snat_events, snat_relay) = shared::<SnatRule>(&client, stop());
-    let (dnat, dnat_events, dnat_relay) = shared::<DnatRule>(&client, stop());
+    let users = users::Users::default();
+    let (fip, fip_events, fip_relay) = shared::<FloatingIp>(&client, &users, stop());
+    let (snat, snat_events, snat_relay) = shared::<SnatRule>(&client, &users, stop());
+    let (dnat, dnat_events, dnat_relay) = shared::<DnatRule>(&client, &users, stop());
     let eip = primary::<Eip>(&client)
         .watches_stream(fip_events, |f: FloatingIp| parent::<Eip>(&f.spec.eip))
         .watches_stream(snat_events, |s: SnatRule| parent::<Eip>(&s.spec.eip))
@@ -256,6 +266,8 @@ pub async fn run(
         options,
         book: address::Book::default(),
         pods,
+        users,
+        written: Default::default(),
     });
     let gc_ctx = ctx.clone();
     macro_rules! drive {

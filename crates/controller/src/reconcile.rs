@@ -8,19 +8,30 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Error as FinalizerError, Event, finalizer};
+use kube::runtime::reflector::ObjectRef as CacheRef;
 use natgw_kube_support::Typed;
 
 use crate::{BLOCKED_RETRY, Ctx, Error, FINALIZER, KindResource, deletion, eip, gateway, rule, vpc};
 
 pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let api: Api<K> = Api::all(ctx.client.clone());
-    if let Some(gateway) = new_rule_gateway(&ctx, &*obj) {
-        // A new rule whose Eip is known: finalizer and gateway label in one
-        // write (the agent waits for the label; two writes in sequence
-        // doubled a create's latency). The resourceVersion makes it fail
-        // rather than overwrite a concurrent change of the finalizers.
+    if let Some((gateway, agent_there)) = new_object_gateway(&ctx, &*obj) {
+        // A new Eip, or a new rule whose Eip is known: the finalizers and
+        // the gateway label in one write (the agent waits for the label;
+        // writes in sequence multiplied a create's latency and the API
+        // server's load). The resourceVersion makes the write fail rather
+        // than overwrite a concurrent change of the finalizers.
         let mut finalizers = obj.finalizers().to_vec();
         finalizers.push(FINALIZER.to_string());
+        // A rule on an Eip the gateway's agent has programmed gets the
+        // agent's finalizer here too, before the label shows it to the
+        // agent: the agent then programs it in its first round without a
+        // write of its own. Deleting it waits for that agent, as for any
+        // object it programmed. Elsewhere the agent adds it itself.
+        let agent = natgw_api::gateway_finalizer(&gateway);
+        if agent_there && !finalizers.contains(&agent) {
+            finalizers.push(agent);
+        }
         let patch = serde_json::json!({ "metadata": {
             "resourceVersion": obj.resource_version(),
             "finalizers": finalizers,
@@ -48,14 +59,24 @@ pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Ac
     })
 }
 
-/// The gateway of a rule that has neither the controller's finalizer nor
-/// a pending deletion, when its Eip is in the cache.
-fn new_rule_gateway<K: KindResource>(ctx: &Ctx, obj: &K) -> Option<String> {
+/// The gateway that programs an Eip or rule that has neither the
+/// controller's finalizer nor a pending deletion (an Eip's own, or that of
+/// the Eip a rule names when it is in the cache), and whether that
+/// gateway's agent has programmed the rule's Eip (it says Ready).
+fn new_object_gateway<K: KindResource>(ctx: &Ctx, obj: &K) -> Option<(String, bool)> {
     if obj.meta().deletion_timestamp.is_some() || obj.finalizers().iter().any(|f| f == FINALIZER) {
         return None;
     }
-    let eip = obj.typed().rule_eip()?.to_string();
-    ctx.stores.eips.get(&kube::runtime::reflector::ObjectRef::new(&eip)).map(|e| e.spec.gateway.clone())
+    match obj.typed() {
+        Typed::Eip(e) => Some((e.spec.gateway.clone(), false)),
+        t => {
+            let eip = ctx.stores.eips.get(&CacheRef::new(t.rule_eip()?))?;
+            let ready = eip.conditions().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let agent = natgw_api::gateway_finalizer(&eip.spec.gateway);
+            let programmed = ready && eip.finalizers().contains(&agent);
+            Some((eip.spec.gateway.clone(), programmed))
+        }
+    }
 }
 
 fn is_conflict(e: &kube::Error) -> bool {

@@ -303,3 +303,59 @@ async fn a_rule_is_bound_to_the_gateway_of_its_eip() {
         .expect_err("spec.eip is immutable");
     assert!(err.to_string().contains("spec.eip is immutable"), "{err}");
 }
+
+/// A new rule on an Eip its gateway's agent has programmed (Ready, with
+/// the agent's finalizer) gets the agent's finalizer together with the
+/// controller's and the label, in one write: the agent programs it in its
+/// first round. A rule on an Eip no agent has programmed gets only the
+/// controller's, so deleting it waits for no agent.
+#[tokio::test]
+async fn a_rule_on_a_programmed_eip_carries_the_agents_finalizer_from_its_first_write() {
+    let (_env, admin, controller_client) = setup().await;
+    let _controller = start(controller_client);
+    gateway(&admin).await;
+    for (name, ip) in [("programmed", "192.0.2.10"), ("waiting", "192.0.2.11")] {
+        create(&admin, object::<Eip>("Eip", name, serde_json::json!({"gateway": "gw", "ip": ip}))).await;
+    }
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let agent = gateway_finalizer("gw");
+    eventually("the Eips labelled", || async {
+        eips.list(&Default::default()).await.unwrap().items.iter().all(|e| !e.labels().is_empty())
+    })
+    .await;
+    // What the agent does once it programmed an Eip, done by hand.
+    let e = eips.get("programmed").await.unwrap();
+    let mut finalizers = e.finalizers().to_vec();
+    finalizers.push(agent.clone());
+    let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+    eips.patch("programmed", &Default::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    let ready = serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": "Eip", "status": {"conditions": [{
+        "type": "Ready", "status": "True", "reason": "InKernel", "message": "programmed",
+        "lastTransitionTime": "2026-12-02T10:00:00Z"}]}});
+    let ssa = kube::api::PatchParams::apply("natgw-gateway-gw").force();
+    eips.patch_status("programmed", &ssa, &kube::api::Patch::Apply(&ready)).await.unwrap();
+    // Nothing the controller writes shows that its cache took this in;
+    // a watch event takes milliseconds here.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fips: Api<FloatingIp> = Api::all(admin.clone());
+    for (name, eip) in [("on-programmed", "programmed"), ("on-waiting", "waiting")] {
+        let spec = serde_json::json!({"eip": eip, "internalIp": "10.0.0.5"});
+        create(&admin, object::<FloatingIp>("FloatingIp", name, spec)).await;
+    }
+    eventually("both rules labelled", || async {
+        fips.list(&Default::default()).await.unwrap().items.iter().all(|f| f.labels().contains_key(GATEWAY_LABEL))
+    })
+    .await;
+    let on_programmed = fips.get("on-programmed").await.unwrap().finalizers().to_vec();
+    assert_eq!(on_programmed, [FINALIZER.to_string(), agent.clone()]);
+    let on_waiting = fips.get("on-waiting").await.unwrap().finalizers().to_vec();
+    assert_eq!(on_waiting, [FINALIZER.to_string()]);
+    // No agent runs here: the second goes at once, the first waits for it.
+    for name in ["on-programmed", "on-waiting"] {
+        fips.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("the rule no agent programmed gone", || async { fips.get_opt("on-waiting").await.unwrap().is_none() })
+        .await;
+    let waiting = fips.get("on-programmed").await.unwrap();
+    assert_eq!(waiting.finalizers(), [agent]);
+}
