@@ -11,6 +11,7 @@
 //!   finalizer is gone), so an Eip whose deletion waits for rules stays.
 
 mod args;
+mod caches;
 mod metrics;
 pub mod ports;
 
@@ -21,14 +22,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
 use natgw_api::*;
 use natgw_dataplane::Gateway;
-use natgw_kube_support::claims::{CLAIM_LABEL, Holder, holder_of};
+use natgw_kube_support::claims::CLAIM_LABEL;
 use natgw_kube_support::{KindResource, with_kind};
+
+use caches::{Caches, Entries, Entry, object_ref, watch};
 use natgw_plan::{GatewayPlan, GatewayPlanner};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,234 +53,6 @@ const WRITES: usize = 32;
 pub use args::Args;
 pub use natgw_api::gateway_finalizer as finalizer;
 
-/// Caches of every kind.
-#[derive(Clone)]
-struct Caches {
-    /// The controller's address claims: an Eip's `status.ip` is used only
-    /// when its claim names the Eip (status alone could be forged).
-    claims: Store<ConfigMap>,
-    vpcs: Store<Vpc>,
-    subnets: Store<Subnet>,
-    gateways: Store<NatGateway>,
-    eips: Store<Eip>,
-    fips: Store<FloatingIp>,
-    snats: Store<SnatRule>,
-    dnats: Store<DnatRule>,
-}
-
-fn watch<K: KindResource>(
-    client: &Client,
-    config: watcher::Config,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>) {
-    watch_in(client, None, config, tx)
-}
-
-fn watch_in<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    config: watcher::Config,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
-where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, mut stream) = natgw_kube_support::cached_in(client, namespace, config, "gateway-agent");
-    let fut = async move {
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error");
-            }
-            let _ = tx.try_send(());
-        }
-    };
-    (reader, fut)
-}
-
-/// What the agent holds: objects, whether each carries our finalizer, and
-/// whether the controller released it for deletion.
-struct Entry {
-    object: ObjectRef,
-    finalizers: Vec<String>,
-    resource_version: Option<String>,
-    released: bool,
-    generation: Option<i64>,
-    conditions: Vec<Condition>,
-}
-
-/// Each object's entry, kept between rounds.
-type Entries = std::collections::BTreeMap<ObjectRef, Arc<Entry>>;
-
-/// What an entry is made from, for any kind.
-trait KindEntry {
-    fn object_ref(&self) -> ObjectRef;
-    fn entry(&self) -> Entry;
-}
-
-impl<K: KindResource> KindEntry for K {
-    fn object_ref(&self) -> ObjectRef {
-        ObjectRef::new(K::KIND, self.meta().name.clone().unwrap_or_default())
-    }
-    fn entry(&self) -> Entry {
-        entry(self)
-    }
-}
-
-fn entry<K: KindResource>(o: &K) -> Entry {
-    let m = o.meta();
-    let finalizers = m.finalizers.clone().unwrap_or_default();
-    let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
-    Entry {
-        object: ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default()),
-        finalizers,
-        resource_version: m.resource_version.clone(),
-        released,
-        generation: m.generation,
-        conditions: o.conditions().to_vec(),
-    }
-}
-
-impl Caches {
-    async fn ready(&self) {
-        natgw_kube_support::all_listed(&[
-            &self.claims,
-            &self.vpcs,
-            &self.subnets,
-            &self.gateways,
-            &self.eips,
-            &self.fips,
-            &self.snats,
-            &self.dnats,
-        ])
-        .await
-    }
-
-    /// Brings `set` up to the caches (a copy only of objects whose
-    /// resourceVersion changed: copying every object was most of a round
-    /// at 10,000 objects) and returns the entries of this gateway's objects.
-    /// The objects copied or removed go into `changed`; `entries` keeps
-    /// each object's entry until its resourceVersion moves.
-    fn refresh(
-        &self,
-        set: &mut ObjectSet,
-        gw: &str,
-        changed: &mut BTreeSet<ObjectRef>,
-        entries: &mut Entries,
-    ) -> Vec<Arc<Entry>> {
-        let mut mine = Vec::new();
-        refresh(&mut set.vpcs, &self.vpcs, |_, _| true, Kind::Vpc, changed);
-        refresh(&mut set.subnets, &self.subnets, |_, _| true, Kind::Subnet, changed);
-        refresh(&mut set.gateways, &self.gateways, |_, _| true, Kind::NatGateway, changed);
-        let claimed: std::collections::BTreeMap<std::net::Ipv4Addr, Holder> =
-            self.claims.state().iter().filter_map(|c| holder_of(c)).collect();
-        // Only an address the controller claimed for this Eip is used: a
-        // fixed spec.ip that another Eip holds, or a status.ip that no
-        // claim of this Eip backs, must not be programmed. Claims change
-        // apart from Eips, so the decision is taken again every round.
-        let held = |e: &Eip| natgw_kube_support::claims::held_address(e, &claimed);
-        refresh(&mut set.eips, &self.eips, |have, cached| have.address() == held(cached), Kind::Eip, changed);
-        for e in set.eips.values_mut() {
-            if e.address().is_some() && e.address() != held(e) {
-                e.spec.ip = None;
-                if let Some(s) = e.status.as_mut() {
-                    s.ip = None;
-                }
-            }
-        }
-        refresh(&mut set.floating_ips, &self.fips, |_, _| true, Kind::FloatingIp, changed);
-        refresh(&mut set.snat_rules, &self.snats, |_, _| true, Kind::SnatRule, changed);
-        refresh(&mut set.dnat_rules, &self.dnats, |_, _| true, Kind::DnatRule, changed);
-        let mut kept = Entries::new();
-        let mut entry_of = |o: &dyn KindEntry| {
-            let r = o.object_ref();
-            let e = match entries.get(&r) {
-                Some(e) if !changed.contains(&r) => e.clone(),
-                _ => Arc::new(o.entry()),
-            };
-            kept.insert(r, e.clone());
-            e
-        };
-        let mut my_eips = BTreeSet::new();
-        for o in self.eips.state() {
-            if o.spec.gateway == gw {
-                my_eips.insert(o.name_any());
-                mine.push(entry_of(&*o));
-            }
-        }
-        let fin = finalizer(gw);
-        // A rule is ours if its Eip is, or if it still carries our finalizer
-        // (its Eip may be gone already).
-        let ours = |eip: &str, m: &kube::api::ObjectMeta| {
-            my_eips.contains(eip) || m.finalizers.as_ref().is_some_and(|f| f.contains(&fin))
-        };
-        mine.extend(self.fips.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
-        mine.extend(self.snats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
-        mine.extend(self.dnats.state().iter().filter(|o| ours(&o.spec.eip, &o.metadata)).map(|o| entry_of(&**o)));
-        *entries = kept;
-        mine
-    }
-}
-
-/// Makes `map` hold what `store` holds: objects whose resourceVersion
-/// changed (or for which `same` says the copy no longer fits) are copied,
-/// vanished ones removed; both go into `changed`.
-fn refresh<K>(
-    map: &mut std::collections::BTreeMap<String, K>,
-    store: &Store<K>,
-    same: impl Fn(&K, &K) -> bool,
-    kind: Kind,
-    changed: &mut BTreeSet<ObjectRef>,
-) where
-    K: kube::Resource<DynamicType = ()> + Clone,
-{
-    let state = store.state();
-    let mut seen = std::collections::HashSet::with_capacity(state.len());
-    for o in &state {
-        let name = o.name_any();
-        let fresh = match map.get(&name) {
-            Some(have) => have.meta().resource_version != o.meta().resource_version || !same(have, o),
-            None => true,
-        };
-        if fresh {
-            map.insert(name.clone(), (**o).clone());
-            changed.insert(ObjectRef::new(kind, name.clone()));
-        }
-        seen.insert(name);
-    }
-    map.retain(|n, _| {
-        let keep = seen.contains(n);
-        if !keep {
-            changed.insert(ObjectRef::new(kind, n.clone()));
-        }
-        keep
-    });
-}
-
-/// What the plan reads of the objects: kind, name, uid and generation
-/// (spec changes), and an Eip's address in use. Status writes change none
-/// of it.
-fn plan_key(set: &ObjectSet) -> u64 {
-    use std::hash::{Hash, Hasher};
-    fn meta(h: &mut impl Hasher, kind: &str, m: &kube::api::ObjectMeta) {
-        (kind, &m.name, &m.uid, m.generation, m.deletion_timestamp.is_some()).hash(h);
-        if m.generation.is_none() {
-            m.resource_version.hash(h);
-        }
-    }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    set.vpcs.values().for_each(|o| meta(&mut h, "Vpc", &o.metadata));
-    set.subnets.values().for_each(|o| meta(&mut h, "Subnet", &o.metadata));
-    set.gateways.values().for_each(|o| meta(&mut h, "NatGateway", &o.metadata));
-    for o in set.eips.values() {
-        meta(&mut h, "Eip", &o.metadata);
-        o.address().hash(&mut h);
-    }
-    set.floating_ips.values().for_each(|o| meta(&mut h, "FloatingIp", &o.metadata));
-    set.snat_rules.values().for_each(|o| meta(&mut h, "SnatRule", &o.metadata));
-    set.dnat_rules.values().for_each(|o| meta(&mut h, "DnatRule", &o.metadata));
-    h.finish()
-}
-
 /// Writes an object's finalizer list, failing if the object changed since
 /// `resource_version` (merge patch with a resourceVersion precondition).
 async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> Result<(), kube::Error> {
@@ -300,12 +74,13 @@ struct Ctx<'a> {
     sweep_done: &'a natgw_dataplane::SweepDone,
 }
 
-/// What rounds carry over: the last plan the kernel holds with the key of
-/// the objects it came from, and the planner that keeps the plan up to
-/// date in O(change).
+/// What rounds carry over: the plan the kernel holds, the planner that
+/// keeps it up to date in O(change), and what is owed to objects.
 #[derive(Default)]
 struct Planning {
-    memo: Option<(u64, Arc<GatewayPlan>)>,
+    /// The plan the kernel holds; `None` until the first sync and after a
+    /// failed round, which makes the next round look at everything.
+    memo: Option<Arc<GatewayPlan>>,
     planner: Option<GatewayPlanner>,
     entries: Entries,
     /// The plan whose conditions the last status pass wrote, and the
@@ -319,6 +94,9 @@ struct Planning {
     /// not write again, fail on the stale version, and drop them from the
     /// kernel meanwhile).
     persisted: std::collections::BTreeMap<ObjectRef, Option<String>>,
+    /// Objects the next round looks at although no watch marks them: a
+    /// finalizer write that failed, a release waiting for its sweep.
+    owed: BTreeSet<ObjectRef>,
 }
 
 impl Planning {
@@ -326,23 +104,23 @@ impl Planning {
     /// incremental, except on a resync, which plans from scratch so no
     /// slip of the incremental path outlives it.
     fn plan(
-        &mut self,
+        planner: &mut Option<GatewayPlanner>,
         set: &ObjectSet,
         gw: &str,
         changed: &BTreeSet<ObjectRef>,
         resync: bool,
     ) -> Result<Arc<GatewayPlan>, Error> {
-        let planned = match self.planner.as_mut() {
+        let planned = match planner.as_mut() {
             Some(p) if !resync => p.update(set, changed),
             _ => GatewayPlanner::new(set, gw).map(|p| {
-                self.planner = Some(p);
+                *planner = Some(p);
             }),
         };
-        match (planned, self.planner.as_ref()) {
+        match (planned, planner.as_ref()) {
             (Ok(()), Some(p)) => Ok(Arc::new(p.plan().clone())),
             (Err(e), _) => {
                 // Changes taken in are lost with the error: plan anew next.
-                self.planner = None;
+                *planner = None;
                 Err(Error::Plan(e))
             }
             (Ok(()), None) => Err(Error::Plan(natgw_plan::PlanError::NoGateway(gw.into()))),
@@ -350,29 +128,61 @@ impl Planning {
     }
 }
 
-/// One round: finalizers first, then the kernel, then releases.
+/// One round: finalizers first, then the kernel, then releases. It looks
+/// at what changed since the last round (and what is owed), or at every
+/// object on a resync.
 async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut ObjectSet) -> Result<(), Error> {
     let Ctx { client, gateway, caches, gw, metrics, sweep_done } = ctx;
     caches.ready().await;
     let started = std::time::Instant::now();
     let fin = finalizer(gw);
-    let mut changed = BTreeSet::new();
-    let mine = caches.refresh(set, gw, &mut changed, &mut planning.entries);
+    // A failed round leaves no plan behind: the next one looks at all.
+    let before = planning.memo.take();
+    let owed = std::mem::take(&mut planning.owed);
+    let refreshed = caches.refresh(set, &mut planning.entries, resync || before.is_none(), &owed);
+    let (full, mut planned) = (refreshed.full, refreshed.planned);
+    let mut changed = refreshed.changed;
+    let entries = &planning.entries;
+    // An Eip of this gateway; a rule whose Eip is one, or that still
+    // carries our finalizer (its Eip may be gone already).
+    let ours = |e: &Entry| match e.object.kind {
+        Kind::Eip => e.gateway.as_deref() == Some(gw),
+        _ => {
+            e.finalizers.contains(&fin)
+                || e.eip.as_ref().is_some_and(|n| {
+                    entries.get(&ObjectRef::new(Kind::Eip, n.clone())).is_some_and(|x| x.gateway.as_deref() == Some(gw))
+                })
+        }
+    };
+    let lookup = |refs: &mut dyn Iterator<Item = &ObjectRef>| -> Vec<Arc<Entry>> {
+        refs.filter_map(|r| entries.get(r)).filter(|e| ours(e)).cloned().collect()
+    };
+    let mine: Vec<Arc<Entry>> = if full {
+        entries.all().filter(|e| ours(e)).cloned().collect()
+    } else {
+        // What changed, the rules of an Eip that changed (whether they are
+        // ours follows it), and what earlier rounds left owed.
+        let mut refs: BTreeSet<&ObjectRef> = changed.iter().chain(&owed).chain(planning.persisted.keys()).collect();
+        for r in changed.iter().filter(|r| r.kind == Kind::Eip) {
+            refs.extend(entries.rules_of(&r.name));
+        }
+        lookup(&mut refs.into_iter())
+    };
     let snapshot_ms = started.elapsed().as_millis() as u64;
     let mut adding = Vec::new();
     let persisted = std::mem::take(&mut planning.persisted);
-    let mut finalized_before = Vec::new();
+    let mut finalized: BTreeSet<ObjectRef> = BTreeSet::new();
     for e in &mine {
         let written = persisted.get(&e.object).is_some_and(|rv| *rv == e.resource_version);
         if written && !e.released {
             // Still not in the cache: ours all the same.
             planning.persisted.insert(e.object.clone(), e.resource_version.clone());
-            finalized_before.push(e);
+            finalized.insert(e.object.clone());
         }
         let has = e.finalizers.contains(&fin) || written;
         if e.released {
             // No longer allowed in the kernel.
-            set.remove(&e.object);
+            planned |= set.remove(&e.object);
             changed.insert(e.object.clone());
         } else if !has {
             adding.push(e);
@@ -394,36 +204,34 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
         .await;
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
     let finalized_count = adding.len();
-    let mut finalized = Vec::new();
     for e in adding {
         if failed.contains(&e.object) {
-            set.remove(&e.object);
+            planned |= set.remove(&e.object);
             changed.insert(e.object.clone());
+            planning.owed.insert(e.object.clone());
         } else {
             planning.persisted.insert(e.object.clone(), e.resource_version.clone());
-            finalized.push(e);
+            finalized.insert(e.object.clone());
         }
     }
-    finalized.extend(finalized_before);
-    // Rounds triggered by natgw's own status writes change nothing the
-    // plan reads: planning again (O(objects)) is skipped then.
     let finalizers_ms = started.elapsed().as_millis() as u64;
     planning.unreported.extend(changed.iter().cloned());
-    let key = plan_key(set);
-    // Only what changed is planned again; the plan shares the rest with
+    // Rounds triggered by natgw's own status writes change nothing the
+    // plan reads: planning and the kernel are skipped then. Otherwise
+    // only what changed is planned again; the plan shares the rest with
     // the last one, and the kernel diff skips what they share.
-    let (plan, report, reused) = match planning.memo.as_ref() {
-        Some((k, p)) if *k == key && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
+    let (plan, report, reused) = match before.as_ref() {
+        Some(p) if !planned && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
         _ => {
-            let plan = planning.plan(set, gw, &changed, resync)?;
+            let plan = Planning::plan(&mut planning.planner, set, gw, &changed, resync)?;
             let (g, p) = (gateway.clone(), plan.clone());
             let report =
                 tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;
-            // Kept only once the kernel holds it.
-            planning.memo = Some((key, plan.clone()));
             (plan, report, false)
         }
     };
+    // Kept only once the kernel holds it.
+    planning.memo = Some(plan.clone());
     let programmed_ms = started.elapsed().as_millis() as u64;
     if !reused {
         metrics.synced(report.duration.as_secs_f64(), resync, &plan);
@@ -434,43 +242,71 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     // The conntrack sweep this change owes runs beside the next changes;
     // its end triggers a round, which releases what it settled.
     gateway.sweep_in_background(sweep_done.clone());
-    let mut settled: Vec<&Entry> =
-        mine.iter().map(|e| &**e).filter(|e| !e.released && e.finalizers.contains(&fin)).collect();
-    settled.extend(finalized.into_iter().map(|e| &**e));
+    let has_fin = |e: &Entry| e.finalizers.contains(&fin) || finalized.contains(&e.object);
     // With the plan reused, what each object's conditions should say is
     // what the last round wrote; a write that failed is retried by the
     // next plan or the periodic resync (30 s).
     if !reused {
-        if let Some(before) = planning.reported.as_ref().filter(|_| !resync) {
-            let scope = status_scope(before, &plan, &planning.unreported);
-            settled.retain(|e| scope.contains(&e.object));
-        }
+        let scope =
+            planning.reported.as_ref().filter(|_| !resync).map(|b| status_scope(b, &plan, &planning.unreported));
+        let settled = match &scope {
+            Some(scope) => lookup(&mut scope.iter()),
+            None => mine.clone(),
+        };
+        let settled: Vec<&Entry> = settled.iter().map(|e| &**e).filter(|e| !e.released && has_fin(e)).collect();
         report_status(client, gw, &plan, &settled).await;
         planning.reported = Some(plan.clone());
         planning.unreported.clear();
     }
     // The kernel no longer holds these, nor any flow through them once
-    // every change is swept: let them go.
-    let swept = gateway.swept();
-    let gone = mine.iter().filter(|e| {
-        swept
-            && e.finalizers.contains(&fin)
-            && !plan.programmed.contains(&e.object)
-            && (e.released || !set.contains(&e.object))
-    });
-    futures::stream::iter(gone)
-        .for_each_concurrent(WRITES, |e| async {
-            let list: Vec<String> = e.finalizers.iter().filter(|f| **f != fin).cloned().collect();
-            if let Err(err) = set_finalizers(client, e, list).await {
-                tracing::info!(object = %e.object, error = %err, "finalizer not removed yet");
+    // every change is swept: let them go. Besides what this round looked
+    // at: what the plan stopped programming, and releases still owed.
+    let mut candidates = mine.clone();
+    if !full {
+        let mut refs: BTreeSet<&ObjectRef> = owed.iter().collect();
+        if let Some(b) = before.as_ref().filter(|_| !reused) {
+            use imbl::ordset::DiffItem;
+            for d in b.programmed.diff(&plan.programmed) {
+                if let DiffItem::Remove(r) = d {
+                    refs.insert(r);
+                }
             }
+        }
+        let seen: BTreeSet<&ObjectRef> = mine.iter().map(|e| &e.object).collect();
+        candidates.extend(lookup(&mut refs.into_iter().filter(|r| !seen.contains(r))));
+    }
+    let gone: Vec<&Entry> = candidates
+        .iter()
+        .map(|e| &**e)
+        .filter(|e| {
+            e.finalizers.contains(&fin)
+                && !plan.programmed.contains(&e.object)
+                && (e.released || !set.contains(&e.object))
         })
-        .await;
+        .collect();
+    let swept = gateway.swept();
+    let unreleased = std::sync::Mutex::new(BTreeSet::new());
+    if swept {
+        futures::stream::iter(&gone)
+            .for_each_concurrent(WRITES, |e| async {
+                let list: Vec<String> = e.finalizers.iter().filter(|f| **f != fin).cloned().collect();
+                if let Err(err) = set_finalizers(client, e, list).await {
+                    tracing::info!(object = %e.object, error = %err, "finalizer not removed yet");
+                    unreleased.lock().unwrap_or_else(|p| p.into_inner()).insert(e.object.clone());
+                }
+            })
+            .await;
+    } else {
+        unreleased.lock().unwrap_or_else(|p| p.into_inner()).extend(gone.iter().map(|e| e.object.clone()));
+    }
+    planning.owed.extend(unreleased.into_inner().unwrap_or_else(|p| p.into_inner()));
     tracing::debug!(
         snapshot_ms,
         finalizers_ms,
         programmed_ms,
         total_ms = started.elapsed().as_millis() as u64,
+        full,
+        looked_at = mine.len(),
         finalized = finalized_count,
         "round"
     );
@@ -535,17 +371,30 @@ pub async fn run_with(
     // controller bound to this gateway.
     let all = watcher::Config::default();
     let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
-    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), tx.clone());
-    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), tx.clone());
-    let (gateways, w3) = watch::<NatGateway>(&client, all, tx.clone());
-    let (eips, w4) = watch::<Eip>(&client, mine.clone(), tx.clone());
-    let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), tx.clone());
-    let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), tx.clone());
-    let (dnats, w7) = watch::<DnatRule>(&client, mine, tx.clone());
+    let dirty = caches::DirtyCell::default();
+    let (vpcs, w1) = watch::<Vpc>(&client, None, all.clone(), &dirty, tx.clone(), object_ref);
+    let (subnets, w2) = watch::<Subnet>(&client, None, all.clone(), &dirty, tx.clone(), object_ref);
+    let (gateways, w3) = watch::<NatGateway>(&client, None, all, &dirty, tx.clone(), object_ref);
+    let (eips, w4) = watch::<Eip>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
+    let (fips, w5) = watch::<FloatingIp>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
+    let (snats, w6) = watch::<SnatRule>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
+    let (dnats, w7) = watch::<DnatRule>(&client, None, mine, &dirty, tx.clone(), object_ref);
     let claim_label = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
-    let (claims, w0) = watch_in::<ConfigMap>(&client, Some(&claims), claim_label, tx.clone());
+    let (claims_cache, w0) =
+        watch::<ConfigMap>(&client, Some(&claims), claim_label, &dirty, tx.clone(), caches::claim_holder);
     let eips_cache = eips.clone();
-    let caches = Caches { claims, vpcs, subnets, gateways, eips, fips, snats, dnats };
+    let caches = Caches {
+        claims: claims_cache,
+        claims_namespace: claims.clone(),
+        vpcs,
+        subnets,
+        gateways,
+        eips,
+        fips,
+        snats,
+        dnats,
+        dirty,
+    };
     let sweep_done: natgw_dataplane::SweepDone = {
         let (tx, metrics) = (tx.clone(), metrics.clone());
         Arc::new(move |result| {

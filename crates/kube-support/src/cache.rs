@@ -69,7 +69,22 @@ where
     (reader, events.touched_objects().boxed())
 }
 
-type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, watcher::Error>>;
+/// `cached_in`, whose stream carries the watch events themselves (each
+/// after the cache took it): for a consumer that needs to tell a deletion
+/// or a relist from a change.
+pub fn cached_events_in<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    reporter: &'static str,
+) -> (Store<K>, Events<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    reflected(client, namespace, config, reporter)
+}
+
+pub type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, watcher::Error>>;
 
 /// The cache and its stream of watch events, after the cache took each.
 fn reflected<K>(

@@ -1,0 +1,380 @@
+//! What the agent holds of the cluster: a watch cache of every kind, the
+//! copies a round plans from (an `ObjectSet`) and one entry per Eip and
+//! rule. A round takes in only the objects the watches saw change since
+//! the last one, so its cost follows the change, not the number of objects
+//! (walking 10,000 objects was most of a round). The first round, a resync
+//! and any relist of a watch walk everything.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use natgw_api::*;
+use natgw_kube_support::KindResource;
+use natgw_kube_support::claims::{claim_name, holder_of};
+
+/// The objects the watches saw change since the last round took them in.
+#[derive(Default)]
+pub struct Dirty {
+    objects: BTreeSet<ObjectRef>,
+    /// A watch listed anew: objects deleted meanwhile were never seen go.
+    all: bool,
+}
+
+pub type DirtyCell = Arc<Mutex<Dirty>>;
+
+fn mark(cell: &DirtyCell, f: impl FnOnce(&mut Dirty)) {
+    f(&mut cell.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+/// Caches of every kind.
+#[derive(Clone)]
+pub struct Caches {
+    /// The controller's address claims: an Eip's `status.ip` is used only
+    /// when its claim names the Eip (status alone could be forged).
+    pub claims: Store<ConfigMap>,
+    pub claims_namespace: String,
+    pub vpcs: Store<Vpc>,
+    pub subnets: Store<Subnet>,
+    pub gateways: Store<NatGateway>,
+    pub eips: Store<Eip>,
+    pub fips: Store<FloatingIp>,
+    pub snats: Store<SnatRule>,
+    pub dnats: Store<DnatRule>,
+    pub dirty: DirtyCell,
+}
+
+/// A cache of K and the future that feeds it; each change marks what
+/// `name_of` says changed, after the cache holds it, and wakes a round.
+pub fn watch<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    dirty: &DirtyCell,
+    tx: tokio::sync::mpsc::Sender<()>,
+    name_of: fn(&K) -> Option<ObjectRef>,
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, mut stream) = natgw_kube_support::cached_events_in(client, namespace, config, "gateway-agent");
+    let dirty = dirty.clone();
+    let fut = async move {
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(o) | Event::Delete(o)) => {
+                    if let Some(r) = name_of(&o) {
+                        mark(&dirty, |d| {
+                            d.objects.insert(r);
+                        });
+                    }
+                }
+                Ok(Event::InitDone) => mark(&dirty, |d| d.all = true),
+                Ok(Event::Init | Event::InitApply(_)) => continue,
+                Err(e) => tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error"),
+            }
+            let _ = tx.try_send(());
+        }
+    };
+    (reader, fut)
+}
+
+/// The name of a natgw object, for `watch`.
+pub fn object_ref<K: KindResource>(o: &K) -> Option<ObjectRef> {
+    Some(ObjectRef::new(K::KIND, o.meta().name.clone()?))
+}
+
+/// The Eip a claim names: a claim's change is its Eip's.
+pub fn claim_holder(cm: &ConfigMap) -> Option<ObjectRef> {
+    holder_of(cm).map(|(_, h)| ObjectRef::new(Kind::Eip, h.eip))
+}
+
+/// What the agent holds of an Eip or rule: whether it carries our
+/// finalizer, whether the controller released it for deletion.
+pub struct Entry {
+    pub object: ObjectRef,
+    pub finalizers: Vec<String>,
+    pub resource_version: Option<String>,
+    pub released: bool,
+    pub generation: Option<i64>,
+    pub conditions: Vec<Condition>,
+    /// A rule's Eip.
+    pub eip: Option<String>,
+    /// An Eip's gateway.
+    pub gateway: Option<String>,
+}
+
+fn entry<K: KindResource>(o: &K) -> Entry {
+    let m = o.meta();
+    let finalizers = m.finalizers.clone().unwrap_or_default();
+    let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
+    let typed = o.typed();
+    let gateway = match typed {
+        natgw_kube_support::Typed::Eip(e) => Some(e.spec.gateway.clone()),
+        _ => None,
+    };
+    Entry {
+        object: ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default()),
+        finalizers,
+        resource_version: m.resource_version.clone(),
+        released,
+        generation: m.generation,
+        conditions: o.conditions().to_vec(),
+        eip: typed.rule_eip().map(str::to_string),
+        gateway,
+    }
+}
+
+/// Each cached Eip's and rule's entry, kept until its resourceVersion
+/// moves, and the rules that name each Eip (an Eip that comes or goes
+/// changes whose its rules are).
+#[derive(Default)]
+pub struct Entries {
+    by_ref: BTreeMap<ObjectRef, Arc<Entry>>,
+    rules_of: HashMap<String, BTreeSet<ObjectRef>>,
+}
+
+impl Entries {
+    pub fn get(&self, r: &ObjectRef) -> Option<&Arc<Entry>> {
+        self.by_ref.get(r)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.by_ref.values()
+    }
+
+    pub fn rules_of(&self, eip: &str) -> impl Iterator<Item = &ObjectRef> {
+        self.rules_of.get(eip).into_iter().flatten()
+    }
+
+    fn put(&mut self, e: Entry) {
+        self.remove(&e.object);
+        if let Some(eip) = &e.eip {
+            self.rules_of.entry(eip.clone()).or_default().insert(e.object.clone());
+        }
+        self.by_ref.insert(e.object.clone(), Arc::new(e));
+    }
+
+    fn remove(&mut self, r: &ObjectRef) {
+        let Some(old) = self.by_ref.remove(r) else { return };
+        if let Some(eip) = &old.eip
+            && let Some(set) = self.rules_of.get_mut(eip)
+        {
+            set.remove(r);
+            if set.is_empty() {
+                self.rules_of.remove(eip);
+            }
+        }
+    }
+}
+
+/// What a refresh found.
+pub struct Refreshed {
+    /// Objects copied anew into the set or removed from it.
+    pub changed: BTreeSet<ObjectRef>,
+    /// Whether any of them changed what the plan reads (a status write
+    /// alone does not).
+    pub planned: bool,
+    /// Whether every object was looked at.
+    pub full: bool,
+}
+
+/// What the plan reads of an object beyond its spec (which `generation`
+/// stands for): identity, deletion, and an Eip's address in use.
+type PlanKey = (Option<String>, Option<i64>, bool, Option<String>, Option<Ipv4Addr>);
+
+fn plan_key<K: Resource>(o: &K, address: Option<Ipv4Addr>) -> PlanKey {
+    let m = o.meta();
+    let version = m.generation.is_none().then(|| m.resource_version.clone()).flatten();
+    (m.uid.clone(), m.generation, m.deletion_timestamp.is_some(), version, address)
+}
+
+/// How one kind is copied: whether a copy still fits the cached object
+/// (beyond its resourceVersion), what a copy is made to say, its address.
+type Same<'a, K> = Box<dyn Fn(&K, &K) -> bool + 'a>;
+
+struct Copying<'a, K> {
+    kind: Kind,
+    same: Same<'a, K>,
+    fix: Box<dyn Fn(&mut K) + 'a>,
+    address: fn(&K) -> Option<Ipv4Addr>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> Copying<'_, K> {
+    fn plain(kind: Kind) -> Self {
+        Copying { kind, same: Box::new(|_, _| true), fix: Box::new(|_| {}), address: |_| None }
+    }
+
+    /// Brings the copy of `name` up to `cached`.
+    fn take(&self, map: &mut BTreeMap<String, K>, name: &str, cached: Option<&K>, out: &mut Refreshed) {
+        match (map.get(name), cached) {
+            (Some(have), Some(o))
+                if have.meta().resource_version == o.meta().resource_version && (self.same)(have, o) => {}
+            (have, Some(o)) => {
+                let mut copy = o.clone();
+                (self.fix)(&mut copy);
+                let key = plan_key(&copy, (self.address)(&copy));
+                out.planned |= have.is_none_or(|h| plan_key(h, (self.address)(h)) != key);
+                map.insert(name.to_string(), copy);
+                out.changed.insert(ObjectRef::new(self.kind, name));
+            }
+            (Some(_), None) => {
+                map.remove(name);
+                out.planned = true;
+                out.changed.insert(ObjectRef::new(self.kind, name));
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Every object of the kind.
+    fn walk(&self, map: &mut BTreeMap<String, K>, store: &Store<K>, out: &mut Refreshed) {
+        let state = store.state();
+        let mut seen = HashSet::with_capacity(state.len());
+        for o in &state {
+            let name = o.name_any();
+            self.take(map, &name, Some(o), out);
+            seen.insert(name);
+        }
+        let gone: Vec<String> = map.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+        for name in gone {
+            self.take(map, &name, None, out);
+        }
+    }
+
+    /// Only `name`.
+    fn one(&self, map: &mut BTreeMap<String, K>, store: &Store<K>, name: &str, out: &mut Refreshed) {
+        let cached = store.get(&CacheRef::new(name));
+        self.take(map, name, cached.as_deref(), out);
+    }
+}
+
+impl Caches {
+    pub async fn ready(&self) {
+        natgw_kube_support::all_listed(&[
+            &self.claims,
+            &self.vpcs,
+            &self.subnets,
+            &self.gateways,
+            &self.eips,
+            &self.fips,
+            &self.snats,
+            &self.dnats,
+        ])
+        .await
+    }
+
+    /// The address `eip` holds: only one the controller claimed for it. A
+    /// fixed spec.ip that another Eip holds, or a status.ip that no claim
+    /// of this Eip backs, must not be programmed.
+    fn held(&self, eip: &Eip) -> Option<Ipv4Addr> {
+        let ip = eip.address()?;
+        let claim = self.claims.get(&CacheRef::new(&claim_name(ip)).within(&self.claims_namespace))?;
+        let (claimed, holder) = holder_of(&claim)?;
+        (claimed == ip && Some(holder.uid.as_str()) == eip.metadata.uid.as_deref()).then_some(ip)
+    }
+
+    /// Brings `set` and `entries` up to the caches: the objects the watches
+    /// marked and `also` (objects a round dropped from the set and owes a
+    /// retry), or all of them when `full` (or a watch listed anew).
+    pub fn refresh(
+        &self,
+        set: &mut ObjectSet,
+        entries: &mut Entries,
+        full: bool,
+        also: &BTreeSet<ObjectRef>,
+    ) -> Refreshed {
+        let mut dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        dirty.objects.extend(also.iter().cloned());
+        let full = full || dirty.all;
+        let mut out = Refreshed { changed: BTreeSet::new(), planned: false, full };
+        // Few, and a change to any replans the gateway: always walked.
+        Copying::plain(Kind::Vpc).walk(&mut set.vpcs, &self.vpcs, &mut out);
+        Copying::plain(Kind::Subnet).walk(&mut set.subnets, &self.subnets, &mut out);
+        Copying::plain(Kind::NatGateway).walk(&mut set.gateways, &self.gateways, &mut out);
+        let eips = Copying::<Eip> {
+            kind: Kind::Eip,
+            // Claims change apart from Eips: a copy whose address is no
+            // longer (or now) held is taken again.
+            same: Box::new(|have, cached| have.address() == self.held(cached)),
+            fix: Box::new(|e| {
+                if e.address().is_some() && e.address() != self.held(e) {
+                    e.spec.ip = None;
+                    if let Some(s) = e.status.as_mut() {
+                        s.ip = None;
+                    }
+                }
+            }),
+            address: |e| e.address(),
+        };
+        let fips = Copying::plain(Kind::FloatingIp);
+        let snats = Copying::plain(Kind::SnatRule);
+        let dnats = Copying::plain(Kind::DnatRule);
+        if full {
+            eips.walk(&mut set.eips, &self.eips, &mut out);
+            fips.walk(&mut set.floating_ips, &self.fips, &mut out);
+            snats.walk(&mut set.snat_rules, &self.snats, &mut out);
+            dnats.walk(&mut set.dnat_rules, &self.dnats, &mut out);
+        } else {
+            for r in &dirty.objects {
+                match r.kind {
+                    Kind::Eip => eips.one(&mut set.eips, &self.eips, &r.name, &mut out),
+                    Kind::FloatingIp => fips.one(&mut set.floating_ips, &self.fips, &r.name, &mut out),
+                    Kind::SnatRule => snats.one(&mut set.snat_rules, &self.snats, &r.name, &mut out),
+                    Kind::DnatRule => dnats.one(&mut set.dnat_rules, &self.dnats, &r.name, &mut out),
+                    Kind::Vpc | Kind::Subnet | Kind::NatGateway => {}
+                }
+            }
+        }
+        // Entries follow the caches (not the set, which a round trims).
+        let cached_entry = |r: &ObjectRef| -> Option<Entry> {
+            fn of<K: KindResource>(store: &Store<K>, name: &str) -> Option<Entry> {
+                store.get(&CacheRef::new(name)).map(|o| entry(&*o))
+            }
+            match r.kind {
+                Kind::Eip => of(&self.eips, &r.name),
+                Kind::FloatingIp => of(&self.fips, &r.name),
+                Kind::SnatRule => of(&self.snats, &r.name),
+                Kind::DnatRule => of(&self.dnats, &r.name),
+                Kind::Vpc | Kind::Subnet | Kind::NatGateway => None,
+            }
+        };
+        let mut stale: Vec<ObjectRef> = out.changed.iter().cloned().collect();
+        if full {
+            // Entries of objects a round had dropped from the set.
+            stale.extend(entries.by_ref.keys().filter(|r| !set.contains(r)).cloned());
+            stale.extend(self.missing_entries(entries));
+        }
+        for r in stale {
+            match cached_entry(&r) {
+                Some(e) => entries.put(e),
+                None => entries.remove(&r),
+            }
+        }
+        out
+    }
+
+    /// Cached Eips and rules that have no entry yet.
+    fn missing_entries(&self, entries: &Entries) -> Vec<ObjectRef> {
+        fn of<K: KindResource>(store: &Store<K>, entries: &Entries, out: &mut Vec<ObjectRef>) {
+            for o in store.state() {
+                let r = ObjectRef::new(K::KIND, o.name_any());
+                if entries.get(&r).is_none_or(|e| e.resource_version != o.meta().resource_version) {
+                    out.push(r);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        of(&self.eips, entries, &mut out);
+        of(&self.fips, entries, &mut out);
+        of(&self.snats, entries, &mut out);
+        of(&self.dnats, entries, &mut out);
+        out
+    }
+}
