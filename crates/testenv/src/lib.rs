@@ -127,11 +127,10 @@ impl TestEnv {
                 .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
                 .arg(format!("--service-account-key-file={}", d("sa.pub")))
                 .arg(format!("--service-account-signing-key-file={}", d("sa.key")))
-                .args([
-                    "--disable-admission-plugins=ServiceAccount",
-                    "--endpoint-reconciler-type=none",
-                    "--profiling=false",
-                ])
+                .args(["--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"])
+                // /debug/pprof, for a benchmark that asks where the API
+                // server's CPU goes (natgw-cp-bench --api-profile).
+                .arg(format!("--profiling={}", std::env::var_os("NATGW_APISERVER_PROFILING").is_some()))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&api_log)?)
                 .spawn()?,

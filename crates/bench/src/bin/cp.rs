@@ -31,6 +31,10 @@ struct Args {
     /// process running (the floor of the bulk figures on this machine).
     #[arg(long)]
     api_floor: bool,
+    /// Write a CPU profile of the API server during the FloatingIp burst
+    /// here (`go tool pprof -top FILE` reads it).
+    #[arg(long)]
+    api_profile: Option<std::path::PathBuf>,
 }
 
 use natgw_testenv::{create, natgw_object as obj};
@@ -56,9 +60,12 @@ async fn watched<K>(api: Api<K>) -> Result<kube::runtime::reflector::Store<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
+    use kube::runtime::WatchStreamExt;
     use kube::runtime::{reflector, watcher};
     let (reader, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()));
+    // With a backoff: once the API server is gone at the end, a watch
+    // retrying at once kept a core busy and the process from exiting.
+    let stream = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()).default_backoff());
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
     reader.wait_until_ready().await?;
     Ok(reader)
@@ -102,9 +109,20 @@ where
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    if args.api_profile.is_some() {
+        // SAFETY: no other thread exists yet (the runtime starts below).
+        unsafe { std::env::set_var("NATGW_APISERVER_PROFILING", "1") };
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(args));
+    // Tasks still watching are dropped, not waited for.
+    runtime.shutdown_background();
+    result
+}
+
+async fn run(args: Args) -> Result<()> {
     let lab = natgw_lab::Lab::up("ncpb")?;
     let env = natgw_testenv::TestEnv::start().await?;
     let admin = env.install_natgw(&natgw_api::crds()).await?;
@@ -183,7 +201,23 @@ async fn main() -> Result<()> {
         }
         Ok(ready.min(kernel.snapshot()?.table.nat.fip_dnat.len()))
     };
+    let before = ApiTally::read(&admin).await?;
+    let profile = args.api_profile.clone().map(|to| {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let req = http::Request::get("/debug/pprof/profile?seconds=30").body(Vec::new())?;
+            let mut body = admin.request_stream(req).await?;
+            let mut bytes = Vec::new();
+            futures::AsyncReadExt::read_to_end(&mut body, &mut bytes).await?;
+            std::fs::write(&to, &bytes)?;
+            anyhow::Ok(to)
+        })
+    });
     let (fips_created, fips_ready) = burst("FloatingIps", 0..n, args.parallel, |i| fip(&admin, i), fips_done).await?;
+    let tally = ApiTally::read(&admin).await?.since(&before);
+    if let Some(p) = profile {
+        eprintln!("API server profile: {}", p.await??.display());
+    }
 
     eprintln!("timing {} single FloatingIps", args.samples);
     let mut lat = Vec::new();
@@ -240,7 +274,61 @@ async fn main() -> Result<()> {
     for (name, c) in [("controller", &controller), ("agent", &agent)] {
         println!("| {name} CPU time, whole run | {:.1} s | |", c.cpu_seconds()?);
     }
+    println!("| API server CPU time, FloatingIp burst | {:.1} s | |", tally.cpu_seconds);
+    println!();
+    println!("Writes the API server served during the FloatingIp burst, per FloatingIp created:");
+    println!();
+    println!("| verb | resource | writes per FloatingIp |");
+    println!("|---|---|---|");
+    for ((verb, resource), count) in &tally.writes {
+        println!("| {verb} | {resource} | {:.2} |", count / n as f64);
+    }
     Ok(())
+}
+
+/// Counters read off the API server's own /metrics: what natgw asked of
+/// it, by verb and resource, and the CPU it spent.
+#[derive(Default)]
+struct ApiTally {
+    writes: std::collections::BTreeMap<(String, String), f64>,
+    cpu_seconds: f64,
+}
+
+impl ApiTally {
+    async fn read(client: &Client) -> Result<ApiTally> {
+        let req = http::Request::get("/metrics").body(Vec::new())?;
+        let text = client.request_text(req).await?;
+        let mut out = ApiTally::default();
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("process_cpu_seconds_total ") {
+                out.cpu_seconds = v.trim().parse().unwrap_or(0.0);
+            }
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else { continue };
+            let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+            let label = |k: &str| {
+                labels.split(',').find_map(|kv| kv.strip_prefix(&format!("{k}=\"")).map(|v| v.trim_end_matches('"')))
+            };
+            let verb = label("verb").unwrap_or_default();
+            if !matches!(verb, "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE") {
+                continue;
+            }
+            let mut resource = label("resource").unwrap_or_default().to_string();
+            if let Some(sub) = label("subresource").filter(|s| !s.is_empty()) {
+                resource = format!("{resource}/{sub}");
+            }
+            *out.writes.entry((verb.to_string(), resource)).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        Ok(out)
+    }
+
+    fn since(mut self, before: &ApiTally) -> ApiTally {
+        for (k, v) in self.writes.iter_mut() {
+            *v -= before.writes.get(k).copied().unwrap_or(0.0);
+        }
+        self.writes.retain(|_, v| *v > 0.0);
+        self.cpu_seconds -= before.cpu_seconds;
+        self
+    }
 }
 
 /// The same creates with no natgw process: what the API server alone
