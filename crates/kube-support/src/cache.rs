@@ -50,7 +50,7 @@ pub fn cached_in<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, events) = reflected(client, namespace, config, reporter);
+    let (reader, events) = cached_events_in(client, namespace, config, reporter);
     (reader, events.applied_objects().boxed())
 }
 
@@ -65,29 +65,16 @@ pub fn cached_touched<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, events) = reflected(client, None, config, reporter);
+    let (reader, events) = cached_events_in(client, None, config, reporter);
     (reader, events.touched_objects().boxed())
-}
-
-/// `cached_in`, whose stream carries the watch events themselves (each
-/// after the cache took it): for a consumer that needs to tell a deletion
-/// or a relist from a change.
-pub fn cached_events_in<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    config: watcher::Config,
-    reporter: &'static str,
-) -> (Store<K>, Events<K>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    reflected(client, namespace, config, reporter)
 }
 
 pub type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, watcher::Error>>;
 
-/// The cache and its stream of watch events, after the cache took each.
-fn reflected<K>(
+/// A cache and its stream of watch events themselves, each after the
+/// cache took it: for a consumer that must tell a deletion or a relist
+/// from a change.
+pub fn cached_events_in<K>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
