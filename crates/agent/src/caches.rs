@@ -17,7 +17,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
 use natgw_kube_support::KindResource;
-use natgw_kube_support::claims::{claim_name, holder_of};
+use natgw_kube_support::claims::{claim_name, held_address, holder_of};
 
 /// The objects the watches saw change since the last round took them in.
 #[derive(Default)]
@@ -274,10 +274,10 @@ impl Caches {
     /// fixed spec.ip that another Eip holds, or a status.ip that no claim
     /// of this Eip backs, must not be programmed.
     fn held(&self, eip: &Eip) -> Option<Ipv4Addr> {
-        let ip = eip.address()?;
-        let claim = self.claims.get(&CacheRef::new(&claim_name(ip)).within(&self.claims_namespace))?;
-        let (claimed, holder) = holder_of(&claim)?;
-        (claimed == ip && Some(holder.uid.as_str()) == eip.metadata.uid.as_deref()).then_some(ip)
+        held_address(eip, |ip| {
+            let claim = self.claims.get(&CacheRef::new(&claim_name(ip)).within(&self.claims_namespace))?;
+            holder_of(&claim).filter(|(claimed, _)| *claimed == ip).map(|(_, h)| h)
+        })
     }
 
     /// Brings `set` and `entries` up to the caches: the objects the watches

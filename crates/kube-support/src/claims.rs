@@ -42,11 +42,11 @@ pub fn claim(ip: Ipv4Addr, holder: &Holder) -> ConfigMap {
 /// The address `eip` holds: the one it asks for (`Eip::address`), and only
 /// when the claim of that address names this Eip. Anything else (a fixed
 /// address another Eip holds, a status written by someone else) is not
-/// the Eip's to use.
-pub fn held_address(eip: &natgw_api::Eip, claims: &std::collections::BTreeMap<Ipv4Addr, Holder>) -> Option<Ipv4Addr> {
+/// the Eip's to use. `claim_of` finds the holder of an address's claim.
+pub fn held_address(eip: &natgw_api::Eip, claim_of: impl Fn(Ipv4Addr) -> Option<Holder>) -> Option<Ipv4Addr> {
     let ip = eip.address()?;
     let uid = eip.metadata.uid.as_deref()?;
-    claims.get(&ip).filter(|h| h.uid == uid).map(|_| ip)
+    claim_of(ip).filter(|h| h.uid == uid).map(|_| ip)
 }
 
 /// The address a claim ConfigMap is for, and its holder.
