@@ -345,36 +345,16 @@ impl Caches {
                 Kind::Vpc | Kind::Subnet | Kind::NatGateway => None,
             }
         };
-        let mut stale: Vec<ObjectRef> = out.changed.iter().cloned().collect();
-        if full {
-            // Entries of objects a round had dropped from the set.
-            stale.extend(entries.by_ref.keys().filter(|r| !set.contains(r)).cloned());
-            stale.extend(self.missing_entries(entries));
-        }
-        for r in stale {
-            match cached_entry(&r) {
+        // Every cached object is taken in once it changes (a watch marks
+        // it) and on a walk, so `changed` is all that needs a new entry:
+        // an object a round dropped from the set is copied back by the
+        // next walk.
+        for r in &out.changed {
+            match cached_entry(r) {
                 Some(e) => entries.put(e),
-                None => entries.remove(&r),
+                None => entries.remove(r),
             }
         }
-        out
-    }
-
-    /// Cached Eips and rules that have no entry yet.
-    fn missing_entries(&self, entries: &Entries) -> Vec<ObjectRef> {
-        fn of<K: KindResource>(store: &Store<K>, entries: &Entries, out: &mut Vec<ObjectRef>) {
-            for o in store.state() {
-                let r = ObjectRef::new(K::KIND, o.name_any());
-                if entries.get(&r).is_none_or(|e| e.resource_version != o.meta().resource_version) {
-                    out.push(r);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        of(&self.eips, entries, &mut out);
-        of(&self.fips, entries, &mut out);
-        of(&self.snats, entries, &mut out);
-        of(&self.dnats, entries, &mut out);
         out
     }
 }
