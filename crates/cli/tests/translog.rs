@@ -26,16 +26,19 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     let _server = udp_server(&lab.ns("ext1"), EXT1, 5353).unwrap();
     let flow = UdpFlow::open(&lab.ns("int2"), EXT1, 5353).unwrap();
     assert_eq!(flow.source().unwrap(), EGRESS_EIP);
+    // A line's time is when the log read the kernel's event, a little after
+    // the packet: ask about a moment the log has already seen. Asking right
+    // after the first packet failed on a loaded CI machine.
+    let text = wait_for_line(&file, |l| l.contains("\"event\":\"new\"") && l.contains("198.51.100.10:"));
     let during = natgw_dataplane::translog::rfc3339(std::time::SystemTime::now());
     // The SnatRule goes: the sweep ends the flow's translation.
     converge(&gw, &objects(&eip("egress", EGRESS_EIP)));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let text = std::fs::read_to_string(&file).unwrap();
-    assert!(text.lines().any(|l| l.contains("\"event\":\"new\"") && l.contains("198.51.100.10:")), "{text}");
-    assert!(
-        text.lines().any(|l| l.contains("\"event\":\"end\"") && l.contains("\"internal\":\"10.77.0.12:")),
-        "{text}"
-    );
+    wait_for_line(&file, |l| l.contains("\"event\":\"end\"") && l.contains("\"internal\":\"10.77.0.12:"));
+    assert!(text.lines().all(|l| !l.contains("\"event\":\"end\"")), "ended before the rule went: {text}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while lost.dropped_write.load(Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(lost.dropped_write.load(Ordering::Relaxed) >= 2 && lost.written.load(Ordering::Relaxed) == 0);
     let logs = |at: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_natgw"))
@@ -48,4 +51,18 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     let after = natgw_dataplane::translog::rfc3339(std::time::SystemTime::now());
     assert!(!logs(&after).status.success(), "nobody holds it after the flow ended");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The log's text once a line matches, within 5 s (the reader thread may be
+/// slow to run on a busy machine).
+fn wait_for_line(file: &std::path::Path, matches: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.lines().any(&matches) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no such line in 5 s: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
