@@ -6,6 +6,7 @@
 //! create-to-programmed latency of single FloatingIps on top.
 
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -131,8 +132,21 @@ async fn run(args: Args) -> Result<()> {
     let spawn = |sa: &str, args: &[&str]| -> Result<Child> {
         let kubeconfig = env.kubeconfig_file(&env.service_account("natgw-system", sa)?)?;
         let log = std::fs::File::create(env.dir().join(format!("{sa}.log")))?;
-        let child = std::process::Command::new(&natgw)
+        // NATGW_CP_BENCH_WRAP="heaptrack -o /tmp/h" runs both under a
+        // profiler (their memory figures are then the wrapper's).
+        let wrap = std::env::var("NATGW_CP_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = std::process::Command::new(program);
+                c.args(words).arg(&natgw);
+                c
+            }
+            None => std::process::Command::new(&natgw),
+        };
+        let child = command
             .args(args)
+            .process_group(0)
             .env("KUBECONFIG", kubeconfig)
             // NATGW_CP_BENCH_LOG=info,natgw_agent=debug shows each round.
             .env("RUST_LOG", std::env::var("NATGW_CP_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
@@ -380,8 +394,19 @@ impl Child {
 }
 
 impl Drop for Child {
+    /// Ends natgw in the child's process group with SIGTERM, so a wrapping
+    /// profiler gets to write its data, then kills whatever is left.
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let group = self.0.id().to_string();
+        let signal = |sig: &str, name: &[&str]| {
+            let _ = std::process::Command::new("pkill").args([sig, "-g", &group]).args(name).status();
+        };
+        signal("-TERM", &["-x", "natgw"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal("-KILL", &[]);
         let _ = self.0.wait();
     }
 }
