@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
@@ -95,39 +95,70 @@ pub fn claim_holder(cm: &ConfigMap) -> Option<ObjectRef> {
     holder_of(cm).map(|(_, h)| ObjectRef::new(Kind::Eip, h.eip))
 }
 
-/// What the agent holds of an Eip or rule: whether it carries our
-/// finalizer, whether the controller released it for deletion.
-pub struct Entry {
-    pub object: ObjectRef,
-    pub finalizers: Vec<String>,
-    pub resource_version: Option<String>,
-    pub released: bool,
-    pub generation: Option<i64>,
-    pub conditions: Vec<Condition>,
-    /// A rule's Eip.
-    pub eip: Option<String>,
-    /// An Eip's gateway.
-    pub gateway: Option<String>,
+/// What an entry reads of its cached object.
+trait Cached: Send + Sync {
+    fn meta(&self) -> &ObjectMeta;
+    fn conditions(&self) -> &[Condition];
+    fn typed(&self) -> natgw_kube_support::Typed<'_>;
 }
 
-fn entry<K: KindResource>(o: &K) -> Entry {
-    let m = o.meta();
-    let finalizers = m.finalizers.clone().unwrap_or_default();
-    let released = m.deletion_timestamp.is_some() && !finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
-    let typed = o.typed();
-    let gateway = match typed {
-        natgw_kube_support::Typed::Eip(e) => Some(e.spec.gateway.clone()),
-        _ => None,
-    };
-    Entry {
-        object: ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default()),
-        finalizers,
-        resource_version: m.resource_version.clone(),
-        released,
-        generation: m.generation,
-        conditions: o.conditions().to_vec(),
-        eip: typed.rule_eip().map(str::to_string),
-        gateway,
+impl<K: KindResource> Cached for K {
+    fn meta(&self) -> &ObjectMeta {
+        Resource::meta(self)
+    }
+    fn conditions(&self) -> &[Condition] {
+        KindResource::conditions(self)
+    }
+    fn typed(&self) -> natgw_kube_support::Typed<'_> {
+        KindResource::typed(self)
+    }
+}
+
+/// What the agent holds of an Eip or rule: the cached object itself
+/// (shared with the cache, not copied), and whether the controller
+/// released it for deletion.
+pub struct Entry {
+    pub object: ObjectRef,
+    cached: Arc<dyn Cached>,
+    pub released: bool,
+}
+
+impl Entry {
+    fn new<K: KindResource>(o: Arc<K>) -> Entry {
+        let m = Resource::meta(&*o);
+        let released =
+            m.deletion_timestamp.is_some() && !m.finalizers.iter().flatten().any(|f| f == CONTROLLER_FINALIZER);
+        let object = ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default());
+        Entry { object, cached: o, released }
+    }
+
+    pub fn finalizers(&self) -> &[String] {
+        self.cached.meta().finalizers.as_deref().unwrap_or_default()
+    }
+
+    pub fn resource_version(&self) -> &Option<String> {
+        &self.cached.meta().resource_version
+    }
+
+    pub fn generation(&self) -> Option<i64> {
+        self.cached.meta().generation
+    }
+
+    pub fn conditions(&self) -> &[Condition] {
+        self.cached.conditions()
+    }
+
+    /// A rule's Eip.
+    pub fn eip(&self) -> Option<&str> {
+        self.cached.typed().rule_eip()
+    }
+
+    /// An Eip's gateway.
+    pub fn gateway(&self) -> Option<&str> {
+        match self.cached.typed() {
+            natgw_kube_support::Typed::Eip(e) => Some(&e.spec.gateway),
+            _ => None,
+        }
     }
 }
 
@@ -155,15 +186,15 @@ impl Entries {
 
     fn put(&mut self, e: Entry) {
         self.remove(&e.object);
-        if let Some(eip) = &e.eip {
-            self.rules_of.entry(eip.clone()).or_default().insert(e.object.clone());
+        if let Some(eip) = e.eip() {
+            self.rules_of.entry(eip.to_string()).or_default().insert(e.object.clone());
         }
         self.by_ref.insert(e.object.clone(), Arc::new(e));
     }
 
     fn remove(&mut self, r: &ObjectRef) {
         let Some(old) = self.by_ref.remove(r) else { return };
-        if let Some(eip) = &old.eip
+        if let Some(eip) = old.eip()
             && let Some(set) = self.rules_of.get_mut(eip)
         {
             set.remove(r);
@@ -195,33 +226,38 @@ fn plan_key<K: Resource>(o: &K, address: Option<Ipv4Addr>) -> PlanKey {
     (m.uid.clone(), m.generation, m.deletion_timestamp.is_some(), version, address)
 }
 
-/// How one kind is copied: whether a copy still fits the cached object
-/// (beyond its resourceVersion), what a copy is made to say, its address.
+/// How one kind is taken into the set: whether a copy still fits the
+/// cached object (beyond its resourceVersion), the copy to use instead of
+/// the cached object when it must say something else, its address. The
+/// set shares the cache's objects: only a fixed one is a copy.
 type Same<'a, K> = Box<dyn Fn(&K, &K) -> bool + 'a>;
+type Fix<'a, K> = Box<dyn Fn(&K) -> Option<K> + 'a>;
 
 struct Copying<'a, K> {
     kind: Kind,
     same: Same<'a, K>,
-    fix: Box<dyn Fn(&mut K) + 'a>,
+    fix: Fix<'a, K>,
     address: fn(&K) -> Option<Ipv4Addr>,
 }
 
 impl<K: Resource<DynamicType = ()> + Clone> Copying<'_, K> {
     fn plain(kind: Kind) -> Self {
-        Copying { kind, same: Box::new(|_, _| true), fix: Box::new(|_| {}), address: |_| None }
+        Copying { kind, same: Box::new(|_, _| true), fix: Box::new(|_| None), address: |_| None }
     }
 
-    /// Brings the copy of `name` up to `cached`.
-    fn take(&self, map: &mut BTreeMap<String, K>, name: &str, cached: Option<&K>, out: &mut Refreshed) {
+    /// Brings the set's object `name` up to `cached`.
+    fn take(&self, map: &mut BTreeMap<String, Arc<K>>, name: &str, cached: Option<Arc<K>>, out: &mut Refreshed) {
         match (map.get(name), cached) {
             (Some(have), Some(o))
-                if have.meta().resource_version == o.meta().resource_version && (self.same)(have, o) => {}
+                if have.meta().resource_version == o.meta().resource_version && (self.same)(have, &o) => {}
             (have, Some(o)) => {
-                let mut copy = o.clone();
-                (self.fix)(&mut copy);
-                let key = plan_key(&copy, (self.address)(&copy));
-                out.planned |= have.is_none_or(|h| plan_key(h, (self.address)(h)) != key);
-                map.insert(name.to_string(), copy);
+                let o = match (self.fix)(&o) {
+                    Some(fixed) => Arc::new(fixed),
+                    None => o,
+                };
+                let key = plan_key(&*o, (self.address)(&o));
+                out.planned |= have.is_none_or(|h| plan_key(&**h, (self.address)(h)) != key);
+                map.insert(name.to_string(), o);
                 out.changed.insert(ObjectRef::new(self.kind, name));
             }
             (Some(_), None) => {
@@ -234,10 +270,10 @@ impl<K: Resource<DynamicType = ()> + Clone> Copying<'_, K> {
     }
 
     /// Every object of the kind.
-    fn walk(&self, map: &mut BTreeMap<String, K>, store: &Store<K>, out: &mut Refreshed) {
+    fn walk(&self, map: &mut BTreeMap<String, Arc<K>>, store: &Store<K>, out: &mut Refreshed) {
         let state = store.state();
         let mut seen = HashSet::with_capacity(state.len());
-        for o in &state {
+        for o in state {
             let name = o.name_any();
             self.take(map, &name, Some(o), out);
             seen.insert(name);
@@ -249,9 +285,8 @@ impl<K: Resource<DynamicType = ()> + Clone> Copying<'_, K> {
     }
 
     /// Only `name`.
-    fn one(&self, map: &mut BTreeMap<String, K>, store: &Store<K>, name: &str, out: &mut Refreshed) {
-        let cached = store.get(&CacheRef::new(name));
-        self.take(map, name, cached.as_deref(), out);
+    fn one(&self, map: &mut BTreeMap<String, Arc<K>>, store: &Store<K>, name: &str, out: &mut Refreshed) {
+        self.take(map, name, store.get(&CacheRef::new(name)), out);
     }
 }
 
@@ -304,12 +339,15 @@ impl Caches {
             // longer (or now) held is taken again.
             same: Box::new(|have, cached| have.address() == self.held(cached)),
             fix: Box::new(|e| {
-                if e.address().is_some() && e.address() != self.held(e) {
+                let unheld = e.address().is_some() && e.address() != self.held(e);
+                unheld.then(|| {
+                    let mut e = e.clone();
                     e.spec.ip = None;
                     if let Some(s) = e.status.as_mut() {
                         s.ip = None;
                     }
-                }
+                    e
+                })
             }),
             address: |e| e.address(),
         };
@@ -335,7 +373,7 @@ impl Caches {
         // Entries follow the caches (not the set, which a round trims).
         let cached_entry = |r: &ObjectRef| -> Option<Entry> {
             fn of<K: KindResource>(store: &Store<K>, name: &str) -> Option<Entry> {
-                store.get(&CacheRef::new(name)).map(|o| entry(&*o))
+                store.get(&CacheRef::new(name)).map(Entry::new)
             }
             match r.kind {
                 Kind::Eip => of(&self.eips, &r.name),

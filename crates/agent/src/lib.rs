@@ -59,7 +59,7 @@ async fn set_finalizers(client: &Client, e: &Entry, finalizers: Vec<String>) -> 
     async fn patch<K: KindResource>(client: &Client, name: &str, body: serde_json::Value) -> Result<(), kube::Error> {
         Api::<K>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(&body)).await.map(drop)
     }
-    let body = serde_json::json!({ "metadata": { "resourceVersion": e.resource_version, "finalizers": finalizers } });
+    let body = serde_json::json!({ "metadata": { "resourceVersion": e.resource_version(), "finalizers": finalizers } });
     with_kind!(e.object.kind, patch(client, &e.object.name, body))
 }
 
@@ -146,11 +146,11 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     // An Eip of this gateway; a rule whose Eip is one, or that still
     // carries our finalizer (its Eip may be gone already).
     let ours = |e: &Entry| match e.object.kind {
-        Kind::Eip => e.gateway.as_deref() == Some(gw),
+        Kind::Eip => e.gateway() == Some(gw),
         _ => {
-            e.finalizers.contains(&fin)
-                || e.eip.as_ref().is_some_and(|n| {
-                    entries.get(&ObjectRef::new(Kind::Eip, n.clone())).is_some_and(|x| x.gateway.as_deref() == Some(gw))
+            e.finalizers().contains(&fin)
+                || e.eip().is_some_and(|n| {
+                    entries.get(&ObjectRef::new(Kind::Eip, n)).is_some_and(|x| x.gateway() == Some(gw))
                 })
         }
     };
@@ -173,13 +173,13 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let persisted = std::mem::take(&mut planning.persisted);
     let mut finalized: BTreeSet<ObjectRef> = BTreeSet::new();
     for e in &mine {
-        let written = persisted.get(&e.object).is_some_and(|rv| *rv == e.resource_version);
+        let written = persisted.get(&e.object).is_some_and(|rv| rv == e.resource_version());
         if written && !e.released {
             // Still not in the cache: ours all the same.
-            planning.persisted.insert(e.object.clone(), e.resource_version.clone());
+            planning.persisted.insert(e.object.clone(), e.resource_version().clone());
             finalized.insert(e.object.clone());
         }
-        let has = e.finalizers.contains(&fin) || written;
+        let has = e.finalizers().contains(&fin) || written;
         if e.released {
             // No longer allowed in the kernel.
             planned |= set.remove(&e.object);
@@ -194,7 +194,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let failed = std::sync::Mutex::new(BTreeSet::new());
     futures::stream::iter(&adding)
         .for_each_concurrent(WRITES, |e| async {
-            let mut list = e.finalizers.clone();
+            let mut list = e.finalizers().to_vec();
             list.push(fin.clone());
             if let Err(err) = set_finalizers(client, e, list).await {
                 tracing::info!(object = %e.object, error = %err, "finalizer not persisted; not programming");
@@ -210,7 +210,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
             changed.insert(e.object.clone());
             planning.owed.insert(e.object.clone());
         } else {
-            planning.persisted.insert(e.object.clone(), e.resource_version.clone());
+            planning.persisted.insert(e.object.clone(), e.resource_version().clone());
             finalized.insert(e.object.clone());
         }
     }
@@ -242,7 +242,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     // The conntrack sweep this change owes runs beside the next changes;
     // its end triggers a round, which releases what it settled.
     gateway.sweep_in_background(sweep_done.clone());
-    let has_fin = |e: &Entry| e.finalizers.contains(&fin) || finalized.contains(&e.object);
+    let has_fin = |e: &Entry| e.finalizers().contains(&fin) || finalized.contains(&e.object);
     // With the plan reused, what each object's conditions should say is
     // what the last round wrote; a write that failed is retried by the
     // next plan or the periodic resync (30 s).
@@ -279,7 +279,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
         .iter()
         .map(|e| &**e)
         .filter(|e| {
-            e.finalizers.contains(&fin)
+            e.finalizers().contains(&fin)
                 && !plan.programmed.contains(&e.object)
                 && (e.released || !set.contains(&e.object))
         })
@@ -289,7 +289,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     if swept {
         futures::stream::iter(&gone)
             .for_each_concurrent(WRITES, |e| async {
-                let list: Vec<String> = e.finalizers.iter().filter(|f| **f != fin).cloned().collect();
+                let list: Vec<String> = e.finalizers().iter().filter(|f| **f != fin).cloned().collect();
                 if let Err(err) = set_finalizers(client, e, list).await {
                     tracing::info!(object = %e.object, error = %err, "finalizer not removed yet");
                     unreleased.lock().unwrap_or_else(|p| p.into_inner()).insert(e.object.clone());
@@ -517,12 +517,12 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
     let writes = mine.iter().filter_map(|e| {
         let want = wanted(plan, &e.object);
         let same = want.iter().all(|(t, st, reason, msg)| {
-            e.conditions.iter().any(|c| {
+            e.conditions().iter().any(|c| {
                 c.type_ == *t
                     && c.status == *st
                     && c.reason == *reason
                     && c.message == *msg
-                    && c.observed_generation == e.generation
+                    && c.observed_generation == e.generation()
             })
         });
         if same {
@@ -534,7 +534,7 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
             .map(|(t, st, reason, msg)| {
                 // Keep the transition time when the status did not flip.
                 let since = e
-                    .conditions
+                    .conditions()
                     .iter()
                     .find(|c| c.type_ == *t && c.status == *st)
                     .map(|c| c.last_transition_time.clone());
@@ -543,12 +543,12 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
                     status: st.to_string(),
                     reason: reason.clone(),
                     message: msg.clone(),
-                    observed_generation: e.generation,
+                    observed_generation: e.generation(),
                     last_transition_time: since.unwrap_or_else(|| now.clone()),
                 }
             })
             .collect();
-        let status = serde_json::json!({ "observedGeneration": e.generation, "conditions": conditions });
+        let status = serde_json::json!({ "observedGeneration": e.generation(), "conditions": conditions });
         Some((&e.object, status))
     });
     futures::stream::iter(writes)

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
@@ -129,16 +130,17 @@ impl Object {
 }
 
 /// All objects, each kind keyed by name. BTreeMaps keep every walk over the
-/// set deterministic, which planning relies on.
+/// set deterministic, which planning relies on. Objects are shared (`Arc`),
+/// so a set built from watch caches holds no second copy of them.
 #[derive(Clone, Debug, Default)]
 pub struct ObjectSet {
-    pub vpcs: BTreeMap<String, Vpc>,
-    pub subnets: BTreeMap<String, Subnet>,
-    pub gateways: BTreeMap<String, NatGateway>,
-    pub eips: BTreeMap<String, Eip>,
-    pub floating_ips: BTreeMap<String, FloatingIp>,
-    pub snat_rules: BTreeMap<String, SnatRule>,
-    pub dnat_rules: BTreeMap<String, DnatRule>,
+    pub vpcs: BTreeMap<String, Arc<Vpc>>,
+    pub subnets: BTreeMap<String, Arc<Subnet>>,
+    pub gateways: BTreeMap<String, Arc<NatGateway>>,
+    pub eips: BTreeMap<String, Arc<Eip>>,
+    pub floating_ips: BTreeMap<String, Arc<FloatingIp>>,
+    pub snat_rules: BTreeMap<String, Arc<SnatRule>>,
+    pub dnat_rules: BTreeMap<String, Arc<DnatRule>>,
 }
 
 impl ObjectSet {
@@ -146,13 +148,23 @@ impl ObjectSet {
     pub fn insert(&mut self, object: Object) -> Option<Object> {
         let name = object.name();
         match object {
-            Object::Vpc(o) => self.vpcs.insert(name, o).map(Object::Vpc),
-            Object::Subnet(o) => self.subnets.insert(name, o).map(Object::Subnet),
-            Object::NatGateway(o) => self.gateways.insert(name, o).map(Object::NatGateway),
-            Object::Eip(o) => self.eips.insert(name, o).map(Object::Eip),
-            Object::FloatingIp(o) => self.floating_ips.insert(name, o).map(Object::FloatingIp),
-            Object::SnatRule(o) => self.snat_rules.insert(name, o).map(Object::SnatRule),
-            Object::DnatRule(o) => self.dnat_rules.insert(name, o).map(Object::DnatRule),
+            Object::Vpc(o) => self.vpcs.insert(name, Arc::new(o)).map(|o| Object::Vpc(Arc::unwrap_or_clone(o))),
+            Object::Subnet(o) => {
+                self.subnets.insert(name, Arc::new(o)).map(|o| Object::Subnet(Arc::unwrap_or_clone(o)))
+            }
+            Object::NatGateway(o) => {
+                self.gateways.insert(name, Arc::new(o)).map(|o| Object::NatGateway(Arc::unwrap_or_clone(o)))
+            }
+            Object::Eip(o) => self.eips.insert(name, Arc::new(o)).map(|o| Object::Eip(Arc::unwrap_or_clone(o))),
+            Object::FloatingIp(o) => {
+                self.floating_ips.insert(name, Arc::new(o)).map(|o| Object::FloatingIp(Arc::unwrap_or_clone(o)))
+            }
+            Object::SnatRule(o) => {
+                self.snat_rules.insert(name, Arc::new(o)).map(|o| Object::SnatRule(Arc::unwrap_or_clone(o)))
+            }
+            Object::DnatRule(o) => {
+                self.dnat_rules.insert(name, Arc::new(o)).map(|o| Object::DnatRule(Arc::unwrap_or_clone(o)))
+            }
         }
     }
 
@@ -200,13 +212,13 @@ impl ObjectSet {
 
     /// Every object, parents first.
     pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
-        let v = self.vpcs.values().cloned().map(Object::Vpc);
-        let s = self.subnets.values().cloned().map(Object::Subnet);
-        let g = self.gateways.values().cloned().map(Object::NatGateway);
-        let e = self.eips.values().cloned().map(Object::Eip);
-        let f = self.floating_ips.values().cloned().map(Object::FloatingIp);
-        let sn = self.snat_rules.values().cloned().map(Object::SnatRule);
-        let d = self.dnat_rules.values().cloned().map(Object::DnatRule);
+        let v = self.vpcs.values().map(|o| Object::Vpc((**o).clone()));
+        let s = self.subnets.values().map(|o| Object::Subnet((**o).clone()));
+        let g = self.gateways.values().map(|o| Object::NatGateway((**o).clone()));
+        let e = self.eips.values().map(|o| Object::Eip((**o).clone()));
+        let f = self.floating_ips.values().map(|o| Object::FloatingIp((**o).clone()));
+        let sn = self.snat_rules.values().map(|o| Object::SnatRule((**o).clone()));
+        let d = self.dnat_rules.values().map(|o| Object::DnatRule((**o).clone()));
         v.chain(s).chain(g).chain(e).chain(f).chain(sn).chain(d)
     }
 

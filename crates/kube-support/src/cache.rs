@@ -26,8 +26,7 @@ pub fn undecodable_total() -> u64 {
 }
 
 /// A cache of every K (cluster-wide, filtered by `config`) and the stream
-/// of its changed objects. Leaves out managedFields: most of an object's
-/// bytes, and never read by natgw. `reporter` names who publishes the
+/// of its changed objects, `slim`. `reporter` names who publishes the
 /// Warning Events about undecodable objects.
 pub fn cached<K>(
     client: &Client,
@@ -116,12 +115,28 @@ where
                 }
             }
         })
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .modify(slim::<K>)
         .reflect(writer)
         // Boxed: seven of these in one future overflowed a test thread's stack.
         .boxed();
     (reader, stream)
 }
+
+/// What a cache leaves out of each object: managedFields and the copy of
+/// the object `kubectl apply` keeps in an annotation. Most of an object's
+/// bytes, and never read by natgw.
+fn slim<K: Resource>(o: &mut K) {
+    let m = o.meta_mut();
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            m.annotations = None;
+        }
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(DynamicObject, String)>>;
 
@@ -164,5 +179,33 @@ async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &DynamicObj
     let note = format!("natgw ignores this object until it is fixed: {err}");
     if let Err(e) = warning(client, &who, regarding, "Undecodable", "Decode", &note).await {
         tracing::warn!(error = %e, "cannot publish Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Service;
+
+    #[test]
+    fn a_cached_object_leaves_out_what_kubectl_apply_and_field_managers_add() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web",
+                "annotations": {LAST_APPLIED: "{\"a\":1}", "natgw.io/egress": "true"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            }
+        }))
+        .unwrap();
+        slim(&mut svc);
+        assert_eq!(svc.metadata.managed_fields, None);
+        let kept: Vec<&String> = svc.metadata.annotations.iter().flat_map(|a| a.keys()).collect();
+        assert_eq!(kept, ["natgw.io/egress"]);
+        let mut only: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x", "annotations": {LAST_APPLIED: "{}"}}
+        }))
+        .unwrap();
+        slim(&mut only);
+        assert_eq!(only.metadata.annotations, None);
     }
 }

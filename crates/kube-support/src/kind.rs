@@ -38,9 +38,9 @@ pub enum Typed<'a> {
     DnatRule(&'a DnatRule),
 }
 
-impl Typed<'_> {
+impl<'a> Typed<'a> {
     /// The Eip a rule names; `None` for the other kinds.
-    pub fn rule_eip(&self) -> Option<&str> {
+    pub fn rule_eip(&self) -> Option<&'a str> {
         match self {
             Typed::FloatingIp(f) => Some(&f.spec.eip),
             Typed::SnatRule(s) => Some(&s.spec.eip),

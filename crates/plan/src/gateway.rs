@@ -112,14 +112,14 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         cidr: ext.spec.cidr,
         router: ext.spec.gateway,
     };
-    let mine: Vec<&Eip> = set.eips.values().filter(|e| e.spec.gateway == name).collect();
+    let mine: Vec<&Eip> = set.eips.values().map(|e| &**e).filter(|e| e.spec.gateway == name).collect();
     weigh_eips(&mut plan, &mut scope, mine);
-    let mut claims: Vec<Weighed> = set.floating_ips.values().map(fip_claim).collect();
-    claims.extend(set.dnat_rules.values().map(dnat_claim));
+    let mut claims: Vec<Weighed> = set.floating_ips.values().map(|f| fip_claim(f)).collect();
+    claims.extend(set.dnat_rules.values().map(|d| dnat_claim(d)));
     weigh(&mut plan, set, &scope, claims);
 
     // SnatRule: identical networks conflict, overlapping ones nest.
-    let mut snat_rules: Vec<_> = set.snat_rules.values().collect();
+    let mut snat_rules: Vec<&natgw_api::SnatRule> = set.snat_rules.values().map(|s| &**s).collect();
     snat_rules.sort_by_key(|s| age_key(*s));
     let mut by_net: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)> = BTreeMap::new();
     for s in snat_rules {

@@ -65,8 +65,8 @@ fn keys_of(scope: &Scope, set: &ObjectSet, r: &ObjectRef) -> Option<Keys> {
 
 fn claim<'a>(set: &'a ObjectSet, r: &ObjectRef) -> Option<Weighed<'a>> {
     match r.kind {
-        Kind::FloatingIp => set.floating_ips.get(&r.name).map(fip_claim),
-        Kind::DnatRule => set.dnat_rules.get(&r.name).map(dnat_claim),
+        Kind::FloatingIp => set.floating_ips.get(&r.name).map(|f| fip_claim(f)),
+        Kind::DnatRule => set.dnat_rules.get(&r.name).map(|d| dnat_claim(d)),
         _ => None,
     }
 }
@@ -87,7 +87,7 @@ impl GatewayPlanner {
             eips_at: BTreeSet::new(),
         };
         for e in set.eips.values().filter(|e| e.spec.gateway == name) {
-            planner.index_eip(kube::ResourceExt::name_any(e), ObjectSet::eip_address(e));
+            planner.index_eip(kube::ResourceExt::name_any(&**e), ObjectSet::eip_address(e));
         }
         let refs = set
             .floating_ips
@@ -141,7 +141,7 @@ impl GatewayPlanner {
     /// have changed.
     fn reweigh_eips(&mut self, set: &ObjectSet, changed: BTreeSet<&String>) -> BTreeSet<String> {
         let gateway = self.name.clone();
-        let mine = |n: &String| set.eips.get(n).filter(|e| e.spec.gateway == gateway);
+        let mine = |n: &String| set.eips.get(n).map(|e| &**e).filter(|e| e.spec.gateway == gateway);
         let mut ips = BTreeSet::new();
         for n in &changed {
             ips.extend(self.eip_ips.get(*n).copied().flatten());

@@ -205,7 +205,7 @@ fn planning_is_deterministic_whatever_the_input_order() {
 #[test]
 fn item10_an_invalid_route_is_skipped_and_reported() {
     let mut objects = set("");
-    let gw = objects.gateways.get_mut("gw").unwrap();
+    let gw = std::sync::Arc::make_mut(objects.gateways.get_mut("gw").unwrap());
     gw.spec.routes = vec![
         natgw_api::GatewayRoute { cidr: "10.9.0.1/16".parse().unwrap(), next_hop: "10.0.0.254".parse().unwrap() },
         natgw_api::GatewayRoute { cidr: "10.8.0.0/16".parse().unwrap(), next_hop: "255.255.255.255".parse().unwrap() },
