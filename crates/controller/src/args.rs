@@ -44,6 +44,10 @@ pub struct Args {
     /// before the controller releases the agent's finalizers itself.
     #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
     pub release_after: u64,
+    /// Reconciles in flight per kind (each holds an API connection).
+    #[arg(long, env = "NATGW_WORKERS", default_value_t = crate::DEFAULT_WORKERS,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: u16,
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9477")]
     pub health_addr: std::net::SocketAddr,
@@ -88,6 +92,7 @@ impl Args {
                 gateway_pod,
                 release_after: Duration::from_secs(self.release_after),
                 health: Default::default(),
+                workers: self.workers,
             },
         })
     }
@@ -130,5 +135,13 @@ mod tests {
         let empty = parse(&["--gateway-resources={}", "--gateway-node-selector={}", "--gateway-tolerations=[]"]);
         let pod = empty.gateway_pod().unwrap();
         assert!(pod.resources.is_none() && pod.node_selector.is_empty() && pod.tolerations.is_empty());
+    }
+
+    #[test]
+    fn workers_are_bounded_and_zero_is_refused() {
+        assert_eq!(parse(&[]).workers, crate::DEFAULT_WORKERS);
+        assert_eq!(parse(&["--workers=4"]).election().unwrap().options.workers, 4);
+        let zero = Cli::try_parse_from(["natgw", "--instance", "a", "--namespace", "n", "--workers=0"]);
+        assert!(zero.err().is_some_and(|e| e.to_string().contains("--workers")));
     }
 }

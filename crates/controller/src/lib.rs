@@ -153,11 +153,23 @@ pub struct Options {
     /// before the controller releases the agent's finalizers itself.
     pub release_after: Duration,
     pub health: Health,
+    /// Reconciles in flight per kind. Each holds a connection to the API
+    /// server with its buffers: unbounded, a burst of thousands of objects
+    /// held one per object.
+    pub workers: u16,
 }
+
+/// `Options::workers` unless set.
+pub const DEFAULT_WORKERS: u16 = 32;
 
 impl Default for Options {
     fn default() -> Self {
-        Options { gateway_pod: Default::default(), release_after: Duration::from_secs(300), health: Health::default() }
+        Options {
+            gateway_pod: Default::default(),
+            release_after: Duration::from_secs(300),
+            health: Health::default(),
+            workers: DEFAULT_WORKERS,
+        }
     }
 }
 
@@ -270,9 +282,10 @@ pub async fn run(
         written: Default::default(),
     });
     let gc_ctx = ctx.clone();
+    let workers = kube::runtime::controller::Config::default().concurrency(ctx.options.workers.max(1));
     macro_rules! drive {
         ($c:expr, $k:ty) => {
-            $c.graceful_shutdown_on(stop()).run(reconcile::reconcile::<$k>, reconcile::error_policy::<$k>, ctx.clone()).for_each(|r| async move {
+            $c.with_config(workers.clone()).graceful_shutdown_on(stop()).run(reconcile::reconcile::<$k>, reconcile::error_policy::<$k>, ctx.clone()).for_each(|r| async move {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "controller event");
                 }
