@@ -15,8 +15,10 @@ pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Erro
     let blockers = deps::blockers(&ctx.stores.snapshot(), &me);
     if blockers.is_empty() {
         // A gateway's workload goes with it.
-        if let Typed::NatGateway(gw) = obj.typed() {
-            workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?;
+        match obj.typed() {
+            Typed::NatGateway(gw) => workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?,
+            Typed::Eip(e) => crate::eip::forget(ctx, e),
+            Typed::Vpc(_) | Typed::Subnet(_) | Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => {}
         }
         return Ok(Action::await_change());
     }

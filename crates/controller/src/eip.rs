@@ -69,6 +69,12 @@ pub async fn assign_address(ctx: &Ctx, eip: &Eip) -> Result<Action, Error> {
     Ok(if ip.is_some() { Action::await_change() } else { Action::requeue(Duration::from_secs(5)) })
 }
 
+/// Drops what `write_once` remembers of a deleted Eip (a memo of every
+/// name ever seen would grow with churn).
+pub fn forget(ctx: &Ctx, eip: &Eip) {
+    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&eip.name_any());
+}
+
 /// Applies `status` to `eip` unless this same apply was made already and
 /// the cache has not caught up with it yet: every rule event triggers the
 /// Eip, and a trigger that came before the cache held the last write wrote
