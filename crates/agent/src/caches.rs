@@ -1,6 +1,6 @@
 //! What the agent holds of the cluster: a watch cache of every kind, the
-//! copies a round plans from (an `ObjectSet`) and one entry per Eip and
-//! rule. A round takes in only the objects the watches saw change since
+//! set a round plans from (an `ObjectSet` sharing the caches' objects) and
+//! one entry per Eip and rule. A round takes in only the objects the watches saw change since
 //! the last one, so its cost follows the change, not the number of objects
 //! (walking 10,000 objects was most of a round). The first round, a resync
 //! and any relist of a watch walk everything.
@@ -207,7 +207,7 @@ impl Entries {
 
 /// What a refresh found.
 pub struct Refreshed {
-    /// Objects copied anew into the set or removed from it.
+    /// Objects taken anew into the set or removed from it.
     pub changed: BTreeSet<ObjectRef>,
     /// Whether any of them changed what the plan reads (a status write
     /// alone does not).
@@ -226,23 +226,23 @@ fn plan_key<K: Resource>(o: &K, address: Option<Ipv4Addr>) -> PlanKey {
     (m.uid.clone(), m.generation, m.deletion_timestamp.is_some(), version, address)
 }
 
-/// How one kind is taken into the set: whether a copy still fits the
-/// cached object (beyond its resourceVersion), the copy to use instead of
-/// the cached object when it must say something else, its address. The
-/// set shares the cache's objects: only a fixed one is a copy.
+/// How one kind is taken into the set: whether the set's object still
+/// fits the cached one (beyond its resourceVersion), the copy to use
+/// instead of the cached object when it must say something else, its
+/// address. The set shares the cache's objects: only a fixed one is a copy.
 type Same<'a, K> = Box<dyn Fn(&K, &K) -> bool + 'a>;
 type Fix<'a, K> = Box<dyn Fn(&K) -> Option<K> + 'a>;
 
-struct Copying<'a, K> {
+struct Intake<'a, K> {
     kind: Kind,
     same: Same<'a, K>,
     fix: Fix<'a, K>,
     address: fn(&K) -> Option<Ipv4Addr>,
 }
 
-impl<K: Resource<DynamicType = ()> + Clone> Copying<'_, K> {
+impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
     fn plain(kind: Kind) -> Self {
-        Copying { kind, same: Box::new(|_, _| true), fix: Box::new(|_| None), address: |_| None }
+        Intake { kind, same: Box::new(|_, _| true), fix: Box::new(|_| None), address: |_| None }
     }
 
     /// Brings the set's object `name` up to `cached`.
@@ -330,12 +330,12 @@ impl Caches {
         let full = full || dirty.all;
         let mut out = Refreshed { changed: BTreeSet::new(), planned: false, full };
         // Few, and a change to any replans the gateway: always walked.
-        Copying::plain(Kind::Vpc).walk(&mut set.vpcs, &self.vpcs, &mut out);
-        Copying::plain(Kind::Subnet).walk(&mut set.subnets, &self.subnets, &mut out);
-        Copying::plain(Kind::NatGateway).walk(&mut set.gateways, &self.gateways, &mut out);
-        let eips = Copying::<Eip> {
+        Intake::plain(Kind::Vpc).walk(&mut set.vpcs, &self.vpcs, &mut out);
+        Intake::plain(Kind::Subnet).walk(&mut set.subnets, &self.subnets, &mut out);
+        Intake::plain(Kind::NatGateway).walk(&mut set.gateways, &self.gateways, &mut out);
+        let eips = Intake::<Eip> {
             kind: Kind::Eip,
-            // Claims change apart from Eips: a copy whose address is no
+            // Claims change apart from Eips: an Eip whose address is no
             // longer (or now) held is taken again.
             same: Box::new(|have, cached| have.address() == self.held(cached)),
             fix: Box::new(|e| {
@@ -351,9 +351,9 @@ impl Caches {
             }),
             address: |e| e.address(),
         };
-        let fips = Copying::plain(Kind::FloatingIp);
-        let snats = Copying::plain(Kind::SnatRule);
-        let dnats = Copying::plain(Kind::DnatRule);
+        let fips = Intake::plain(Kind::FloatingIp);
+        let snats = Intake::plain(Kind::SnatRule);
+        let dnats = Intake::plain(Kind::DnatRule);
         if full {
             eips.walk(&mut set.eips, &self.eips, &mut out);
             fips.walk(&mut set.floating_ips, &self.fips, &mut out);
@@ -385,7 +385,7 @@ impl Caches {
         };
         // Every cached object is taken in once it changes (a watch marks
         // it) and on a walk, so `changed` is all that needs a new entry:
-        // an object a round dropped from the set is copied back by the
+        // an object a round dropped from the set is taken back by the
         // next walk.
         for r in &out.changed {
             match cached_entry(r) {

@@ -22,7 +22,7 @@ impl Users {
     pub fn touched<K: KindResource>(&self, store: &Store<K>, rule: &K) {
         let Some(eip) = rule.typed().rule_eip().map(str::to_string) else { return };
         let name = rule.meta().name.clone().unwrap_or_default();
-        let present = store.get(&CacheRef::new(&name)).is_some_and(|o| o.typed().rule_eip() == Some(&eip));
+        let present = eip_of(store, &name).as_ref() == Some(&eip);
         let r = ObjectRef::new(K::KIND, name);
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if present {
@@ -48,11 +48,13 @@ impl Users {
     }
 }
 
+/// The Eip that rule `name` names in `store`, if the cache holds it.
+fn eip_of<K: KindResource>(store: &Store<K>, name: &str) -> Option<String> {
+    store.get(&CacheRef::new(name))?.typed().rule_eip().map(str::to_string)
+}
+
 /// The Eip that rule `r` names in its cache, if the cache holds it.
 fn names(stores: &Stores, r: &ObjectRef) -> Option<String> {
-    fn eip_of<K: KindResource>(store: &Store<K>, name: &str) -> Option<String> {
-        store.get(&CacheRef::new(name))?.typed().rule_eip().map(str::to_string)
-    }
     match r.kind {
         Kind::FloatingIp => eip_of(&stores.floating_ips, &r.name),
         Kind::SnatRule => eip_of(&stores.snat_rules, &r.name),
