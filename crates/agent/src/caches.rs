@@ -10,14 +10,15 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
 use natgw_kube_support::KindResource;
-use natgw_kube_support::claims::{claim_name, held_address, holder_of};
+use natgw_kube_support::claims::held_address;
+
+use crate::claims::Claims;
 
 /// The objects the watches saw change since the last round took them in.
 #[derive(Default)]
@@ -33,13 +34,22 @@ fn mark(cell: &DirtyCell, f: impl FnOnce(&mut Dirty)) {
     f(&mut cell.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
+/// Marks Eips by name (their address claims changed).
+pub fn mark_eips(cell: &DirtyCell, eips: impl IntoIterator<Item = String>) {
+    mark(cell, |d| d.objects.extend(eips.into_iter().map(|n| ObjectRef::new(Kind::Eip, n))));
+}
+
+/// Marks everything: a watch listed anew.
+pub fn mark_relisted(cell: &DirtyCell) {
+    mark(cell, |d| d.all = true);
+}
+
 /// Caches of every kind.
 #[derive(Clone)]
 pub struct Caches {
     /// The controller's address claims: an Eip's `status.ip` is used only
     /// when its claim names the Eip (status alone could be forged).
-    pub claims: Store<ConfigMap>,
-    pub claims_namespace: String,
+    pub claims: Claims,
     pub vpcs: Store<Vpc>,
     pub subnets: Store<Subnet>,
     pub gateways: Store<NatGateway>,
@@ -75,7 +85,7 @@ where
                         });
                     }
                 }
-                Ok(Event::InitDone) => mark(&dirty, |d| d.all = true),
+                Ok(Event::InitDone) => mark_relisted(&dirty),
                 Ok(Event::Init | Event::InitApply(_)) => continue,
                 Err(e) => tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error"),
             }
@@ -88,11 +98,6 @@ where
 /// The name of a natgw object, for `watch`.
 pub fn object_ref<K: KindResource>(o: &K) -> Option<ObjectRef> {
     Some(ObjectRef::new(K::KIND, o.meta().name.clone()?))
-}
-
-/// The Eip a claim names: a claim's change is its Eip's.
-pub fn claim_holder(cm: &ConfigMap) -> Option<ObjectRef> {
-    holder_of(cm).map(|(_, h)| ObjectRef::new(Kind::Eip, h.eip))
 }
 
 /// What an entry reads of its cached object.
@@ -309,10 +314,7 @@ impl Caches {
     /// fixed spec.ip that another Eip holds, or a status.ip that no claim
     /// of this Eip backs, must not be programmed.
     fn held(&self, eip: &Eip) -> Option<Ipv4Addr> {
-        held_address(eip, |ip| {
-            let claim = self.claims.get(&CacheRef::new(&claim_name(ip)).within(&self.claims_namespace))?;
-            holder_of(&claim).filter(|(claimed, _)| *claimed == ip).map(|(_, h)| h)
-        })
+        held_address(eip, |ip| self.claims.holder(ip))
     }
 
     /// Brings `set` and `entries` up to the caches: the objects the watches

@@ -12,6 +12,7 @@
 
 mod args;
 mod caches;
+mod claims;
 mod metrics;
 pub mod ports;
 
@@ -20,14 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use natgw_api::*;
 use natgw_dataplane::Gateway;
-use natgw_kube_support::claims::CLAIM_LABEL;
 use natgw_kube_support::{KindResource, with_kind};
 
 use caches::{Caches, Entries, Entry, object_ref, watch};
@@ -379,22 +378,9 @@ pub async fn run_with(
     let (fips, w5) = watch::<FloatingIp>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
     let (snats, w6) = watch::<SnatRule>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
     let (dnats, w7) = watch::<DnatRule>(&client, None, mine, &dirty, tx.clone(), object_ref);
-    let claim_label = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
-    let (claims_cache, w0) =
-        watch::<ConfigMap>(&client, Some(&claims), claim_label, &dirty, tx.clone(), caches::claim_holder);
+    let (claims_book, w0) = claims::watch(&client, &claims, &dirty, tx.clone());
     let eips_cache = eips.clone();
-    let caches = Caches {
-        claims: claims_cache,
-        claims_namespace: claims.clone(),
-        vpcs,
-        subnets,
-        gateways,
-        eips,
-        fips,
-        snats,
-        dnats,
-        dirty,
-    };
+    let caches = Caches { claims: claims_book, vpcs, subnets, gateways, eips, fips, snats, dnats, dirty };
     let sweep_done: natgw_dataplane::SweepDone = {
         let (tx, metrics) = (tx.clone(), metrics.clone());
         Arc::new(move |result| {

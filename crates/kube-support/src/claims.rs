@@ -14,6 +14,14 @@ pub fn claim_name(ip: Ipv4Addr) -> String {
     format!("natgw-eip-{}", ip.to_string().replace('.', "-"))
 }
 
+/// The address a claim's name is for: `claim_name`'s inverse, `None` for
+/// any other name.
+pub fn claim_ip(name: &str) -> Option<Ipv4Addr> {
+    let ip: Ipv4Addr = name.strip_prefix("natgw-eip-")?.replace('-', ".").parse().ok()?;
+    // Only the one spelling claim_name gives (no leading zeros).
+    (claim_name(ip) == name).then_some(ip)
+}
+
 /// Who holds a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -53,4 +61,19 @@ pub fn held_address(eip: &natgw_api::Eip, claim_of: impl Fn(Ipv4Addr) -> Option<
 pub fn holder_of(cm: &ConfigMap) -> Option<(Ipv4Addr, Holder)> {
     let d = cm.data.as_ref()?;
     Some((d.get("ip")?.parse().ok()?, Holder { eip: d.get("eip")?.clone(), uid: d.get("uid")?.clone() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_name_gives_back_its_address_and_nothing_else_does() {
+        for ip in [Ipv4Addr::new(10, 1, 69, 205), Ipv4Addr::new(0, 0, 0, 0), Ipv4Addr::new(255, 255, 255, 255)] {
+            assert_eq!(claim_ip(&claim_name(ip)), Some(ip));
+        }
+        for name in ["natgw-eip-10-1-69", "natgw-eip-10-1-69-205-1", "natgw-eip-010-1-69-205", "eip-10-1-69-205", ""] {
+            assert_eq!(claim_ip(name), None, "{name}");
+        }
+    }
 }
