@@ -60,26 +60,22 @@ pub struct Caches {
     pub dirty: DirtyCell,
 }
 
-/// A cache of K and the future that feeds it; each change marks what
-/// `name_of` says changed, after the cache holds it, and wakes a round.
-pub fn watch<K>(
+/// A cache of K and the future that feeds it; each change marks its
+/// object, after the cache holds it, and wakes a round.
+pub fn watch<K: KindResource>(
     client: &Client,
-    namespace: Option<&str>,
     config: watcher::Config,
     dirty: &DirtyCell,
     tx: tokio::sync::mpsc::Sender<()>,
-    name_of: fn(&K) -> Option<ObjectRef>,
-) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, mut stream) = natgw_kube_support::cached_events_in(client, namespace, config, "gateway-agent");
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>) {
+    let (reader, mut stream) =
+        natgw_kube_support::cached_events_trimmed(client, None, config, "gateway-agent", trim::<K>);
     let dirty = dirty.clone();
     let fut = async move {
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(Event::Apply(o) | Event::Delete(o)) => {
-                    if let Some(r) = name_of(&o) {
+                    if let Some(r) = object_ref(&o) {
                         mark(&dirty, |d| {
                             d.objects.insert(r);
                         });
@@ -95,9 +91,22 @@ where
     (reader, fut)
 }
 
-/// The name of a natgw object, for `watch`.
-pub fn object_ref<K: KindResource>(o: &K) -> Option<ObjectRef> {
+/// The name of a natgw object.
+fn object_ref<K: KindResource>(o: &K) -> Option<ObjectRef> {
     Some(ObjectRef::new(K::KIND, o.meta().name.clone()?))
+}
+
+/// What the agent's caches leave out beyond what every cache does: labels
+/// and annotations (the watches select by label, and nothing the agent
+/// plans or reports reads them; one label is a map node of about 540
+/// bytes) and the conditions other managers own.
+fn trim<K: KindResource>(o: &mut K) {
+    let m = o.meta_mut();
+    m.labels = None;
+    m.annotations = None;
+    if let Some(conditions) = o.conditions_mut() {
+        conditions.retain(|c| crate::CONDITIONS.contains(&c.type_.as_str()));
+    }
 }
 
 /// What an entry reads of its cached object.
@@ -396,5 +405,33 @@ impl Caches {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_caches_no_labels_annotations_or_conditions_it_does_not_own() {
+        let condition = |t: &str| {
+            serde_json::json!({"type": t, "status": "True", "reason": "R", "message": "",
+            "lastTransitionTime": "2026-12-02T18:00:00Z"})
+        };
+        let mut fip: FloatingIp = serde_json::from_value(serde_json::json!({
+            "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp",
+            "metadata": {"name": "f", "labels": {GATEWAY_LABEL: "gw"}, "annotations": {"note": "x"},
+                "creationTimestamp": "2026-12-02T18:00:00Z"},
+            "spec": {"eip": "e", "internalIp": "10.0.1.5"},
+            "status": {"conditions": [condition("Bound"), condition("Programmed"), condition("Ready")]},
+        }))
+        .unwrap();
+        trim(&mut fip);
+        assert_eq!(fip.metadata.labels, None);
+        assert_eq!(fip.metadata.annotations, None);
+        // Conflict precedence reads the creation time: kept.
+        assert!(fip.metadata.creation_timestamp.is_some());
+        let kept: Vec<&str> = KindResource::conditions(&fip).iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(kept, ["Programmed", "Ready"]);
     }
 }

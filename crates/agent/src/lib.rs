@@ -29,7 +29,7 @@ use natgw_api::*;
 use natgw_dataplane::Gateway;
 use natgw_kube_support::{KindResource, with_kind};
 
-use caches::{Caches, Entries, Entry, object_ref, watch};
+use caches::{Caches, Entries, Entry, watch};
 use natgw_plan::{GatewayPlan, GatewayPlanner};
 
 #[derive(Debug, thiserror::Error)]
@@ -371,13 +371,13 @@ pub async fn run_with(
     let all = watcher::Config::default();
     let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
     let dirty = caches::DirtyCell::default();
-    let (vpcs, w1) = watch::<Vpc>(&client, None, all.clone(), &dirty, tx.clone(), object_ref);
-    let (subnets, w2) = watch::<Subnet>(&client, None, all.clone(), &dirty, tx.clone(), object_ref);
-    let (gateways, w3) = watch::<NatGateway>(&client, None, all, &dirty, tx.clone(), object_ref);
-    let (eips, w4) = watch::<Eip>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
-    let (fips, w5) = watch::<FloatingIp>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
-    let (snats, w6) = watch::<SnatRule>(&client, None, mine.clone(), &dirty, tx.clone(), object_ref);
-    let (dnats, w7) = watch::<DnatRule>(&client, None, mine, &dirty, tx.clone(), object_ref);
+    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), &dirty, tx.clone());
+    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), &dirty, tx.clone());
+    let (gateways, w3) = watch::<NatGateway>(&client, all, &dirty, tx.clone());
+    let (eips, w4) = watch::<Eip>(&client, mine.clone(), &dirty, tx.clone());
+    let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), &dirty, tx.clone());
+    let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), &dirty, tx.clone());
+    let (dnats, w7) = watch::<DnatRule>(&client, mine, &dirty, tx.clone());
     let (claims_book, w0) = claims::watch(&client, &claims, &dirty, tx.clone());
     let eips_cache = eips.clone();
     let caches = Caches { claims: claims_book, vpcs, subnets, gateways, eips, fips, snats, dnats, dirty };
@@ -469,6 +469,9 @@ fn status_scope(before: &GatewayPlan, plan: &GatewayPlan, changed: &BTreeSet<Obj
     out
 }
 
+/// The conditions the agent owns, in `wanted`'s order.
+const CONDITIONS: [&str; 3] = ["Programmed", "Conflict", "Ready"];
+
 /// (type, status, reason, message) of the conditions the agent owns.
 type Want = [(&'static str, &'static str, String, String); 3];
 
@@ -490,9 +493,9 @@ fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
     };
     let s = |b: bool| if b { "True" } else { "False" };
     [
-        ("Programmed", s(programmed), p_reason.clone(), p_msg.clone()),
-        ("Conflict", c_status, c_reason, c_msg),
-        ("Ready", s(programmed), p_reason, p_msg),
+        (CONDITIONS[0], s(programmed), p_reason.clone(), p_msg.clone()),
+        (CONDITIONS[1], c_status, c_reason, c_msg),
+        (CONDITIONS[2], s(programmed), p_reason, p_msg),
     ]
 }
 

@@ -82,6 +82,21 @@ pub fn cached_events_in<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
+    cached_events_trimmed(client, namespace, config, reporter, |_| {})
+}
+
+/// `cached_events_in`, whose cache also leaves out what `trim` removes:
+/// for a consumer that reads less of each object than others do.
+pub fn cached_events_trimmed<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    reporter: &'static str,
+    trim: fn(&mut K),
+) -> (Store<K>, Events<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
     let ar = ApiResource::erase::<K>(&());
     let api = match namespace {
@@ -115,7 +130,10 @@ where
                 }
             }
         })
-        .modify(slim::<K>)
+        .modify(move |o| {
+            slim(o);
+            trim(o);
+        })
         .reflect(writer)
         // Boxed: seven of these in one future overflowed a test thread's stack.
         .boxed();

@@ -23,6 +23,8 @@ pub trait KindResource:
 {
     const KIND: Kind;
     fn conditions(&self) -> &[Condition];
+    /// The conditions to edit in place; `None` without a status.
+    fn conditions_mut(&mut self) -> Option<&mut Vec<Condition>>;
     /// The object as its own type, for code that differs per kind.
     fn typed(&self) -> Typed<'_>;
 }
@@ -51,12 +53,14 @@ impl<'a> Typed<'a> {
 }
 
 macro_rules! kind {
-    ($t:ident, |$o:ident| $conds:expr) => {
+    ($t:ident, $($field:ident).+) => {
         impl KindResource for $t {
             const KIND: Kind = Kind::$t;
             fn conditions(&self) -> &[Condition] {
-                let $o = self;
-                $conds
+                self.status.as_ref().map(|s| s.$($field).+.as_slice()).unwrap_or_default()
+            }
+            fn conditions_mut(&mut self) -> Option<&mut Vec<Condition>> {
+                self.status.as_mut().map(|s| &mut s.$($field).+)
             }
             fn typed(&self) -> Typed<'_> {
                 Typed::$t(self)
@@ -64,13 +68,13 @@ macro_rules! kind {
         }
     };
 }
-kind!(Vpc, |o| o.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default());
-kind!(Subnet, |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
-kind!(NatGateway, |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
-kind!(Eip, |o| o.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default());
-kind!(FloatingIp, |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
-kind!(SnatRule, |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
-kind!(DnatRule, |o| o.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default());
+kind!(Vpc, common.conditions);
+kind!(Subnet, conditions);
+kind!(NatGateway, conditions);
+kind!(Eip, common.conditions);
+kind!(FloatingIp, conditions);
+kind!(SnatRule, conditions);
+kind!(DnatRule, conditions);
 
 /// Calls the generic `f::<K>(args)` for the type of `kind` (an
 /// `natgw_api::Kind` known only at run time), awaiting it.
