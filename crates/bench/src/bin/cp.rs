@@ -3,7 +3,8 @@
 //! their memory can be read apart), a lab gateway.
 //! Creates N FloatingIps (each with an auto-allocated Eip) at once and
 //! measures the time until all are Ready and in the kernel, then the
-//! create-to-programmed latency of single FloatingIps on top.
+//! create-to-programmed latency of single FloatingIps on top, then the
+//! time to delete them all at once.
 
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
@@ -191,13 +192,12 @@ async fn run(args: Args) -> Result<()> {
     let gw = serde_json::json!({"vpc": "demo", "lanInterface": "lan0", "externalInterface": "ext0", "externalSubnet": "external"});
     create(&admin, &obj::<NatGateway>("NatGateway", "demo-gw", gw)?).await?;
     let kernel = Gateway::open(Some(&lab.ns("gw")))?;
-    let fips: Api<FloatingIp> = Api::all(admin.clone());
-
-    let eips: Api<Eip> = Api::all(admin.clone());
+    let fips_api: Api<FloatingIp> = Api::all(admin.clone());
+    let eips_api: Api<Eip> = Api::all(admin.clone());
     let n = args.fips;
     // The Eips first (those of the single samples too): an Eip is done
     // when its address is claimed and on the gateway.
-    let eips_seen = watched(eips).await?;
+    let eips_seen = watched(eips_api.clone()).await?;
     let eips_done = || async {
         let state = eips_seen.state();
         Ok(state.iter().filter(|e| e.status.as_ref().is_some_and(|s| ready(&s.common.conditions))).count())
@@ -205,7 +205,7 @@ async fn run(args: Args) -> Result<()> {
     let (eips_created, eips_ready) =
         burst("Eips", 0..n + args.samples, args.parallel, |i| eip(&admin, i), eips_done).await?;
     // A FloatingIp is done when it is Ready and its DNAT is in the kernel.
-    let fips_seen = watched(fips).await?;
+    let fips_seen = watched(fips_api.clone()).await?;
     let fips_done = || async {
         let state = fips_seen.state();
         let ready = state.iter().filter(|f| f.status.as_ref().is_some_and(|s| ready(&s.conditions))).count();
@@ -213,7 +213,7 @@ async fn run(args: Args) -> Result<()> {
         if ready < n as usize {
             return Ok(ready);
         }
-        Ok(ready.min(kernel.snapshot()?.table.nat.fip_dnat.len()))
+        Ok(ready.min(kernel_fips(&kernel)?))
     };
     let before = ApiTally::read(&admin).await?;
     let profile = args.api_profile.clone().map(|to| {
@@ -265,6 +265,16 @@ async fn run(args: Args) -> Result<()> {
             eprintln!("log: {}", to.display());
         }
     }
+    // Memory now, before the deletions below.
+    let memory = [("controller", controller.memory()?), ("agent", agent.memory()?)];
+    // Everything deleted at once, as an operator clearing a gateway does:
+    // rules first (the Eips wait for them otherwise), then the Eips. Done
+    // when the API no longer holds them, which the finalizers allow only
+    // once the kernel no longer does.
+    let cpu_before = controller.cpu_seconds()?;
+    let fips_gone = gone("FloatingIps", &fips_api, &fips_seen, || kernel_fips(&kernel)).await?;
+    let eips_gone = gone("Eips", &eips_api, &eips_seen, || Ok(0)).await?;
+    let deletion_cpu = controller.cpu_seconds()? - cpu_before;
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     let total = 2 * n + args.samples + 5;
@@ -281,10 +291,16 @@ async fn run(args: Args) -> Result<()> {
     println!("| same, until all Ready and in the kernel | {:.1} s | 10,000 in < 30 s |", fips_ready.as_secs_f64());
     println!("| create-to-programmed of one FloatingIp with {total} objects present, p50 | {:.0} ms | |", pct(0.5));
     println!("| same, p99 of {} | {:.0} ms | < 250 ms |", args.samples, pct(0.99));
-    for (name, c) in [("controller", &controller), ("agent", &agent)] {
-        let (rss, peak) = c.memory()?;
+    for (name, (rss, peak)) in memory {
         println!("| {name} memory, now / peak | {rss:.0} / {peak:.0} MB | < 120 MB |");
     }
+    println!(
+        "| all {} FloatingIps deleted at once, until gone from the API and the kernel | {:.1} s | |",
+        n + args.samples,
+        fips_gone.as_secs_f64()
+    );
+    println!("| then all {} Eips, until gone | {:.1} s | |", n + args.samples, eips_gone.as_secs_f64());
+    println!("| controller CPU time, both deletions | {deletion_cpu:.1} s | |");
     for (name, c) in [("controller", &controller), ("agent", &agent)] {
         println!("| {name} CPU time, whole run | {:.1} s | |", c.cpu_seconds()?);
     }
@@ -298,6 +314,40 @@ async fn run(args: Args) -> Result<()> {
         println!("| {verb} | {resource} | {:.2} |", count / n as f64);
     }
     Ok(())
+}
+
+/// The FloatingIps the kernel holds (every element read as JSON).
+fn kernel_fips(kernel: &Gateway) -> Result<usize> {
+    Ok(kernel.snapshot()?.table.nat.fip_dnat.len())
+}
+
+/// Deletes every object of `api` in one request, then waits until the
+/// watch `seen` and `in_kernel` count none; returns the time that took.
+async fn gone<K>(
+    what: &str,
+    api: &Api<K>,
+    seen: &kube::runtime::reflector::Store<K>,
+    in_kernel: impl Fn() -> Result<usize>,
+) -> Result<Duration>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let start = Instant::now();
+    eprintln!("deleting all {what} at once");
+    api.delete_collection(&Default::default(), &Default::default()).await?;
+    let mut last_report = Instant::now();
+    loop {
+        let left = seen.state().len();
+        if left == 0 && in_kernel()? == 0 {
+            return Ok(start.elapsed());
+        }
+        if last_report.elapsed() > Duration::from_secs(2) {
+            last_report = Instant::now();
+            eprintln!("{:5.1} s: {left} {what} left", start.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "{left} {what} left after 10 min");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Counters read off the API server's own /metrics: what natgw asked of
