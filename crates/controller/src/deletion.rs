@@ -12,7 +12,7 @@ use crate::{Ctx, Error, KindResource, deps, workload};
 pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     ctx.stores.ready().await;
     let me = natgw_api::ObjectRef::new(K::KIND, obj.name_any());
-    let blockers = deps::blockers(&ctx.stores.snapshot(), &me);
+    let blockers = deps::blockers(&ctx.stores, &me);
     if blockers.is_empty() {
         // A gateway's workload goes with it.
         match obj.typed() {

@@ -1,57 +1,73 @@
 //! Deletion order (pure): what must be gone before an object may go.
 
-use natgw_api::{Kind, ObjectRef, ObjectSet};
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use natgw_api::{DnatRule, Eip, FloatingIp, Kind, NatGateway, ObjectRef, ObjectSet, SnatRule, Subnet};
+
+/// What deletion order reads, one kind at a time: a deletion reads only
+/// the kinds that may depend on it (none for a rule), so deleting many
+/// objects at once costs no copy of everything per object.
+pub trait Objects {
+    fn subnets(&self) -> Vec<Arc<Subnet>>;
+    fn gateways(&self) -> Vec<Arc<NatGateway>>;
+    fn eips(&self) -> Vec<Arc<Eip>>;
+    fn floating_ips(&self) -> Vec<Arc<FloatingIp>>;
+    fn snat_rules(&self) -> Vec<Arc<SnatRule>>;
+    fn dnat_rules(&self) -> Vec<Arc<DnatRule>>;
+}
+
+impl Objects for ObjectSet {
+    fn subnets(&self) -> Vec<Arc<Subnet>> {
+        self.subnets.values().cloned().collect()
+    }
+    fn gateways(&self) -> Vec<Arc<NatGateway>> {
+        self.gateways.values().cloned().collect()
+    }
+    fn eips(&self) -> Vec<Arc<Eip>> {
+        self.eips.values().cloned().collect()
+    }
+    fn floating_ips(&self) -> Vec<Arc<FloatingIp>> {
+        self.floating_ips.values().cloned().collect()
+    }
+    fn snat_rules(&self) -> Vec<Arc<SnatRule>> {
+        self.snat_rules.values().cloned().collect()
+    }
+    fn dnat_rules(&self) -> Vec<Arc<DnatRule>> {
+        self.dnat_rules.values().cloned().collect()
+    }
+}
+
+/// The objects of `all` that `keep` accepts, as references of `kind`.
+fn refs<K: ResourceExt>(kind: Kind, all: Vec<Arc<K>>, keep: impl Fn(&K) -> bool) -> Vec<ObjectRef> {
+    all.iter().filter(|o| keep(o)).map(|o| ObjectRef::new(kind, o.name_any())).collect()
+}
 
 /// Objects that still depend on `target`, sorted. Deletion waits until
 /// this is empty: Vpc ← Subnets and NatGateways; Subnet ← NatGateways
 /// using it as external subnet and Eips of those gateways; NatGateway ←
 /// Eips; Eip ← FloatingIps, SnatRules and DnatRules.
-pub fn blockers(set: &ObjectSet, target: &ObjectRef) -> Vec<ObjectRef> {
+pub fn blockers(set: &impl Objects, target: &ObjectRef) -> Vec<ObjectRef> {
     let name = target.name.as_str();
     let mut out: Vec<ObjectRef> = match target.kind {
         Kind::Vpc => {
-            let subnets = set
-                .subnets
-                .iter()
-                .filter(|(_, s)| s.spec.vpc.as_deref() == Some(name))
-                .map(|(n, _)| ObjectRef::new(Kind::Subnet, n));
-            let gateways = set
-                .gateways
-                .iter()
-                .filter(|(_, g)| g.spec.vpc == name)
-                .map(|(n, _)| ObjectRef::new(Kind::NatGateway, n));
-            subnets.chain(gateways).collect()
+            let mut out = refs(Kind::Subnet, set.subnets(), |s| s.spec.vpc.as_deref() == Some(name));
+            out.extend(refs(Kind::NatGateway, set.gateways(), |g| g.spec.vpc == name));
+            out
         }
         Kind::Subnet => {
-            let gws: Vec<&String> =
-                set.gateways.iter().filter(|(_, g)| g.spec.external_subnet == name).map(|(n, _)| n).collect();
-            let eips = set
-                .eips
-                .iter()
-                .filter(|(_, e)| gws.contains(&&e.spec.gateway))
-                .map(|(n, _)| ObjectRef::new(Kind::Eip, n));
-            gws.iter().map(|n| ObjectRef::new(Kind::NatGateway, n.as_str())).chain(eips).collect()
+            let mut out = refs(Kind::NatGateway, set.gateways(), |g| g.spec.external_subnet == name);
+            let gws: Vec<&str> = out.iter().map(|r| r.name.as_str()).collect();
+            let eips = refs(Kind::Eip, set.eips(), |e| gws.contains(&e.spec.gateway.as_str()));
+            out.extend(eips);
+            out
         }
-        Kind::NatGateway => {
-            set.eips.iter().filter(|(_, e)| e.spec.gateway == name).map(|(n, _)| ObjectRef::new(Kind::Eip, n)).collect()
-        }
+        Kind::NatGateway => refs(Kind::Eip, set.eips(), |e| e.spec.gateway == name),
         Kind::Eip => {
-            let f = set
-                .floating_ips
-                .iter()
-                .filter(|(_, f)| f.spec.eip == name)
-                .map(|(n, _)| ObjectRef::new(Kind::FloatingIp, n));
-            let s = set
-                .snat_rules
-                .iter()
-                .filter(|(_, s)| s.spec.eip == name)
-                .map(|(n, _)| ObjectRef::new(Kind::SnatRule, n));
-            let d = set
-                .dnat_rules
-                .iter()
-                .filter(|(_, d)| d.spec.eip == name)
-                .map(|(n, _)| ObjectRef::new(Kind::DnatRule, n));
-            f.chain(s).chain(d).collect()
+            let mut out = refs(Kind::FloatingIp, set.floating_ips(), |f| f.spec.eip == name);
+            out.extend(refs(Kind::SnatRule, set.snat_rules(), |s| s.spec.eip == name));
+            out.extend(refs(Kind::DnatRule, set.dnat_rules(), |d| d.spec.eip == name));
+            out
         }
         // Nothing depends on a rule.
         Kind::FloatingIp | Kind::SnatRule | Kind::DnatRule => Vec::new(),

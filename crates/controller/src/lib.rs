@@ -82,17 +82,28 @@ impl Stores {
         ])
         .await
     }
+}
 
-    pub fn snapshot(&self) -> ObjectSet {
-        let mut set = ObjectSet::default();
-        self.vpcs.state().iter().for_each(|o| drop(set.insert(Object::Vpc((**o).clone()))));
-        self.subnets.state().iter().for_each(|o| drop(set.insert(Object::Subnet((**o).clone()))));
-        self.gateways.state().iter().for_each(|o| drop(set.insert(Object::NatGateway((**o).clone()))));
-        self.eips.state().iter().for_each(|o| drop(set.insert(Object::Eip((**o).clone()))));
-        self.floating_ips.state().iter().for_each(|o| drop(set.insert(Object::FloatingIp((**o).clone()))));
-        self.snat_rules.state().iter().for_each(|o| drop(set.insert(Object::SnatRule((**o).clone()))));
-        self.dnat_rules.state().iter().for_each(|o| drop(set.insert(Object::DnatRule((**o).clone()))));
-        set
+/// Deletion order and a Vpc's members read the caches themselves (their
+/// objects shared, not copied).
+impl deps::Objects for Stores {
+    fn subnets(&self) -> Vec<Arc<Subnet>> {
+        self.subnets.state()
+    }
+    fn gateways(&self) -> Vec<Arc<NatGateway>> {
+        self.gateways.state()
+    }
+    fn eips(&self) -> Vec<Arc<Eip>> {
+        self.eips.state()
+    }
+    fn floating_ips(&self) -> Vec<Arc<FloatingIp>> {
+        self.floating_ips.state()
+    }
+    fn snat_rules(&self) -> Vec<Arc<SnatRule>> {
+        self.snat_rules.state()
+    }
+    fn dnat_rules(&self) -> Vec<Arc<DnatRule>> {
+        self.dnat_rules.state()
     }
 }
 
