@@ -272,8 +272,8 @@ async fn run(args: Args) -> Result<()> {
     // when the API no longer holds them, which the finalizers allow only
     // once the kernel no longer does.
     let cpu_before = controller.cpu_seconds()?;
-    let fips_gone = gone("FloatingIps", &fips_api, &fips_seen, || kernel_fips(&kernel)).await?;
-    let eips_gone = gone("Eips", &eips_api, &eips_seen, || Ok(0)).await?;
+    let fips_gone = gone("FloatingIps", &fips_api, &fips_seen, args.parallel, || kernel_fips(&kernel)).await?;
+    let eips_gone = gone("Eips", &eips_api, &eips_seen, args.parallel, || Ok(0)).await?;
     let deletion_cpu = controller.cpu_seconds()? - cpu_before;
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
@@ -295,8 +295,9 @@ async fn run(args: Args) -> Result<()> {
         println!("| {name} memory, now / peak | {rss:.0} / {peak:.0} MB | < 120 MB |");
     }
     println!(
-        "| all {} FloatingIps deleted at once, until gone from the API and the kernel | {:.1} s | |",
+        "| all {} FloatingIps deleted at once ({} requests in flight), until gone from the API and the kernel | {:.1} s | |",
         n + args.samples,
+        args.parallel,
         fips_gone.as_secs_f64()
     );
     println!("| then all {} Eips, until gone | {:.1} s | |", n + args.samples, eips_gone.as_secs_f64());
@@ -321,20 +322,29 @@ fn kernel_fips(kernel: &Gateway) -> Result<usize> {
     Ok(kernel.snapshot()?.table.nat.fip_dnat.len())
 }
 
-/// Deletes every object of `api` in one request, then waits until the
-/// watch `seen` and `in_kernel` count none; returns the time that took.
+/// Deletes every object `seen` holds, `parallel` requests in flight (as
+/// `kubectl delete --all` does, one request per object), then waits until
+/// `seen` and `in_kernel` count none; returns the time that took.
 async fn gone<K>(
     what: &str,
     api: &Api<K>,
     seen: &kube::runtime::reflector::Store<K>,
+    parallel: usize,
     in_kernel: impl Fn() -> Result<usize>,
 ) -> Result<Duration>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
+    use kube::ResourceExt;
     let start = Instant::now();
-    eprintln!("deleting all {what} at once");
-    api.delete_collection(&Default::default(), &Default::default()).await?;
+    let names: Vec<String> = seen.state().iter().map(|o| o.name_any()).collect();
+    eprintln!("deleting {} {what}, {parallel} requests in flight", names.len());
+    let results: Vec<Result<(), kube::Error>> = futures::stream::iter(&names)
+        .map(|n| async move { api.delete(n, &Default::default()).await.map(drop) })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
     let mut last_report = Instant::now();
     loop {
         let left = seen.state().len();
