@@ -85,6 +85,7 @@ async fn burst<F, D>(
     parallel: usize,
     make: impl Fn(u32) -> F,
     done: impl Fn() -> D,
+    alive: impl Fn() -> Result<()>,
 ) -> Result<(Duration, Duration)>
 where
     F: std::future::Future<Output = Result<()>>,
@@ -99,6 +100,8 @@ where
     let mut last_report = Instant::now();
     loop {
         let d = done().await?;
+        // A natgw that died makes nothing done: say so now, with its log.
+        alive()?;
         if d >= n {
             return Ok((created, start.elapsed()));
         }
@@ -154,7 +157,7 @@ async fn run(args: Args) -> Result<()> {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        Ok(Child(child))
+        Ok(Child { process: child, log: env.dir().join(format!("{sa}.log")) })
     };
     if args.api_floor {
         return api_floor(&admin, &args).await;
@@ -202,8 +205,15 @@ async fn run(args: Args) -> Result<()> {
         let state = eips_seen.state();
         Ok(state.iter().filter(|e| e.status.as_ref().is_some_and(|s| ready(&s.common.conditions))).count())
     };
-    let (eips_created, eips_ready) =
-        burst("Eips", 0..n + args.samples, args.parallel, |i| eip(&admin, i), eips_done).await?;
+    let (eips_created, eips_ready) = burst(
+        "Eips",
+        0..n + args.samples,
+        args.parallel,
+        |i| eip(&admin, i),
+        eips_done,
+        || both_alive(&controller, &agent),
+    )
+    .await?;
     // A FloatingIp is done when it is Ready and its DNAT is in the kernel.
     let fips_seen = watched(fips_api.clone()).await?;
     let fips_done = || async {
@@ -227,7 +237,9 @@ async fn run(args: Args) -> Result<()> {
             anyhow::Ok(to)
         })
     });
-    let (fips_created, fips_ready) = burst("FloatingIps", 0..n, args.parallel, |i| fip(&admin, i), fips_done).await?;
+    let (fips_created, fips_ready) =
+        burst("FloatingIps", 0..n, args.parallel, |i| fip(&admin, i), fips_done, || both_alive(&controller, &agent))
+            .await?;
     let tally = ApiTally::read(&admin).await?.since(&before);
     if let Some(p) = profile {
         eprintln!("API server profile: {}", p.await??.display());
@@ -410,8 +422,8 @@ impl ApiTally {
 async fn api_floor(admin: &Client, args: &Args) -> Result<()> {
     let n = args.fips;
     let created = || async { Ok(usize::MAX) };
-    let (eips, _) = burst("Eips", 0..n, args.parallel, |i| eip(admin, i), created).await?;
-    let (fips, _) = burst("FloatingIps", 0..n, args.parallel, |i| fip(admin, i), created).await?;
+    let (eips, _) = burst("Eips", 0..n, args.parallel, |i| eip(admin, i), created, || Ok(())).await?;
+    let (fips, _) = burst("FloatingIps", 0..n, args.parallel, |i| fip(admin, i), created, || Ok(())).await?;
     println!("| figure, no natgw process running | API server alone |");
     println!("|---|---|");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
@@ -426,12 +438,34 @@ async fn api_floor(admin: &Client, args: &Args) -> Result<()> {
 }
 
 /// A natgw process, killed when the benchmark ends.
-struct Child(std::process::Child);
+struct Child {
+    process: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+fn both_alive(controller: &Child, agent: &Child) -> Result<()> {
+    controller.alive()?;
+    agent.alive()
+}
 
 impl Child {
+    /// An error with the end of the process's log once it has exited
+    /// (a zombie: the benchmark has not reaped it).
+    fn alive(&self) -> Result<()> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id())).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+        if matches!(state, Some("Z") | None) {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("natgw exited; the end of its log ({}):\n{}", self.log.display(), tail.join("\n"));
+        }
+        Ok(())
+    }
+
     /// User and system CPU time so far, in seconds.
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id()))?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id()))?;
         // Fields after the command name, which may hold spaces.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
         let f: Vec<&str> = rest.split_whitespace().collect();
@@ -443,7 +477,7 @@ impl Child {
 
     /// Resident and peak resident memory, in MB.
     fn memory(&self) -> Result<(f64, f64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id()))?;
         let kb = |key: &str| -> Result<f64> {
             let line = status.lines().find(|l| l.starts_with(key));
             let n = line.and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse::<f64>().ok());
@@ -457,16 +491,16 @@ impl Drop for Child {
     /// Ends natgw in the child's process group with SIGTERM, so a wrapping
     /// profiler gets to write its data, then kills whatever is left.
     fn drop(&mut self) {
-        let group = self.0.id().to_string();
+        let group = self.process.id().to_string();
         let signal = |sig: &str, name: &[&str]| {
             let _ = std::process::Command::new("pkill").args([sig, "-g", &group]).args(name).status();
         };
         signal("-TERM", &["-x", "natgw"]);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+        while Instant::now() < deadline && matches!(self.process.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(50));
         }
         signal("-KILL", &[]);
-        let _ = self.0.wait();
+        let _ = self.process.wait();
     }
 }
