@@ -135,7 +135,8 @@ async fn run(args: Args) -> Result<()> {
     anyhow::ensure!(natgw.exists(), "{} is missing: cargo build --release --bins", natgw.display());
     let spawn = |sa: &str, args: &[&str]| -> Result<Child> {
         let kubeconfig = env.kubeconfig_file(&env.service_account("natgw-system", sa)?)?;
-        let log = std::fs::File::create(env.dir().join(format!("{sa}.log")))?;
+        let log_path = env.dir().join(format!("{sa}.log"));
+        let log = std::fs::File::create(&log_path)?;
         // NATGW_CP_BENCH_WRAP="heaptrack -o /tmp/h" runs both under a
         // profiler (their memory figures are then the wrapper's).
         let wrap = std::env::var("NATGW_CP_BENCH_WRAP").unwrap_or_default();
@@ -157,7 +158,7 @@ async fn run(args: Args) -> Result<()> {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        Ok(Child { process: child, log: env.dir().join(format!("{sa}.log")) })
+        Ok(Child { process: child, log: log_path })
     };
     if args.api_floor {
         return api_floor(&admin, &args).await;
