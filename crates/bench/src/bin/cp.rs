@@ -450,15 +450,22 @@ fn both_alive(controller: &Child, agent: &Child) -> Result<()> {
 }
 
 impl Child {
+    /// The fields of `/proc/PID/stat` after the command name (which may
+    /// hold spaces); empty once the process is reaped.
+    fn stat_fields(&self) -> Vec<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id())).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        rest.split_whitespace().map(str::to_owned).collect()
+    }
+
     /// An error with the end of the process's log once it has exited
     /// (a zombie: the benchmark has not reaped it).
     fn alive(&self) -> Result<()> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id())).unwrap_or_default();
-        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
-        if matches!(state, Some("Z") | None) {
+        let fields = self.stat_fields();
+        if matches!(fields.first().map(String::as_str), Some("Z") | None) {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(20)..];
             anyhow::bail!("natgw exited; the end of its log ({}):\n{}", self.log.display(), tail.join("\n"));
         }
         Ok(())
@@ -466,10 +473,8 @@ impl Child {
 
     /// User and system CPU time so far, in seconds.
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id()))?;
-        // Fields after the command name, which may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
+        let f = self.stat_fields();
+        anyhow::ensure!(!f.is_empty(), "no /proc stat for {}: has the process died?", self.process.id());
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         // utime and stime are fields 14 and 15 of stat: 11 and 12 here.
         let hz = 100.0; // USER_HZ on Linux
