@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::Parser;
 use futures::StreamExt;
 use kube::Client;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use natgw_api::*;
 use natgw_dataplane::Gateway;
 
@@ -423,19 +423,89 @@ impl ApiTally {
 async fn api_floor(admin: &Client, args: &Args) -> Result<()> {
     let n = args.fips;
     let created = || async { Ok(usize::MAX) };
-    let (eips, _) = burst("Eips", 0..n, args.parallel, |i| eip(admin, i), created, || Ok(())).await?;
-    let (fips, _) = burst("FloatingIps", 0..n, args.parallel, |i| fip(admin, i), created, || Ok(())).await?;
-    println!("| figure, no natgw process running | API server alone |");
+    println!("| each write over {n} objects, {} requests in flight, no natgw process running | API server alone |", args.parallel);
     println!("|---|---|");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!(
-        "| {n} Eips created ({} requests in flight) | {:.1} s ({:.0}/s) |",
-        args.parallel,
-        eips.as_secs_f64(),
-        rate(eips)
-    );
-    println!("| {n} FloatingIps created | {:.1} s ({:.0}/s) |", fips.as_secs_f64(), rate(fips));
+    // The creates, then each kind of write natgw makes: what it costs the
+    // API server, one kind at a time over every FloatingIp (or Eip).
+    for write in Write::ALL {
+        let before = ApiTally::read(admin).await?;
+        let (took, _) = burst(write.what(), 0..n, args.parallel, |i| write.make(admin, i), created, || Ok(())).await?;
+        let cpu = ApiTally::read(admin).await?.since(&before).cpu_seconds;
+        println!(
+            "| {} | {:.1} s ({:.0}/s), API server CPU {:.2} ms each |",
+            write.what(),
+            took.as_secs_f64(),
+            rate(took),
+            cpu * 1000.0 / n as f64
+        );
+    }
     Ok(())
+}
+
+/// The writes a FloatingIp takes: its (and its Eip's) create, then
+/// those natgw makes.
+#[derive(Clone, Copy)]
+enum Write {
+    CreateEip,
+    CreateFip,
+    /// The controller's finalizers and gateway label, one merge patch.
+    Metadata,
+    /// The agent's Ready condition, a server-side apply of the status.
+    StatusApply,
+    /// The same condition as a merge patch (which would replace the
+    /// conditions other managers own: measured for comparison only).
+    StatusMerge,
+    /// The controller's `status.usedBy` of the Eip.
+    EipUsedBy,
+}
+
+impl Write {
+    const ALL: [Write; 6] = [Write::CreateEip, Write::CreateFip, Write::Metadata, Write::StatusApply, Write::StatusMerge, Write::EipUsedBy];
+
+    fn what(self) -> &'static str {
+        match self {
+            Write::CreateEip => "Eip create",
+            Write::CreateFip => "FloatingIp create",
+            Write::Metadata => "FloatingIp metadata merge patch (finalizers, label)",
+            Write::StatusApply => "FloatingIp status server-side apply (Ready)",
+            Write::StatusMerge => "FloatingIp status merge patch (Ready)",
+            Write::EipUsedBy => "Eip status server-side apply (usedBy)",
+        }
+    }
+
+    async fn make(self, client: &Client, i: u32) -> Result<()> {
+        let ready = serde_json::json!([{"type": "Ready", "status": "True", "reason": "Programmed",
+            "message": "in the kernel", "lastTransitionTime": "2026-12-03T10:00:00Z", "observedGeneration": 1}]);
+        let apply = |kind: &str, status: serde_json::Value| {
+            serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": kind, "status": status})
+        };
+        let ssa = PatchParams::apply("bench").force();
+        let fips: Api<FloatingIp> = Api::all(client.clone());
+        let fip = format!("f{i}");
+        match self {
+            Write::CreateEip => eip(client, i).await?,
+            Write::CreateFip => self::fip(client, i).await?,
+            Write::Metadata => {
+                let meta = serde_json::json!({"metadata": {"finalizers": ["natgw.io/controller", "natgw.io/gateway"],
+                    "labels": {GATEWAY_LABEL: "demo-gw"}}});
+                fips.patch(&fip, &PatchParams::default(), &Patch::Merge(&meta)).await?;
+            }
+            Write::StatusApply => {
+                let body = apply("FloatingIp", serde_json::json!({"observedGeneration": 1, "conditions": ready}));
+                fips.patch_status(&fip, &ssa, &Patch::Apply(&body)).await?;
+            }
+            Write::StatusMerge => {
+                let body = serde_json::json!({"status": {"observedGeneration": 2, "conditions": ready}});
+                fips.patch_status(&fip, &PatchParams::default(), &Patch::Merge(&body)).await?;
+            }
+            Write::EipUsedBy => {
+                let body = apply("Eip", serde_json::json!({"usedBy": format!("FloatingIp/{fip}")}));
+                Api::<Eip>::all(client.clone()).patch_status(&format!("e{i}"), &ssa, &Patch::Apply(&body)).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A natgw process, killed when the benchmark ends.
