@@ -260,7 +260,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
     }
 
     /// Brings the set's object `name` up to `cached`.
-    fn take(&self, map: &mut BTreeMap<String, Arc<K>>, name: &str, cached: Option<Arc<K>>, out: &mut Refreshed) {
+    fn take(&self, map: &mut BTreeMap<Name, Arc<K>>, name: &str, cached: Option<Arc<K>>, out: &mut Refreshed) {
         match (map.get(name), cached) {
             (Some(have), Some(o))
                 if have.meta().resource_version == o.meta().resource_version && (self.same)(have, &o) => {}
@@ -271,7 +271,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
                 };
                 let key = plan_key(&*o, (self.address)(&o));
                 out.planned |= have.is_none_or(|h| plan_key(&**h, (self.address)(h)) != key);
-                map.insert(name.to_string(), o);
+                map.insert(name.into(), o);
                 out.changed.insert(ObjectRef::new(self.kind, name));
             }
             (Some(_), None) => {
@@ -284,7 +284,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
     }
 
     /// Every object of the kind.
-    fn walk(&self, map: &mut BTreeMap<String, Arc<K>>, store: &Store<K>, out: &mut Refreshed) {
+    fn walk(&self, map: &mut BTreeMap<Name, Arc<K>>, store: &Store<K>, out: &mut Refreshed) {
         let state = store.state();
         let mut seen = HashSet::with_capacity(state.len());
         for o in state {
@@ -292,14 +292,14 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
             self.take(map, &name, Some(o), out);
             seen.insert(name);
         }
-        let gone: Vec<String> = map.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+        let gone: Vec<Name> = map.keys().filter(|n| !seen.contains(n.as_str())).cloned().collect();
         for name in gone {
             self.take(map, &name, None, out);
         }
     }
 
     /// Only `name`.
-    fn one(&self, map: &mut BTreeMap<String, Arc<K>>, store: &Store<K>, name: &str, out: &mut Refreshed) {
+    fn one(&self, map: &mut BTreeMap<Name, Arc<K>>, store: &Store<K>, name: &str, out: &mut Refreshed) {
         self.take(map, name, store.get(&CacheRef::new(name)), out);
     }
 }

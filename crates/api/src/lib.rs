@@ -12,7 +12,7 @@ pub use crd::{crds, crds_yaml};
 pub use manifest::{
     LoadError, MAX_DOCUMENTS, MAX_FILE_BYTES, Source, load_path, load_str, load_texts, manifest_files, parse_object,
 };
-pub use objects::{Kind, Object, ObjectRef, ObjectSet, age_key};
+pub use objects::{Kind, Name, Object, ObjectRef, ObjectSet, age_key};
 pub use types::*;
 pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};
 

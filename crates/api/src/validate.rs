@@ -227,16 +227,16 @@ pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
     };
     for (name, s) in &set.subnets {
         if let Some(vpc) = &s.spec.vpc
-            && !set.vpcs.contains_key(vpc)
+            && !set.vpcs.contains_key(vpc.as_str())
         {
             push(Kind::Subnet, name, "spec.vpc", format!("Vpc {vpc:?} does not exist"));
         }
     }
     for (name, g) in &set.gateways {
-        if !set.vpcs.contains_key(&g.spec.vpc) {
+        if !set.vpcs.contains_key(g.spec.vpc.as_str()) {
             push(Kind::NatGateway, name, "spec.vpc", format!("Vpc {:?} does not exist", g.spec.vpc));
         }
-        match set.subnets.get(&g.spec.external_subnet) {
+        match set.subnets.get(g.spec.external_subnet.as_str()) {
             None => push(
                 Kind::NatGateway,
                 name,
@@ -253,7 +253,7 @@ pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
         }
     }
     for (name, e) in &set.eips {
-        if !set.gateways.contains_key(&e.spec.gateway) {
+        if !set.gateways.contains_key(e.spec.gateway.as_str()) {
             push(Kind::Eip, name, "spec.gateway", format!("NatGateway {:?} does not exist", e.spec.gateway));
         }
     }
@@ -264,7 +264,7 @@ pub fn validate_set(set: &ObjectSet) -> Vec<SetError> {
         .chain(set.snat_rules.iter().map(|(n, s)| (Kind::SnatRule, n, &s.spec.eip)))
         .chain(set.dnat_rules.iter().map(|(n, d)| (Kind::DnatRule, n, &d.spec.eip)));
     for (kind, name, eip) in rules {
-        if !set.eips.contains_key(eip) {
+        if !set.eips.contains_key(eip.as_str()) {
             push(kind, name, "spec.eip", format!("Eip {eip:?} does not exist"));
         }
     }

@@ -15,9 +15,9 @@ fn pick_gateway(set: &ObjectSet, wanted: Option<&str>) -> Result<String> {
     if let Some(name) = wanted {
         return Ok(name.to_string());
     }
-    let names: Vec<&String> = set.gateways.keys().collect();
+    let names: Vec<&natgw_api::Name> = set.gateways.keys().collect();
     match names.as_slice() {
-        [one] => Ok((*one).clone()),
+        [one] => Ok(one.to_string()),
         [] => bail!("the manifests define no NatGateway"),
         many => bail!(
             "the manifests define several NatGateways ({}); choose one with --gateway",

@@ -101,7 +101,7 @@ fn with_index<'a>(
 /// Those of `addrs` whose interface still exists (one that vanished took
 /// its routes along).
 fn existing<'a>(s: &Snapshot, addrs: impl IntoIterator<Item = &'a IfAddr>) -> Vec<(u32, ipnet::Ipv4Net)> {
-    addrs.into_iter().filter_map(|a| s.interfaces.get(&a.interface).map(|i| (i.index, a.addr))).collect()
+    addrs.into_iter().filter_map(|a| s.interfaces.get(a.interface.as_str()).map(|i| (i.index, a.addr))).collect()
 }
 
 fn index(s: &Snapshot, name: &str) -> Result<u32, SyncError> {
@@ -215,7 +215,7 @@ fn after(before: Snapshot, plan: &GatewayPlan, report: &SyncReport) -> Snapshot 
     }
     let addresses = k.addresses.iter().filter(|(_, owned)| !**owned).map(|(a, o)| (a.clone(), *o)).collect();
     let mut promote = k.promote_secondaries.clone();
-    promote.extend(k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.interface.clone()));
+    promote.extend(k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a.interface.to_string()));
     Snapshot {
         state: KernelState {
             table: nft::KernelTable {
@@ -255,7 +255,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
     // are local routes now): they go, and removing one must not take the
     // others along.
     let old: Vec<&IfAddr> = k.addresses.iter().filter(|(_, owned)| **owned).map(|(a, _)| a).collect();
-    let managed: BTreeSet<&String> = old.iter().map(|a| &a.interface).collect();
+    let managed: BTreeSet<&str> = old.iter().map(|a| a.interface.as_str()).collect();
     for name in managed.into_iter().filter(|n| !k.promote_secondaries.contains(*n) && snap.interfaces.contains_key(*n))
     {
         std::fs::write(promote_path(name), "1").map_err(SyncError::Sysctl)?;
@@ -358,7 +358,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
             }
             let Some(announcer) = slot.as_ref() else { return };
             for a in &announce {
-                if let Some(i) = snap.interfaces.get(&a.interface)
+                if let Some(i) = snap.interfaces.get(a.interface.as_str())
                     && let Some(mac) = i.mac
                     && let Err(e) = announcer.announce(i.index, mac, a.addr.addr())
                 {

@@ -111,7 +111,7 @@ impl Links {
                 }
                 let (Some(ip), Some(name)) = (ip, names.get(&msg.header.index)) else { continue };
                 let Ok(addr) = Ipv4Net::new(ip, msg.header.prefix_len) else { continue };
-                out.insert(IfAddr { interface: name.clone(), addr }, owned);
+                out.insert(IfAddr { interface: name.as_str().into(), addr }, owned);
             }
             Ok(out)
         })
@@ -189,10 +189,10 @@ impl Links {
                 };
                 match (via, msg.header.kind) {
                     (None, RouteType::Local) if table == TABLE_LOCAL => {
-                        out.locals.insert(IfAddr { interface, addr: dst });
+                        out.locals.insert(IfAddr { interface: interface.into(), addr: dst });
                     }
                     (None, RouteType::Unicast) if table == TABLE_MAIN => {
-                        out.subnets.insert(IfAddr { interface, addr: dst });
+                        out.subnets.insert(IfAddr { interface: interface.into(), addr: dst });
                     }
                     (Some(via), RouteType::Unicast) if table == table_of(dst) => {
                         out.routes.insert(Route { dst, via, interface });

@@ -302,7 +302,7 @@ mod tests {
         items
             .iter()
             .map(|(i, host, prefix)| IfAddr {
-                interface: format!("ext{}", i % 2),
+                interface: format!("ext{}", i % 2).into(),
                 addr: Ipv4Net::new(Ipv4Addr::new(198, 51, 100, *host), 24 + prefix % 9).unwrap(),
             })
             .collect()

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use natgw_api::{DnatRule, Eip, FloatingIp, Kind, ObjectRef, ObjectSet, age_key};
+use natgw_api::{DnatRule, Eip, FloatingIp, Kind, Name, ObjectRef, ObjectSet, age_key};
 
 use crate::snat::longest_prefix_ranges;
 use crate::state::{Conflict, GatewayPlan, IfAddr, Route};
@@ -31,7 +31,7 @@ pub(crate) struct Scope {
     /// The VPC's subnets.
     pub(crate) internal: Vec<Ipv4Net>,
     /// Eips of this gateway with a usable address, by name.
-    pub(crate) eips: BTreeMap<String, Ipv4Addr>,
+    pub(crate) eips: BTreeMap<Name, Ipv4Addr>,
     /// The external subnet and its router.
     pub(crate) cidr: Ipv4Net,
     pub(crate) router: Ipv4Addr,
@@ -75,7 +75,7 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
     let gw = set.gateways.get(name).ok_or_else(|| PlanError::NoGateway(name.into()))?;
     let ext = set
         .subnets
-        .get(&gw.spec.external_subnet)
+        .get(gw.spec.external_subnet.as_str())
         .ok_or_else(|| PlanError::NoExternalSubnet { gateway: name.into(), subnet: gw.spec.external_subnet.clone() })?;
     let mut plan = GatewayPlan {
         gateway: name.into(),
@@ -233,7 +233,7 @@ pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Ve
             plan.addresses.insert(eip_addr(plan, scope, ip));
             plan.programmed.insert(r.clone());
             by_ip.insert(ip, r);
-            scope.eips.insert(name, ip);
+            scope.eips.insert(name.as_str().into(), ip);
         }
     }
 }
@@ -242,7 +242,7 @@ pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Ve
 /// external subnet's prefix.
 pub(crate) fn eip_addr(plan: &GatewayPlan, scope: &Scope, ip: Ipv4Addr) -> IfAddr {
     let addr = Ipv4Net::new(ip, scope.cidr.prefix_len()).unwrap_or(Ipv4Net::from(ip));
-    IfAddr { interface: plan.external_interface.clone(), addr }
+    IfAddr { interface: plan.external_interface.as_str().into(), addr }
 }
 
 /// The address of the Eip a rule names, if the Eip is on this gateway and
@@ -251,7 +251,7 @@ pub(crate) fn eip_addr(plan: &GatewayPlan, scope: &Scope, ip: Ipv4Addr) -> IfAdd
 pub(crate) fn resolve(
     plan: &mut GatewayPlan,
     set: &ObjectSet,
-    eips: &BTreeMap<String, Ipv4Addr>,
+    eips: &BTreeMap<Name, Ipv4Addr>,
     r: &ObjectRef,
     eip_name: &str,
 ) -> Option<Ipv4Addr> {

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use natgw_api::{Eip, Kind, ObjectRef, ObjectSet};
+use natgw_api::{Eip, Kind, Name, ObjectRef, ObjectSet};
 
 use crate::gateway::{Scope, Weighed, dnat_claim, eip_addr, fip_claim, plan_with_scope, weigh, weigh_eips};
 use crate::{GatewayPlan, PlanError};
@@ -23,7 +23,7 @@ use crate::{GatewayPlan, PlanError};
 /// and a FloatingIp's internal address.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Keys {
-    eip_name: String,
+    eip_name: Name,
     eip: Option<Ipv4Addr>,
     internal: Option<Ipv4Addr>,
 }
@@ -41,22 +41,22 @@ pub struct GatewayPlanner {
     // allocation per EIP, 190 MB at 100k objects.
     by_eip: BTreeSet<(Ipv4Addr, ObjectRef)>,
     by_internal: BTreeSet<(Ipv4Addr, ObjectRef)>,
-    by_eip_name: BTreeSet<(String, ObjectRef)>,
+    by_eip_name: BTreeSet<(Name, ObjectRef)>,
     /// This gateway's Eips with the address each asks for, and by address.
-    eip_ips: BTreeMap<String, Option<Ipv4Addr>>,
-    eips_at: BTreeSet<(Ipv4Addr, String)>,
+    eip_ips: BTreeMap<Name, Option<Ipv4Addr>>,
+    eips_at: BTreeSet<(Ipv4Addr, Name)>,
 }
 
 fn keys_of(scope: &Scope, set: &ObjectSet, r: &ObjectRef) -> Option<Keys> {
     match r.kind {
-        Kind::FloatingIp => set.floating_ips.get(&r.name).map(|f| Keys {
-            eip_name: f.spec.eip.clone(),
-            eip: scope.eips.get(&f.spec.eip).copied(),
+        Kind::FloatingIp => set.floating_ips.get(r.name.as_str()).map(|f| Keys {
+            eip_name: f.spec.eip.as_str().into(),
+            eip: scope.eips.get(f.spec.eip.as_str()).copied(),
             internal: Some(f.spec.internal_ip),
         }),
-        Kind::DnatRule => set.dnat_rules.get(&r.name).map(|d| Keys {
-            eip_name: d.spec.eip.clone(),
-            eip: scope.eips.get(&d.spec.eip).copied(),
+        Kind::DnatRule => set.dnat_rules.get(r.name.as_str()).map(|d| Keys {
+            eip_name: d.spec.eip.as_str().into(),
+            eip: scope.eips.get(d.spec.eip.as_str()).copied(),
             internal: None,
         }),
         _ => None,
@@ -65,8 +65,8 @@ fn keys_of(scope: &Scope, set: &ObjectSet, r: &ObjectRef) -> Option<Keys> {
 
 fn claim<'a>(set: &'a ObjectSet, r: &ObjectRef) -> Option<Weighed<'a>> {
     match r.kind {
-        Kind::FloatingIp => set.floating_ips.get(&r.name).map(|f| fip_claim(f)),
-        Kind::DnatRule => set.dnat_rules.get(&r.name).map(|d| dnat_claim(d)),
+        Kind::FloatingIp => set.floating_ips.get(r.name.as_str()).map(|f| fip_claim(f)),
+        Kind::DnatRule => set.dnat_rules.get(r.name.as_str()).map(|d| dnat_claim(d)),
         _ => None,
     }
 }
@@ -87,13 +87,13 @@ impl GatewayPlanner {
             eips_at: BTreeSet::new(),
         };
         for e in set.eips.values().filter(|e| e.spec.gateway == name) {
-            planner.index_eip(kube::ResourceExt::name_any(&**e), ObjectSet::eip_address(e));
+            planner.index_eip(kube::ResourceExt::name_any(&**e).into(), ObjectSet::eip_address(e));
         }
         let refs = set
             .floating_ips
             .keys()
-            .map(|n| ObjectRef::new(Kind::FloatingIp, n.clone()))
-            .chain(set.dnat_rules.keys().map(|n| ObjectRef::new(Kind::DnatRule, n.clone())));
+            .map(|n| ObjectRef::new(Kind::FloatingIp, n.as_str()))
+            .chain(set.dnat_rules.keys().map(|n| ObjectRef::new(Kind::DnatRule, n.as_str())));
         for r in refs {
             if let Some(k) = keys_of(&planner.scope, set, &r) {
                 planner.index(r, k);
@@ -118,13 +118,13 @@ impl GatewayPlanner {
             *self = GatewayPlanner::new(set, &self.name)?;
             return Ok(());
         }
-        let eips: BTreeSet<&String> = changed.iter().filter(|r| r.kind == Kind::Eip).map(|r| &r.name).collect();
+        let eips: BTreeSet<&Name> = changed.iter().filter(|r| r.kind == Kind::Eip).map(|r| &r.name).collect();
         let mut claims: BTreeSet<ObjectRef> = changed.iter().filter(|r| r.kind != Kind::Eip).cloned().collect();
         if !eips.is_empty() {
             let names = self.reweigh_eips(set, eips);
             // A SnatRule is weighed only in a whole plan: so is a change
             // of an Eip one names (SnatRules are few).
-            if set.snat_rules.values().any(|s| names.contains(&s.spec.eip)) {
+            if set.snat_rules.values().any(|s| names.contains(s.spec.eip.as_str())) {
                 *self = GatewayPlanner::new(set, &self.name)?;
                 return Ok(());
             }
@@ -139,21 +139,21 @@ impl GatewayPlanner {
     /// Re-weighs the Eips `changed` with every Eip of this gateway at
     /// their old or new address; returns the names whose outcome may
     /// have changed.
-    fn reweigh_eips(&mut self, set: &ObjectSet, changed: BTreeSet<&String>) -> BTreeSet<String> {
+    fn reweigh_eips(&mut self, set: &ObjectSet, changed: BTreeSet<&Name>) -> BTreeSet<Name> {
         let gateway = self.name.clone();
-        let mine = |n: &String| set.eips.get(n).map(|e| &**e).filter(|e| e.spec.gateway == gateway);
+        let mine = |n: &Name| set.eips.get(n.as_str()).map(|e| &**e).filter(|e| e.spec.gateway == gateway);
         let mut ips = BTreeSet::new();
         for n in &changed {
             ips.extend(self.eip_ips.get(*n).copied().flatten());
             ips.extend(mine(n).and_then(ObjectSet::eip_address));
         }
-        let mut names: BTreeSet<String> = changed.into_iter().cloned().collect();
+        let mut names: BTreeSet<Name> = changed.into_iter().cloned().collect();
         for ip in &ips {
-            names.extend(at(&self.eips_at, ip, String::new()).cloned());
+            names.extend(at(&self.eips_at, ip, Name::default()).cloned());
         }
         for n in &names {
             self.unindex_eip(n);
-            if let Some(ip) = self.scope.eips.remove(n) {
+            if let Some(ip) = self.scope.eips.remove(n.as_str()) {
                 let addr = eip_addr(&self.plan, &self.scope, ip);
                 self.plan.addresses.remove(&addr);
             }
@@ -162,7 +162,7 @@ impl GatewayPlanner {
         self.plan.conflicts.retain(|c| c.object.kind != Kind::Eip || !names.contains(&c.object.name));
         let group: Vec<&Eip> = names.iter().filter_map(mine).collect();
         for e in &group {
-            self.index_eip(kube::ResourceExt::name_any(*e), ObjectSet::eip_address(e));
+            self.index_eip(kube::ResourceExt::name_any(*e).into(), ObjectSet::eip_address(e));
         }
         weigh_eips(&mut self.plan, &mut self.scope, group);
         names
@@ -247,14 +247,14 @@ impl GatewayPlanner {
         (group, seen_eips, seen_internals)
     }
 
-    fn index_eip(&mut self, name: String, ip: Option<Ipv4Addr>) {
+    fn index_eip(&mut self, name: Name, ip: Option<Ipv4Addr>) {
         if let Some(ip) = ip {
             self.eips_at.insert((ip, name.clone()));
         }
         self.eip_ips.insert(name, ip);
     }
 
-    fn unindex_eip(&mut self, name: &String) {
+    fn unindex_eip(&mut self, name: &Name) {
         if let Some(Some(ip)) = self.eip_ips.remove(name) {
             self.eips_at.remove(&(ip, name.clone()));
         }
@@ -288,7 +288,7 @@ impl GatewayPlanner {
 
 /// The lowest object reference: where a range over one key starts.
 fn lowest() -> ObjectRef {
-    ObjectRef::new(Kind::ALL.iter().copied().min().unwrap_or(Kind::Vpc), String::new())
+    ObjectRef::new(Kind::ALL.iter().copied().min().unwrap_or(Kind::Vpc), Name::default())
 }
 
 /// The values an index holds under `key`; `first` sorts before all of them.

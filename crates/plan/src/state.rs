@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use natgw_api::{ObjectRef, Protocol};
+use natgw_api::{Name, ObjectRef, Protocol};
 use serde::Serialize;
 
 use crate::snat::SnatRange;
@@ -16,7 +16,8 @@ use crate::snat::SnatRange;
 /// An address on an interface, with its prefix length.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct IfAddr {
-    pub interface: String,
+    /// Inline (an interface name is at most 15 bytes): one per EIP.
+    pub interface: Name,
     pub addr: Ipv4Net,
 }
 
@@ -104,10 +105,8 @@ impl GatewayPlan {
 /// Whether `set` has `ip` on `interface`, with any prefix: one range
 /// lookup (addresses sort by interface, then address, then prefix).
 pub fn holds_address(set: &OrdSet<IfAddr>, interface: &str, ip: Ipv4Addr) -> bool {
-    let at = |prefix| IfAddr {
-        interface: interface.to_string(),
-        addr: Ipv4Net::new(ip, prefix).unwrap_or(Ipv4Net::from(ip)),
-    };
+    let at =
+        |prefix| IfAddr { interface: interface.into(), addr: Ipv4Net::new(ip, prefix).unwrap_or(Ipv4Net::from(ip)) };
     set.range(at(0)..=at(32)).next().is_some()
 }
 

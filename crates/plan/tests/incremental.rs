@@ -204,13 +204,13 @@ fn a_change_shares_the_rest_of_the_plan() {
             "spec": {"gateway": "gw", "ip": format!("192.0.2.{}", 30 + i)}
         }))
         .expect("Eip");
-        set.eips.insert(format!("e{i}"), std::sync::Arc::new(e));
+        set.eips.insert(format!("e{i}").into(), std::sync::Arc::new(e));
         let f: FloatingIp = serde_json::from_value(json!({
             "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp", "metadata": {"name": format!("f{i}")},
             "spec": {"eip": format!("e{i}"), "internalIp": format!("10.0.0.{}", 20 + i)}
         }))
         .expect("FloatingIp");
-        set.floating_ips.insert(format!("f{i}"), std::sync::Arc::new(f));
+        set.floating_ips.insert(format!("f{i}").into(), std::sync::Arc::new(f));
     }
     let mut planner = GatewayPlanner::new(&set, "gw").expect("plan");
     assert_eq!(planner.plan().nat.fip_dnat.len(), 200);
@@ -221,4 +221,53 @@ fn a_change_shares_the_rest_of_the_plan() {
     assert_eq!(after, &plan_gateway(&set, "gw").expect("plan"));
     assert_eq!(before.nat.fip_dnat.diff(&after.nat.fip_dnat).count(), 1);
     assert_eq!(before.addresses.diff(&after.addresses).count(), 0);
+}
+
+/// Names are kept inline up to 24 bytes and on the heap beyond: names
+/// that share a long prefix, and one of the longest Kubernetes allows,
+/// plan and update as short ones do.
+#[test]
+fn long_names_sharing_a_prefix_plan_and_update_like_short_ones() {
+    let mut set = network();
+    let prefix = "tenant-production-eu-west-floating-ip-";
+    let longest = "f".repeat(253);
+    let names = [format!("{prefix}1"), format!("{prefix}2"), longest.clone()];
+    for (i, name) in names.iter().enumerate() {
+        let eip = format!("{prefix}eip-{i}");
+        let e: natgw_api::Eip = serde_json::from_value(json!({
+            "apiVersion": "natgw.io/v1alpha1", "kind": "Eip", "metadata": {"name": eip},
+            "spec": {"gateway": "gw", "ip": format!("192.0.2.{}", 100 + i)}
+        }))
+        .expect("Eip");
+        set.insert(natgw_api::Object::Eip(e));
+        let f: FloatingIp = serde_json::from_value(json!({
+            "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp", "metadata": {"name": name},
+            "spec": {"eip": eip, "internalIp": format!("10.0.0.{}", 100 + i)}
+        }))
+        .expect("FloatingIp");
+        set.insert(natgw_api::Object::FloatingIp(f));
+    }
+    let mut planner = GatewayPlanner::new(&set, "gw").expect("plan");
+    for name in &names {
+        assert!(planner.plan().programmed.contains(&ObjectRef::new(Kind::FloatingIp, name.as_str())), "{name}");
+    }
+    // The refs sort as their names do.
+    let mut sorted = names.clone();
+    sorted.sort();
+    let refs: Vec<String> = planner
+        .plan()
+        .programmed
+        .iter()
+        .filter(|r| r.kind == Kind::FloatingIp && names.contains(&r.name.to_string()))
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(refs, sorted);
+    // Removing the second leaves the first (one character apart) alone.
+    let gone = ObjectRef::new(Kind::FloatingIp, names[1].as_str());
+    set.remove(&gone);
+    planner.update(&set, &[gone.clone()].into()).expect("update");
+    assert_eq!(planner.plan(), &plan_gateway(&set, "gw").expect("plan"));
+    assert!(!planner.plan().programmed.contains(&gone));
+    assert!(planner.plan().programmed.contains(&ObjectRef::new(Kind::FloatingIp, names[0].as_str())));
+    assert!(planner.plan().programmed.contains(&ObjectRef::new(Kind::FloatingIp, longest.as_str())));
 }

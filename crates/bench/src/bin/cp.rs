@@ -423,7 +423,10 @@ impl ApiTally {
 async fn api_floor(admin: &Client, args: &Args) -> Result<()> {
     let n = args.fips;
     let created = || async { Ok(usize::MAX) };
-    println!("| each write over {n} objects, {} requests in flight, no natgw process running | API server alone |", args.parallel);
+    println!(
+        "| each write over {n} objects, {} requests in flight, no natgw process running | API server alone |",
+        args.parallel
+    );
     println!("|---|---|");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     // The creates, then each kind of write natgw makes: what it costs the
@@ -461,7 +464,8 @@ enum Write {
 }
 
 impl Write {
-    const ALL: [Write; 6] = [Write::CreateEip, Write::CreateFip, Write::Metadata, Write::StatusApply, Write::StatusMerge, Write::EipUsedBy];
+    const ALL: [Write; 6] =
+        [Write::CreateEip, Write::CreateFip, Write::Metadata, Write::StatusApply, Write::StatusMerge, Write::EipUsedBy];
 
     fn what(self) -> &'static str {
         match self {
@@ -477,9 +481,7 @@ impl Write {
     async fn make(self, client: &Client, i: u32) -> Result<()> {
         let ready = serde_json::json!([{"type": "Ready", "status": "True", "reason": "Programmed",
             "message": "in the kernel", "lastTransitionTime": "2026-12-03T10:00:00Z", "observedGeneration": 1}]);
-        let apply = |kind: &str, status: serde_json::Value| {
-            serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": kind, "status": status})
-        };
+        let apply = |kind: &str, status: serde_json::Value| serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": kind, "status": status});
         let ssa = PatchParams::apply("bench").force();
         let fips: Api<FloatingIp> = Api::all(client.clone());
         let fip = format!("f{i}");
