@@ -32,6 +32,11 @@ struct Args {
     /// Single changes measured on top of each full set.
     #[arg(long, default_value_t = 20)]
     changes: u32,
+    /// Give the objects what an agent's cache holds of them once served
+    /// and programmed (uid, resourceVersion, finalizers, the agent's
+    /// conditions), so the memory figures are an agent's.
+    #[arg(long)]
+    as_cached: bool,
     /// Seconds of new connections per connection-rate run.
     #[arg(long, default_value_t = 3)]
     rate_seconds: u64,
@@ -500,6 +505,10 @@ fn main() -> Result<()> {
     }
     let mut big = build(&Scale { fips: args.fips, dnats: args.dnats, snats: args.snats });
     let mut small = build(&SMALL);
+    if args.as_cached {
+        objects::as_cached(&mut big);
+        objects::as_cached(&mut small);
+    }
     eprintln!("machine: {}", machine());
     eprintln!(
         "natgw: full scale ({} FloatingIps, {} DnatRules, {} SnatRules, {} Eips)",

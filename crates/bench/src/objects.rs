@@ -102,3 +102,59 @@ pub fn build(s: &Scale) -> ObjectSet {
     }
     set
 }
+
+/// Gives every Eip and rule what a gateway agent's cache holds of it once
+/// the API server has served it and natgw has programmed it: a uid, a
+/// resourceVersion, a generation, a creation time, both finalizers and
+/// the agent's own three conditions (labels, annotations, managedFields
+/// and other managers' conditions are trimmed by the cache). Without it
+/// the objects are as small as a manifest makes them.
+pub fn as_cached(set: &mut ObjectSet) {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+    let mut version = 4_000_000u64;
+    let mut meta = |m: &mut ObjectMeta| {
+        version += 1;
+        m.uid = Some(format!("6f1c2a7e-0b3d-4e5f-9a8b-{version:012x}"));
+        m.resource_version = Some(version.to_string());
+        m.generation = Some(1);
+        m.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(1_764_700_000).unwrap_or_default()));
+        m.finalizers = Some(vec![CONTROLLER_FINALIZER.to_string(), format!("{GATEWAY_FINALIZER_PREFIX}demo-gw")]);
+    };
+    let conditions = || -> Vec<Condition> {
+        let at = Time(k8s_openapi::jiff::Timestamp::from_second(1_764_700_001).unwrap_or_default());
+        let c = |t: &str, s: &str, reason: &str, message: &str| Condition {
+            type_: t.into(),
+            status: s.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: Some(1),
+            last_transition_time: at.clone(),
+        };
+        vec![
+            c("Programmed", "True", "InKernel", "programmed in gateway demo-gw"),
+            c("Conflict", "False", "NoConflict", ""),
+            c("Ready", "True", "InKernel", "programmed in gateway demo-gw"),
+        ]
+    };
+    let common = || CommonStatus { observed_generation: Some(1), conditions: conditions() };
+    for e in set.eips.values_mut() {
+        let e = std::sync::Arc::make_mut(e);
+        meta(&mut e.metadata);
+        e.status = Some(EipStatus { ip: e.spec.ip, used_by: Some("fip".into()), common: common() });
+    }
+    for f in set.floating_ips.values_mut() {
+        let f = std::sync::Arc::make_mut(f);
+        meta(&mut f.metadata);
+        f.status = Some(common());
+    }
+    for d in set.dnat_rules.values_mut() {
+        let d = std::sync::Arc::make_mut(d);
+        meta(&mut d.metadata);
+        d.status = Some(common());
+    }
+    for s in set.snat_rules.values_mut() {
+        let s = std::sync::Arc::make_mut(s);
+        meta(&mut s.metadata);
+        s.status = Some(common());
+    }
+}
