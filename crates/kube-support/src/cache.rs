@@ -10,7 +10,7 @@ use std::fmt::Debug;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::runtime::{WatchStreamExt, watcher as watch_api};
@@ -18,6 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::events::{Reporter, warning};
+use crate::untyped::Untyped;
 
 /// Objects left out of a cache because they could not be decoded, since
 /// the process started (the `natgw_objects_undecodable_total` metric).
@@ -100,8 +101,8 @@ where
     let (reader, writer) = reflector::store();
     let ar = ApiResource::erase::<K>(&());
     let api = match namespace {
-        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
-        None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+        Some(ns) => Api::<Untyped>::namespaced_with(client.clone(), ns, &ar),
+        None => Api::<Untyped>::all_with(client.clone(), &ar),
     };
     let lookup = reader.clone();
     let events = client.clone();
@@ -140,9 +141,10 @@ where
     (reader, stream)
 }
 
-/// What a cache leaves out of each object: managedFields and the copy of
-/// the object `kubectl apply` keeps in an annotation. Most of an object's
-/// bytes, and never read by natgw.
+/// What a cache leaves out of each object: managedFields (which `Untyped`
+/// never decodes; cleared here too for objects built otherwise) and the
+/// copy of the object `kubectl apply` keeps in an annotation. Most of an
+/// object's bytes, and never read by natgw.
 fn slim<K: Resource>(o: &mut K) {
     let m = o.meta_mut();
     m.managed_fields = None;
@@ -156,15 +158,15 @@ fn slim<K: Resource>(o: &mut K) {
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(DynamicObject, String)>>;
+type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(Untyped, String)>>;
 
 /// The typed event, `None` when there is nothing to tell the cache, or the
 /// object that could not be decoded.
-fn decode<K>(ev: WatchEvent<DynamicObject>, cache: &Store<K>) -> Decoded<K>
+fn decode<K>(ev: WatchEvent<Untyped>, cache: &Store<K>) -> Decoded<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
 {
-    let typed = |o: &DynamicObject| -> Result<K, String> {
+    let typed = |o: &Untyped| -> Result<K, String> {
         let value = serde_json::to_value(o).map_err(|e| e.to_string())?;
         serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
     };
@@ -181,7 +183,7 @@ where
     })
 }
 
-async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &DynamicObject, err: &str, reporter: &str) {
+async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &Untyped, err: &str, reporter: &str) {
     crate::health::undecodable_counter().inc();
     let (kind, name) = (K::kind(&()).to_string(), obj.name_any());
     tracing::error!(kind, name, error = err, "object cannot be decoded; left out until it is fixed");

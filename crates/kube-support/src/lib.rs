@@ -8,7 +8,8 @@
 //! - `status`: conditions and status written with per-writer field managers;
 //! - `events`: Warning Events whose message is always the current one;
 //! - `claims`: the ConfigMaps that say which Eip holds an address;
-//! - `health`: /healthz, /readyz and /metrics.
+//! - `health`: /healthz, /readyz and /metrics;
+//! - `untyped`: objects as the watches decode them, managedFields skipped.
 
 pub mod cache;
 pub mod claims;
@@ -17,6 +18,7 @@ pub mod health;
 pub mod kind;
 pub mod ready;
 pub mod status;
+pub mod untyped;
 
 pub use cache::{
     Events, cached, cached_events_in, cached_events_trimmed, cached_in, cached_touched, undecodable_total,
