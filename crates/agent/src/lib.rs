@@ -50,6 +50,8 @@ const WRITES: usize = 32;
 
 /// The agent's finalizer for gateway `gw`.
 pub use args::Args;
+/// What the agent's caches keep of an object (for benchmarks of its memory).
+pub use caches::trim as cache_trim;
 pub use natgw_api::gateway_finalizer as finalizer;
 
 /// Writes an object's finalizer list, failing if the object changed since
@@ -505,8 +507,9 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
     let manager = format!("natgw-gateway-{gw}");
     let writes = mine.iter().filter_map(|e| {
         let want = wanted(plan, &e.object);
+        let have = e.conditions();
         let same = want.iter().all(|(t, st, reason, msg)| {
-            e.conditions().iter().any(|c| {
+            have.iter().any(|c| {
                 c.type_ == *t
                     && c.status == *st
                     && c.reason == *reason
@@ -522,11 +525,8 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
             .iter()
             .map(|(t, st, reason, msg)| {
                 // Keep the transition time when the status did not flip.
-                let since = e
-                    .conditions()
-                    .iter()
-                    .find(|c| c.type_ == *t && c.status == *st)
-                    .map(|c| c.last_transition_time.clone());
+                let since =
+                    have.iter().find(|c| c.type_ == *t && c.status == *st).map(|c| c.last_transition_time.clone());
                 Condition {
                     type_: t.to_string(),
                     status: st.to_string(),

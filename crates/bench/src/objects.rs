@@ -106,9 +106,9 @@ pub fn build(s: &Scale) -> ObjectSet {
 /// Gives every Eip and rule what a gateway agent's cache holds of it once
 /// the API server has served it and natgw has programmed it: a uid, a
 /// resourceVersion, a generation, a creation time, both finalizers and
-/// the agent's own three conditions (labels, annotations, managedFields
-/// and other managers' conditions are trimmed by the cache). Without it
-/// the objects are as small as a manifest makes them.
+/// the agent's own three conditions, then trims it as the agent's cache
+/// does (`natgw_agent::cache_trim`). Without it the objects are as small
+/// as a manifest makes them.
 pub fn as_cached(set: &mut ObjectSet) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
     let mut version = 4_000_000u64;
@@ -141,20 +141,24 @@ pub fn as_cached(set: &mut ObjectSet) {
         let e = std::sync::Arc::make_mut(e);
         meta(&mut e.metadata);
         e.status = Some(EipStatus { ip: e.spec.ip, used_by: Some("fip".into()), common: common() });
+        natgw_agent::cache_trim(e);
     }
     for f in set.floating_ips.values_mut() {
         let f = std::sync::Arc::make_mut(f);
         meta(&mut f.metadata);
         f.status = Some(common());
+        natgw_agent::cache_trim(f);
     }
     for d in set.dnat_rules.values_mut() {
         let d = std::sync::Arc::make_mut(d);
         meta(&mut d.metadata);
         d.status = Some(common());
+        natgw_agent::cache_trim(d);
     }
     for s in set.snat_rules.values_mut() {
         let s = std::sync::Arc::make_mut(s);
         meta(&mut s.metadata);
         s.status = Some(common());
+        natgw_agent::cache_trim(s);
     }
 }
