@@ -137,28 +137,25 @@ pub fn as_cached(set: &mut ObjectSet) {
         ]
     };
     let common = || CommonStatus { observed_generation: Some(1), conditions: conditions() };
-    for e in set.eips.values_mut() {
-        let e = std::sync::Arc::make_mut(e);
-        meta(&mut e.metadata);
-        e.status = Some(EipStatus { ip: e.spec.ip, used_by: Some("fip".into()), common: common() });
-        natgw_agent::cache_trim(e);
-    }
-    for f in set.floating_ips.values_mut() {
-        let f = std::sync::Arc::make_mut(f);
-        meta(&mut f.metadata);
-        f.status = Some(common());
-        natgw_agent::cache_trim(f);
-    }
-    for d in set.dnat_rules.values_mut() {
-        let d = std::sync::Arc::make_mut(d);
-        meta(&mut d.metadata);
-        d.status = Some(common());
-        natgw_agent::cache_trim(d);
-    }
-    for s in set.snat_rules.values_mut() {
-        let s = std::sync::Arc::make_mut(s);
-        meta(&mut s.metadata);
-        s.status = Some(common());
-        natgw_agent::cache_trim(s);
+    serve(&mut set.eips, &mut meta, |e: &mut Eip| {
+        e.status = Some(EipStatus { ip: e.spec.ip, used_by: Some("fip".into()), common: common() })
+    });
+    serve(&mut set.floating_ips, &mut meta, |f: &mut FloatingIp| f.status = Some(common()));
+    serve(&mut set.dnat_rules, &mut meta, |d: &mut DnatRule| d.status = Some(common()));
+    serve(&mut set.snat_rules, &mut meta, |s: &mut SnatRule| s.status = Some(common()));
+}
+
+/// Each object of a kind given `meta` and `status`, then trimmed as the
+/// agent's cache trims it.
+fn serve<K: natgw_kube_support::KindResource + Clone>(
+    objects: &mut std::collections::BTreeMap<Name, std::sync::Arc<K>>,
+    meta: &mut impl FnMut(&mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta),
+    status: impl Fn(&mut K),
+) {
+    for o in objects.values_mut() {
+        let o = std::sync::Arc::make_mut(o);
+        meta(o.meta_mut());
+        status(o);
+        natgw_agent::cache_trim(o);
     }
 }
