@@ -121,7 +121,7 @@ const RECORD: char = '\u{1e}';
 
 /// The agent's three conditions as one condition whose message holds them
 /// all: three conditions are twelve heap strings, about 750 bytes an
-/// object, most of an object's cached size; this is about 300. `None`
+/// object, most of an object's cached size; this is about 400. `None`
 /// (kept as they are) when a field holds a separator.
 fn pack(own: &[Condition]) -> Option<Condition> {
     if own.is_empty() {
