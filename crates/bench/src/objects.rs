@@ -118,7 +118,7 @@ pub fn as_cached(set: &mut ObjectSet) {
         m.resource_version = Some(version.to_string());
         m.generation = Some(1);
         m.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(1_764_700_000).unwrap_or_default()));
-        m.finalizers = Some(vec![CONTROLLER_FINALIZER.to_string(), format!("{GATEWAY_FINALIZER_PREFIX}demo-gw")]);
+        m.finalizers = Some(vec![CONTROLLER_FINALIZER.to_string(), gateway_finalizer("demo-gw")]);
     };
     let conditions = || -> Vec<Condition> {
         let at = Time(k8s_openapi::jiff::Timestamp::from_second(1_764_700_001).unwrap_or_default());

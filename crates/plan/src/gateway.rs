@@ -211,8 +211,7 @@ pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Ve
     eips.sort_by_key(|e| age_key(*e));
     let mut by_ip: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
     for e in eips {
-        let name = kube::ResourceExt::name_any(e);
-        let r = ObjectRef::new(Kind::Eip, name.clone());
+        let r = ObjectRef::new(Kind::Eip, kube::ResourceExt::name_any(e));
         let Some(ip) = ObjectSet::eip_address(e) else {
             plan.conflicts.push(Conflict {
                 object: r,
@@ -232,8 +231,8 @@ pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Ve
         } else {
             plan.addresses.insert(eip_addr(plan, scope, ip));
             plan.programmed.insert(r.clone());
+            scope.eips.insert(r.name.clone(), ip);
             by_ip.insert(ip, r);
-            scope.eips.insert(name.as_str().into(), ip);
         }
     }
 }

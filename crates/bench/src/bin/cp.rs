@@ -479,31 +479,30 @@ impl Write {
     }
 
     async fn make(self, client: &Client, i: u32) -> Result<()> {
-        let ready = serde_json::json!([{"type": "Ready", "status": "True", "reason": "Programmed",
-            "message": "in the kernel", "lastTransitionTime": "2026-12-03T10:00:00Z", "observedGeneration": 1}]);
-        let apply = |kind: &str, status: serde_json::Value| serde_json::json!({"apiVersion": "natgw.io/v1alpha1", "kind": kind, "status": status});
-        let ssa = PatchParams::apply("bench").force();
+        use natgw_kube_support::status::{apply_status, condition};
+        let ready = || serde_json::json!([condition("Ready", "True", "InKernel", "in the kernel".into(), Some(1))]);
         let fips: Api<FloatingIp> = Api::all(client.clone());
         let fip = format!("f{i}");
         match self {
             Write::CreateEip => eip(client, i).await?,
             Write::CreateFip => self::fip(client, i).await?,
             Write::Metadata => {
-                let meta = serde_json::json!({"metadata": {"finalizers": ["natgw.io/controller", "natgw.io/gateway"],
-                    "labels": {GATEWAY_LABEL: "demo-gw"}}});
+                let finalizers = [CONTROLLER_FINALIZER.to_string(), gateway_finalizer("demo-gw")];
+                let meta =
+                    serde_json::json!({"metadata": {"finalizers": finalizers, "labels": {GATEWAY_LABEL: "demo-gw"}}});
                 fips.patch(&fip, &PatchParams::default(), &Patch::Merge(&meta)).await?;
             }
             Write::StatusApply => {
-                let body = apply("FloatingIp", serde_json::json!({"observedGeneration": 1, "conditions": ready}));
-                fips.patch_status(&fip, &ssa, &Patch::Apply(&body)).await?;
+                let status = serde_json::json!({"observedGeneration": 1, "conditions": ready()});
+                apply_status::<FloatingIp>(client, "bench", &fip, status).await?;
             }
             Write::StatusMerge => {
-                let body = serde_json::json!({"status": {"observedGeneration": 2, "conditions": ready}});
+                let body = serde_json::json!({"status": {"observedGeneration": 2, "conditions": ready()}});
                 fips.patch_status(&fip, &PatchParams::default(), &Patch::Merge(&body)).await?;
             }
             Write::EipUsedBy => {
-                let body = apply("Eip", serde_json::json!({"usedBy": format!("FloatingIp/{fip}")}));
-                Api::<Eip>::all(client.clone()).patch_status(&format!("e{i}"), &ssa, &Patch::Apply(&body)).await?;
+                let status = serde_json::json!({"usedBy": format!("FloatingIp/{fip}")});
+                apply_status::<Eip>(client, "bench", &format!("e{i}"), status).await?;
             }
         }
         Ok(())
