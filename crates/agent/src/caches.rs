@@ -5,7 +5,7 @@
 //! (walking 10,000 objects was most of a round). The first round, a resync
 //! and any relist of a watch walk everything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
@@ -248,8 +248,13 @@ impl Entry {
 #[derive(Default)]
 pub struct Entries {
     by_ref: BTreeMap<ObjectRef, Arc<Entry>>,
-    rules_of: HashMap<String, BTreeSet<ObjectRef>>,
+    /// (Eip, rule) pairs, one ordered set: a set per Eip was a B-tree node
+    /// of about 400 bytes for one rule, 50 MB at 100k FloatingIps.
+    rules_of: BTreeSet<(Name, ObjectRef)>,
 }
+
+/// The kinds that name an Eip.
+const RULE_KINDS: [Kind; 3] = [Kind::FloatingIp, Kind::SnatRule, Kind::DnatRule];
 
 impl Entries {
     pub fn get(&self, r: &ObjectRef) -> Option<&Arc<Entry>> {
@@ -261,26 +266,26 @@ impl Entries {
     }
 
     pub fn rules_of(&self, eip: &str) -> impl Iterator<Item = &ObjectRef> {
-        self.rules_of.get(eip).into_iter().flatten()
+        let first = RULE_KINDS.iter().min().map(|k| (Name::from(eip), ObjectRef::new(*k, "")));
+        first
+            .into_iter()
+            .flat_map(|first| self.rules_of.range(first..))
+            .take_while(move |(e, _)| e == eip)
+            .map(|(_, r)| r)
     }
 
     fn put(&mut self, e: Entry) {
         self.remove(&e.object);
         if let Some(eip) = e.eip() {
-            self.rules_of.entry(eip.to_string()).or_default().insert(e.object.clone());
+            self.rules_of.insert((eip.into(), e.object.clone()));
         }
         self.by_ref.insert(e.object.clone(), Arc::new(e));
     }
 
     fn remove(&mut self, r: &ObjectRef) {
         let Some(old) = self.by_ref.remove(r) else { return };
-        if let Some(eip) = old.eip()
-            && let Some(set) = self.rules_of.get_mut(eip)
-        {
-            set.remove(r);
-            if set.is_empty() {
-                self.rules_of.remove(eip);
-            }
+        if let Some(eip) = old.eip() {
+            self.rules_of.remove(&(eip.into(), r.clone()));
         }
     }
 }
@@ -474,6 +479,50 @@ impl Caches {
     }
 }
 
+/// What an agent holds once its watches listed `objects` (each Eip's
+/// address claimed for it) and a full round took them in: for measuring
+/// its memory without an API server.
+pub struct Holdings {
+    pub caches: Caches,
+    pub set: ObjectSet,
+    pub entries: Entries,
+}
+
+/// `Holdings` of `objects`, each passed through the cache's `trim` as a
+/// watch would.
+pub fn holdings(objects: ObjectSet) -> Holdings {
+    fn list<K: KindResource>(objects: BTreeMap<Name, Arc<K>>) -> Store<K> {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&Event::Init);
+        for o in objects.into_values() {
+            let mut o = Arc::unwrap_or_clone(o);
+            trim(&mut o);
+            writer.apply_watcher_event(&Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        store
+    }
+    let holders = objects.eips.values().filter_map(|e| {
+        let holder = natgw_kube_support::claims::Holder { eip: e.name_any(), uid: e.metadata.uid.clone()? };
+        Some((e.address()?, holder))
+    });
+    let claims = Claims::listed(holders.collect());
+    let caches = Caches {
+        claims,
+        vpcs: list(objects.vpcs),
+        subnets: list(objects.subnets),
+        gateways: list(objects.gateways),
+        eips: list(objects.eips),
+        fips: list(objects.floating_ips),
+        snats: list(objects.snat_rules),
+        dnats: list(objects.dnat_rules),
+        dirty: DirtyCell::default(),
+    };
+    let (mut set, mut entries) = (ObjectSet::default(), Entries::default());
+    caches.refresh(&mut set, &mut entries, true, &BTreeSet::new());
+    Holdings { caches, set, entries }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,6 +549,42 @@ mod tests {
         assert_eq!(KindResource::conditions(&fip).len(), 1, "packed into one");
         let kept: Vec<String> = unpack(KindResource::conditions(&fip)).into_iter().map(|c| c.type_).collect();
         assert_eq!(kept, ["Programmed", "Ready"]);
+    }
+
+    #[test]
+    fn the_rules_of_an_eip_are_its_own_even_when_names_share_a_prefix() {
+        let fip = |name: &str, eip: &str| {
+            let mut f =
+                FloatingIp::new(name, FloatingIpSpec { eip: eip.into(), internal_ip: Ipv4Addr::new(10, 0, 0, 1) });
+            f.metadata.resource_version = Some("1".into());
+            Entry::new(Arc::new(f))
+        };
+        let dnat = |name: &str, eip: &str| {
+            let spec: DnatRuleSpec = serde_json::from_value(serde_json::json!({
+                "eip": eip, "externalPort": 80, "internalIp": "10.0.0.2", "internalPort": 8080, "protocol": "tcp"
+            }))
+            .unwrap();
+            Entry::new(Arc::new(DnatRule::new(name, spec)))
+        };
+        let mut entries = Entries::default();
+        let long = "eip-with-a-long-shared-prefix-0123456789";
+        entries.put(fip("f1", "e"));
+        entries.put(fip("f2", "e-1"));
+        entries.put(dnat("d1", "e"));
+        entries.put(fip("f3", &format!("{long}-a")));
+        entries.put(dnat("d2", &format!("{long}-ab")));
+        let of = |e: &Entries, eip: &str| e.rules_of(eip).map(|r| r.to_string()).collect::<Vec<_>>();
+        assert_eq!(of(&entries, "e"), ["DnatRule/d1", "FloatingIp/f1"]);
+        assert_eq!(of(&entries, "e-1"), ["FloatingIp/f2"]);
+        assert_eq!(of(&entries, &format!("{long}-a")), ["FloatingIp/f3"]);
+        assert_eq!(of(&entries, &format!("{long}-ab")), ["DnatRule/d2"]);
+        assert!(of(&entries, "").is_empty());
+        // A rule that moves to another Eip leaves the first.
+        entries.put(fip("f1", "e-1"));
+        assert_eq!(of(&entries, "e"), ["DnatRule/d1"]);
+        assert_eq!(of(&entries, "e-1"), ["FloatingIp/f1", "FloatingIp/f2"]);
+        entries.remove(&ObjectRef::new(Kind::DnatRule, "d1"));
+        assert!(of(&entries, "e").is_empty());
     }
 
     fn own(message: &str, generation: Option<i64>) -> Vec<Condition> {

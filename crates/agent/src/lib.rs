@@ -52,6 +52,7 @@ const WRITES: usize = 32;
 pub use args::Args;
 /// What the agent's caches keep of an object (for benchmarks of its memory).
 pub use caches::trim as cache_trim;
+pub use caches::{Holdings, holdings};
 pub use natgw_api::gateway_finalizer as finalizer;
 
 /// Writes an object's finalizer list, failing if the object changed since

@@ -2,6 +2,7 @@
 //! baseline, both measured in the same run on the same machine.
 
 mod baseline;
+mod heap;
 mod objects;
 mod plot;
 
@@ -37,6 +38,12 @@ struct Args {
     /// conditions), so the memory figures are an agent's.
     #[arg(long)]
     as_cached: bool,
+    /// As --as-cached, and hold them as an agent does: its watch caches
+    /// (listed through its trim), its address claims, and the set and
+    /// entries a full round builds from the caches, so the memory figures
+    /// are a whole agent's (the caches' keys and entries included).
+    #[arg(long)]
+    as_agent: bool,
     /// Seconds of new connections per connection-rate run.
     #[arg(long, default_value_t = 3)]
     rate_seconds: u64,
@@ -147,12 +154,12 @@ struct NatgwFigures {
 }
 
 fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
-    eprintln!("memory: objects built {:.0} MB", rss_mb());
+    eprintln!("memory: objects built {:.0} MB (live heap {:.0})", rss_mb(), heap::live_mb());
     let t = Instant::now();
     let mut planner = GatewayPlanner::new(set, "demo-gw")?;
     let plan_ms = ms(t.elapsed());
     let plan = planner.plan().clone();
-    eprintln!("memory: + plan {:.0} MB (peak {:.0})", rss_mb(), peak_mb());
+    eprintln!("memory: + plan {:.0} MB (peak {:.0}, live heap {:.0})", rss_mb(), peak_mb(), heap::live_mb());
     anyhow::ensure!(plan.conflicts.is_empty(), "benchmark objects conflict: {:?}", &plan.conflicts[..1]);
     let lab = lab()?;
     let gw = Gateway::open(Some(&lab.ns("gw")))?;
@@ -162,7 +169,12 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
     gw.sweep()?;
     let full_sweep_ms = ms(t.elapsed());
     let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
-    eprintln!("memory: + full sync (mirror) {:.0} MB (peak {:.0})", rss_mb(), peak_mb());
+    eprintln!(
+        "memory: + full sync (mirror) {:.0} MB (peak {:.0}, live heap {:.0})",
+        rss_mb(),
+        peak_mb(),
+        heap::live_mb()
+    );
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
     let (mut sync_times, mut plan_sync_times, mut sweeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
@@ -505,9 +517,16 @@ fn main() -> Result<()> {
     }
     let mut big = build(&Scale { fips: args.fips, dnats: args.dnats, snats: args.snats });
     let mut small = build(&SMALL);
-    if args.as_cached {
-        objects::as_cached(&mut big);
-        objects::as_cached(&mut small);
+    if args.as_cached || args.as_agent {
+        objects::as_served(&mut big, !args.as_agent);
+        objects::as_served(&mut small, !args.as_agent);
+    }
+    // The agent's caches and entries stay alive through the run.
+    let mut _held = None;
+    if args.as_agent {
+        let held = _held.insert(natgw_agent::holdings(std::mem::take(&mut big)));
+        big = std::mem::take(&mut held.set);
+        small = natgw_agent::holdings(small).set;
     }
     eprintln!("machine: {}", machine());
     eprintln!(
