@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
-use kube::runtime::reflector::{ObjectRef as CacheRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
@@ -19,6 +18,7 @@ use natgw_kube_support::KindResource;
 use natgw_kube_support::claims::held_address;
 
 use crate::claims::Claims;
+use crate::store::{Changed, Store};
 
 /// The objects the watches saw change since the last round took them in.
 #[derive(Default)]
@@ -68,32 +68,25 @@ pub fn watch<K: KindResource>(
     dirty: &DirtyCell,
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>) {
-    let (reader, mut stream) =
-        natgw_kube_support::cached_events_trimmed(client, None, config, "gateway-agent", trim::<K>);
-    let dirty = dirty.clone();
+    let store = Store::<K>::default();
+    let lookup = store.clone();
+    let cached_of = move |name: &str| lookup.get(name).map(|k| (*k).clone());
+    let mut stream = natgw_kube_support::decoded_events(client, None, config, "gateway-agent", trim::<K>, cached_of);
+    let (cache, dirty) = (store.clone(), dirty.clone());
     let fut = async move {
         while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(Event::Apply(o) | Event::Delete(o)) => {
-                    if let Some(r) = object_ref(&o) {
-                        mark(&dirty, |d| {
-                            d.objects.insert(r);
-                        });
-                    }
-                }
-                Ok(Event::InitDone) => mark_relisted(&dirty),
-                Ok(Event::Init | Event::InitApply(_)) => continue,
+            match ev.map(|ev| cache.apply(ev)) {
+                Ok(Changed::One(name)) => mark(&dirty, |d| {
+                    d.objects.insert(ObjectRef::new(K::KIND, name));
+                }),
+                Ok(Changed::All) => mark_relisted(&dirty),
+                Ok(Changed::Nothing) => continue,
                 Err(e) => tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error"),
             }
             let _ = tx.try_send(());
         }
     };
-    (reader, fut)
-}
-
-/// The name of a natgw object.
-fn object_ref<K: KindResource>(o: &K) -> Option<ObjectRef> {
-    Some(ObjectRef::new(K::KIND, o.meta().name.clone()?))
+    (store, fut)
 }
 
 /// What the agent's caches leave out beyond what every cache does: labels
@@ -371,7 +364,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
 
     /// Only `name`.
     fn one(&self, map: &mut BTreeMap<Name, Arc<K>>, store: &Store<K>, name: &str, out: &mut Refreshed) {
-        self.take(map, name, store.get(&CacheRef::new(name)), out);
+        self.take(map, name, store.get(name), out);
     }
 }
 
@@ -455,7 +448,7 @@ impl Caches {
         // Entries follow the caches (not the set, which a round trims).
         let cached_entry = |r: &ObjectRef| -> Option<Entry> {
             fn of<K: KindResource>(store: &Store<K>, name: &str) -> Option<Entry> {
-                store.get(&CacheRef::new(name)).map(Entry::new)
+                store.get(name).map(Entry::new)
             }
             match r.kind {
                 Kind::Eip => of(&self.eips, &r.name),
@@ -492,14 +485,14 @@ pub struct Holdings {
 /// watch would.
 pub fn holdings(objects: ObjectSet) -> Holdings {
     fn list<K: KindResource>(objects: BTreeMap<Name, Arc<K>>) -> Store<K> {
-        let (store, mut writer) = kube::runtime::reflector::store();
-        writer.apply_watcher_event(&Event::Init);
+        let store = Store::default();
+        store.apply(Event::Init);
         for o in objects.into_values() {
             let mut o = Arc::unwrap_or_clone(o);
             trim(&mut o);
-            writer.apply_watcher_event(&Event::InitApply(o));
+            store.apply(Event::InitApply(o));
         }
-        writer.apply_watcher_event(&Event::InitDone);
+        store.apply(Event::InitDone);
         store
     }
     let holders = objects.eips.values().filter_map(|e| {

@@ -15,6 +15,7 @@ mod caches;
 mod claims;
 mod metrics;
 pub mod ports;
+mod store;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

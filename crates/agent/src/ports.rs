@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::Store;
 use kube::Client;
-use kube::runtime::reflector::Store;
 use natgw_api::Eip;
 use natgw_dataplane::Gateway;
 use natgw_dataplane::ports::{EipUsage, proto_name};

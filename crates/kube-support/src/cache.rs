@@ -83,34 +83,40 @@ pub fn cached_events_in<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    cached_events_trimmed(client, namespace, config, reporter, |_| {})
+    let (reader, writer) = reflector::store();
+    let lookup: Store<K> = reader.clone();
+    let cached_of = move |name: &str| lookup.get(&reflector::ObjectRef::new(name)).map(|k| (*k).clone());
+    let stream = decoded_events(client, namespace, config, reporter, |_| {}, cached_of).reflect(writer).boxed();
+    (reader, stream)
 }
 
-/// `cached_events_in`, whose cache also leaves out what `trim` removes:
-/// for a consumer that reads less of each object than others do.
-pub fn cached_events_trimmed<K>(
+/// `cached_events_in`'s stream without its cache: each object decoded,
+/// slimmed and then passed through `trim`, for a consumer that keeps a
+/// cache of its own (reading less of each object than others do).
+/// `cached_of` gives the cache's version of an object by name: a deleted
+/// object that can no longer be decoded is deleted as that version.
+pub fn decoded_events<K>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
     trim: fn(&mut K),
-) -> (Store<K>, Events<K>)
+    cached_of: impl Fn(&str) -> Option<K> + Send + 'static,
+) -> Events<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
     let ar = ApiResource::erase::<K>(&());
     let api = match namespace {
         Some(ns) => Api::<Untyped>::namespaced_with(client.clone(), ns, &ar),
         None => Api::<Untyped>::all_with(client.clone(), &ar),
     };
-    let lookup = reader.clone();
     let events = client.clone();
     let mut reported: HashSet<(String, String)> = HashSet::new();
-    let stream = watch_api(api, config)
+    watch_api(api, config)
         .default_backoff()
         .filter_map(move |ev| {
-            let decoded = ev.map(|ev| decode::<K>(ev, &lookup));
+            let decoded = ev.map(|ev| decode::<K>(ev, &cached_of));
             let warn = match &decoded {
                 Ok(Err(bad)) => {
                     let (obj, err) = &**bad;
@@ -135,10 +141,8 @@ where
             slim(o);
             trim(o);
         })
-        .reflect(writer)
         // Boxed: seven of these in one future overflowed a test thread's stack.
-        .boxed();
-    (reader, stream)
+        .boxed()
 }
 
 /// What a cache leaves out of each object: managedFields (which `Untyped`
@@ -162,7 +166,7 @@ type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(Untyped, String)>>;
 
 /// The typed event, `None` when there is nothing to tell the cache, or the
 /// object that could not be decoded.
-fn decode<K>(ev: WatchEvent<Untyped>, cache: &Store<K>) -> Decoded<K>
+fn decode<K>(ev: WatchEvent<Untyped>, cached_of: impl Fn(&str) -> Option<K>) -> Decoded<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
 {
@@ -178,7 +182,7 @@ where
         WatchEvent::Delete(o) => match typed(&o) {
             Ok(k) => Some(WatchEvent::Delete(k)),
             // Gone for good: drop the version the cache holds, if any.
-            Err(_) => cache.get(&reflector::ObjectRef::new(&o.name_any())).map(|k| WatchEvent::Delete((*k).clone())),
+            Err(_) => cached_of(&o.name_any()).map(WatchEvent::Delete),
         },
     })
 }

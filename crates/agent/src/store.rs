@@ -1,0 +1,163 @@
+//! The agent's watch caches: its objects by name alone. kube's reflector
+//! keys each object by a reference holding copies of its name, namespace,
+//! uid and resourceVersion, about 170 bytes an object beside the object
+//! itself (38 MB at 100k FloatingIps); natgw's kinds are cluster-scoped
+//! and the agent looks them up by name.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+use natgw_api::Name;
+use natgw_kube_support::ready::Listed;
+
+struct Inner<K> {
+    objects: HashMap<Name, Arc<K>>,
+    /// Filled while the watch lists anew, then takes `objects`' place
+    /// (until then the old list answers).
+    relisting: Option<HashMap<Name, Arc<K>>>,
+    listed: bool,
+}
+
+/// A cache of one kind, shared between its watch and the rounds.
+pub struct Store<K>(Arc<RwLock<Inner<K>>>);
+
+impl<K> Clone for Store<K> {
+    fn clone(&self) -> Self {
+        Store(self.0.clone())
+    }
+}
+
+impl<K> Default for Store<K> {
+    fn default() -> Self {
+        Store(Arc::new(RwLock::new(Inner { objects: HashMap::new(), relisting: None, listed: false })))
+    }
+}
+
+/// What a watch event changed in a store.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// This object came, changed or went.
+    One(Name),
+    /// A new list took the old one's place.
+    All,
+    Nothing,
+}
+
+impl<K: Resource> Store<K> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<K>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<K>> {
+        self.read().objects.get(name).cloned()
+    }
+
+    /// Every object, in no order.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.read().objects.values().cloned().collect()
+    }
+
+    /// Takes in one watch event. An object without a name is not kept.
+    pub fn apply(&self, ev: Event<K>) -> Changed {
+        let mut inner = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match ev {
+            Event::Init => {
+                inner.relisting = Some(HashMap::new());
+                Changed::Nothing
+            }
+            Event::InitApply(o) => {
+                if let Some(name) = o.meta().name.as_deref().map(Name::from) {
+                    inner.relisting.get_or_insert_default().insert(name, Arc::new(o));
+                }
+                Changed::Nothing
+            }
+            Event::InitDone => {
+                if let Some(mut fresh) = inner.relisting.take() {
+                    fresh.shrink_to_fit();
+                    inner.objects = fresh;
+                }
+                inner.listed = true;
+                Changed::All
+            }
+            Event::Apply(o) => {
+                let Some(name) = o.meta().name.as_deref().map(Name::from) else { return Changed::Nothing };
+                inner.objects.insert(name.clone(), Arc::new(o));
+                Changed::One(name)
+            }
+            Event::Delete(o) => {
+                let name = Name::from(o.name_any());
+                inner.objects.remove(&name);
+                Changed::One(name)
+            }
+        }
+    }
+}
+
+impl<K: Send + Sync> Listed for Store<K> {
+    fn listed(&self) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).listed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natgw_api::{Eip, EipSpec};
+
+    fn eip(name: &str, version: &str) -> Eip {
+        let mut e = Eip::new(name, EipSpec { gateway: "gw".into(), ip: None });
+        e.metadata.resource_version = Some(version.into());
+        e
+    }
+
+    fn version(s: &Store<Eip>, name: &str) -> Option<String> {
+        s.get(name).and_then(|e| e.metadata.resource_version.clone())
+    }
+
+    #[test]
+    fn a_store_answers_only_once_listed_and_follows_changes() {
+        let s = Store::default();
+        assert!(!s.listed());
+        assert_eq!(s.apply(Event::Init), Changed::Nothing);
+        assert_eq!(s.apply(Event::InitApply(eip("a", "1"))), Changed::Nothing);
+        assert!(!s.listed());
+        assert_eq!(s.apply(Event::InitDone), Changed::All);
+        assert!(s.listed());
+        assert_eq!(version(&s, "a").as_deref(), Some("1"));
+        assert_eq!(s.apply(Event::Apply(eip("a", "2"))), Changed::One("a".into()));
+        assert_eq!(version(&s, "a").as_deref(), Some("2"));
+        assert_eq!(s.apply(Event::Delete(eip("a", "3"))), Changed::One("a".into()));
+        assert_eq!(s.get("a").map(|_| ()), None);
+        assert!(s.state().is_empty());
+    }
+
+    #[test]
+    fn a_new_list_answers_only_once_complete_and_drops_what_went_meanwhile() {
+        let s = Store::default();
+        for ev in [Event::Init, Event::InitApply(eip("a", "1")), Event::InitApply(eip("b", "1")), Event::InitDone] {
+            s.apply(ev);
+        }
+        s.apply(Event::Init);
+        s.apply(Event::InitApply(eip("b", "5")));
+        // Mid-list, the old list answers.
+        assert_eq!(version(&s, "a").as_deref(), Some("1"));
+        assert_eq!(version(&s, "b").as_deref(), Some("1"));
+        s.apply(Event::InitDone);
+        assert_eq!(s.get("a").map(|_| ()), None);
+        assert_eq!(version(&s, "b").as_deref(), Some("5"));
+        assert_eq!(s.state().len(), 1);
+    }
+
+    #[test]
+    fn names_sharing_a_long_prefix_are_kept_apart() {
+        let s = Store::default();
+        let long = "x".repeat(253);
+        let (a, b) = (long.clone(), format!("{}y", &long[..252]));
+        s.apply(Event::Apply(eip(&a, "1")));
+        s.apply(Event::Apply(eip(&b, "2")));
+        assert_eq!(version(&s, &a).as_deref(), Some("1"));
+        assert_eq!(version(&s, &b).as_deref(), Some("2"));
+    }
+}
