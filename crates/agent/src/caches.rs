@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use natgw_api::*;
@@ -18,6 +18,7 @@ use natgw_kube_support::KindResource;
 use natgw_kube_support::claims::held_address;
 
 use crate::claims::Claims;
+use crate::own::Own;
 use crate::store::{Changed, Store};
 
 /// The objects the watches saw change since the last round took them in.
@@ -93,78 +94,14 @@ pub fn watch<K: KindResource>(
 /// and annotations (the watches select by label, and nothing the agent
 /// plans or reports reads them; one label is a map node of about 540
 /// bytes) and the conditions other managers own. Its own conditions are
-/// packed into one string.
+/// kept as `Own` packs them. Trimming twice changes nothing.
 pub fn trim<K: KindResource>(o: &mut K) {
     let m = o.meta_mut();
     m.labels = None;
     m.annotations = None;
     if let Some(conditions) = o.conditions_mut() {
-        conditions.retain(|c| crate::CONDITIONS.contains(&c.type_.as_str()));
-        if let Some(packed) = pack(conditions) {
-            *conditions = vec![packed];
-        }
+        *conditions = Own::cached(conditions).pack().into_iter().collect();
     }
-}
-
-/// The type of the one condition that stands for the agent's own in its
-/// cache (never written: the status pass writes conditions it builds).
-const PACKED: &str = "natgw.io/packed";
-const FIELD: char = '\u{1f}';
-const RECORD: char = '\u{1e}';
-
-/// The agent's three conditions as one condition whose message holds them
-/// all: three conditions are twelve heap strings, about 750 bytes an
-/// object, most of an object's cached size; this is about 400. `None`
-/// (kept as they are) when a field holds a separator.
-fn pack(own: &[Condition]) -> Option<Condition> {
-    if own.is_empty() {
-        return None;
-    }
-    let mut message = String::new();
-    for c in own {
-        let time = c.last_transition_time.0.to_string();
-        let generation = c.observed_generation.map(|g| g.to_string()).unwrap_or_default();
-        let fields = [c.type_.as_str(), &c.status, &c.reason, &c.message, &generation, &time];
-        if fields.iter().any(|f| f.contains([FIELD, RECORD])) {
-            return None;
-        }
-        if !message.is_empty() {
-            message.push(RECORD);
-        }
-        message.push_str(&fields.join(&FIELD.to_string()));
-    }
-    message.shrink_to_fit();
-    Some(Condition {
-        type_: PACKED.into(),
-        message,
-        status: String::new(),
-        reason: String::new(),
-        observed_generation: None,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-    })
-}
-
-/// The conditions `pack` packed (or `cached` as it is, when not packed).
-/// A record that does not parse is left out: the status pass then finds
-/// the condition missing and writes it again.
-fn unpack(cached: &[Condition]) -> Vec<Condition> {
-    let [c] = cached else { return cached.to_vec() };
-    if c.type_ != PACKED {
-        return cached.to_vec();
-    }
-    let record = |r: &str| -> Option<Condition> {
-        let f: Vec<&str> = r.split(FIELD).collect();
-        let [t, status, reason, message, generation, time] = f.as_slice() else { return None };
-        Some(Condition {
-            type_: t.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message: message.to_string(),
-            observed_generation: if generation.is_empty() { None } else { Some(generation.parse().ok()?) },
-            last_transition_time: Time(time.parse().ok()?),
-        })
-    };
-    c.message.split(RECORD).filter_map(record).collect()
 }
 
 /// What an entry reads of its cached object.
@@ -217,8 +154,8 @@ impl Entry {
     }
 
     /// The agent's own conditions as the cache last saw them.
-    pub fn conditions(&self) -> Vec<Condition> {
-        unpack(self.cached.conditions())
+    pub fn own(&self) -> Own {
+        Own::cached(self.cached.conditions())
     }
 
     /// A rule's Eip.
@@ -519,6 +456,7 @@ pub fn holdings(objects: ObjectSet) -> Holdings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     #[test]
     fn the_agent_caches_no_labels_annotations_or_conditions_it_does_not_own() {
@@ -540,8 +478,16 @@ mod tests {
         // Conflict precedence reads the creation time: kept.
         assert!(fip.metadata.creation_timestamp.is_some());
         assert_eq!(KindResource::conditions(&fip).len(), 1, "packed into one");
-        let kept: Vec<String> = unpack(KindResource::conditions(&fip)).into_iter().map(|c| c.type_).collect();
-        assert_eq!(kept, ["Programmed", "Ready"]);
+        let own = Own::cached(KindResource::conditions(&fip));
+        let at = Time(k8s_openapi::jiff::Timestamp::from_second(1_796_234_400).unwrap());
+        assert_eq!(
+            (own.since(0, "True"), own.since(1, "True"), own.since(2, "True")),
+            (Some(at.clone()), None, Some(at))
+        );
+        // Trimmed again (a deleted object's cached version): the same.
+        let once = fip.clone();
+        trim(&mut fip);
+        assert_eq!(serde_json::to_value(&fip).unwrap(), serde_json::to_value(&once).unwrap());
     }
 
     #[test]
@@ -578,53 +524,5 @@ mod tests {
         assert_eq!(of(&entries, "e-1"), ["FloatingIp/f1", "FloatingIp/f2"]);
         entries.remove(&ObjectRef::new(Kind::DnatRule, "d1"));
         assert!(of(&entries, "e").is_empty());
-    }
-
-    fn own(message: &str, generation: Option<i64>) -> Vec<Condition> {
-        let at = |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
-        let c = |t: &str, st: &str, reason: &str, m: &str, s: i64| Condition {
-            type_: t.into(),
-            status: st.into(),
-            reason: reason.into(),
-            message: m.into(),
-            observed_generation: generation,
-            last_transition_time: at(s),
-        };
-        vec![
-            c("Programmed", "False", "Conflict", message, 1_764_700_000),
-            c("Conflict", "True", "Conflict", message, 1_764_700_001),
-            c("Ready", "False", "Conflict", "", 1_764_700_002),
-        ]
-    }
-
-    #[test]
-    fn packed_conditions_come_back_exactly() {
-        for generation in [None, Some(0), Some(7), Some(i64::MAX)] {
-            let conditions = own("spec.eip: 192.0.2.10 is held by FloatingIp/a, ünïcode", generation);
-            let packed = pack(&conditions).expect("packs");
-            assert_eq!(packed.type_, PACKED);
-            assert_eq!(unpack(&[packed]), conditions);
-        }
-        // Nothing to pack: nothing changes.
-        assert_eq!(pack(&[]), None);
-        assert_eq!(unpack(&[]), vec![]);
-    }
-
-    #[test]
-    fn a_condition_holding_a_separator_is_kept_as_it_is() {
-        let conditions = own("a\u{1f}b", Some(1));
-        assert_eq!(pack(&conditions), None);
-        // Unpacked conditions read as they are.
-        assert_eq!(unpack(&conditions), conditions);
-    }
-
-    #[test]
-    fn a_packed_record_that_does_not_parse_is_left_out_to_be_written_again() {
-        let mut packed = pack(&own("m", Some(1))).expect("packs");
-        // The last record loses its time.
-        let cut = packed.message.rfind(FIELD).expect("fields");
-        packed.message.truncate(cut);
-        let back: Vec<String> = unpack(&[packed]).into_iter().map(|c| c.type_).collect();
-        assert_eq!(back, ["Programmed", "Conflict"]);
     }
 }

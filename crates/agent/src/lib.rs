@@ -14,6 +14,7 @@ mod args;
 mod caches;
 mod claims;
 mod metrics;
+mod own;
 pub mod ports;
 mod store;
 
@@ -257,7 +258,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
             None => mine.clone(),
         };
         let settled: Vec<&Entry> = settled.iter().map(|e| &**e).filter(|e| !e.released && has_fin(e)).collect();
-        report_status(client, gw, &plan, &settled).await;
+        report_status(client, gw, &plan, &settled, metrics).await;
         planning.reported = Some(plan.clone());
         planning.unreported.clear();
     }
@@ -505,30 +506,21 @@ fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
 
 /// Writes Programmed, Conflict and Ready where they changed, so a steady
 /// gateway writes nothing.
-async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&Entry]) {
+async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&Entry], metrics: &metrics::Metrics) {
     let manager = format!("natgw-gateway-{gw}");
     let writes = mine.iter().filter_map(|e| {
         let want = wanted(plan, &e.object);
-        let have = e.conditions();
-        let same = want.iter().all(|(t, st, reason, msg)| {
-            have.iter().any(|c| {
-                c.type_ == *t
-                    && c.status == *st
-                    && c.reason == *reason
-                    && c.message == *msg
-                    && c.observed_generation == e.generation()
-            })
-        });
-        if same {
+        let have = e.own();
+        if have.says(want.iter().map(|(_, st, reason, msg)| (*st, reason.as_str(), msg.as_str())), e.generation()) {
             return None;
         }
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let conditions: Vec<Condition> = want
             .iter()
-            .map(|(t, st, reason, msg)| {
+            .enumerate()
+            .map(|(i, (t, st, reason, msg))| {
                 // Keep the transition time when the status did not flip.
-                let since =
-                    have.iter().find(|c| c.type_ == *t && c.status == *st).map(|c| c.last_transition_time.clone());
+                let since = have.since(i, st);
                 Condition {
                     type_: t.to_string(),
                     status: st.to_string(),
@@ -546,7 +538,9 @@ async fn report_status(client: &Client, gw: &str, plan: &GatewayPlan, mine: &[&E
         .for_each_concurrent(WRITES, |(object, status)| {
             let manager = &manager;
             async move {
-                if let Err(err) = patch_status(client, manager, object, status).await {
+                let result = patch_status(client, manager, object, status).await;
+                metrics.status_written(result.is_ok());
+                if let Err(err) = result {
                     tracing::info!(object = %object, error = %err, "status not written");
                 }
             }

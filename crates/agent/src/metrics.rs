@@ -27,6 +27,7 @@ pub struct Metrics {
     insert_failures_seen: std::sync::Arc<AtomicU64>,
     eips_omitted: Gauge,
     translation_lines: Family<Labels, Counter>,
+    status_writes: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -45,6 +46,7 @@ impl Metrics {
             insert_failures_seen: Default::default(),
             eips_omitted: Gauge::default(),
             translation_lines: Family::default(),
+            status_writes: Family::default(),
         };
         let mut r = Registry::default();
         r.register("natgw_sync_duration_seconds", "Duration of a gateway sync", m.sync_seconds.clone());
@@ -85,6 +87,11 @@ impl Metrics {
             "natgw_translation_log_lines",
             "Translation log lines since start, by outcome: written, or dropped over the rate, lost by the kernel's event queue, refused by the destination",
             m.translation_lines.clone(),
+        );
+        r.register(
+            "natgw_status_writes",
+            "Status writes by outcome (written, failed); a steady gateway, or one restarted over written statuses, adds none",
+            m.status_writes.clone(),
         );
         (m, Probe::new(r))
     }
@@ -162,6 +169,11 @@ impl Metrics {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    pub fn status_written(&self, ok: bool) {
+        let outcome = if ok { "written" } else { "failed" };
+        self.status_writes.get_or_create(&labels(&[("outcome", outcome)])).inc();
     }
 
     pub fn failed(&self) {

@@ -323,6 +323,33 @@ async fn status_says_what_is_programmed_and_why_not() {
     .await;
     // The first keeps the EIP in the kernel.
     assert_eq!(snapshot(&w).table.nat.fip_dnat.get(&Ipv4Addr::new(198, 51, 100, 60)), Some(&INT1));
+    // Restarted over written statuses, the agent's cache tells they say
+    // what it would write: it writes none (100k objects would be 100k
+    // writes at every start). The first round reports on all of them.
+    let mut w = w;
+    w.kill_agent();
+    w.start_agent().await;
+    let addr = w.health.unwrap();
+    let metrics = || async move {
+        tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, "/metrics").unwrap().1)
+            .await
+            .unwrap()
+    };
+    eventually("the restarted agent synced", || async {
+        metrics().await.contains("natgw_objects{kind=\"FloatingIp\",state=\"conflict\"} 1")
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let m = metrics().await;
+    assert!(!m.contains("natgw_status_writes_total{outcome=\"written\"}"), "statuses written again: {m}");
+    // A change is written, and counted.
+    fips.delete("first", &Default::default()).await.unwrap();
+    eventually("second Ready once the first is gone", || async {
+        let st = fips.get("second").await.unwrap().status.unwrap_or_default();
+        condition(&st.conditions, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    assert!(metrics().await.contains("natgw_status_writes_total{outcome=\"written\"}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
