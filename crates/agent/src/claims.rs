@@ -104,9 +104,7 @@ impl Claims {
     fn apply(&self, ev: Event<ConfigMap>) -> Changed {
         self.0.write().unwrap_or_else(|p| p.into_inner()).apply(ev)
     }
-}
 
-impl Claims {
     /// A book that has listed `held` (for measuring the agent without an
     /// API server).
     pub fn listed(held: HashMap<Ipv4Addr, Holder>) -> Claims {

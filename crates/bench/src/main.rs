@@ -154,12 +154,12 @@ struct NatgwFigures {
 }
 
 fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
-    eprintln!("memory: objects built {:.0} MB (live heap {:.0})", rss_mb(), heap::live_mb());
+    memory("objects built");
     let t = Instant::now();
     let mut planner = GatewayPlanner::new(set, "demo-gw")?;
     let plan_ms = ms(t.elapsed());
     let plan = planner.plan().clone();
-    eprintln!("memory: + plan {:.0} MB (peak {:.0}, live heap {:.0})", rss_mb(), peak_mb(), heap::live_mb());
+    memory("+ plan");
     anyhow::ensure!(plan.conflicts.is_empty(), "benchmark objects conflict: {:?}", &plan.conflicts[..1]);
     let lab = lab()?;
     let gw = Gateway::open(Some(&lab.ns("gw")))?;
@@ -169,12 +169,7 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
     gw.sweep()?;
     let full_sweep_ms = ms(t.elapsed());
     let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
-    eprintln!(
-        "memory: + full sync (mirror) {:.0} MB (peak {:.0}, live heap {:.0})",
-        rss_mb(),
-        peak_mb(),
-        heap::live_mb()
-    );
+    memory("+ full sync (mirror)");
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
     let (mut sync_times, mut plan_sync_times, mut sweeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
@@ -211,6 +206,11 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
         full_phases,
         peak_mb: peak_mb(),
     })
+}
+
+/// One memory line: resident now, peak, and the live heap.
+fn memory(step: &str) {
+    eprintln!("memory: {step} {:.0} MB (peak {:.0}, live heap {:.0})", rss_mb(), peak_mb(), heap::live_mb());
 }
 
 /// VmRSS of this process now, in MB.
@@ -521,11 +521,11 @@ fn main() -> Result<()> {
         objects::as_served(&mut big, !args.as_agent);
         objects::as_served(&mut small, !args.as_agent);
     }
-    // The agent's caches and entries stay alive through the run.
-    let mut _held = None;
-    if args.as_agent {
-        let held = _held.insert(natgw_agent::holdings(std::mem::take(&mut big)));
-        big = std::mem::take(&mut held.set);
+    // The agent's caches and entries stay alive through the run; the set
+    // its round built is what is planned.
+    let mut held = args.as_agent.then(|| natgw_agent::holdings(std::mem::take(&mut big)));
+    if let Some(h) = held.as_mut() {
+        big = std::mem::take(&mut h.set);
         small = natgw_agent::holdings(small).set;
     }
     eprintln!("machine: {}", machine());
