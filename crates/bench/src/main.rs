@@ -171,6 +171,8 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
     let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
     memory("+ full sync (mirror)");
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
+    // The peak: the kernel read back whole, as a resync reads it.
+    memory("+ kernel read back (audit)");
     let (mut sync_times, mut plan_sync_times, mut sweeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     // Each change is planned incrementally, as the agent does: the plan

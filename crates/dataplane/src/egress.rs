@@ -147,7 +147,7 @@ fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncEr
 /// `None` without a table.
 fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
     let Some(v) = nft::read_json("ip", TABLE)? else { return Ok(None) };
-    let (_, elements) = nft::parse_raw(&v)?;
+    let (_, elements) = nft::parse_raw(v)?;
     Ok(Some(nft::map_values(&elements, &["snat_all", "snat_ports"])))
 }
 
