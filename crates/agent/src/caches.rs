@@ -196,10 +196,10 @@ impl Entries {
     }
 
     pub fn rules_of(&self, eip: &str) -> impl Iterator<Item = &ObjectRef> {
-        let first = RULE_KINDS.iter().min().map(|k| (Name::from(eip), ObjectRef::new(*k, "")));
-        first
-            .into_iter()
-            .flat_map(|first| self.rules_of.range(first..))
+        // The lowest ref an Eip's rule can have: where its pairs begin.
+        let lowest = RULE_KINDS.into_iter().min().unwrap_or(Kind::FloatingIp);
+        self.rules_of
+            .range((Name::from(eip), ObjectRef::new(lowest, ""))..)
             .take_while(move |(e, _)| e == eip)
             .map(|(_, r)| r)
     }

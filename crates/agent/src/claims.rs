@@ -17,15 +17,12 @@ use natgw_kube_support::claims::{CLAIM_LABEL, Holder, claim_ip, holder_of};
 use natgw_kube_support::ready::Listed;
 
 use crate::caches::{DirtyCell, mark_eips, mark_relisted};
+use crate::store::Listing;
 
 /// The holders by address, as the watch last saw them.
 #[derive(Default)]
 struct Book {
-    held: HashMap<Ipv4Addr, Holder>,
-    /// Filled while the watch lists anew, then takes `held`'s place (until
-    /// then the old list answers, as a reflector's store does).
-    relisting: Option<HashMap<Ipv4Addr, Holder>>,
-    listed: bool,
+    held: Listing<Ipv4Addr, Holder>,
 }
 
 /// What an event changed: the Eips whose claim came, went or moved, or
@@ -49,20 +46,17 @@ impl Book {
     fn apply(&mut self, ev: Event<ConfigMap>) -> Changed {
         match ev {
             Event::Init => {
-                self.relisting = Some(HashMap::new());
+                self.held.begin();
                 Changed::Nothing
             }
             Event::InitApply(cm) => {
                 if let (Some(ip), Some(h)) = read(&cm) {
-                    self.relisting.get_or_insert_default().insert(ip, h);
+                    self.held.add(ip, h);
                 }
                 Changed::Nothing
             }
             Event::InitDone => {
-                if let Some(fresh) = self.relisting.take() {
-                    self.held = fresh;
-                }
-                self.listed = true;
+                self.held.finish();
                 Changed::All
             }
             Event::Apply(cm) => {
@@ -108,13 +102,13 @@ impl Claims {
     /// A book that has listed `held` (for measuring the agent without an
     /// API server).
     pub fn listed(held: HashMap<Ipv4Addr, Holder>) -> Claims {
-        Claims(Arc::new(RwLock::new(Book { held, relisting: None, listed: true })))
+        Claims(Arc::new(RwLock::new(Book { held: Listing::listed(held) })))
     }
 }
 
 impl Listed for Claims {
     fn listed(&self) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).listed
+        self.0.read().unwrap_or_else(|p| p.into_inner()).held.listed
     }
 }
 
@@ -171,7 +165,7 @@ mod tests {
     #[test]
     fn a_claim_backs_its_holder_until_it_is_deleted() {
         let mut b = listed(&[(205, "a")]);
-        assert!(b.listed);
+        assert!(b.held.listed);
         assert_eq!(b.held.get(&ip(205)), Some(&holder("a")));
         assert_eq!(b.apply(Event::Apply(claim(ip(7), &holder("b")))), Changed::Eips(vec!["b".into()]));
         // The same claim again (a status write elsewhere, a resync): no Eip moved.

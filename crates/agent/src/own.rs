@@ -70,7 +70,10 @@ impl Own {
     /// When condition `i` took `status`, if that is its status now.
     pub fn since(&self, i: usize, status: &str) -> Option<Time> {
         let (l, s) = self.since.get(i).copied().flatten()?;
-        (l == letter(status) && l != '?').then(|| Timestamp::from_second(s).ok().map(Time)).flatten()
+        if l != letter(status) || l == '?' {
+            return None;
+        }
+        Timestamp::from_second(s).ok().map(Time)
     }
 
     /// As one condition for the cache (`None` when the agent has none).

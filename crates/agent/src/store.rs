@@ -12,16 +12,64 @@ use kube::{Resource, ResourceExt};
 use natgw_api::Name;
 use natgw_kube_support::ready::Listed;
 
-struct Inner<K> {
-    objects: HashMap<Name, Arc<K>>,
-    /// Filled while the watch lists anew, then takes `objects`' place
-    /// (until then the old list answers).
-    relisting: Option<HashMap<Name, Arc<K>>>,
-    listed: bool,
+/// A map a watch fills. A new list is built aside and takes the map's
+/// place once complete: until then the old list answers, as a
+/// reflector's store does. The agent's stores and its claims book are
+/// both one.
+pub(crate) struct Listing<K, V> {
+    now: HashMap<K, V>,
+    relisting: Option<HashMap<K, V>>,
+    /// Whether a list has completed once.
+    pub(crate) listed: bool,
+}
+
+impl<K, V> Default for Listing<K, V> {
+    fn default() -> Self {
+        Listing { now: HashMap::new(), relisting: None, listed: false }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Listing<K, V> {
+    /// A map that has listed `now`.
+    pub(crate) fn listed(now: HashMap<K, V>) -> Self {
+        Listing { now, relisting: None, listed: true }
+    }
+
+    /// A new list begins.
+    pub(crate) fn begin(&mut self) {
+        self.relisting = Some(HashMap::new());
+    }
+
+    /// One entry of the new list.
+    pub(crate) fn add(&mut self, k: K, v: V) {
+        self.relisting.get_or_insert_default().insert(k, v);
+    }
+
+    /// The new list is complete and takes the map's place.
+    pub(crate) fn finish(&mut self) {
+        if let Some(mut fresh) = self.relisting.take() {
+            fresh.shrink_to_fit();
+            self.now = fresh;
+        }
+        self.listed = true;
+    }
+}
+
+impl<K, V> std::ops::Deref for Listing<K, V> {
+    type Target = HashMap<K, V>;
+    fn deref(&self) -> &HashMap<K, V> {
+        &self.now
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Listing<K, V> {
+    fn deref_mut(&mut self) -> &mut HashMap<K, V> {
+        &mut self.now
+    }
 }
 
 /// A cache of one kind, shared between its watch and the rounds.
-pub struct Store<K>(Arc<RwLock<Inner<K>>>);
+pub struct Store<K>(Arc<RwLock<Listing<Name, Arc<K>>>>);
 
 impl<K> Clone for Store<K> {
     fn clone(&self) -> Self {
@@ -31,7 +79,7 @@ impl<K> Clone for Store<K> {
 
 impl<K> Default for Store<K> {
     fn default() -> Self {
-        Store(Arc::new(RwLock::new(Inner { objects: HashMap::new(), relisting: None, listed: false })))
+        Store(Arc::new(RwLock::new(Listing::default())))
     }
 }
 
@@ -46,49 +94,45 @@ pub enum Changed {
 }
 
 impl<K: Resource> Store<K> {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<K>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Listing<Name, Arc<K>>> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<K>> {
-        self.read().objects.get(name).cloned()
+        self.read().get(name).cloned()
     }
 
     /// Every object, in no order.
     pub fn state(&self) -> Vec<Arc<K>> {
-        self.read().objects.values().cloned().collect()
+        self.read().values().cloned().collect()
     }
 
     /// Takes in one watch event. An object without a name is not kept.
     pub fn apply(&self, ev: Event<K>) -> Changed {
-        let mut inner = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut objects = self.0.write().unwrap_or_else(|p| p.into_inner());
         match ev {
             Event::Init => {
-                inner.relisting = Some(HashMap::new());
+                objects.begin();
                 Changed::Nothing
             }
             Event::InitApply(o) => {
                 if let Some(name) = o.meta().name.as_deref().map(Name::from) {
-                    inner.relisting.get_or_insert_default().insert(name, Arc::new(o));
+                    objects.add(name, Arc::new(o));
                 }
                 Changed::Nothing
             }
             Event::InitDone => {
-                if let Some(mut fresh) = inner.relisting.take() {
-                    fresh.shrink_to_fit();
-                    inner.objects = fresh;
-                }
-                inner.listed = true;
+                objects.finish();
                 Changed::All
             }
             Event::Apply(o) => {
                 let Some(name) = o.meta().name.as_deref().map(Name::from) else { return Changed::Nothing };
-                inner.objects.insert(name.clone(), Arc::new(o));
+                objects.insert(name.clone(), Arc::new(o));
                 Changed::One(name)
             }
             Event::Delete(o) => {
                 let name = Name::from(o.name_any());
-                inner.objects.remove(&name);
+                objects.remove(&name);
                 Changed::One(name)
             }
         }
