@@ -10,15 +10,13 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
-use kube::runtime::watcher::{self, Event};
-use kube::{Client, Resource, ResourceExt};
+use kube::Client;
+use kube::runtime::watcher;
 use natgw_api::*;
 use natgw_kube_support::KindResource;
 use natgw_kube_support::claims::held_address;
 
 use crate::claims::Claims;
-use crate::own::Own;
 use crate::store::{Changed, Store};
 
 /// The objects the watches saw change since the last round took them in.
@@ -63,16 +61,20 @@ pub struct Caches {
 
 /// A cache of K and the future that feeds it; each change marks its
 /// object, after the cache holds it, and wakes a round.
-pub fn watch<K: KindResource>(
+pub fn watch<K: KindResource + Project>(
     client: &Client,
     config: watcher::Config,
     dirty: &DirtyCell,
     tx: tokio::sync::mpsc::Sender<()>,
-) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>) {
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
+where
+    HeldOf<K>: Send + Sync,
+{
     let store = Store::<K>::default();
     let lookup = store.clone();
-    let cached_of = move |name: &str| lookup.get(name).map(|k| (*k).clone());
-    let mut stream = natgw_kube_support::decoded_events(client, None, config, "gateway-agent", trim::<K>, cached_of);
+    // Only its name is read, to delete it.
+    let cached_of = move |name: &str| lookup.get(name).map(|h| K::named(name, h.spec.clone()));
+    let mut stream = natgw_kube_support::decoded_events(client, None, config, "gateway-agent", cached_of);
     let (cache, dirty) = (store.clone(), dirty.clone());
     let fut = async move {
         while let Some(ev) = stream.next().await {
@@ -90,38 +92,43 @@ pub fn watch<K: KindResource>(
     (store, fut)
 }
 
-/// What the agent's caches leave out beyond what every cache does: labels
-/// and annotations (the watches select by label, and nothing the agent
-/// plans or reports reads them; one label is a map node of about 540
-/// bytes) and the conditions other managers own. Its own conditions are
-/// kept as `Own` packs them. Trimming twice changes nothing.
-pub fn trim<K: KindResource>(o: &mut K) {
-    let m = o.meta_mut();
-    m.labels = None;
-    m.annotations = None;
-    if let Some(conditions) = o.conditions_mut() {
-        *conditions = Own::cached(conditions).pack().into_iter().collect();
-    }
-}
-
-/// What an entry reads of its cached object.
+/// What an entry reads of its held object.
 trait Cached: Send + Sync {
-    fn meta(&self) -> &ObjectMeta;
-    fn conditions(&self) -> &[Condition];
-    fn typed(&self) -> natgw_kube_support::Typed<'_>;
+    fn meta(&self) -> &Meta;
+    /// A rule's Eip.
+    fn eip(&self) -> Option<&str> {
+        None
+    }
+    /// An Eip's gateway.
+    fn gateway(&self) -> Option<&str> {
+        None
+    }
 }
 
-impl<K: KindResource> Cached for K {
-    fn meta(&self) -> &ObjectMeta {
-        Resource::meta(self)
+impl Cached for HeldEip {
+    fn meta(&self) -> &Meta {
+        &self.meta
     }
-    fn conditions(&self) -> &[Condition] {
-        KindResource::conditions(self)
-    }
-    fn typed(&self) -> natgw_kube_support::Typed<'_> {
-        KindResource::typed(self)
+    fn gateway(&self) -> Option<&str> {
+        Some(&self.spec.gateway)
     }
 }
+
+macro_rules! rule {
+    ($spec:ident) => {
+        impl Cached for Held<$spec> {
+            fn meta(&self) -> &Meta {
+                &self.meta
+            }
+            fn eip(&self) -> Option<&str> {
+                Some(&self.spec.eip)
+            }
+        }
+    };
+}
+rule!(FloatingIpSpec);
+rule!(SnatRuleSpec);
+rule!(DnatRuleSpec);
 
 /// What the agent holds of an Eip or rule: the cached object itself
 /// (shared with the cache, not copied), and whether the controller
@@ -133,20 +140,18 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn new<K: KindResource>(o: Arc<K>) -> Entry {
-        let m = Resource::meta(&*o);
-        let released =
-            m.deletion_timestamp.is_some() && !m.finalizers.iter().flatten().any(|f| f == CONTROLLER_FINALIZER);
-        let object = ObjectRef::new(K::KIND, m.name.clone().unwrap_or_default());
-        Entry { object, cached: o, released }
+    fn new(kind: Kind, o: Arc<dyn Cached>) -> Entry {
+        let m = o.meta();
+        let released = m.deleting && !m.finalizers.iter().any(|f| f == CONTROLLER_FINALIZER);
+        Entry { object: ObjectRef::new(kind, m.name.clone()), cached: o, released }
     }
 
     pub fn finalizers(&self) -> &[String] {
-        self.cached.meta().finalizers.as_deref().unwrap_or_default()
+        &self.cached.meta().finalizers
     }
 
-    pub fn resource_version(&self) -> &Option<String> {
-        &self.cached.meta().resource_version
+    pub fn resource_version(&self) -> Option<&str> {
+        self.cached.meta().resource_version.as_deref()
     }
 
     pub fn generation(&self) -> Option<i64> {
@@ -155,20 +160,17 @@ impl Entry {
 
     /// The agent's own conditions as the cache last saw them.
     pub fn own(&self) -> Own {
-        Own::cached(self.cached.conditions())
+        self.cached.meta().own
     }
 
     /// A rule's Eip.
     pub fn eip(&self) -> Option<&str> {
-        self.cached.typed().rule_eip()
+        self.cached.eip()
     }
 
     /// An Eip's gateway.
     pub fn gateway(&self) -> Option<&str> {
-        match self.cached.typed() {
-            natgw_kube_support::Typed::Eip(e) => Some(&e.spec.gateway),
-            _ => None,
-        }
+        self.cached.gateway()
     }
 }
 
@@ -233,12 +235,11 @@ pub struct Refreshed {
 
 /// What the plan reads of an object beyond its spec (which `generation`
 /// stands for): identity, deletion, and an Eip's address in use.
-type PlanKey = (Option<String>, Option<i64>, bool, Option<String>, Option<Ipv4Addr>);
+type PlanKey = (Option<Uid>, Option<i64>, bool, Option<Name>, Option<Ipv4Addr>);
 
-fn plan_key<K: Resource>(o: &K, address: Option<Ipv4Addr>) -> PlanKey {
-    let m = o.meta();
+fn plan_key(m: &Meta, address: Option<Ipv4Addr>) -> PlanKey {
     let version = m.generation.is_none().then(|| m.resource_version.clone()).flatten();
-    (m.uid.clone(), m.generation, m.deletion_timestamp.is_some(), version, address)
+    (m.uid.clone(), m.generation, m.deleting, version, address)
 }
 
 /// How one kind is taken into the set: whether the set's object still
@@ -255,23 +256,29 @@ struct Intake<'a, K> {
     address: fn(&K) -> Option<Ipv4Addr>,
 }
 
-impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
+impl<S: Clone, T: Clone> Intake<'_, Held<S, T>> {
     fn plain(kind: Kind) -> Self {
         Intake { kind, same: Box::new(|_, _| true), fix: Box::new(|_| None), address: |_| None }
     }
 
     /// Brings the set's object `name` up to `cached`.
-    fn take(&self, map: &mut BTreeMap<Name, Arc<K>>, name: &str, cached: Option<Arc<K>>, out: &mut Refreshed) {
+    fn take(
+        &self,
+        map: &mut BTreeMap<Name, Arc<Held<S, T>>>,
+        name: &str,
+        cached: Option<Arc<Held<S, T>>>,
+        out: &mut Refreshed,
+    ) {
         match (map.get(name), cached) {
-            (Some(have), Some(o))
-                if have.meta().resource_version == o.meta().resource_version && (self.same)(have, &o) => {}
+            (Some(have), Some(o)) if have.meta.resource_version == o.meta.resource_version && (self.same)(have, &o) => {
+            }
             (have, Some(o)) => {
                 let o = match (self.fix)(&o) {
                     Some(fixed) => Arc::new(fixed),
                     None => o,
                 };
-                let key = plan_key(&*o, (self.address)(&o));
-                out.planned |= have.is_none_or(|h| plan_key(&**h, (self.address)(h)) != key);
+                let key = plan_key(&o.meta, (self.address)(&o));
+                out.planned |= have.is_none_or(|h| plan_key(&h.meta, (self.address)(h)) != key);
                 map.insert(name.into(), o);
                 out.changed.insert(ObjectRef::new(self.kind, name));
             }
@@ -285,11 +292,14 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
     }
 
     /// Every object of the kind.
-    fn walk(&self, map: &mut BTreeMap<Name, Arc<K>>, store: &Store<K>, out: &mut Refreshed) {
+    fn walk<K>(&self, map: &mut BTreeMap<Name, Arc<Held<S, T>>>, store: &Store<K>, out: &mut Refreshed)
+    where
+        K: KindResource + Project<Spec = S, Status = T>,
+    {
         let state = store.state();
         let mut seen = HashSet::with_capacity(state.len());
         for o in state {
-            let name = o.name_any();
+            let name = o.meta.name.clone();
             self.take(map, &name, Some(o), out);
             seen.insert(name);
         }
@@ -300,7 +310,10 @@ impl<K: Resource<DynamicType = ()> + Clone> Intake<'_, K> {
     }
 
     /// Only `name`.
-    fn one(&self, map: &mut BTreeMap<Name, Arc<K>>, store: &Store<K>, name: &str, out: &mut Refreshed) {
+    fn one<K>(&self, map: &mut BTreeMap<Name, Arc<Held<S, T>>>, store: &Store<K>, name: &str, out: &mut Refreshed)
+    where
+        K: KindResource + Project<Spec = S, Status = T>,
+    {
         self.take(map, name, store.get(name), out);
     }
 }
@@ -323,7 +336,7 @@ impl Caches {
     /// The address `eip` holds: only one the controller claimed for it. A
     /// fixed spec.ip that another Eip holds, or a status.ip that no claim
     /// of this Eip backs, must not be programmed.
-    fn held(&self, eip: &Eip) -> Option<Ipv4Addr> {
+    fn held(&self, eip: &HeldEip) -> Option<Ipv4Addr> {
         held_address(eip, |ip| self.claims.holder(ip))
     }
 
@@ -345,7 +358,7 @@ impl Caches {
         Intake::plain(Kind::Vpc).walk(&mut set.vpcs, &self.vpcs, &mut out);
         Intake::plain(Kind::Subnet).walk(&mut set.subnets, &self.subnets, &mut out);
         Intake::plain(Kind::NatGateway).walk(&mut set.gateways, &self.gateways, &mut out);
-        let eips = Intake::<Eip> {
+        let eips = Intake::<HeldEip> {
             kind: Kind::Eip,
             // Claims change apart from Eips: an Eip whose address is no
             // longer (or now) held is taken again.
@@ -355,9 +368,7 @@ impl Caches {
                 unheld.then(|| {
                     let mut e = e.clone();
                     e.spec.ip = None;
-                    if let Some(s) = e.status.as_mut() {
-                        s.ip = None;
-                    }
+                    e.status = None;
                     e
                 })
             }),
@@ -384,8 +395,11 @@ impl Caches {
         }
         // Entries follow the caches (not the set, which a round trims).
         let cached_entry = |r: &ObjectRef| -> Option<Entry> {
-            fn of<K: KindResource>(store: &Store<K>, name: &str) -> Option<Entry> {
-                store.get(name).map(Entry::new)
+            fn of<K: KindResource + Project>(store: &Store<K>, name: &str) -> Option<Entry>
+            where
+                HeldOf<K>: Cached + 'static,
+            {
+                store.get(name).map(|o| Entry::new(K::KIND, o))
             }
             match r.kind {
                 Kind::Eip => of(&self.eips, &r.name),
@@ -418,34 +432,22 @@ pub struct Holdings {
     pub entries: Entries,
 }
 
-/// `Holdings` of `objects`, each passed through the cache's `trim` as a
-/// watch would.
+/// `Holdings` of `objects`, held as a watch's store holds them.
 pub fn holdings(objects: ObjectSet) -> Holdings {
-    fn list<K: KindResource>(objects: BTreeMap<Name, Arc<K>>) -> Store<K> {
-        let store = Store::default();
-        store.apply(Event::Init);
-        for o in objects.into_values() {
-            let mut o = Arc::unwrap_or_clone(o);
-            trim(&mut o);
-            store.apply(Event::InitApply(o));
-        }
-        store.apply(Event::InitDone);
-        store
-    }
     let holders = objects.eips.values().filter_map(|e| {
-        let holder = natgw_kube_support::claims::Holder { eip: e.name_any(), uid: e.metadata.uid.clone()? };
+        let holder = natgw_kube_support::claims::Holder { eip: e.name().into(), uid: e.meta.uid.as_ref()?.to_string() };
         Some((e.address()?, holder))
     });
     let claims = Claims::listed(holders.collect());
     let caches = Caches {
         claims,
-        vpcs: list(objects.vpcs),
-        subnets: list(objects.subnets),
-        gateways: list(objects.gateways),
-        eips: list(objects.eips),
-        fips: list(objects.floating_ips),
-        snats: list(objects.snat_rules),
-        dnats: list(objects.dnat_rules),
+        vpcs: Store::listed(objects.vpcs),
+        subnets: Store::listed(objects.subnets),
+        gateways: Store::listed(objects.gateways),
+        eips: Store::listed(objects.eips),
+        fips: Store::listed(objects.floating_ips),
+        snats: Store::listed(objects.snat_rules),
+        dnats: Store::listed(objects.dnat_rules),
         dirty: DirtyCell::default(),
     };
     let (mut set, mut entries) = (ObjectSet::default(), Entries::default());
@@ -456,39 +458,6 @@ pub fn holdings(objects: ObjectSet) -> Holdings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
-    #[test]
-    fn the_agent_caches_no_labels_annotations_or_conditions_it_does_not_own() {
-        let condition = |t: &str| {
-            serde_json::json!({"type": t, "status": "True", "reason": "R", "message": "",
-            "lastTransitionTime": "2026-12-02T18:00:00Z"})
-        };
-        let mut fip: FloatingIp = serde_json::from_value(serde_json::json!({
-            "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp",
-            "metadata": {"name": "f", "labels": {GATEWAY_LABEL: "gw"}, "annotations": {"note": "x"},
-                "creationTimestamp": "2026-12-02T18:00:00Z"},
-            "spec": {"eip": "e", "internalIp": "10.0.1.5"},
-            "status": {"conditions": [condition("Bound"), condition("Programmed"), condition("Ready")]},
-        }))
-        .unwrap();
-        trim(&mut fip);
-        assert_eq!(fip.metadata.labels, None);
-        assert_eq!(fip.metadata.annotations, None);
-        // Conflict precedence reads the creation time: kept.
-        assert!(fip.metadata.creation_timestamp.is_some());
-        assert_eq!(KindResource::conditions(&fip).len(), 1, "packed into one");
-        let own = Own::cached(KindResource::conditions(&fip));
-        let at = Time(k8s_openapi::jiff::Timestamp::from_second(1_796_234_400).unwrap());
-        assert_eq!(
-            (own.since(0, "True"), own.since(1, "True"), own.since(2, "True")),
-            (Some(at.clone()), None, Some(at))
-        );
-        // Trimmed again (a deleted object's cached version): the same.
-        let once = fip.clone();
-        trim(&mut fip);
-        assert_eq!(serde_json::to_value(&fip).unwrap(), serde_json::to_value(&once).unwrap());
-    }
 
     #[test]
     fn the_rules_of_an_eip_are_its_own_even_when_names_share_a_prefix() {
@@ -496,14 +465,14 @@ mod tests {
             let mut f =
                 FloatingIp::new(name, FloatingIpSpec { eip: eip.into(), internal_ip: Ipv4Addr::new(10, 0, 0, 1) });
             f.metadata.resource_version = Some("1".into());
-            Entry::new(Arc::new(f))
+            Entry::new(Kind::FloatingIp, Arc::new(f.project()))
         };
         let dnat = |name: &str, eip: &str| {
             let spec: DnatRuleSpec = serde_json::from_value(serde_json::json!({
                 "eip": eip, "externalPort": 80, "internalIp": "10.0.0.2", "internalPort": 8080, "protocol": "tcp"
             }))
             .unwrap();
-            Entry::new(Arc::new(DnatRule::new(name, spec)))
+            Entry::new(Kind::DnatRule, Arc::new(DnatRule::new(name, spec).project()))
         };
         let mut entries = Entries::default();
         let long = "eip-with-a-long-shared-prefix-0123456789";

@@ -14,7 +14,6 @@ mod args;
 mod caches;
 mod claims;
 mod metrics;
-mod own;
 pub mod ports;
 mod store;
 
@@ -52,8 +51,6 @@ const WRITES: usize = 32;
 
 /// The agent's finalizer for gateway `gw`.
 pub use args::Args;
-/// What the agent's caches keep of an object (for benchmarks of its memory).
-pub use caches::trim as cache_trim;
 pub use caches::{Holdings, holdings};
 pub use natgw_api::gateway_finalizer as finalizer;
 
@@ -97,7 +94,7 @@ struct Planning {
     /// they count as finalized (a round triggered by another event must
     /// not write again, fail on the stale version, and drop them from the
     /// kernel meanwhile).
-    persisted: std::collections::BTreeMap<ObjectRef, Option<String>>,
+    persisted: std::collections::BTreeMap<ObjectRef, Option<Name>>,
     /// Objects the next round looks at although no watch marks them: a
     /// finalizer write that failed, a release waiting for its sweep.
     owed: BTreeSet<ObjectRef>,
@@ -177,10 +174,10 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let persisted = std::mem::take(&mut planning.persisted);
     let mut finalized: BTreeSet<ObjectRef> = BTreeSet::new();
     for e in &mine {
-        let written = persisted.get(&e.object).is_some_and(|rv| rv == e.resource_version());
+        let written = persisted.get(&e.object).is_some_and(|rv| rv.as_deref() == e.resource_version());
         if written && !e.released {
             // Still not in the cache: ours all the same.
-            planning.persisted.insert(e.object.clone(), e.resource_version().clone());
+            planning.persisted.insert(e.object.clone(), e.resource_version().map(Name::from));
             finalized.insert(e.object.clone());
         }
         let has = e.finalizers().contains(&fin) || written;
@@ -214,7 +211,7 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
             changed.insert(e.object.clone());
             planning.owed.insert(e.object.clone());
         } else {
-            planning.persisted.insert(e.object.clone(), e.resource_version().clone());
+            planning.persisted.insert(e.object.clone(), e.resource_version().map(Name::from));
             finalized.insert(e.object.clone());
         }
     }
@@ -474,9 +471,6 @@ fn status_scope(before: &GatewayPlan, plan: &GatewayPlan, changed: &BTreeSet<Obj
     out
 }
 
-/// The conditions the agent owns, in `wanted`'s order.
-const CONDITIONS: [&str; 3] = ["Programmed", "Conflict", "Ready"];
-
 /// (type, status, reason, message) of the conditions the agent owns.
 type Want = [(&'static str, &'static str, String, String); 3];
 
@@ -498,9 +492,9 @@ fn wanted(plan: &GatewayPlan, object: &ObjectRef) -> Want {
     };
     let s = |b: bool| if b { "True" } else { "False" };
     [
-        (CONDITIONS[0], s(programmed), p_reason.clone(), p_msg.clone()),
-        (CONDITIONS[1], c_status, c_reason, c_msg),
-        (CONDITIONS[2], s(programmed), p_reason, p_msg),
+        (AGENT_CONDITIONS[0], s(programmed), p_reason.clone(), p_msg.clone()),
+        (AGENT_CONDITIONS[1], c_status, c_reason, c_msg),
+        (AGENT_CONDITIONS[2], s(programmed), p_reason, p_msg),
     ]
 }
 

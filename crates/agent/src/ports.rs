@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::store::Store;
 use kube::Client;
-use natgw_api::Eip;
+use natgw_api::{Eip, HeldEip};
 use natgw_dataplane::Gateway;
 use natgw_dataplane::ports::{EipUsage, proto_name};
 
@@ -94,8 +94,8 @@ impl PortArgs {
 }
 
 /// The Eip holding `ip`, from the cache.
-fn eip_named(eips: &Store<Eip>, ip: Ipv4Addr) -> Option<Arc<Eip>> {
-    eips.state().into_iter().find(|e| e.status.as_ref().and_then(|s| s.ip).or(e.spec.ip) == Some(ip))
+fn eip_named(eips: &Store<Eip>, ip: Ipv4Addr) -> Option<Arc<HeldEip>> {
+    eips.state().into_iter().find(|e| e.status.or(e.spec.ip) == Some(ip))
 }
 
 pub async fn run(client: Client, gateway: Arc<Gateway>, eips: Store<Eip>, metrics: Metrics, args: PortArgs) {
@@ -152,8 +152,8 @@ async fn warn(client: &Client, reporter: &natgw_kube_support::events::Reporter, 
     let regarding = k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some("natgw.io/v1alpha1".into()),
         kind: Some("Eip".into()),
-        name: eip.metadata.name.clone(),
-        uid: eip.metadata.uid.clone(),
+        name: Some(eip.name().into()),
+        uid: eip.meta.uid.as_ref().map(|u| u.to_string()),
         ..Default::default()
     };
     if let Err(e) =

@@ -1,15 +1,15 @@
-//! The agent's watch caches: its objects by name alone. kube's reflector
-//! keys each object by a reference holding copies of its name, namespace,
-//! uid and resourceVersion, about 170 bytes an object beside the object
-//! itself (38 MB at 100k FloatingIps); natgw's kinds are cluster-scoped
-//! and the agent looks them up by name.
+//! The agent's watch caches: its objects by name alone, each as natgw
+//! holds it (`natgw_api::Held`: the spec and what is read of the rest).
+//! kube's reflector keeps whole objects, each keyed by a reference holding
+//! copies of its name, namespace, uid and resourceVersion; natgw's kinds
+//! are cluster-scoped and the agent looks them up by name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
-use natgw_api::Name;
+use natgw_api::{HeldOf, Name, Project};
 use natgw_kube_support::ready::Listed;
 
 /// A map a watch fills. A new list is built aside and takes the map's
@@ -69,15 +69,15 @@ impl<K, V> std::ops::DerefMut for Listing<K, V> {
 }
 
 /// A cache of one kind, shared between its watch and the rounds.
-pub struct Store<K>(Arc<RwLock<Listing<Name, Arc<K>>>>);
+pub struct Store<K: Project>(Arc<RwLock<Listing<Name, Arc<HeldOf<K>>>>>);
 
-impl<K> Clone for Store<K> {
+impl<K: Project> Clone for Store<K> {
     fn clone(&self) -> Self {
         Store(self.0.clone())
     }
 }
 
-impl<K> Default for Store<K> {
+impl<K: Project> Default for Store<K> {
     fn default() -> Self {
         Store(Arc::new(RwLock::new(Listing::default())))
     }
@@ -93,17 +93,22 @@ pub enum Changed {
     Nothing,
 }
 
-impl<K: Resource> Store<K> {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Listing<Name, Arc<K>>> {
+impl<K: Resource + Project> Store<K> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Listing<Name, Arc<HeldOf<K>>>> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<K>> {
+    pub fn get(&self, name: &str) -> Option<Arc<HeldOf<K>>> {
         self.read().get(name).cloned()
     }
 
+    /// A store that has listed `objects`.
+    pub fn listed(objects: impl IntoIterator<Item = (Name, Arc<HeldOf<K>>)>) -> Self {
+        Store(Arc::new(RwLock::new(Listing::listed(objects.into_iter().collect()))))
+    }
+
     /// Every object, in no order.
-    pub fn state(&self) -> Vec<Arc<K>> {
+    pub fn state(&self) -> Vec<Arc<HeldOf<K>>> {
         self.read().values().cloned().collect()
     }
 
@@ -117,7 +122,7 @@ impl<K: Resource> Store<K> {
             }
             Event::InitApply(o) => {
                 if let Some(name) = o.meta().name.as_deref().map(Name::from) {
-                    objects.add(name, Arc::new(o));
+                    objects.add(name, Arc::new(o.project()));
                 }
                 Changed::Nothing
             }
@@ -127,7 +132,7 @@ impl<K: Resource> Store<K> {
             }
             Event::Apply(o) => {
                 let Some(name) = o.meta().name.as_deref().map(Name::from) else { return Changed::Nothing };
-                objects.insert(name.clone(), Arc::new(o));
+                objects.insert(name.clone(), Arc::new(o.project()));
                 Changed::One(name)
             }
             Event::Delete(o) => {
@@ -139,7 +144,10 @@ impl<K: Resource> Store<K> {
     }
 }
 
-impl<K: Send + Sync> Listed for Store<K> {
+impl<K: Project> Listed for Store<K>
+where
+    HeldOf<K>: Send + Sync,
+{
     fn listed(&self) -> bool {
         self.0.read().unwrap_or_else(|p| p.into_inner()).listed
     }
@@ -157,7 +165,7 @@ mod tests {
     }
 
     fn version(s: &Store<Eip>, name: &str) -> Option<String> {
-        s.get(name).and_then(|e| e.metadata.resource_version.clone())
+        s.get(name).and_then(|e| e.meta.resource_version.as_deref().map(String::from))
     }
 
     #[test]

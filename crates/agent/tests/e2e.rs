@@ -96,7 +96,7 @@ async fn create_yaml(client: &Client, yaml: &str) {
     let (set, _) = load_str(std::path::Path::new("t.yaml"), yaml)
         .or_else(|_| Ok::<_, ()>((partial(yaml), Default::default())))
         .unwrap();
-    for o in set.iter() {
+    for o in set.objects() {
         create(client, o).await;
     }
 }

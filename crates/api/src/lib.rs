@@ -3,16 +3,20 @@
 //! from YAML manifests. The same types back the CRDs and the standalone mode.
 
 mod crd;
+mod held;
 mod manifest;
 mod objects;
+mod own;
 mod types;
 mod validate;
 
 pub use crd::{crds, crds_yaml};
+pub use held::{AgeKey, Finalizers, Held, HeldEip, HeldOf, Meta, Project, Uid};
 pub use manifest::{
     LoadError, MAX_DOCUMENTS, MAX_FILE_BYTES, Source, load_path, load_str, load_texts, manifest_files, parse_object,
 };
-pub use objects::{Kind, Name, Object, ObjectRef, ObjectSet, age_key};
+pub use objects::{Kind, Name, Object, ObjectRef, ObjectSet};
+pub use own::{AGENT_CONDITIONS, Own, Said};
 pub use types::*;
 pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};
 

@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::ResourceExt;
 
+use crate::held::{Held, HeldEip, HeldOf, Project};
 use crate::types::*;
 
 /// Any natgw object.
@@ -134,42 +134,36 @@ impl Object {
     }
 }
 
-/// All objects, each kind keyed by name. BTreeMaps keep every walk over the
-/// set deterministic, which planning relies on. Objects are shared (`Arc`),
-/// so a set built from watch caches holds no second copy of them.
+/// All objects as natgw holds them (`Held`), each kind keyed by name.
+/// BTreeMaps keep every walk over the set deterministic, which planning
+/// relies on. Objects are shared (`Arc`), so a set built from watch caches
+/// holds no second copy of them.
 #[derive(Clone, Debug, Default)]
 pub struct ObjectSet {
-    pub vpcs: BTreeMap<Name, Arc<Vpc>>,
-    pub subnets: BTreeMap<Name, Arc<Subnet>>,
-    pub gateways: BTreeMap<Name, Arc<NatGateway>>,
-    pub eips: BTreeMap<Name, Arc<Eip>>,
-    pub floating_ips: BTreeMap<Name, Arc<FloatingIp>>,
-    pub snat_rules: BTreeMap<Name, Arc<SnatRule>>,
-    pub dnat_rules: BTreeMap<Name, Arc<DnatRule>>,
+    pub vpcs: BTreeMap<Name, Arc<Held<VpcSpec>>>,
+    pub subnets: BTreeMap<Name, Arc<Held<SubnetSpec>>>,
+    pub gateways: BTreeMap<Name, Arc<Held<NatGatewaySpec>>>,
+    pub eips: BTreeMap<Name, Arc<HeldEip>>,
+    pub floating_ips: BTreeMap<Name, Arc<Held<FloatingIpSpec>>>,
+    pub snat_rules: BTreeMap<Name, Arc<Held<SnatRuleSpec>>>,
+    pub dnat_rules: BTreeMap<Name, Arc<Held<DnatRuleSpec>>>,
 }
 
 impl ObjectSet {
-    /// Adds an object, returning the one it replaced (same kind and name).
-    pub fn insert(&mut self, object: Object) -> Option<Object> {
-        let name: Name = object.name().into();
+    /// Adds an object; whether it replaced one (same kind and name).
+    pub fn insert(&mut self, object: Object) -> bool {
+        fn put<K: Project>(map: &mut BTreeMap<Name, Arc<HeldOf<K>>>, o: K) -> bool {
+            let held = o.project();
+            map.insert(held.meta.name.clone(), Arc::new(held)).is_some()
+        }
         match object {
-            Object::Vpc(o) => self.vpcs.insert(name, Arc::new(o)).map(|o| Object::Vpc(Arc::unwrap_or_clone(o))),
-            Object::Subnet(o) => {
-                self.subnets.insert(name, Arc::new(o)).map(|o| Object::Subnet(Arc::unwrap_or_clone(o)))
-            }
-            Object::NatGateway(o) => {
-                self.gateways.insert(name, Arc::new(o)).map(|o| Object::NatGateway(Arc::unwrap_or_clone(o)))
-            }
-            Object::Eip(o) => self.eips.insert(name, Arc::new(o)).map(|o| Object::Eip(Arc::unwrap_or_clone(o))),
-            Object::FloatingIp(o) => {
-                self.floating_ips.insert(name, Arc::new(o)).map(|o| Object::FloatingIp(Arc::unwrap_or_clone(o)))
-            }
-            Object::SnatRule(o) => {
-                self.snat_rules.insert(name, Arc::new(o)).map(|o| Object::SnatRule(Arc::unwrap_or_clone(o)))
-            }
-            Object::DnatRule(o) => {
-                self.dnat_rules.insert(name, Arc::new(o)).map(|o| Object::DnatRule(Arc::unwrap_or_clone(o)))
-            }
+            Object::Vpc(o) => put(&mut self.vpcs, o),
+            Object::Subnet(o) => put(&mut self.subnets, o),
+            Object::NatGateway(o) => put(&mut self.gateways, o),
+            Object::Eip(o) => put(&mut self.eips, o),
+            Object::FloatingIp(o) => put(&mut self.floating_ips, o),
+            Object::SnatRule(o) => put(&mut self.snat_rules, o),
+            Object::DnatRule(o) => put(&mut self.dnat_rules, o),
         }
     }
 
@@ -215,21 +209,22 @@ impl ObjectSet {
         self.len() == 0
     }
 
-    /// Every object, parents first.
-    pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
-        let v = self.vpcs.values().map(|o| Object::Vpc((**o).clone()));
-        let s = self.subnets.values().map(|o| Object::Subnet((**o).clone()));
-        let g = self.gateways.values().map(|o| Object::NatGateway((**o).clone()));
-        let e = self.eips.values().map(|o| Object::Eip((**o).clone()));
-        let f = self.floating_ips.values().map(|o| Object::FloatingIp((**o).clone()));
-        let sn = self.snat_rules.values().map(|o| Object::SnatRule((**o).clone()));
-        let d = self.dnat_rules.values().map(|o| Object::DnatRule((**o).clone()));
-        v.chain(s).chain(g).chain(e).chain(f).chain(sn).chain(d)
-    }
-
-    /// The address an Eip holds (`Eip::address`).
-    pub fn eip_address(eip: &Eip) -> Option<std::net::Ipv4Addr> {
-        eip.address()
+    /// Every object with its name and spec, parents first: what a
+    /// manifest creates.
+    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        fn each<'a, K: Project + 'a, T>(
+            map: &'a BTreeMap<Name, Arc<Held<K::Spec, T>>>,
+            wrap: fn(K) -> Object,
+        ) -> impl Iterator<Item = Object> + 'a {
+            map.iter().map(move |(n, o)| wrap(K::named(n, o.spec.clone())))
+        }
+        each(&self.vpcs, Object::Vpc)
+            .chain(each(&self.subnets, Object::Subnet))
+            .chain(each(&self.gateways, Object::NatGateway))
+            .chain(each(&self.eips, Object::Eip))
+            .chain(each(&self.floating_ips, Object::FloatingIp))
+            .chain(each(&self.snat_rules, Object::SnatRule))
+            .chain(each(&self.dnat_rules, Object::DnatRule))
     }
 }
 
@@ -241,11 +236,4 @@ impl FromIterator<Object> for ObjectSet {
         }
         set
     }
-}
-
-/// Sort key giving older objects precedence in conflicts; objects without a
-/// creation time (manifests) fall back to name order.
-pub fn age_key<K: ResourceExt>(o: &K) -> (Option<String>, String) {
-    let ts = o.meta().creation_timestamp.as_ref().map(|t| t.0.to_string());
-    (ts, o.name_any())
 }

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long)]
     as_cached: bool,
     /// As --as-cached, and hold them as an agent does: its watch caches
-    /// (listed through its trim), its address claims, and the set and
+    /// (listed as it holds them), its address claims, and the set and
     /// entries a full round builds from the caches, so the memory figures
     /// are a whole agent's (the caches' keys and entries included).
     #[arg(long)]
@@ -520,8 +520,8 @@ fn main() -> Result<()> {
     let mut big = build(&Scale { fips: args.fips, dnats: args.dnats, snats: args.snats });
     let mut small = build(&SMALL);
     if args.as_cached || args.as_agent {
-        objects::as_served(&mut big, !args.as_agent);
-        objects::as_served(&mut small, !args.as_agent);
+        objects::as_served(&mut big);
+        objects::as_served(&mut small);
     }
     // The agent's caches and entries stay alive through the run; the set
     // its round built is what is planned.

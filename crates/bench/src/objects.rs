@@ -105,10 +105,10 @@ pub fn build(s: &Scale) -> ObjectSet {
 
 /// Gives every Eip and rule what the API server serves of it once natgw
 /// has programmed it: a uid, a resourceVersion, a generation, a creation
-/// time, both finalizers and the agent's own three conditions. Without it
-/// the objects are as small as a manifest makes them. With `trim`, each
-/// is then trimmed as the agent's cache does (`natgw_agent::cache_trim`).
-pub fn as_served(set: &mut ObjectSet, trim: bool) {
+/// time, both finalizers and the agent's own three conditions, each then
+/// held as natgw holds it (`natgw_api::Project`). Without it the objects
+/// are as small as a manifest makes them.
+pub fn as_served(set: &mut ObjectSet) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
     let mut version = 4_000_000u64;
     let mut meta = |m: &mut ObjectMeta| {
@@ -136,28 +136,24 @@ pub fn as_served(set: &mut ObjectSet, trim: bool) {
         ]
     };
     let common = || CommonStatus { observed_generation: Some(1), conditions: conditions() };
-    serve(&mut set.eips, &mut meta, trim, |e: &mut Eip| {
+    serve(&mut set.eips, &mut meta, |e: &mut Eip| {
         e.status = Some(EipStatus { ip: e.spec.ip, used_by: Some("fip".into()), common: common() })
     });
-    serve(&mut set.floating_ips, &mut meta, trim, |f: &mut FloatingIp| f.status = Some(common()));
-    serve(&mut set.dnat_rules, &mut meta, trim, |d: &mut DnatRule| d.status = Some(common()));
-    serve(&mut set.snat_rules, &mut meta, trim, |s: &mut SnatRule| s.status = Some(common()));
+    serve(&mut set.floating_ips, &mut meta, |f: &mut FloatingIp| f.status = Some(common()));
+    serve(&mut set.dnat_rules, &mut meta, |d: &mut DnatRule| d.status = Some(common()));
+    serve(&mut set.snat_rules, &mut meta, |s: &mut SnatRule| s.status = Some(common()));
 }
 
-/// Each object of a kind given `meta` and `status`, then, with `trim`,
-/// trimmed as the agent's cache trims it.
-fn serve<K: natgw_kube_support::KindResource + Clone>(
-    objects: &mut std::collections::BTreeMap<Name, std::sync::Arc<K>>,
+/// Each object of a kind served with `meta` and `status`, then held.
+fn serve<K: kube::Resource + Project>(
+    objects: &mut std::collections::BTreeMap<Name, std::sync::Arc<HeldOf<K>>>,
     meta: &mut impl FnMut(&mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta),
-    trim: bool,
     status: impl Fn(&mut K),
 ) {
-    for o in objects.values_mut() {
-        let o = std::sync::Arc::make_mut(o);
-        meta(o.meta_mut());
-        status(o);
-        if trim {
-            natgw_agent::cache_trim(o);
-        }
+    for (name, o) in objects.iter_mut() {
+        let mut served = K::named(name, o.spec.clone());
+        meta(served.meta_mut());
+        status(&mut served);
+        *o = std::sync::Arc::new(served.project());
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kube::ResourceExt;
-use natgw_api::{DnatRule, Eip, FloatingIp, Kind, NatGateway, ObjectRef, ObjectSet, SnatRule, Subnet};
+use natgw_api::{DnatRule, Eip, FloatingIp, Kind, NatGateway, ObjectRef, SnatRule, Subnet};
 
 /// What deletion order reads, one kind at a time: a deletion reads only
 /// the kinds that may depend on it (none for a rule), so deleting many
@@ -15,27 +15,6 @@ pub trait Objects {
     fn floating_ips(&self) -> Vec<Arc<FloatingIp>>;
     fn snat_rules(&self) -> Vec<Arc<SnatRule>>;
     fn dnat_rules(&self) -> Vec<Arc<DnatRule>>;
-}
-
-impl Objects for ObjectSet {
-    fn subnets(&self) -> Vec<Arc<Subnet>> {
-        self.subnets.values().cloned().collect()
-    }
-    fn gateways(&self) -> Vec<Arc<NatGateway>> {
-        self.gateways.values().cloned().collect()
-    }
-    fn eips(&self) -> Vec<Arc<Eip>> {
-        self.eips.values().cloned().collect()
-    }
-    fn floating_ips(&self) -> Vec<Arc<FloatingIp>> {
-        self.floating_ips.values().cloned().collect()
-    }
-    fn snat_rules(&self) -> Vec<Arc<SnatRule>> {
-        self.snat_rules.values().cloned().collect()
-    }
-    fn dnat_rules(&self) -> Vec<Arc<DnatRule>> {
-        self.dnat_rules.values().cloned().collect()
-    }
 }
 
 /// The objects of `all` that `keep` accepts, as references of `kind`.
@@ -89,7 +68,8 @@ pub fn describe(blockers: &[ObjectRef]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use natgw_api::load_str;
+    use natgw_api::{Held, Name, ObjectSet, Project, load_str};
+    use std::collections::BTreeMap;
 
     const SET: &str = r#"
 apiVersion: natgw.io/v1alpha1
@@ -126,6 +106,32 @@ kind: DnatRule
 metadata: {name: d}
 spec: {eip: e, protocol: tcp, externalPort: 80, internalIp: 10.0.0.6, internalPort: 80}
 "#;
+
+    /// The objects of a manifest, rebuilt from how they are held.
+    impl Objects for ObjectSet {
+        fn subnets(&self) -> Vec<Arc<Subnet>> {
+            rebuilt(&self.subnets)
+        }
+        fn gateways(&self) -> Vec<Arc<NatGateway>> {
+            rebuilt(&self.gateways)
+        }
+        fn eips(&self) -> Vec<Arc<Eip>> {
+            rebuilt(&self.eips)
+        }
+        fn floating_ips(&self) -> Vec<Arc<FloatingIp>> {
+            rebuilt(&self.floating_ips)
+        }
+        fn snat_rules(&self) -> Vec<Arc<SnatRule>> {
+            rebuilt(&self.snat_rules)
+        }
+        fn dnat_rules(&self) -> Vec<Arc<DnatRule>> {
+            rebuilt(&self.dnat_rules)
+        }
+    }
+
+    fn rebuilt<K: Project, T>(map: &BTreeMap<Name, Arc<Held<K::Spec, T>>>) -> Vec<Arc<K>> {
+        map.iter().map(|(n, o)| Arc::new(K::named(n, o.spec.clone()))).collect()
+    }
 
     fn names(kind: Kind, name: &str) -> Vec<String> {
         let set = load_str(std::path::Path::new("t.yaml"), SET).unwrap().0;

@@ -86,13 +86,13 @@ where
     let (reader, writer) = reflector::store();
     let lookup: Store<K> = reader.clone();
     let cached_of = move |name: &str| lookup.get(&reflector::ObjectRef::new(name)).map(|k| (*k).clone());
-    let stream = decoded_events(client, namespace, config, reporter, |_| {}, cached_of).reflect(writer).boxed();
+    let stream = decoded_events(client, namespace, config, reporter, cached_of).reflect(writer).boxed();
     (reader, stream)
 }
 
-/// `cached_events_in`'s stream without its cache: each object decoded,
-/// slimmed and then passed through `trim`, for a consumer that keeps a
-/// cache of its own (reading less of each object than others do).
+/// `cached_events_in`'s stream without its cache: each object decoded and
+/// slimmed, for a consumer that keeps a cache of its own (holding less of
+/// each object than others do).
 /// `cached_of` gives the cache's version of an object by name: a deleted
 /// object that can no longer be decoded is deleted as that version.
 pub fn decoded_events<K>(
@@ -100,7 +100,6 @@ pub fn decoded_events<K>(
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
-    trim: fn(&mut K),
     cached_of: impl Fn(&str) -> Option<K> + Send + 'static,
 ) -> Events<K>
 where
@@ -137,10 +136,7 @@ where
                 }
             }
         })
-        .modify(move |o| {
-            slim(o);
-            trim(o);
-        })
+        .modify(slim)
         // Boxed: seven of these in one future overflowed a test thread's stack.
         .boxed()
 }

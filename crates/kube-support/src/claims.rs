@@ -51,10 +51,10 @@ pub fn claim(ip: Ipv4Addr, holder: &Holder) -> ConfigMap {
 /// when the claim of that address names this Eip. Anything else (a fixed
 /// address another Eip holds, a status written by someone else) is not
 /// the Eip's to use. `claim_of` finds the holder of an address's claim.
-pub fn held_address(eip: &natgw_api::Eip, claim_of: impl Fn(Ipv4Addr) -> Option<Holder>) -> Option<Ipv4Addr> {
+pub fn held_address(eip: &natgw_api::HeldEip, claim_of: impl Fn(Ipv4Addr) -> Option<Holder>) -> Option<Ipv4Addr> {
     let ip = eip.address()?;
-    let uid = eip.metadata.uid.as_deref()?;
-    claim_of(ip).filter(|h| h.uid == uid).map(|_| ip)
+    let uid = eip.meta.uid.as_ref()?;
+    claim_of(ip).filter(|h| uid.is(&h.uid)).map(|_| ip)
 }
 
 /// The address a claim ConfigMap is for, and its holder.

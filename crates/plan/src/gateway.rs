@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use natgw_api::{DnatRule, Eip, FloatingIp, Kind, Name, ObjectRef, ObjectSet, age_key};
+use natgw_api::{AgeKey, DnatRuleSpec, FloatingIpSpec, Held, HeldEip, Kind, Name, ObjectRef, ObjectSet, SnatRuleSpec};
 
 use crate::snat::longest_prefix_ranges;
 use crate::state::{Conflict, GatewayPlan, IfAddr, Route};
@@ -39,8 +39,8 @@ pub(crate) struct Scope {
 
 /// A claim on a whole EIP (FloatingIp) or on EIP ports (DnatRule).
 pub(crate) enum Claim<'a> {
-    Fip(&'a FloatingIp),
-    Dnat(&'a DnatRule),
+    Fip(&'a Held<FloatingIpSpec>),
+    Dnat(&'a Held<DnatRuleSpec>),
 }
 
 impl Claim<'_> {
@@ -53,14 +53,14 @@ impl Claim<'_> {
 }
 
 /// A claim with what orders it: age, then kind and name.
-pub(crate) type Weighed<'a> = ((Option<String>, String), ObjectRef, Claim<'a>);
+pub(crate) type Weighed<'a> = (AgeKey<'a>, ObjectRef, Claim<'a>);
 
-pub(crate) fn fip_claim(f: &FloatingIp) -> Weighed<'_> {
-    (age_key(f), ObjectRef::new(Kind::FloatingIp, kube::ResourceExt::name_any(f)), Claim::Fip(f))
+pub(crate) fn fip_claim(f: &Held<FloatingIpSpec>) -> Weighed<'_> {
+    (f.age_key(), ObjectRef::new(Kind::FloatingIp, f.name()), Claim::Fip(f))
 }
 
-pub(crate) fn dnat_claim(d: &DnatRule) -> Weighed<'_> {
-    (age_key(d), ObjectRef::new(Kind::DnatRule, kube::ResourceExt::name_any(d)), Claim::Dnat(d))
+pub(crate) fn dnat_claim(d: &Held<DnatRuleSpec>) -> Weighed<'_> {
+    (d.age_key(), ObjectRef::new(Kind::DnatRule, d.name()), Claim::Dnat(d))
 }
 
 /// Computes everything gateway `name` should hold. Deterministic: when two
@@ -112,18 +112,18 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         cidr: ext.spec.cidr,
         router: ext.spec.gateway,
     };
-    let mine: Vec<&Eip> = set.eips.values().map(|e| &**e).filter(|e| e.spec.gateway == name).collect();
+    let mine: Vec<&HeldEip> = set.eips.values().map(|e| &**e).filter(|e| e.spec.gateway == name).collect();
     weigh_eips(&mut plan, &mut scope, mine);
     let mut claims: Vec<Weighed> = set.floating_ips.values().map(|f| fip_claim(f)).collect();
     claims.extend(set.dnat_rules.values().map(|d| dnat_claim(d)));
     weigh(&mut plan, set, &scope, claims);
 
     // SnatRule: identical networks conflict, overlapping ones nest.
-    let mut snat_rules: Vec<&natgw_api::SnatRule> = set.snat_rules.values().map(|s| &**s).collect();
-    snat_rules.sort_by_key(|s| age_key(*s));
+    let mut snat_rules: Vec<&Held<SnatRuleSpec>> = set.snat_rules.values().map(|s| &**s).collect();
+    snat_rules.sort_by_key(|s| s.age_key());
     let mut by_net: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)> = BTreeMap::new();
     for s in snat_rules {
-        let r = ObjectRef::new(Kind::SnatRule, kube::ResourceExt::name_any(s));
+        let r = ObjectRef::new(Kind::SnatRule, s.name());
         let Some(eip) = resolve(&mut plan, set, &scope.eips, &r, &s.spec.eip) else { continue };
         let net = s.spec.internal_cidr;
         if let Some((_, other)) = by_net.get(&net) {
@@ -206,13 +206,13 @@ pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut 
 /// Weighs Eips of this gateway, oldest first, into `plan` and
 /// `scope.eips`. `eips` must hold every Eip of the gateway that shares an
 /// address with any of them.
-pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Vec<&Eip>) {
+pub(crate) fn weigh_eips(plan: &mut GatewayPlan, scope: &mut Scope, mut eips: Vec<&HeldEip>) {
     let (cidr, router) = (scope.cidr, scope.router);
-    eips.sort_by_key(|e| age_key(*e));
+    eips.sort_by_key(|e| e.age_key());
     let mut by_ip: BTreeMap<Ipv4Addr, ObjectRef> = BTreeMap::new();
     for e in eips {
-        let r = ObjectRef::new(Kind::Eip, kube::ResourceExt::name_any(e));
-        let Some(ip) = ObjectSet::eip_address(e) else {
+        let r = ObjectRef::new(Kind::Eip, e.name());
+        let Some(ip) = e.address() else {
             plan.conflicts.push(Conflict {
                 object: r,
                 field: "spec.ip".into(),

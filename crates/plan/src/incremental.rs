@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use natgw_api::{Eip, Kind, Name, ObjectRef, ObjectSet};
+use natgw_api::{HeldEip, Kind, Name, ObjectRef, ObjectSet};
 
 use crate::gateway::{Scope, Weighed, dnat_claim, eip_addr, fip_claim, plan_with_scope, weigh, weigh_eips};
 use crate::{GatewayPlan, PlanError};
@@ -87,7 +87,7 @@ impl GatewayPlanner {
             eips_at: BTreeSet::new(),
         };
         for e in set.eips.values().filter(|e| e.spec.gateway == name) {
-            planner.index_eip(kube::ResourceExt::name_any(&**e).into(), ObjectSet::eip_address(e));
+            planner.index_eip(e.name().into(), e.address());
         }
         let refs = set
             .floating_ips
@@ -145,7 +145,7 @@ impl GatewayPlanner {
         let mut ips = BTreeSet::new();
         for n in &changed {
             ips.extend(self.eip_ips.get(*n).copied().flatten());
-            ips.extend(mine(n).and_then(ObjectSet::eip_address));
+            ips.extend(mine(n).and_then(HeldEip::address));
         }
         let mut names: BTreeSet<Name> = changed.into_iter().cloned().collect();
         for ip in &ips {
@@ -160,9 +160,9 @@ impl GatewayPlanner {
             self.plan.programmed.remove(&ObjectRef::new(Kind::Eip, n.clone()));
         }
         self.plan.conflicts.retain(|c| c.object.kind != Kind::Eip || !names.contains(&c.object.name));
-        let group: Vec<&Eip> = names.iter().filter_map(mine).collect();
+        let group: Vec<&HeldEip> = names.iter().filter_map(mine).collect();
         for e in &group {
-            self.index_eip(kube::ResourceExt::name_any(*e).into(), ObjectSet::eip_address(e));
+            self.index_eip(e.name().into(), e.address());
         }
         weigh_eips(&mut self.plan, &mut self.scope, group);
         names

@@ -118,7 +118,7 @@ fn apply(set: &mut ObjectSet, op: &Op) -> ObjectRef {
                 "spec": {"eip": EIPS[*eip], "internalIp": INTERNALS[*internal]}
             }))
             .expect("FloatingIp");
-            set.floating_ips.insert(NAMES[*name].into(), std::sync::Arc::new(f));
+            set.floating_ips.insert(NAMES[*name].into(), std::sync::Arc::new(natgw_api::Project::project(f)));
             ObjectRef::new(Kind::FloatingIp, NAMES[*name])
         }
         Op::Dnat { name, eip, udp, port, internal, age } => {
@@ -128,7 +128,7 @@ fn apply(set: &mut ObjectSet, op: &Op) -> ObjectRef {
                          "internalIp": INTERNALS[*internal], "internalPort": 8080}
             }))
             .expect("DnatRule");
-            set.dnat_rules.insert(NAMES[*name].into(), std::sync::Arc::new(d));
+            set.dnat_rules.insert(NAMES[*name].into(), std::sync::Arc::new(natgw_api::Project::project(d)));
             ObjectRef::new(Kind::DnatRule, NAMES[*name])
         }
         Op::Eip { name, other_gateway, ip, age } => {
@@ -140,7 +140,7 @@ fn apply(set: &mut ObjectSet, op: &Op) -> ObjectRef {
                 "apiVersion": "natgw.io/v1alpha1", "kind": "Eip", "metadata": meta(EIPS[*name], *age), "spec": spec
             }))
             .expect("Eip");
-            set.eips.insert(EIPS[*name].into(), std::sync::Arc::new(e));
+            set.eips.insert(EIPS[*name].into(), std::sync::Arc::new(natgw_api::Project::project(e)));
             ObjectRef::new(Kind::Eip, EIPS[*name])
         }
         Op::DeleteEip { name } => {
@@ -204,13 +204,13 @@ fn a_change_shares_the_rest_of_the_plan() {
             "spec": {"gateway": "gw", "ip": format!("192.0.2.{}", 30 + i)}
         }))
         .expect("Eip");
-        set.eips.insert(format!("e{i}").into(), std::sync::Arc::new(e));
+        set.eips.insert(format!("e{i}").into(), std::sync::Arc::new(natgw_api::Project::project(e)));
         let f: FloatingIp = serde_json::from_value(json!({
             "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp", "metadata": {"name": format!("f{i}")},
             "spec": {"eip": format!("e{i}"), "internalIp": format!("10.0.0.{}", 20 + i)}
         }))
         .expect("FloatingIp");
-        set.floating_ips.insert(format!("f{i}").into(), std::sync::Arc::new(f));
+        set.floating_ips.insert(format!("f{i}").into(), std::sync::Arc::new(natgw_api::Project::project(f)));
     }
     let mut planner = GatewayPlanner::new(&set, "gw").expect("plan");
     assert_eq!(planner.plan().nat.fip_dnat.len(), 200);
