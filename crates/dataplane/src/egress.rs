@@ -146,8 +146,8 @@ fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncEr
 /// a table): what an earlier instance may have left flows behind with.
 /// `None` without a table.
 fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
-    let Some(v) = nft::read_json("ip", TABLE)? else { return Ok(None) };
-    let (_, elements) = nft::parse_raw(v)?;
+    let Some(listing) = nft::read_listing("ip", TABLE)? else { return Ok(None) };
+    let (_, elements) = nft::parse_raw(listing);
     Ok(Some(nft::map_values(&elements, &["snat_all", "snat_ports"])))
 }
 

@@ -9,6 +9,7 @@ pub mod egress;
 mod engine;
 pub mod garp;
 pub mod link;
+mod listing;
 pub mod model;
 pub mod netns;
 pub mod nfnl;
