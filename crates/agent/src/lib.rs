@@ -159,7 +159,9 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
         refs.filter_map(|r| entries.get(r)).filter(|e| ours(e)).cloned().collect()
     };
     let mine: Vec<Arc<Entry>> = if full {
-        entries.all().filter(|e| ours(e)).cloned().collect()
+        let mut all: Vec<Arc<Entry>> = entries.all().filter(|e| ours(e)).cloned().collect();
+        all.sort_unstable_by(|a, b| a.object.cmp(&b.object));
+        all
     } else {
         // What changed, the rules of an Eip that changed (whether they are
         // ours follows it), and what earlier rounds left owed.

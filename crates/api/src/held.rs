@@ -87,14 +87,16 @@ impl Meta {
 /// the API server makes them; kept as written otherwise.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Uid {
-    Uuid(u128),
+    /// Bytes, not a u128: its 16-byte alignment made every held object 8
+    /// bytes larger.
+    Uuid([u8; 16]),
     Other(Box<str>),
 }
 
 impl Uid {
     pub fn new(s: &str) -> Uid {
         match parse_uuid(s) {
-            Some(n) => Uid::Uuid(n),
+            Some(n) => Uid::Uuid(n.to_be_bytes()),
             None => Uid::Other(s.into()),
         }
     }
@@ -130,8 +132,8 @@ fn parse_uuid(s: &str) -> Option<u128> {
 impl fmt::Display for Uid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Uid::Uuid(n) => {
-                let hex = format!("{n:032x}");
+            Uid::Uuid(b) => {
+                let hex = format!("{:032x}", u128::from_be_bytes(*b));
                 write!(f, "{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
             }
             Uid::Other(s) => f.write_str(s),

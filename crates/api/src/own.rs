@@ -17,11 +17,13 @@ pub const AGENT_CONDITIONS: [&str; 3] = ["Programmed", "Conflict", "Ready"];
 /// What is held of the agent's conditions, in `AGENT_CONDITIONS` order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Own {
-    /// Each condition's status (its first letter) and transition time in
-    /// seconds, when present.
-    since: [Option<(char, i64)>; 3],
+    /// Each condition's status as a letter (0 when the condition is
+    /// absent) and its transition time in seconds. Kept apart rather than
+    /// as options of pairs: 40 bytes an object instead of 64.
+    letters: [u8; 3],
+    secs: [i64; 3],
     /// Of all three, when all three are present.
-    digest: Option<u64>,
+    digest: Option<std::num::NonZeroU64>,
 }
 
 /// One condition's status, reason and message.
@@ -37,13 +39,19 @@ fn digest<'a>(said: impl Iterator<Item = Said<'a>>, generation: &[Option<i64>; 3
 }
 
 /// The status's letter: only True, False and Unknown are told apart.
-fn letter(status: &str) -> char {
+fn letter(status: &str) -> u8 {
     match status {
-        "True" => 'T',
-        "False" => 'F',
-        "Unknown" => 'U',
-        _ => '?',
+        "True" => b'T',
+        "False" => b'F',
+        "Unknown" => b'U',
+        _ => b'?',
     }
+}
+
+/// A digest as held: one of 0 is taken as 1 (a status written once more
+/// in 2^64 is the cost).
+fn held(d: u64) -> std::num::NonZeroU64 {
+    std::num::NonZeroU64::new(d).unwrap_or(std::num::NonZeroU64::MIN)
 }
 
 impl Own {
@@ -51,27 +59,28 @@ impl Own {
     pub fn of(conditions: &[Condition]) -> Own {
         let find = |t: &str| conditions.iter().find(|c| c.type_ == t);
         let found = AGENT_CONDITIONS.map(find);
-        let since = found.map(|c| c.map(|c| (letter(&c.status), c.last_transition_time.0.as_second())));
+        let letters = found.map(|c| c.map_or(0, |c| letter(&c.status)));
+        let secs = found.map(|c| c.map_or(0, |c| c.last_transition_time.0.as_second()));
         let digest = match found {
             [Some(a), Some(b), Some(c)] => {
                 let said = [a, b, c].into_iter().map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()));
-                Some(digest(said, &[a, b, c].map(|c| c.observed_generation)))
+                Some(held(digest(said, &[a, b, c].map(|c| c.observed_generation))))
             }
             _ => None,
         };
-        Own { since, digest }
+        Own { letters, secs, digest }
     }
 
     /// Whether the conditions say exactly `want` (in `AGENT_CONDITIONS` order),
     /// each observing `generation`.
     pub fn says<'a>(&self, want: impl Iterator<Item = Said<'a>>, generation: Option<i64>) -> bool {
-        self.digest == Some(digest(want, &[generation; 3]))
+        self.digest == Some(held(digest(want, &[generation; 3])))
     }
 
     /// When condition `i` took `status`, if that is its status now.
     pub fn since(&self, i: usize, status: &str) -> Option<Time> {
-        let (l, s) = self.since.get(i).copied().flatten()?;
-        if l != letter(status) || l == '?' {
+        let (l, s) = (*self.letters.get(i)?, *self.secs.get(i)?);
+        if l == 0 || l != letter(status) || l == b'?' {
             return None;
         }
         Timestamp::from_second(s).ok().map(Time)
