@@ -8,6 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The most `LIVE` reached since the last `live_peak_mb`.
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn added(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
 
 // SAFETY: every call is passed to the system allocator unchanged; only a
 // counter is kept beside it.
@@ -16,7 +23,7 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            added(layout.size());
         }
         p
     }
@@ -31,7 +38,7 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            added(layout.size());
         }
         p
     }
@@ -41,7 +48,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-            LIVE.fetch_add(new_size, Ordering::Relaxed);
+            added(new_size);
         }
         p
     }
@@ -54,4 +61,11 @@ static ALLOCATOR: Counting = Counting;
 /// own rounding and headers come on top).
 pub fn live_mb() -> f64 {
     LIVE.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
+
+/// The most bytes live at once since the last call, in MB; the count
+/// starts again from what is live now.
+pub fn live_peak_mb() -> f64 {
+    let peak = PEAK.swap(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    peak as f64 / (1024.0 * 1024.0)
 }

@@ -170,9 +170,10 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
     let full_sweep_ms = ms(t.elapsed());
     let full_phases = report.phases.iter().map(|(p, d)| (*p, ms(*d))).collect();
     memory("+ full sync (mirror)");
+    let t = Instant::now();
     anyhow::ensure!(gw.audit(&plan)?.is_empty(), "full sync did not converge");
     // The peak: the kernel read back whole, as a resync reads it.
-    memory("+ kernel read back (audit)");
+    memory(&format!("+ kernel read back (audit, {:.0} ms)", ms(t.elapsed())));
     let (mut sync_times, mut plan_sync_times, mut sweeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     // Each change is planned incrementally, as the agent does: the plan
@@ -212,7 +213,13 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
 
 /// One memory line: resident now, peak, and the live heap.
 fn memory(step: &str) {
-    eprintln!("memory: {step} {:.0} MB (peak {:.0}, live heap {:.0})", rss_mb(), peak_mb(), heap::live_mb());
+    eprintln!(
+        "memory: {step} {:.0} MB (peak {:.0}, live heap {:.0}, at most {:.0} since the last step)",
+        rss_mb(),
+        peak_mb(),
+        heap::live_mb(),
+        heap::live_peak_mb()
+    );
 }
 
 /// VmRSS of this process now, in MB.
