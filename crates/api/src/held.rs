@@ -275,10 +275,28 @@ mod tests {
         let mut e = Eip::new("e", EipSpec { gateway: "gw".into(), ip: None });
         e.status = Some(EipStatus { ip: Some(Ipv4Addr::new(192, 0, 2, 7)), ..Default::default() });
         e.metadata.finalizers = Some(vec!["natgw.io/controller".into()]);
+        let at = Timestamp::from_second(1_764_700_000).unwrap();
+        e.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        let condition = |t: &str| Condition {
+            type_: t.into(),
+            status: "True".into(),
+            reason: "R".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at),
+        };
+        let conditions: Vec<Condition> = ["Bound", "Programmed", "Conflict", "Ready"].map(condition).into();
+        if let Some(s) = e.status.as_mut() {
+            s.common.conditions = conditions.clone();
+        }
         let held = e.clone().project();
         assert_eq!(held.address(), e.address());
         assert_eq!(held.name(), "e");
         assert_eq!(&*held.meta.finalizers, ["natgw.io/controller"]);
         assert!(!held.meta.deleting);
+        // Conflicts are weighed by age: the creation time is kept.
+        assert_eq!(held.age_key(), (Some(at), "e"));
+        assert_eq!(held.meta.own, Own::of(&conditions));
+        assert!(held.meta.own.since(2, "True").is_some());
     }
 }
