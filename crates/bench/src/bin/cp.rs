@@ -37,6 +37,16 @@ struct Args {
     /// here (`go tool pprof -top FILE` reads it).
     #[arg(long)]
     api_profile: Option<std::path::PathBuf>,
+    /// Leave the objects in place at the end: skip the deletion phase
+    /// (at 50,000 FloatingIps it takes longer than the creations).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// How long a bulk phase over `n` objects may take before the bench gives
+/// up: 10 minutes, more above 24,000 objects (40 a second).
+fn patience(n: usize) -> Duration {
+    Duration::from_secs(600.max(n as u64 / 40))
 }
 
 use natgw_testenv::{create, natgw_object as obj};
@@ -109,7 +119,7 @@ where
             last_report = Instant::now();
             eprintln!("{:5.1} s: {d} of {n} {what} done", start.elapsed().as_secs_f64());
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "only {d} of {n} {what} done after 10 min");
+        anyhow::ensure!(start.elapsed() < patience(n), "only {d} of {n} {what} done after {:?}", patience(n));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -285,9 +295,13 @@ async fn run(args: Args) -> Result<()> {
     // when the API no longer holds them, which the finalizers allow only
     // once the kernel no longer does.
     let cpu_before = controller.cpu_seconds()?;
-    let fips_gone = gone("FloatingIps", &fips_api, &fips_seen, args.parallel, || kernel_fips(&kernel)).await?;
-    let eips_gone = gone("Eips", &eips_api, &eips_seen, args.parallel, || Ok(0)).await?;
-    let deletion_cpu = controller.cpu_seconds()? - cpu_before;
+    let deletions = if args.keep {
+        None
+    } else {
+        let fips_gone = gone("FloatingIps", &fips_api, &fips_seen, args.parallel, || kernel_fips(&kernel)).await?;
+        let eips_gone = gone("Eips", &eips_api, &eips_seen, args.parallel, || Ok(0)).await?;
+        Some((fips_gone, eips_gone, controller.cpu_seconds()? - cpu_before))
+    };
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     let total = 2 * n + args.samples + 5;
@@ -307,14 +321,16 @@ async fn run(args: Args) -> Result<()> {
     for (name, (rss, peak)) in memory {
         println!("| {name} memory, now / peak | {rss:.0} / {peak:.0} MB | < 120 MB |");
     }
-    println!(
-        "| all {} FloatingIps deleted at once ({} requests in flight), until gone from the API and the kernel | {:.1} s | |",
-        n + args.samples,
-        args.parallel,
-        fips_gone.as_secs_f64()
-    );
-    println!("| then all {} Eips, until gone | {:.1} s | |", n + args.samples, eips_gone.as_secs_f64());
-    println!("| controller CPU time, both deletions | {deletion_cpu:.1} s | |");
+    if let Some((fips_gone, eips_gone, deletion_cpu)) = deletions {
+        println!(
+            "| all {} FloatingIps deleted at once ({} requests in flight), until gone from the API and the kernel | {:.1} s | |",
+            n + args.samples,
+            args.parallel,
+            fips_gone.as_secs_f64()
+        );
+        println!("| then all {} Eips, until gone | {:.1} s | |", n + args.samples, eips_gone.as_secs_f64());
+        println!("| controller CPU time, both deletions | {deletion_cpu:.1} s | |");
+    }
     for (name, c) in [("controller", &controller), ("agent", &agent)] {
         println!("| {name} CPU time, whole run | {:.1} s | |", c.cpu_seconds()?);
     }
@@ -368,7 +384,8 @@ where
             last_report = Instant::now();
             eprintln!("{:5.1} s: {left} {what} left", start.elapsed().as_secs_f64());
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "{left} {what} left after 10 min");
+        let limit = patience(names.len());
+        anyhow::ensure!(start.elapsed() < limit, "{left} {what} left after {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
