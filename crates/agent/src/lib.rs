@@ -113,9 +113,14 @@ impl Planning {
     ) -> Result<Arc<GatewayPlan>, Error> {
         let planned = match planner.as_mut() {
             Some(p) if !resync => p.update(set, changed),
-            _ => GatewayPlanner::new(set, gw).map(|p| {
-                *planner = Some(p);
-            }),
+            _ => {
+                // The old planner goes first: two planners of a whole
+                // gateway at once were the agent's peak memory.
+                *planner = None;
+                GatewayPlanner::new(set, gw).map(|p| {
+                    *planner = Some(p);
+                })
+            }
         };
         match (planned, planner.as_ref()) {
             (Ok(()), Some(p)) => Ok(Arc::new(p.plan().clone())),
@@ -142,6 +147,12 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let owed = std::mem::take(&mut planning.owed);
     let refreshed = caches.refresh(set, &mut planning.entries, resync || before.is_none(), &owed);
     let (full, mut planned) = (refreshed.full, refreshed.planned);
+    // A resync plans from scratch and reads no earlier plan: the old ones
+    // go now, before the new one is built beside them.
+    let before = before.filter(|_| !resync);
+    if resync {
+        planning.reported = None;
+    }
     let mut changed = refreshed.changed;
     let entries = &planning.entries;
     // An Eip of this gateway; a rule whose Eip is one, or that still
