@@ -1,6 +1,7 @@
 //! `natgw`: one binary for every role: standalone gateway mode, the lab,
 //! the controller, the gateway agent and the node agent.
 
+mod allocator;
 mod standalone;
 mod top;
 
@@ -157,23 +158,8 @@ enum LabAction {
     },
 }
 
-/// glibc gives threads that allocate their own arenas (up to 8 per core):
-/// the controller's caches spread over them, and its resident memory at
-/// 10,000 objects swung between 108 and 185 MB from run to run. Set before
-/// any thread starts; `MALLOC_ARENA_MAX` in the environment still wins.
-fn cap_malloc_arenas() {
-    #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no other
-        // thread exists yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    cap_malloc_arenas();
+    allocator::cap_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -273,6 +259,7 @@ async fn stop_signal() {
 }
 
 fn controller(election: natgw_controller::Election, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    allocator::trim_every(allocator::TRIM_PERIOD);
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = bind(health_addr).await?;
         let client = kube::Client::try_default().await?;
@@ -291,6 +278,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
+    allocator::trim_every(allocator::TRIM_PERIOD);
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
         let listener = bind(a.health_addr).await?;
@@ -302,6 +290,7 @@ fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
 }
 
 fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
+    allocator::trim_every(allocator::TRIM_PERIOD);
     let config = a.config().map_err(anyhow::Error::msg)?;
     let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {
