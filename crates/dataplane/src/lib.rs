@@ -12,6 +12,7 @@ pub mod link;
 mod listing;
 pub mod model;
 pub mod netns;
+pub mod nfdump;
 pub mod nfnl;
 pub mod nft;
 pub mod ports;

@@ -44,6 +44,9 @@ pub struct SetItem {
 #[derive(Debug, Deserialize)]
 pub struct ChainItem {
     pub name: String,
+    /// `list chains` lists every table's.
+    #[serde(default)]
+    pub table: String,
     #[serde(rename = "type", default)]
     pub ty: Option<String>,
     #[serde(default)]

@@ -25,16 +25,16 @@ pub enum NfnlError {
     Refused { set: String, errno: i32 },
 }
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_IPV4: u8 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NFPROTO_IPV4: u8 = 2;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
+pub(crate) const NLMSG_ERROR: u16 = 0x2;
 const NLA_F_NESTED: u16 = 0x8000;
 const LIST_TABLE: u16 = 1;
 const LIST_SET: u16 = 2;
@@ -130,7 +130,7 @@ pub fn changes(have: &NatTables, want: &NatTables) -> Option<Vec<MapChange>> {
     Some(all)
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     buf.extend(((4 + payload.len()) as u16).to_ne_bytes());
     buf.extend(kind.to_ne_bytes());
     buf.extend(payload);
@@ -147,14 +147,14 @@ fn nested(buf: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
     buf[start + 2..start + 4].copy_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
 }
 
-fn cstr(s: &str) -> Vec<u8> {
+pub(crate) fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
 }
 
 /// One netlink message: header, nfgenmsg, attributes.
-fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, body: &[u8]) {
+pub(crate) fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, body: &[u8]) {
     let len = (16 + 4 + body.len()) as u32;
     buf.extend(len.to_ne_bytes());
     buf.extend(kind.to_ne_bytes());
@@ -167,7 +167,7 @@ fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_i
 }
 
 /// A deletion names the key only.
-fn elements(set: &str, items: &[Element], with_data: bool) -> Vec<u8> {
+pub(crate) fn elements(set: &str, items: &[Element], with_data: bool) -> Vec<u8> {
     let mut body = Vec::new();
     attr(&mut body, LIST_TABLE, &cstr(TABLE));
     attr(&mut body, LIST_SET, &cstr(set));

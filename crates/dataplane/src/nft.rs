@@ -1,5 +1,6 @@
-//! natgw's nftables table: rendering (pure), reading back (JSON from `nft`)
-//! and applying one script as one atomic transaction.
+//! natgw's nftables table: rendering (pure), reading back (over netlink,
+//! `nfdump`, and JSON from `nft` for the small parts) and applying one
+//! script as one atomic transaction.
 //!
 //! The table holds a handful of fixed rules; everything that varies with
 //! the objects lives in maps and sets, so a packet costs one lookup per
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 pub use crate::listing::{Atom, Listing};
 use crate::model::{Chain, Change, Rule, Set, Table, ord_map_change, whole_change};
+use crate::nfdump;
 
 pub const FAMILY: &str = "ip";
 pub const TABLE: &str = "natgw";
@@ -34,6 +36,8 @@ pub enum NftError {
     Parse(String),
     #[error("cannot parse nft JSON output")]
     Json(#[source] serde_json::Error),
+    #[error("reading natgw's table: {0}")]
+    Dump(#[from] crate::nfdump::DumpError),
 }
 
 pub use crate::model::Skeleton;
@@ -179,21 +183,87 @@ impl Running {
     }
 }
 
-/// Reads natgw's table; `present: false` when it does not exist.
+/// Reads natgw's table; `present: false` when it does not exist. The
+/// declarations, rule comments and hash maps come over netlink
+/// (`nfdump`); nft lists the chains and the interval sets, which are
+/// small and which it lists without reading the maps (it splits and
+/// merges intervals, which natgw leaves to it).
 pub fn read() -> Result<KernelTable, NftError> {
-    match read_listing(FAMILY, TABLE)? {
-        Some(l) => parse_table(l),
-        None => Ok(KernelTable::default()),
+    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    if !nfdump::table_exists(&socket)? {
+        return Ok(KernelTable::default());
     }
+    let mut t = KernelTable { present: true, ..Default::default() };
+    t.skeleton.sets = nfdump::sets(&socket)?;
+    t.skeleton.rules = nfdump::rule_comments(&socket)?;
+    if let Some(mut listing) = list(&["chains", FAMILY])? {
+        listing.nftables.retain(|i| i.chain.as_ref().is_some_and(|c| c.table == TABLE));
+        t.skeleton.chains = parse_raw(listing).0.chains;
+    }
+    for set in sets() {
+        // A set natgw did not declare so makes the skeleton differ, and the
+        // table is rebuilt: its elements are not read.
+        if t.skeleton.sets.get(set.name) != Some(&set.describe()) {
+            continue;
+        }
+        if set.interval {
+            let what = if set.value.is_some() { "map" } else { "set" };
+            if let Some(listing) = list(&[what, FAMILY, TABLE, set.name])? {
+                for (name, elems) in parse_raw(listing).1 {
+                    parse_elements(&name, &elems, &mut t.nat).map_err(|e| NftError::Parse(format!("{name}: {e}")))?;
+                }
+            }
+        } else {
+            nfdump::elements(&socket, set.name, |k, v| hash_element(set.name, k, v, &mut t.nat))?;
+        }
+    }
+    t.nat.snat.sort();
+    t.nat.internal_nets.sort();
+    Ok(t)
+}
+
+/// One element of a hash map, as the kernel stores it (`nfnl` writes the
+/// same bytes).
+fn hash_element(set: &str, key: &[u8], value: &[u8], nat: &mut NatTables) -> Result<(), String> {
+    let ip = |b: &[u8]| -> Result<Ipv4Addr, String> {
+        let octets: [u8; 4] = b.get(..4).and_then(|o| o.try_into().ok()).ok_or("an address shorter than 4 bytes")?;
+        Ok(Ipv4Addr::from(octets))
+    };
+    let port = |b: &[u8]| -> Result<u16, String> {
+        Ok(u16::from_be_bytes(b.get(..2).and_then(|p| p.try_into().ok()).ok_or("a port shorter than 2 bytes")?))
+    };
+    match set {
+        "fip_dnat" => nat.fip_dnat.insert(ip(key)?, ip(value)?),
+        "fip_snat" => nat.fip_snat.insert(ip(key)?, ip(value)?),
+        "port_fwd" => {
+            if key.len() != 12 || value.len() != 8 {
+                return Err(format!("element of {} and {} bytes", key.len(), value.len()));
+            }
+            let proto = match key[4] {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                other => return Err(format!("unexpected protocol {other}")),
+            };
+            nat.port_fwd.insert((ip(key)?, proto, port(&key[8..])?), (ip(value)?, port(&value[4..])?));
+            return Ok(());
+        }
+        other => return Err(format!("{other} is not one of natgw's hash maps")),
+    };
+    Ok(())
 }
 
 /// `nft -j list table FAMILY NAME`, or `None` when the table does not
-/// exist: the one way natgw reads its tables back.
-/// Parsed as it comes out of the pipe: the whole output (8 MB at 100k
-/// translations) is never held.
+/// exist: how natgw reads its other tables (egress) back.
 pub fn read_listing(family: &str, name: &str) -> Result<Option<Listing>, NftError> {
+    list(&["table", family, name])
+}
+
+/// `nft -j list WHAT...`, or `None` when what it names does not exist.
+/// Parsed as it comes out of the pipe: the whole output is never held.
+fn list(what: &[&str]) -> Result<Option<Listing>, NftError> {
     let mut child = Command::new("nft")
-        .args(["-j", "list", "table", family, name])
+        .args(["-j", "list"])
+        .args(what)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
