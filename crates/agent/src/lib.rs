@@ -237,6 +237,10 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let (plan, report, reused) = match before.as_ref() {
         Some(p) if !planned && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
         _ => {
+            if resync {
+                // The plan the kernel holds goes too, unless a sweep needs it.
+                gateway.release_plan();
+            }
             let plan = Planning::plan(&mut planning.planner, set, gw, &changed, resync)?;
             let (g, p) = (gateway.clone(), plan.clone());
             let report =

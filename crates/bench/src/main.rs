@@ -178,6 +178,7 @@ fn natgw_run(set: &mut ObjectSet, changes: u32) -> Result<NatgwFigures> {
     // let go, the gateway planned from scratch, the kernel read back and
     // converged. Its peak is the agent's.
     drop((plan, planner));
+    anyhow::ensure!(gw.release_plan(), "the full sync's sweep ran, so nothing needs its plan");
     let t = Instant::now();
     let mut planner = GatewayPlanner::new(set, "demo-gw")?;
     let plan = planner.plan().clone();

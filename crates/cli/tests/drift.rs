@@ -257,3 +257,24 @@ fn the_table_read_over_netlink_is_what_nft_lists() {
     assert_clean(&gw, &p);
     assert!(!sh(&ns, "nft list table ip natgw").contains("extra"));
 }
+
+/// Before a resync plans a whole gateway anew, the last plan is let go
+/// (two at once were the agent's peak memory), but never while a sweep
+/// still needs it to judge flows. Port accounting then reads the EIPs
+/// from the kernel's table.
+#[test]
+fn the_last_plan_is_let_go_only_once_swept() {
+    let lab = lab("release");
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let p = plan(&objects(&rules()));
+    gw.program(&p).unwrap();
+    assert!(!gw.swept(), "the first sync of a process owes a sweep");
+    assert!(!gw.release_plan(), "the plan went while a sweep still needed it");
+    gw.sweep().unwrap();
+    assert!(gw.release_plan());
+    // No flows here: what counts is that the kernel's read serves.
+    assert!(gw.port_usage(5).unwrap().usage.is_empty());
+    gw.resync(&p).unwrap();
+    assert_clean(&gw, &p);
+}

@@ -243,6 +243,20 @@ impl Gateway {
         }
     }
 
+    /// Lets go of the last plan programmed, unless a sweep still needs it
+    /// to judge flows; returns whether it went. A caller about to plan a
+    /// whole gateway from scratch calls it first, so two whole plans that
+    /// share nothing are never held at once (30 MB at 226,000 objects).
+    /// Until the next sync, `port_usage` reads the EIPs from the kernel.
+    pub fn release_plan(&self) -> bool {
+        let mut sweeps = self.shared.sweeps.lock().unwrap_or_else(|p| p.into_inner());
+        if !sweeps.settled() {
+            return false;
+        }
+        sweeps.plan = None;
+        true
+    }
+
     /// Whether every change programmed so far has been swept.
     pub fn swept(&self) -> bool {
         self.shared.sweeps.lock().unwrap_or_else(|p| p.into_inner()).settled()
