@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use netlink_sys::Socket;
 
-use crate::nfnl::{NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message};
+use crate::nfnl::{NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message, messages};
 use crate::nft::TABLE;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,8 @@ const SET_KEY_TYPE: u16 = 4;
 const SET_DATA_TYPE: u16 = 6;
 const SET_F_INTERVAL: u32 = 0x4;
 const SET_F_MAP: u32 = 0x8;
+/// Set by some nft versions for a concatenated key: the key type says it.
+const SET_F_CONCAT: u32 = 0x80;
 const ELEM_LIST_TABLE: u16 = 1;
 const ELEM_LIST_SET: u16 = 2;
 const ELEM_LIST_ELEMENTS: u16 = 3;
@@ -69,34 +71,30 @@ fn request(
     let mut reply = vec![0u8; 1 << 16];
     loop {
         let size = socket.recv(&mut &mut reply[..], 0)?;
-        let mut offset = 0;
-        while offset + 16 <= size {
-            let word = |at: usize| u32::from_ne_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]]);
-            let len = word(offset) as usize;
-            let kind = u16::from_ne_bytes([reply[offset + 4], reply[offset + 5]]);
-            if len < 16 || offset + len > size {
-                return Err(DumpError::Malformed { what: what.into(), why: format!("message of {len} bytes") });
-            }
-            match kind {
+        let whole: usize = messages(&reply[..size]).map(|m| m.bytes.len().next_multiple_of(4)).sum();
+        if whole < size {
+            let why = format!("{} of {size} bytes are no whole message", size - whole);
+            return Err(DumpError::Malformed { what: what.into(), why });
+        }
+        for m in messages(&reply[..size]) {
+            match m.kind {
                 NLMSG_DONE => return Ok(true),
-                NLMSG_ERROR if len >= 20 => {
-                    let errno = -(word(offset + 16) as i32);
-                    return match errno {
-                        0 => Ok(true),
-                        ENOENT => Ok(false),
-                        _ => Err(DumpError::Refused { what, errno }),
+                NLMSG_ERROR => {
+                    return match m.errno() {
+                        Some(0) => Ok(true),
+                        Some(ENOENT) => Ok(false),
+                        errno => Err(DumpError::Refused { what, errno: errno.unwrap_or(0) }),
                     };
                 }
-                _ if len >= 20 => {
-                    // Past the netlink header and nfgenmsg's four bytes.
-                    each(&reply[offset + 20..offset + len])?;
+                // Past the netlink header and nfgenmsg's four bytes.
+                _ if m.bytes.len() >= 20 => {
+                    each(&m.bytes[20..])?;
                     if !dump {
                         return Ok(true);
                     }
                 }
                 _ => {}
             }
-            offset += len.next_multiple_of(4);
         }
     }
 }
@@ -169,25 +167,33 @@ pub fn sets(socket: &Socket) -> Result<BTreeMap<String, String>, DumpError> {
     request(socket, "sets", NFT_MSG_GETSET, NLM_F_DUMP, &table_body(SET_TABLE), |m| {
         let name = find(m, SET_NAME).map(text).unwrap_or_default();
         let flags = find(m, SET_FLAGS).and_then(be32).unwrap_or(0);
-        let key = find(m, SET_KEY_TYPE).and_then(be32).map(type_name).unwrap_or_default();
-        let value = match find(m, SET_DATA_TYPE).and_then(be32) {
-            Some(t) if flags & SET_F_MAP != 0 => type_name(t),
-            _ => String::new(),
-        };
-        // Flags other than a map's and an interval's (constant, timeout,
-        // dynamic...) are not natgw's: spelled out so they differ.
-        let rest = flags & !(SET_F_MAP | SET_F_INTERVAL);
-        let mut shown: Vec<String> = Vec::new();
-        if flags & SET_F_INTERVAL != 0 {
-            shown.push("interval".into());
-        }
-        if rest != 0 {
-            shown.push(format!("{rest:#x}"));
-        }
-        out.insert(name, format!("{key}|{value}|{}", shown.join(",")));
+        let key = find(m, SET_KEY_TYPE).and_then(be32);
+        let data = find(m, SET_DATA_TYPE).and_then(be32);
+        out.insert(name, describe(flags, key, data));
         Ok(())
     })?;
     Ok(out)
+}
+
+/// A set as the skeleton spells it (`type|map|flags`, as
+/// `model::Set::describe`). Flags other than a map's and an interval's
+/// (constant, timeout, dynamic...) are not natgw's: spelt out, so they
+/// differ.
+fn describe(flags: u32, key: Option<u32>, data: Option<u32>) -> String {
+    let key = key.map(type_name).unwrap_or_default();
+    let value = match data {
+        Some(t) if flags & SET_F_MAP != 0 => type_name(t),
+        _ => String::new(),
+    };
+    let mut shown: Vec<String> = Vec::new();
+    if flags & SET_F_INTERVAL != 0 {
+        shown.push("interval".into());
+    }
+    let rest = flags & !(SET_F_MAP | SET_F_INTERVAL | SET_F_CONCAT);
+    if rest != 0 {
+        shown.push(format!("{rest:#x}"));
+    }
+    format!("{key}|{value}|{}", shown.join(","))
 }
 
 /// The comment of each rule, by chain, in the chain's order.
@@ -253,6 +259,19 @@ mod tests {
         assert_eq!(type_name((7 << 6) | 13), "ipv4_addr . inet_service");
         assert_eq!(type_name(9), "type 9");
         assert_eq!(type_name(DATA_VERDICT), "verdict");
+    }
+
+    #[test]
+    fn sets_are_described_as_natgw_declares_them() {
+        let port_fwd = (7 << 12) | (12 << 6) | 13;
+        assert_eq!(
+            describe(SET_F_MAP | SET_F_CONCAT, Some(port_fwd), Some((7 << 6) | 13)),
+            "ipv4_addr . inet_proto . inet_service|ipv4_addr . inet_service|"
+        );
+        assert_eq!(describe(SET_F_INTERVAL | SET_F_MAP, Some(7), Some(7)), "ipv4_addr|ipv4_addr|interval");
+        assert_eq!(describe(SET_F_INTERVAL, Some(7), None), "ipv4_addr||interval");
+        // A constant set (0x2) is not one of natgw's.
+        assert_eq!(describe(0x2 | SET_F_MAP, Some(7), Some(7)), "ipv4_addr|ipv4_addr|0x2");
     }
 
     #[test]

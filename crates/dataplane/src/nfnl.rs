@@ -166,6 +166,37 @@ pub(crate) fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family
     buf.extend(body);
 }
 
+/// One netlink message of a reply: its type and its bytes, header included.
+pub(crate) struct Msg<'a> {
+    pub kind: u16,
+    pub bytes: &'a [u8],
+}
+
+impl Msg<'_> {
+    /// The 32-bit word at `at`, in host order.
+    pub fn word(&self, at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(self.bytes.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// An error message's errno, positive (0 is an acknowledgement).
+    pub fn errno(&self) -> Option<i32> {
+        self.word(16).map(|e| -(e as i32))
+    }
+}
+
+/// The messages of one datagram; stops at one whose length does not fit.
+pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = Msg<'_>> {
+    std::iter::from_fn(move || {
+        let len = u32::from_ne_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+        if len < 16 || len > buf.len() {
+            return None;
+        }
+        let m = Msg { kind: u16::from_ne_bytes([buf[4], buf[5]]), bytes: &buf[..len] };
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some(m)
+    })
+}
+
 /// A deletion names the key only.
 pub(crate) fn elements(set: &str, items: &[Element], with_data: bool) -> Vec<u8> {
     let mut body = Vec::new();
@@ -233,24 +264,16 @@ impl Nfnl {
         let mut reply = vec![0u8; 1 << 16];
         while seen < acked.len() {
             let size = self.socket.recv(&mut &mut reply[..], 0)?;
-            let mut offset = 0;
-            while offset + 20 <= size {
-                let word = |at: usize| u32::from_ne_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]]);
-                let len = word(offset) as usize;
-                let kind = u16::from_ne_bytes([reply[offset + 4], reply[offset + 5]]);
-                if kind == NLMSG_ERROR {
-                    let errno = word(offset + 16) as i32;
+            for m in messages(&reply[..size]) {
+                if m.kind == NLMSG_ERROR {
+                    let errno = m.errno().unwrap_or(0);
                     if errno != 0 {
-                        let seq = word(offset + 16 + 4 + 8) as usize;
+                        let seq = m.word(16 + 4 + 8).unwrap_or(0) as usize;
                         let set = acked.get(seq.saturating_sub(1)).copied().unwrap_or("?").to_string();
-                        return Err(NfnlError::Refused { set, errno: -errno });
+                        return Err(NfnlError::Refused { set, errno });
                     }
                     seen += 1;
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += len.next_multiple_of(4);
             }
         }
         Ok(())
@@ -260,6 +283,20 @@ impl Nfnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_split_a_datagram_and_stop_at_a_length_that_does_not_fit() {
+        let mut buf = Vec::new();
+        message(&mut buf, 7, 0, 1, NFPROTO_IPV4, 0, &[1, 2, 3]);
+        message(&mut buf, 8, 0, 2, NFPROTO_IPV4, 0, &[]);
+        let first_len = 16 + 4 + 3;
+        buf.splice(first_len..first_len, [0u8]); // pad the first to four bytes
+        let kinds: Vec<u16> = messages(&buf).map(|m| m.kind).collect();
+        assert_eq!(kinds, vec![7, 8]);
+        let mut bad = buf.clone();
+        bad[24..28].copy_from_slice(&999u32.to_ne_bytes());
+        assert_eq!(messages(&bad).count(), 1, "a length past the end ends the datagram");
+    }
 
     #[test]
     fn concatenated_fields_are_padded_as_nft_stores_them() {
