@@ -102,25 +102,20 @@ struct Planning {
 
 impl Planning {
     /// The plan for `set`, where `changed` changed since the last call:
-    /// incremental, except on a resync, which plans from scratch so no
-    /// slip of the incremental path outlives it.
+    /// incremental, or from scratch when there is no planner (the first
+    /// round, after a failure, and on a resync, so no slip of the
+    /// incremental path outlives it).
     fn plan(
         planner: &mut Option<GatewayPlanner>,
         set: &ObjectSet,
         gw: &str,
         changed: &BTreeSet<ObjectRef>,
-        resync: bool,
     ) -> Result<Arc<GatewayPlan>, Error> {
         let planned = match planner.as_mut() {
-            Some(p) if !resync => p.update(set, changed),
-            _ => {
-                // The old planner goes first: two planners of a whole
-                // gateway at once were the agent's peak memory.
-                *planner = None;
-                GatewayPlanner::new(set, gw).map(|p| {
-                    *planner = Some(p);
-                })
-            }
+            Some(p) => p.update(set, changed),
+            None => GatewayPlanner::new(set, gw).map(|p| {
+                *planner = Some(p);
+            }),
         };
         match (planned, planner.as_ref()) {
             (Ok(()), Some(p)) => Ok(Arc::new(p.plan().clone())),
@@ -147,12 +142,8 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
     let owed = std::mem::take(&mut planning.owed);
     let refreshed = caches.refresh(set, &mut planning.entries, resync || before.is_none(), &owed);
     let (full, mut planned) = (refreshed.full, refreshed.planned);
-    // A resync plans from scratch and reads no earlier plan: the old ones
-    // go now, before the new one is built beside them.
+    // A resync plans from scratch and reads no earlier plan.
     let before = before.filter(|_| !resync);
-    if resync {
-        planning.reported = None;
-    }
     let mut changed = refreshed.changed;
     let entries = &planning.entries;
     // An Eip of this gateway; a rule whose Eip is one, or that still
@@ -238,10 +229,15 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
         Some(p) if !planned && !resync => (p.clone(), natgw_dataplane::SyncReport::default(), true),
         _ => {
             if resync {
-                // The plan the kernel holds goes too, unless a sweep needs it.
+                // Whatever holds the last plan lets go before the new one
+                // is built beside it (two whole plans at once were the
+                // agent's peak memory); the kernel's copy stays while a
+                // sweep needs it.
+                planning.planner = None;
+                planning.reported = None;
                 gateway.release_plan();
             }
-            let plan = Planning::plan(&mut planning.planner, set, gw, &changed, resync)?;
+            let plan = Planning::plan(&mut planning.planner, set, gw, &changed)?;
             let (g, p) = (gateway.clone(), plan.clone());
             let report =
                 tokio::task::spawn_blocking(move || if resync { g.reprogram(&p) } else { g.program(&p) }).await??;

@@ -18,20 +18,20 @@ pub fn cap_arenas() {
 }
 
 /// As often as the agent's resync, which builds the largest transients.
-pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Every `period`, hands the pages freed inside the heap back to the
+/// Every `TRIM_PERIOD`, hands the pages freed inside the heap back to the
 /// kernel. glibc returns only the heap's top on its own: the pages a
-/// transient freed between long-lived objects stay resident, and were
-/// most of the gap between what the agent holds and its resident memory.
+/// transient freed between long-lived objects stay resident (one trim
+/// after a resync's old planner went: 294 to 224 MB at 226,000 objects).
 /// A thread of its own: the trim walks the heap and must not hold up a
 /// runtime worker.
-pub fn trim_every(period: std::time::Duration) {
+pub fn start_trimming() {
     #[cfg(target_env = "gnu")]
     {
-        let spawned = std::thread::Builder::new().name("malloc-trim".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name("malloc-trim".into()).spawn(|| {
             loop {
-                std::thread::sleep(period);
+                std::thread::sleep(TRIM_PERIOD);
                 // SAFETY: mallinfo2 and malloc_trim only read and adjust the
                 // allocator's own state, under its locks.
                 let (before, released) = unsafe {
@@ -50,6 +50,4 @@ pub fn trim_every(period: std::time::Duration) {
             tracing::warn!(error = %e, "cannot start the heap trimmer; resident memory may stay above what is used");
         }
     }
-    #[cfg(not(target_env = "gnu"))]
-    let _ = period;
 }

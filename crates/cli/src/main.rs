@@ -259,7 +259,7 @@ async fn stop_signal() {
 }
 
 fn controller(election: natgw_controller::Election, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    allocator::trim_every(allocator::TRIM_PERIOD);
+    allocator::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = bind(health_addr).await?;
         let client = kube::Client::try_default().await?;
@@ -278,7 +278,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
-    allocator::trim_every(allocator::TRIM_PERIOD);
+    allocator::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
         let listener = bind(a.health_addr).await?;
@@ -290,7 +290,7 @@ fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
 }
 
 fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
-    allocator::trim_every(allocator::TRIM_PERIOD);
+    allocator::start_trimming();
     let config = a.config().map_err(anyhow::Error::msg)?;
     let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {

@@ -71,12 +71,9 @@ fn request(
     let mut reply = vec![0u8; 1 << 16];
     loop {
         let size = socket.recv(&mut &mut reply[..], 0)?;
-        let whole: usize = messages(&reply[..size]).map(|m| m.bytes.len().next_multiple_of(4)).sum();
-        if whole < size {
-            let why = format!("{} of {size} bytes are no whole message", size - whole);
-            return Err(DumpError::Malformed { what: what.into(), why });
-        }
+        let mut whole = 0;
         for m in messages(&reply[..size]) {
+            whole += m.bytes.len().next_multiple_of(4);
             match m.kind {
                 NLMSG_DONE => return Ok(true),
                 NLMSG_ERROR => {
@@ -95,6 +92,10 @@ fn request(
                 }
                 _ => {}
             }
+        }
+        if whole < size {
+            let why = format!("{} of {size} bytes are no whole message", size - whole);
+            return Err(DumpError::Malformed { what: what.into(), why });
         }
     }
 }
