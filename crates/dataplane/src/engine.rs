@@ -274,6 +274,31 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
         lap(&mut report, "eips-add");
         apply_maps(&maps)?;
         report.nft_statements = maps.iter().map(|m| m.delete.len() + m.add.len()).sum();
+    } else if !k.table.present || k.table.skeleton.chains.is_empty() {
+        // Nothing of the table translates yet: write it in stages. The
+        // maps fill (on a socket of this namespace, from a helper thread)
+        // while the EIPs go in here.
+        report.table_rebuilt = true;
+        let staged = nft::staged(&plan.lan_interface, &plan.external_interface, &plan.nat);
+        let declare = nft::start(staged.declare)?;
+        let socket = nfnl::Nfnl::open()?;
+        let maps = &staged.maps;
+        let (added, filled) = std::thread::scope(|scope| {
+            let filler = scope.spawn(move || -> Result<(), SyncError> {
+                declare.wait()?;
+                Ok(socket.apply(maps)?)
+            });
+            let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
+            let filled = filler
+                .join()
+                .unwrap_or_else(|_| Err(nfnl::NfnlError::Io(std::io::Error::other("the map writer panicked")).into()));
+            (added, filled)
+        });
+        lap(&mut report, "eips-add");
+        added?;
+        filled?;
+        report.nft_statements = maps.iter().map(|m| m.add.len()).sum::<usize>() + staged.hook.lines().count();
+        nft::apply(&staged.hook)?;
     } else {
         let script = if table_ok {
             nft::diff_script(&k.table.nat, &plan.nat)

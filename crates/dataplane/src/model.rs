@@ -172,6 +172,15 @@ impl Table {
     /// Replaces the whole table: the fixed part, then `changes` (made
     /// against empty contents), in one script.
     pub fn full_script(&self, changes: &[Change]) -> String {
+        let mut s = self.declare_script();
+        s.push_str(&self.chains_script());
+        s.push_str(&self.script(changes));
+        s
+    }
+
+    /// Replaces the table with one that declares its sets and maps, empty,
+    /// and has no chain: it does nothing to packets yet.
+    pub fn declare_script(&self) -> String {
         let mut s = self.delete_script();
         let _ = writeln!(s, "table {} {} {{", self.family, self.name);
         let _ = writeln!(s, "  comment \"{}\"", self.comment);
@@ -183,6 +192,14 @@ impl Table {
             let flags = if set.interval { " flags interval;" } else { "" };
             let _ = writeln!(s, "  {what} {} {{ type {ty};{flags} }}", set.name);
         }
+        s.push_str("}\n");
+        s
+    }
+
+    /// Adds the chains and their rules to a declared table: from their
+    /// commit on, the table translates.
+    pub fn chains_script(&self) -> String {
+        let mut s = format!("table {} {} {{\n", self.family, self.name);
         for chain in &self.chains {
             let _ = writeln!(
                 s,
@@ -195,7 +212,6 @@ impl Table {
             s.push_str("  }\n");
         }
         s.push_str("}\n");
-        s.push_str(&self.script(changes));
         s
     }
 
@@ -318,5 +334,14 @@ mod tests {
         assert!(s.contains(&format!("snat ip to ip saddr map @m comment \"{comment}\"")), "{s}");
         assert_eq!(t.skeleton().rules["post"], vec![comment]);
         assert_eq!(t.skeleton().chains["post"], "nat|postrouting|99|accept");
+    }
+
+    #[test]
+    fn a_staged_write_declares_first_and_hooks_chains_last() {
+        let t = table();
+        let (declare, chains) = (t.declare_script(), t.chains_script());
+        assert!(declare.contains("map m {") && !declare.contains("chain"), "{declare}");
+        assert!(chains.contains("chain post {") && !chains.contains("map m {"), "{chains}");
+        assert_eq!(t.full_script(&[]), declare + &chains);
     }
 }

@@ -9,7 +9,9 @@
 //! sets, whose elements nft splits and merges, and whole-table writes still
 //! go through `nft -f`.
 
+use std::cell::Cell;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd as _;
 
 use natgw_api::Protocol;
 use natgw_plan::NatTables;
@@ -43,8 +45,15 @@ const LIST_ELEM: u16 = 1;
 const ELEM_KEY: u16 = 1;
 const ELEM_DATA: u16 = 2;
 const DATA_VALUE: u16 = 1;
-/// Elements per message: far below the socket's buffers.
-const CHUNK: usize = 256;
+/// Elements per message: their list is one attribute, whose length has
+/// 16 bits (1,024 port forwards take 41 KB).
+const CHUNK: usize = 1024;
+/// The socket buffers' default size (`net.core.wmem_default`): a batch is
+/// one `sendmsg`, refused with EMSGSIZE beyond the send buffer.
+const DEFAULT_BUFFER: usize = 212_992;
+/// What one acknowledgement takes of the receive buffer, generously: the
+/// kernel queues them all before the first is read.
+const ACK_ROOM: usize = 2048;
 
 /// One element: its key and, for a map, its value, as the kernel stores
 /// them (each field of a concatenation padded to four bytes).
@@ -105,29 +114,26 @@ fn map_diff<K: Ord + Clone, V: PartialEq + Clone>(
     c
 }
 
-/// Elements one batch may carry: one batch is one `sendmsg`, refused with
-/// EMSGSIZE beyond the socket's send buffer (208 KiB by default; an
-/// element takes up to about 60 bytes). Found at 50,000 objects, when
-/// 21,000 FloatingIps arrived in one agent round and every round failed.
-pub const MAX_ELEMENTS: usize = 2000;
-
 /// The map changes from `have` to `want`, or `None` when an interval set
-/// changes too, or when they are too many for one message (both take
-/// `nft -f`, which splits its batch itself).
+/// changes too (nft splits and merges intervals; the whole change then
+/// goes through `nft -f`, in one transaction).
 pub fn changes(have: &NatTables, want: &NatTables) -> Option<Vec<MapChange>> {
     if have.snat != want.snat || have.internal_nets != want.internal_nets {
         return None;
     }
-    let all = [
+    Some(map_changes(have, want))
+}
+
+/// The hash maps' changes from `have` to `want`, the unchanged left out.
+pub fn map_changes(have: &NatTables, want: &NatTables) -> Vec<MapChange> {
+    [
         map_diff("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
         map_diff("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
         map_diff("port_fwd", &have.port_fwd, &want.port_fwd, port_key, target),
-    ];
-    if all.iter().map(|c| c.delete.len() + c.add.len()).sum::<usize>() > MAX_ELEMENTS {
-        return None;
-    }
-    let all: Vec<MapChange> = all.into_iter().filter(|c| !c.delete.is_empty() || !c.add.is_empty()).collect();
-    Some(all)
+    ]
+    .into_iter()
+    .filter(|c| !c.delete.is_empty() || !c.add.is_empty())
+    .collect()
 }
 
 pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -244,11 +250,47 @@ pub fn batch(changes: &[MapChange]) -> (Vec<u8>, Vec<&'static str>) {
 /// An nf_tables netlink socket in the namespace of the thread that opened it.
 pub struct Nfnl {
     socket: Socket,
+    /// The size both buffers were last given.
+    room: Cell<usize>,
+}
+
+fn setsockopt(socket: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: the pointer and length describe `value`, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 impl Nfnl {
     pub fn open() -> Result<Self, NfnlError> {
-        Ok(Nfnl { socket: crate::conntrack::netfilter_socket()? })
+        let socket = crate::conntrack::netfilter_socket()?;
+        // Errors echo only the header of the refused message, not its
+        // thousand elements.
+        setsockopt(&socket, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
+        Ok(Nfnl { socket, room: Cell::new(DEFAULT_BUFFER) })
+    }
+
+    /// Grows both socket buffers, as nft does, for a batch of `bytes` and
+    /// `messages`: the whole of it is one `sendmsg` and one transaction,
+    /// however large (220,000 elements take about 7 MB).
+    fn make_room(&self, bytes: usize, messages: usize) -> Result<(), NfnlError> {
+        let want = bytes.max(messages * ACK_ROOM).max(DEFAULT_BUFFER);
+        if want > self.room.get() {
+            let size = i32::try_from(want).map_err(|_| std::io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+            // The *FORCE options pass the sysctl maxima (CAP_NET_ADMIN,
+            // which programming nftables needs anyway).
+            setsockopt(&self.socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)?;
+            setsockopt(&self.socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size)?;
+            self.room.set(want);
+        }
+        Ok(())
     }
 
     /// Applies the changes in one transaction: all or nothing.
@@ -257,6 +299,7 @@ impl Nfnl {
         if acked.is_empty() {
             return Ok(());
         }
+        self.make_room(buf.len(), acked.len())?;
         self.socket.send(&buf, 0)?;
         // One acknowledgement per message; after a refusal the kernel
         // rolls the whole batch back and reports only the errors.
@@ -321,21 +364,26 @@ mod tests {
     }
 
     #[test]
-    fn more_elements_than_one_message_carries_take_nft() {
+    fn a_message_of_port_forwards_fits_one_attribute() {
+        let items: Vec<Element> = (0..CHUNK as u32)
+            .map(|i| (port_key(&(i.into(), Protocol::Udp, 65535)), target(&(i.into(), 65535))))
+            .collect();
+        let body = elements("port_fwd", &items, true);
+        assert!(body.len() < u16::MAX as usize, "{} bytes", body.len());
+    }
+
+    #[test]
+    fn every_map_change_takes_netlink_however_large() {
         let have = NatTables::default();
         let mut want = have.clone();
-        for i in 0..=MAX_ELEMENTS as u32 / 2 {
+        for i in 0..5000u32 {
             want.fip_dnat.insert(i.into(), i.into());
             want.fip_snat.insert(i.into(), i.into());
         }
-        assert!(changes(&have, &want).is_none());
-        // The largest batch that goes by netlink fits the default buffer.
-        let mut fits = have.clone();
-        for i in 0..MAX_ELEMENTS as u32 / 3 {
-            fits.port_fwd.insert((i.into(), natgw_api::Protocol::Tcp, 80), (i.into(), 8080));
-        }
-        let (buf, _) = batch(&changes(&have, &fits).unwrap());
-        assert!(buf.len() * 3 < 212_992, "{} bytes for a third of the limit", buf.len());
+        let c = changes(&have, &want).expect("maps only");
+        let (buf, acked) = batch(&c);
+        assert_eq!(acked.len(), 2 * 5000usize.div_ceil(CHUNK));
+        assert!(buf.len() > DEFAULT_BUFFER, "this batch needs its buffer grown: {} bytes", buf.len());
     }
 
     #[test]

@@ -116,6 +116,16 @@ fn changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
         ord_map_change("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
         ord_map_change("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
         ord_map_change("port_fwd", &have.port_fwd, &want.port_fwd, port_key, |(ip, port)| format!("{ip} . {port}")),
+    ]
+    .into_iter()
+    .chain(interval_changes(have, want))
+    .collect()
+}
+
+/// The interval sets' changes: nft splits and merges their intervals, so
+/// they always go through it.
+fn interval_changes(have: &NatTables, want: &NatTables) -> [Change; 2] {
+    [
         whole_change("snat_nets", &have.snat, &want.snat, |r| format!("{} : {}", range(r.first, r.last), r.eip)),
         whole_change("internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| range(*a, *b)),
     ]
@@ -124,6 +134,26 @@ fn changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
 /// A script that replaces the whole table with the desired one.
 pub fn full_script(lan: &str, ext: &str, nat: &NatTables) -> String {
     table(lan, ext).full_script(&changes(&NatTables::default(), nat))
+}
+
+/// A whole table written in stages, for a gateway whose table translates
+/// nothing yet (absent, or without chains): nft would hold every element
+/// of the maps in its own memory (198 MB at 220,000 elements), so they go
+/// over netlink between two small scripts. The first declares the table
+/// empty; the second hooks the chains and fills the interval sets, so the
+/// whole table comes into force at once, with its second commit.
+pub struct Staged {
+    pub declare: String,
+    pub maps: Vec<crate::nfnl::MapChange>,
+    pub hook: String,
+}
+
+pub fn staged(lan: &str, ext: &str, nat: &NatTables) -> Staged {
+    let t = table(lan, ext);
+    let empty = NatTables::default();
+    let mut hook = t.chains_script();
+    hook.push_str(&t.script(&interval_changes(&empty, nat)));
+    Staged { declare: t.declare_script(), maps: crate::nfnl::map_changes(&empty, nat), hook }
 }
 
 /// A script that turns the kernel's elements into the desired ones, or an
