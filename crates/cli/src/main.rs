@@ -1,7 +1,6 @@
 //! `natgw`: one binary for every role: standalone gateway mode, the lab,
 //! the controller, the gateway agent and the node agent.
 
-mod allocator;
 mod standalone;
 mod top;
 
@@ -159,12 +158,14 @@ enum LabAction {
 }
 
 fn main() -> ExitCode {
-    allocator::cap_arenas();
+    let cli = Cli::parse();
+    // The agent's threads take turns on one large state; the controller's
+    // run side by side.
+    natgw_kube_support::heap::cap_arenas(if matches!(cli.command, Command::Agent(_)) { 1 } else { 2 });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan { path, gateway, json } => standalone::plan(&path, gateway.as_deref(), json),
         Command::Apply { netns, path, gateway } => standalone::apply(&netns, &path, gateway.as_deref()),
@@ -259,7 +260,7 @@ async fn stop_signal() {
 }
 
 fn controller(election: natgw_controller::Election, health_addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    allocator::start_trimming();
+    natgw_kube_support::heap::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = bind(health_addr).await?;
         let client = kube::Client::try_default().await?;
@@ -278,7 +279,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
-    allocator::start_trimming();
+    natgw_kube_support::heap::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
         let client = kube::Client::try_default().await?;
         let listener = bind(a.health_addr).await?;
@@ -290,7 +291,7 @@ fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
 }
 
 fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
-    allocator::start_trimming();
+    natgw_kube_support::heap::start_trimming();
     let config = a.config().map_err(anyhow::Error::msg)?;
     let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {

@@ -9,12 +9,15 @@
 //! - `events`: Warning Events whose message is always the current one;
 //! - `claims`: the ConfigMaps that say which Eip holds an address;
 //! - `health`: /healthz, /readyz and /metrics;
-//! - `untyped`: objects as the watches decode them, managedFields skipped.
+//! - `untyped`: objects as the watches decode them, managedFields skipped;
+//! - `heap`: the allocator's upkeep in long-running processes (arenas
+//!   capped, freed pages handed back).
 
 pub mod cache;
 pub mod claims;
 pub mod events;
 pub mod health;
+pub mod heap;
 pub mod kind;
 pub mod ready;
 pub mod status;
