@@ -300,19 +300,35 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
         report.nft_statements = maps.iter().map(|m| m.add.len()).sum::<usize>() + staged.hook.lines().count();
         nft::apply(&staged.hook)?;
     } else {
+        let full = || nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat);
+        let rechain = !table_ok && k.table.skeleton.sets == skeleton.sets;
         let script = if table_ok {
             nft::diff_script(&k.table.nat, &plan.nat)
+        } else if rechain {
+            nft::rechain_script(&plan.lan_interface, &plan.external_interface, &k.table, &plan.nat)
         } else {
-            report.table_rebuilt = true;
-            nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat)
+            full()
         };
+        report.table_rebuilt = !table_ok;
         report.nft_statements = script.lines().count();
         let nft = if script.is_empty() { None } else { Some(nft::start(script)?) };
         let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
         lap(&mut report, "eips-add");
         let committed = nft.map(nft::Running::wait).transpose();
         added?;
-        committed?;
+        match committed {
+            // Chains made by hand in ways the replacement cannot undo: the
+            // whole table goes, as one transaction still.
+            Err(e) if rechain => {
+                tracing::warn!(error = %e, "replacing natgw's chains failed; rebuilding the whole table");
+                let script = full();
+                report.nft_statements = script.lines().count();
+                nft::apply(&script)?;
+            }
+            other => {
+                other?;
+            }
+        }
     }
     report.addresses_added = new_eips.into_iter().cloned().collect();
     let announce = report.addresses_added.clone();

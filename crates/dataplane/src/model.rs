@@ -215,6 +215,20 @@ impl Table {
         s
     }
 
+    /// Replaces every chain of the table (`kernel_chains`, as read back)
+    /// with its own, leaving the sets and their elements in place: flushed
+    /// first, so that jumps between them go before the chains do.
+    pub fn rechain_script<'a>(&self, kernel_chains: impl Iterator<Item = &'a str> + Clone) -> String {
+        let mut s = String::new();
+        for verb in ["flush", "delete"] {
+            for c in kernel_chains.clone() {
+                let _ = writeln!(s, "{verb} chain {} {} {c}", self.family, self.name);
+            }
+        }
+        s.push_str(&self.chains_script());
+        s
+    }
+
     /// The element statements of `changes`: every flush and delete before
     /// any add; empty when nothing changes.
     pub fn script(&self, changes: &[Change]) -> String {
@@ -343,5 +357,17 @@ mod tests {
         assert!(declare.contains("map m {") && !declare.contains("chain"), "{declare}");
         assert!(chains.contains("chain post {") && !chains.contains("map m {"), "{chains}");
         assert_eq!(t.full_script(&[]), declare + &chains);
+    }
+
+    #[test]
+    fn rechaining_flushes_every_chain_before_deleting_any() {
+        let s = table().rechain_script(["post", "stray"].into_iter());
+        assert!(
+            s.starts_with(
+                "flush chain ip t post\nflush chain ip t stray\ndelete chain ip t post\ndelete chain ip t stray\n"
+            ),
+            "{s}"
+        );
+        assert!(s.ends_with(&table().chains_script()), "{s}");
     }
 }

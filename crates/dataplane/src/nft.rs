@@ -156,6 +156,16 @@ pub fn staged(lan: &str, ext: &str, nat: &NatTables) -> Staged {
     Staged { declare: t.declare_script(), maps: crate::nfnl::map_changes(&empty, nat), hook }
 }
 
+/// For a table whose sets are as natgw declares them but whose chains are
+/// not (a rule edited by hand, other interfaces): the chains replaced and
+/// the elements diffed, in one script. nft then holds only the change, not
+/// every element, as a whole rebuild would make it (205 MB at 226,000).
+pub fn rechain_script(lan: &str, ext: &str, kernel: &KernelTable, want: &NatTables) -> String {
+    let mut s = table(lan, ext).rechain_script(kernel.skeleton.chains.keys().map(String::as_str));
+    s.push_str(&diff_script(&kernel.nat, want));
+    s
+}
+
 /// A script that turns the kernel's elements into the desired ones, or an
 /// empty string when they already match.
 pub fn diff_script(have: &NatTables, want: &NatTables) -> String {
