@@ -194,13 +194,14 @@ async fn run(args: Args) -> Result<()> {
         &obj::<Subnet>(
             "Subnet",
             "bulk",
-            serde_json::json!({"vpc": "demo", "cidr": "10.78.0.0/16", "gateway": "10.78.0.1"}),
+            // /15s: room for 100,000 FloatingIps (a /16 held 65,533).
+            serde_json::json!({"vpc": "demo", "cidr": "10.78.0.0/15", "gateway": "10.78.0.1"}),
         )?,
     )
     .await?;
     create(
         &admin,
-        &obj::<Subnet>("Subnet", "external", serde_json::json!({"cidr": "100.64.0.0/16", "gateway": "100.64.0.1"}))?,
+        &obj::<Subnet>("Subnet", "external", serde_json::json!({"cidr": "100.64.0.0/15", "gateway": "100.64.0.1"}))?,
     )
     .await?;
     let gw = serde_json::json!({"vpc": "demo", "lanInterface": "lan0", "externalInterface": "ext0", "externalSubnet": "external"});
