@@ -5,7 +5,7 @@
 //! its Eip object is gone, and the gateway agent lets an Eip go only after
 //! its address left the gateway: an address is reused only once it is off.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -138,6 +138,9 @@ pub enum Outcome {
 #[derive(Default)]
 pub struct Book {
     cell: tokio::sync::OnceCell<std::sync::Mutex<Claims>>,
+    /// Where the names of Eips waiting on a full subnet go when an address
+    /// is let go or a subnet changes (the Eip controller's triggers).
+    wake: Option<futures::channel::mpsc::UnboundedSender<String>>,
 }
 
 #[derive(Default)]
@@ -150,6 +153,9 @@ struct Claims {
     /// 34,500 Eips waiting on a full /16 kept the controller at 100% CPU,
     /// each retry walking 65,533 claims.
     scan_from: HashMap<ScanKey, u64>,
+    /// Eips told their subnet is full: woken by a release or a subnet's
+    /// change instead of polling.
+    waiting: BTreeSet<String>,
 }
 
 type ScanKey = (ipnet::Ipv4Net, Ipv4Addr, Vec<(u32, u32)>);
@@ -191,6 +197,28 @@ impl Claims {
 }
 
 impl Book {
+    /// A book that sends the names of waiting Eips to `wake`.
+    pub fn waking(wake: futures::channel::mpsc::UnboundedSender<String>) -> Self {
+        Self { cell: Default::default(), wake: Some(wake) }
+    }
+
+    /// Wakes every Eip waiting on a full subnet: an address was let go,
+    /// or a subnet changed (wider, fewer exclusions).
+    pub fn wake_waiting(&self) {
+        let names = self.with(|c| std::mem::take(&mut c.waiting)).unwrap_or_default();
+        if let Some(wake) = &self.wake {
+            for name in names {
+                let _ = wake.unbounded_send(name);
+            }
+        }
+    }
+
+    /// Forgets a deleted Eip's wait (a set of every name ever full would
+    /// grow with churn).
+    pub fn stop_waiting(&self, eip: &str) {
+        self.with(|c| c.waiting.remove(eip));
+    }
+
     async fn claims(&self, api: &Api<ConfigMap>) -> Result<&std::sync::Mutex<Claims>, kube::Error> {
         self.cell
             .get_or_try_init(|| async {
@@ -277,8 +305,10 @@ async fn allocate(
                 return Ok(Outcome::Held(*ip));
             }
             let Some(ip) = c.lowest_free(subnet, excluded).0 else {
+                c.waiting.insert(me.eip);
                 return Ok(Outcome::Exhausted);
             };
+            c.waiting.remove(&me.eip);
             // Reserved before the request, so concurrent allocations pick
             // other addresses.
             c.record(ip, me.clone());
@@ -346,6 +376,9 @@ pub async fn release_orphans(
         }
         book.with(|c| c.forget(ip));
         released += 1;
+    }
+    if released > 0 {
+        book.wake_waiting();
     }
     Ok(released)
 }

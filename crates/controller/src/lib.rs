@@ -265,10 +265,12 @@ pub async fn run(
     let (fip, fip_events, fip_relay) = shared::<FloatingIp>(&client, &users, stop());
     let (snat, snat_events, snat_relay) = shared::<SnatRule>(&client, &users, stop());
     let (dnat, dnat_events, dnat_relay) = shared::<DnatRule>(&client, &users, stop());
+    let (wake, woken) = futures::channel::mpsc::unbounded::<String>();
     let eip = primary::<Eip>(&client)
         .watches_stream(fip_events, |f: FloatingIp| parent::<Eip>(&f.spec.eip))
         .watches_stream(snat_events, |s: SnatRule| parent::<Eip>(&s.spec.eip))
-        .watches_stream(dnat_events, |d: DnatRule| parent::<Eip>(&d.spec.eip));
+        .watches_stream(dnat_events, |d: DnatRule| parent::<Eip>(&d.spec.eip))
+        .reconcile_on(woken.map(|name| CacheRef::new(&name)));
     let stores = Stores {
         vpcs: vpc.store(),
         subnets: subnet.store(),
@@ -287,7 +289,7 @@ pub async fn run(
         },
         namespace: namespace.clone(),
         options,
-        book: address::Book::default(),
+        book: address::Book::waking(wake),
         pods,
         users,
         written: Default::default(),

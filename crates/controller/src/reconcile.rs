@@ -90,8 +90,12 @@ async fn apply<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
         Typed::NatGateway(g) => gateway::ensure_workload(ctx, g).await,
         Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => rule::bind(ctx, obj).await,
         Typed::Vpc(v) => vpc::report_members(ctx, v).await,
-        // A Subnet only carries the finalizer.
-        Typed::Subnet(_) => Ok(Action::await_change()),
+        // A Subnet only carries the finalizer, and may have room now for
+        // Eips waiting on it.
+        Typed::Subnet(_) => {
+            ctx.book.wake_waiting();
+            Ok(Action::await_change())
+        }
     }
 }
 

@@ -320,3 +320,56 @@ async fn an_eips_users_show_in_its_status_and_follow_the_rules() {
     Api::<FloatingIp>::all(admin.clone()).delete("f", &DeleteParams::default()).await.unwrap();
     eventually("the deleted rule gone from usedBy", || async { used_by().await == "DnatRule/d" }).await;
 }
+
+/// An Eip told its subnet is full takes the first address let go, and
+/// the room a subnet's edit makes, without polling for it: the retry of
+/// a waiting Eip is five minutes, longer than `eventually` waits.
+#[tokio::test]
+async fn an_eip_waiting_on_a_full_subnet_is_woken_by_a_release_and_by_an_edit() {
+    let (env, admin) = setup(&crds()).await;
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), image()));
+    create::<Vpc>(&admin, "v", serde_json::json!({})).await;
+    // A /29: .1 routes, .2 is fenced off, .3 to .6 can be held.
+    let tiny = serde_json::json!({"cidr": "192.0.2.0/29", "gateway": "192.0.2.1", "excludeIps": ["192.0.2.2"]});
+    create::<Subnet>(&admin, "tiny", tiny).await;
+    let gw = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1",
+                                "externalSubnet": "tiny", "externalNetwork": "kube-system/ext"});
+    create::<NatGateway>(&admin, "gw", gw).await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let ip = |name: &'static str| {
+        let eips = eips.clone();
+        async move { eips.get_opt(name).await.unwrap().and_then(|e| e.status).and_then(|s| s.ip) }
+    };
+    let full = |name: &'static str| {
+        let eips = eips.clone();
+        async move {
+            eips.get(name).await.unwrap().status.is_some_and(|s| {
+                s.common.conditions.iter().any(|c| c.type_ == "AddressAssigned" && c.reason == "SubnetExhausted")
+            })
+        }
+    };
+    for name in ["e3", "e4", "e5", "e6"] {
+        create::<Eip>(&admin, name, serde_json::json!({"gateway": "gw"})).await;
+    }
+    eventually("the four addresses held", || async {
+        futures::future::join_all(["e3", "e4", "e5", "e6"].map(ip)).await.iter().all(Option::is_some)
+    })
+    .await;
+    create::<Eip>(&admin, "late", serde_json::json!({"gateway": "gw"})).await;
+    eventually("SubnetExhausted on the fifth", || full("late")).await;
+    assert!(warned(&admin, "SubnetExhausted", "late").await);
+
+    let freed = ip("e4").await.unwrap();
+    eips.delete("e4", &DeleteParams::default()).await.unwrap();
+    eventually("the address e4 let go held by the waiting Eip", || async { ip("late").await == Some(freed) }).await;
+
+    create::<Eip>(&admin, "later", serde_json::json!({"gateway": "gw"})).await;
+    eventually("SubnetExhausted on the next", || full("later")).await;
+    let subnets: Api<Subnet> = Api::all(admin.clone());
+    let open = serde_json::json!({"spec": {"excludeIps": []}});
+    subnets.patch("tiny", &PatchParams::default(), &Patch::Merge(&open)).await.unwrap();
+    eventually("the address the edit freed held by the waiting Eip", || async {
+        ip("later").await == Some("192.0.2.2".parse().unwrap())
+    })
+    .await;
+}
