@@ -33,6 +33,8 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use natgw_api::*;
 
+use kube::runtime::WatchStreamExt;
+use natgw_kube_support::cached_events_in;
 pub use natgw_kube_support::{KindResource, cached, cached_in, is_ready, undecodable_total};
 
 /// Held by every natgw object until its deletion may proceed.
@@ -186,8 +188,24 @@ impl Default for Options {
 
 /// A controller of kind K over a cache without managedFields.
 fn primary<K: KindResource>(client: &Client) -> Controller<K> {
-    let (reader, stream) = cached(client, watcher::Config::default(), "controller");
-    Controller::for_stream(stream, reader)
+    let (reader, events) = cached_events_in(client, None, watcher::Config::default(), "controller", trim::<K>);
+    Controller::for_stream(events.applied_objects(), reader)
+}
+
+/// What the controller's caches keep of the agent's conditions: whether
+/// the object is Ready (a rule's binding reads its Eip's), nothing of
+/// their words. The controller writes its own conditions and never the
+/// agent's, and the agent's were about a third of a cached rule.
+fn trim<K: KindResource>(o: &mut K) {
+    let Some(conditions) = o.conditions_mut() else {
+        return;
+    };
+    conditions.retain(|c| c.type_ == "Ready" || !AGENT_CONDITIONS.contains(&c.type_.as_str()));
+    for c in conditions.iter_mut().filter(|c| AGENT_CONDITIONS.contains(&c.type_.as_str())) {
+        c.reason = String::new();
+        c.message = String::new();
+    }
+    conditions.shrink_to_fit();
 }
 
 /// A controller of rule kind K, and the same changes (deletions too) for
@@ -202,7 +220,8 @@ fn shared<K: KindResource>(
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let (reader, stream) = natgw_kube_support::cached_touched::<K>(client, watcher::Config::default(), "controller");
+    let (reader, events) = cached_events_in(client, None, watcher::Config::default(), "controller", trim::<K>);
+    let stream = events.touched_objects();
     let (to_self, from_self) = futures::channel::mpsc::unbounded();
     let (to_others, from_others) = futures::channel::mpsc::unbounded();
     let (users, cache) = (users.clone(), reader.clone());
@@ -354,4 +373,39 @@ pub async fn run(
         }
     };
     futures::join!(relay, controllers, gc, fip_relay, snat_relay, dnat_relay);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_the_controllers_conditions_whole_and_of_the_agents_only_ready() {
+        let condition = |t: &str, s: &str| {
+            natgw_kube_support::status::condition(t, s, "Why", format!("what {t} says at length"), Some(3))
+        };
+        let mut fip: FloatingIp =
+            natgw_testenv::natgw_object("FloatingIp", "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"}))
+                .unwrap();
+        let written = ["Bound", "Programmed", "Conflict", "Ready", "DeletionBlocked"];
+        fip.status = Some(CommonStatus {
+            conditions: written.iter().map(|t| condition(t, "True")).collect(),
+            ..Default::default()
+        });
+        trim(&mut fip);
+        let kept: Vec<_> = fip.conditions().iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(kept, ["Bound", "Ready", "DeletionBlocked"]);
+        for c in fip.conditions() {
+            assert_eq!(c.status, "True");
+            assert_eq!(c.observed_generation, Some(3));
+            let whole = c.type_ != "Ready";
+            assert_eq!(c.message.is_empty(), !whole, "{}", c.type_);
+            assert_eq!(c.reason.is_empty(), !whole, "{}", c.type_);
+        }
+        // No status: nothing to trim.
+        let mut bare = fip.clone();
+        bare.status = None;
+        trim(&mut bare);
+        assert!(bare.status.is_none());
+    }
 }

@@ -40,6 +40,9 @@ where
     cached_in(client, None, config, reporter)
 }
 
+/// Leaves each object as `slim` left it.
+pub fn untrimmed<K>(_: &mut K) {}
+
 /// `cached`, for one namespace when `namespace` is given.
 pub fn cached_in<K>(
     client: &Client,
@@ -50,7 +53,7 @@ pub fn cached_in<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, events) = cached_events_in(client, namespace, config, reporter);
+    let (reader, events) = cached_events_in(client, namespace, config, reporter, untrimmed);
     (reader, events.applied_objects().boxed())
 }
 
@@ -65,7 +68,7 @@ pub fn cached_touched<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (reader, events) = cached_events_in(client, None, config, reporter);
+    let (reader, events) = cached_events_in(client, None, config, reporter, untrimmed);
     (reader, events.touched_objects().boxed())
 }
 
@@ -73,12 +76,14 @@ pub type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, w
 
 /// A cache and its stream of watch events themselves, each after the
 /// cache took it: for a consumer that must tell a deletion or a relist
-/// from a change.
+/// from a change. `trim` takes out of each object, after `slim`, what
+/// this consumer never reads.
 pub fn cached_events_in<K>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
+    trim: fn(&mut K),
 ) -> (Store<K>, Events<K>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -86,7 +91,7 @@ where
     let (reader, writer) = reflector::store();
     let lookup: Store<K> = reader.clone();
     let cached_of = move |name: &str| lookup.get(&reflector::ObjectRef::new(name)).map(|k| (*k).clone());
-    let stream = decoded_events(client, namespace, config, reporter, cached_of).reflect(writer).boxed();
+    let stream = decoded_events(client, namespace, config, reporter, cached_of).modify(trim).reflect(writer).boxed();
     (reader, stream)
 }
 

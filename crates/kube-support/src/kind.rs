@@ -23,6 +23,8 @@ pub trait KindResource:
 {
     const KIND: Kind;
     fn conditions(&self) -> &[Condition];
+    /// Its status's conditions, if it has a status.
+    fn conditions_mut(&mut self) -> Option<&mut Vec<Condition>>;
     /// The object as its own type, for code that differs per kind.
     fn typed(&self) -> Typed<'_>;
 }
@@ -56,6 +58,9 @@ macro_rules! kind {
             const KIND: Kind = Kind::$t;
             fn conditions(&self) -> &[Condition] {
                 self.status.as_ref().map(|s| s.$($field).+.as_slice()).unwrap_or_default()
+            }
+            fn conditions_mut(&mut self) -> Option<&mut Vec<Condition>> {
+                self.status.as_mut().map(|s| &mut s.$($field).+)
             }
             fn typed(&self) -> Typed<'_> {
                 Typed::$t(self)
