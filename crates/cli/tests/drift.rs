@@ -251,11 +251,7 @@ fn many(mut p: natgw_plan::GatewayPlan, n: u32) -> natgw_plan::GatewayPlan {
 #[test]
 fn a_whole_table_is_written_in_stages_and_one_cut_short_is_taken_up() {
     use natgw_dataplane::nft;
-    let lab = lab("staged");
-    let ns = lab.ns("gw");
-    let gw = Gateway::open(Some(&ns)).unwrap();
-    let p = many(plan(&objects(&rules())), 20_000);
-    let report = gw.sync(&p).unwrap();
+    let (_lab, ns, gw, p, report) = twenty_thousand("staged");
     assert!(report.table_rebuilt, "{report:?}");
     assert_clean(&gw, &p);
     let (read, listed) = gw
@@ -269,6 +265,19 @@ fn a_whole_table_is_written_in_stages_and_one_cut_short_is_taken_up() {
 
     sh(&ns, "nft delete chain ip natgw prerouting && nft delete chain ip natgw postrouting");
     rebuilt_on_resync(&gw, &p);
+}
+
+/// A lab whose gateway was synced with 20,000 FloatingIps (and 2,000
+/// port forwards) more than `rules()`, and that sync's report.
+fn twenty_thousand(
+    name: &str,
+) -> (natgw_lab::Lab, String, Gateway, natgw_plan::GatewayPlan, natgw_dataplane::SyncReport) {
+    let lab = lab(name);
+    let ns = lab.ns("gw");
+    let gw = Gateway::open(Some(&ns)).unwrap();
+    let p = many(plan(&objects(&rules())), 20_000);
+    let report = gw.sync(&p).unwrap();
+    (lab, ns, gw, p, report)
 }
 
 /// A resync that finds natgw's table changed rewrites its fixed part and
@@ -286,11 +295,7 @@ fn rebuilt_on_resync(gw: &Gateway, p: &natgw_plan::GatewayPlan) -> natgw_datapla
 /// not the maps (a whole rebuild took 205 MB of nft's own at 226,000).
 #[test]
 fn a_chain_edited_by_hand_is_replaced_without_rewriting_the_maps() {
-    let lab = lab("rechain");
-    let ns = lab.ns("gw");
-    let gw = Gateway::open(Some(&ns)).unwrap();
-    let p = many(plan(&objects(&rules())), 20_000);
-    gw.sync(&p).unwrap();
+    let (_lab, ns, gw, p, _) = twenty_thousand("rechain");
     sh(&ns, "nft add chain ip natgw stray && nft add rule ip natgw stray counter");
     sh(&ns, "nft insert rule ip natgw prerouting jump stray");
     sh(&ns, "nft delete element ip natgw fip_dnat '{ 100.80.0.1 }'");
@@ -298,6 +303,20 @@ fn a_chain_edited_by_hand_is_replaced_without_rewriting_the_maps() {
     let report = rebuilt_on_resync(&gw, &p);
     assert!(report.nft_statements < 40, "{} lines: the maps were written whole", report.nft_statements);
     assert!(!sh(&ns, "nft list chains ip").contains("stray"));
+}
+
+/// A chain nft's own syntax cannot name (a keyword, made through nft's
+/// JSON input as libnftables tools do): replacing the chains fails, and
+/// the same resync rebuilds the whole table instead.
+#[test]
+fn a_chain_nft_cannot_name_makes_the_resync_rebuild_the_whole_table() {
+    let (_lab, ns, gw, p, _) = twenty_thousand("rechain-kw");
+    let chain = r#"{"nftables":[{"add":{"chain":{"family":"ip","table":"natgw","name":"log"}}}]}"#;
+    sh(&ns, &format!("echo '{chain}' | nft -j -f -"));
+    assert!(sh(&ns, "nft list chains ip").contains("chain log"));
+    let report = rebuilt_on_resync(&gw, &p);
+    assert!(report.phases.iter().any(|(name, _)| *name == "nft-rechain-failed"), "{:?}", report.phases);
+    assert!(!sh(&ns, "nft list chains ip").contains("chain log"));
 }
 
 /// natgw reads its table back over netlink (`nfdump`) and nft only for

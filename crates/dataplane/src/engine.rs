@@ -321,6 +321,8 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
             // whole table goes, as one transaction still.
             Err(e) if rechain => {
                 tracing::warn!(error = %e, "replacing natgw's chains failed; rebuilding the whole table");
+                // A phase of its own, so logs and metrics show the fallback.
+                lap(&mut report, "nft-rechain-failed");
                 let script = full();
                 report.nft_statements = script.lines().count();
                 nft::apply(&script)?;
