@@ -201,11 +201,14 @@ fn trim<K: KindResource>(o: &mut K) {
     let Some(conditions) = o.conditions_mut() else {
         return;
     };
-    conditions.retain(|c| c.type_ == "Ready" || !AGENT_CONDITIONS.contains(&c.type_.as_str()));
-    for c in conditions.iter_mut().filter(|c| AGENT_CONDITIONS.contains(&c.type_.as_str())) {
-        c.reason = String::new();
-        c.message = String::new();
-    }
+    conditions.retain_mut(|c| {
+        if !AGENT_CONDITIONS.contains(&c.type_.as_str()) {
+            return true;
+        }
+        // Taken, not cleared: a cleared string keeps its allocation.
+        drop((std::mem::take(&mut c.reason), std::mem::take(&mut c.message)));
+        c.type_ == "Ready"
+    });
     conditions.shrink_to_fit();
 }
 

@@ -41,7 +41,7 @@ where
 }
 
 /// Leaves each object as `slim` left it.
-pub fn untrimmed<K>(_: &mut K) {}
+fn untrimmed<K>(_: &mut K) {}
 
 /// `cached`, for one namespace when `namespace` is given.
 pub fn cached_in<K>(
@@ -55,21 +55,6 @@ where
 {
     let (reader, events) = cached_events_in(client, namespace, config, reporter, untrimmed);
     (reader, events.applied_objects().boxed())
-}
-
-/// `cached`, whose stream carries deleted objects too: for a trigger that
-/// must also fire when an object goes. Each object comes once the cache
-/// holds the change, so whatever it triggers reads a cache at least as new.
-pub fn cached_touched<K>(
-    client: &Client,
-    config: watcher::Config,
-    reporter: &'static str,
-) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, events) = cached_events_in(client, None, config, reporter, untrimmed);
-    (reader, events.touched_objects().boxed())
 }
 
 pub type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, watcher::Error>>;

@@ -23,9 +23,7 @@ pub mod ready;
 pub mod status;
 pub mod untyped;
 
-pub use cache::{
-    Events, cached, cached_events_in, cached_in, cached_touched, decoded_events, undecodable_total, untrimmed,
-};
+pub use cache::{Events, cached, cached_events_in, cached_in, decoded_events, undecodable_total};
 pub use kind::{KindResource, Typed};
 pub use ready::{Listed, all_listed, is_ready};
 
