@@ -460,14 +460,30 @@ pub async fn run_with(
         }
     };
     let accounting = ports::run(client.clone(), gateway.clone(), eips_cache, metrics.clone(), port_args);
+    let drops = count_forward_drops(gateway.clone(), metrics.clone());
     tokio::select! {
         _ = watches => {}
         _ = work => {}
         _ = accounting => {}
+        _ = drops => {}
         _ = server => {}
         _ = shutdown => {}
     }
     Ok(())
+}
+
+/// Copies the forward chain's drop counters into the metrics every 10 s.
+async fn count_forward_drops(gateway: Arc<Gateway>, metrics: metrics::Metrics) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let g = gateway.clone();
+        match tokio::task::spawn_blocking(move || g.forward_drops()).await {
+            Ok(Ok(Some(drops))) => metrics.forward_dropped(&drops),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the forward chain's counters"),
+            Err(_) => {}
+        }
+    }
 }
 
 /// The objects whose conditions may differ from what the status pass of

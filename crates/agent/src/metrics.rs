@@ -28,6 +28,9 @@ pub struct Metrics {
     eips_omitted: Gauge,
     translation_lines: Family<Labels, Counter>,
     status_writes: Family<Labels, Counter>,
+    forward_dropped: Family<Labels, Counter>,
+    /// The kernel's counts at the last read, by direction.
+    forward_seen: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>,
 }
 
 impl Metrics {
@@ -47,6 +50,8 @@ impl Metrics {
             eips_omitted: Gauge::default(),
             translation_lines: Family::default(),
             status_writes: Family::default(),
+            forward_dropped: Family::default(),
+            forward_seen: Default::default(),
         };
         let mut r = Registry::default();
         r.register("natgw_sync_duration_seconds", "Duration of a gateway sync", m.sync_seconds.clone());
@@ -92,6 +97,11 @@ impl Metrics {
             "natgw_status_writes",
             "Status writes by outcome (written, failed); a steady gateway, or one restarted over written statuses, adds none",
             m.status_writes.clone(),
+        );
+        r.register(
+            "natgw_forward_dropped",
+            "Packets the gateway refused to forward untranslated, by the side they came from (lan, external, other: another interface toward either)",
+            m.forward_dropped.clone(),
         );
         (m, Probe::new(r))
     }
@@ -169,6 +179,17 @@ impl Metrics {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Adds what the kernel's drop counters gained since the last read; a
+    /// count lower than before means the table was written anew.
+    pub fn forward_dropped(&self, now: &std::collections::BTreeMap<&'static str, u64>) {
+        let mut seen = self.forward_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (direction, n) in now {
+            let before = seen.insert(direction, *n).unwrap_or(0);
+            let gained = if *n >= before { n - before } else { *n };
+            self.forward_dropped.get_or_create(&labels(&[("direction", direction)])).inc_by(gained);
+        }
     }
 
     pub fn status_written(&self, ok: bool) {

@@ -177,3 +177,49 @@ fn a_new_eip_is_announced_with_gratuitous_arp() {
     let neigh = sh(&lab.ns("ext1"), "ip neigh show 198.51.100.11");
     assert!(neigh.contains("lladdr"), "no neighbour entry from GARP: {neigh:?}");
 }
+
+/// The gateway is no open router: a host on the external side that routes
+/// the VPC through an EIP, and a VPC host that aims at the pod's own
+/// network (eth0 in a cluster), get nothing through untranslated, and the
+/// drops are counted by direction; the translated paths keep working in
+/// the same lab.
+#[test]
+fn the_gateway_forwards_only_what_it_translates() {
+    let lab = lab("openrouter");
+    lab.cluster_side().unwrap();
+    let gw = Gateway::open(Some(&lab.ns("gw"))).unwrap();
+    let p = converge(&gw, &full_set());
+    let pod: std::net::Ipv4Addr = natgw_lab::POD_PEER_IP.parse().unwrap();
+    let _hidden = tcp_server(&lab.ns("int2"), INT2, 9001).unwrap();
+    let _pod = tcp_server(&lab.ns("pod"), pod, 9002).unwrap();
+    let _fwd = tcp_server(&lab.ns("int2"), INT2, 8080).unwrap();
+    let _web = tcp_server(&lab.ns("int1"), INT1, 22).unwrap();
+    let _out = tcp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    let _udp = udp_server(&lab.ns("ext1"), EXT1, 9000).unwrap();
+    // The external host routes the whole VPC via an EIP.
+    sh(&lab.ns("ext1"), &format!("ip route add 10.77.0.0/24 via {EGRESS_EIP}"));
+
+    assert!(tcp_source(&lab.ns("ext1"), INT2, 9001).is_err(), "the external side reached a VPC host untranslated");
+    assert!(tcp_source(&lab.ns("int2"), pod, 9002).is_err(), "a VPC host reached the pod's network");
+    assert!(tcp_source(&lab.ns("pod"), INT2, 9001).is_err(), "the pod's network reached a VPC host");
+
+    // Translated paths, both ways, in the same lab.
+    assert_eq!(tcp_source(&lab.ns("ext1"), WEB_EIP, 22).unwrap(), EXT1, "FloatingIp inbound");
+    assert_eq!(tcp_source(&lab.ns("int1"), EXT1, 9000).unwrap(), WEB_EIP, "FloatingIp outbound");
+    assert_eq!(tcp_source(&lab.ns("ext1"), PORTS_EIP, 80).unwrap(), EXT1, "DnatRule");
+    assert_eq!(tcp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP, "SnatRule");
+    assert_eq!(udp_source(&lab.ns("int2"), EXT1, 9000).unwrap(), EGRESS_EIP, "SnatRule, UDP");
+    assert_eq!(tcp_source(&lab.ns("int2"), WEB_EIP, 22).unwrap(), WEB_EIP, "hairpin");
+
+    let drops = gw.forward_drops().unwrap().expect("natgw's table");
+    for direction in ["external", "lan", "other"] {
+        assert!(drops[direction] > 0, "no drop counted from {direction}: {drops:?}");
+    }
+    assert_clean(&gw, &p);
+    // A host with no translation leaves with nothing once its rule goes.
+    let mut set = full_set();
+    set.snat_rules.clear();
+    let p = converge(&gw, &set);
+    assert!(tcp_source(&lab.ns("int2"), EXT1, 9000).is_err(), "left untranslated without its SnatRule");
+    assert_clean(&gw, &p);
+}

@@ -318,6 +318,14 @@ impl Gateway {
         })?
     }
 
+    /// Packets the forward chain dropped, by direction (`lan`,
+    /// `external`, `other`), cumulative since natgw's table was last
+    /// written whole; `None` while there is no table. Read on the sweeper
+    /// thread: a dump of one chain's rules.
+    pub fn forward_drops(&self) -> Result<Option<std::collections::BTreeMap<&'static str, u64>>, SyncError> {
+        Ok(self.shared.sweeper.run(nft::forward_drops)??)
+    }
+
     /// Starts translation logs for this namespace on a thread of their own:
     /// one JSON line per translation created and ended, at most `rate`
     /// lines a second; what is not written is counted in its counts.

@@ -32,7 +32,12 @@ const ENOENT: i32 = 2;
 const TABLE_NAME: u16 = 1;
 const RULE_TABLE: u16 = 1;
 const RULE_CHAIN: u16 = 2;
+const RULE_EXPRESSIONS: u16 = 4;
 const RULE_USERDATA: u16 = 7;
+const LIST_ELEM: u16 = 1;
+const EXPR_NAME: u16 = 1;
+const EXPR_DATA: u16 = 2;
+const COUNTER_PACKETS: u16 = 2;
 /// nftables' rule userdata: type-length-value, the comment is type 0.
 const UDATA_RULE_COMMENT: u8 = 0;
 const SET_TABLE: u16 = 1;
@@ -209,6 +214,31 @@ pub fn rule_comments(socket: &Socket) -> Result<BTreeMap<String, Vec<String>>, D
     Ok(out)
 }
 
+/// Each rule of `chain` in natgw's table: its comment and the packets its
+/// counter saw (0 for a rule without one).
+pub fn rule_counters(socket: &Socket, chain: &str) -> Result<Vec<(String, u64)>, DumpError> {
+    let mut body = table_body(RULE_TABLE);
+    attr(&mut body, RULE_CHAIN, &cstr(chain));
+    let mut out = Vec::new();
+    request(socket, "rules", NFT_MSG_GETRULE, NLM_F_DUMP, &body, |m| {
+        let comment = find(m, RULE_USERDATA).and_then(udata_comment).unwrap_or_else(|| "(no comment)".into());
+        out.push((comment, find(m, RULE_EXPRESSIONS).map(counter_packets).unwrap_or(0)));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The packets of the first `counter` among a rule's expressions.
+fn counter_packets(expressions: &[u8]) -> u64 {
+    attributes(expressions)
+        .filter(|(k, _)| *k == LIST_ELEM)
+        .find(|(_, e)| find(e, EXPR_NAME).map(text).as_deref() == Some("counter"))
+        .and_then(|(_, e)| find(e, EXPR_DATA))
+        .and_then(|d| find(d, COUNTER_PACKETS))
+        .and_then(|p| Some(u64::from_be_bytes(p.get(..8)?.try_into().ok()?)))
+        .unwrap_or(0)
+}
+
 fn udata_comment(mut u: &[u8]) -> Option<String> {
     while u.len() >= 2 {
         let (kind, len) = (u[0], u[1] as usize);
@@ -297,6 +327,26 @@ mod tests {
         u.extend(b"natgw\0");
         assert_eq!(udata_comment(&u).as_deref(), Some("natgw"));
         assert_eq!(udata_comment(&[0, 9, 1]), None, "a length past the end is no comment");
+    }
+
+    #[test]
+    fn a_rules_counter_is_found_among_its_expressions() {
+        let expr = |name: &str, data: &[u8]| {
+            let mut e = Vec::new();
+            attr(&mut e, EXPR_NAME, &cstr(name));
+            attr(&mut e, EXPR_DATA, data);
+            let mut l = Vec::new();
+            attr(&mut l, LIST_ELEM, &e);
+            l
+        };
+        let mut counter = Vec::new();
+        attr(&mut counter, 1, &999u64.to_be_bytes());
+        attr(&mut counter, COUNTER_PACKETS, &42u64.to_be_bytes());
+        let mut all = expr("meta", &[0, 0, 0, 0]);
+        all.extend(expr("counter", &counter));
+        all.extend(expr("immediate", &[]));
+        assert_eq!(counter_packets(&all), 42);
+        assert_eq!(counter_packets(&expr("meta", &[])), 0, "a rule without a counter");
     }
 
     #[test]

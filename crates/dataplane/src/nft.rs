@@ -100,8 +100,64 @@ pub fn table(lan: &str, ext: &str) -> Table {
                     rule("snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
                 ],
             },
+            forward_chain(lan, ext),
         ],
     }
+}
+
+/// What a drop rule of the forward chain counts, by its role: the
+/// direction `natgw_forward_dropped_total` reports.
+pub const FORWARD_DROPS: [(&str, &str); 4] =
+    [("drop-lan", "lan"), ("drop-external", "external"), ("drop-to-lan", "other"), ("drop-to-external", "other")];
+
+/// The gateway forwards only what it translates. Without this chain a
+/// host on the external side that routes a VPC CIDR via an EIP reaches
+/// every VPC host untranslated, and a VPC host reaches the pod's eth0
+/// network the same way. Between the LAN and the external side it lets
+/// through: replies (established, related); what a FloatingIp or DnatRule
+/// translated inward (`ct status dnat`); new flows from the LAN whose
+/// source a FloatingIp or SnatRule translates on the way out (`ct state
+/// new`: an invalid packet is never translated, so it would leave with
+/// its internal address). Traffic within the LAN (hairpin, routes to
+/// other VPC subnets) stays. Everything else from or to the two
+/// interfaces is counted and dropped; forwarding between other
+/// interfaces is not natgw's.
+fn forward_chain(lan: &str, ext: &str) -> Chain {
+    let rule = |role, text: String| Rule { role, text };
+    Chain {
+        name: "forward",
+        kind: "filter",
+        hook: "forward",
+        priority: 0,
+        rules: vec![
+            rule("replies", "ct state established,related accept".into()),
+            rule("within-lan", format!("iifname \"{lan}\" oifname \"{lan}\" accept")),
+            rule("inbound", format!("iifname \"{ext}\" oifname \"{lan}\" ct status dnat accept")),
+            rule("fip-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @fip_snat accept")),
+            rule("snat-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @snat_nets accept")),
+            rule("drop-lan", format!("iifname \"{lan}\" counter drop")),
+            rule("drop-external", format!("iifname \"{ext}\" counter drop")),
+            rule("drop-to-lan", format!("oifname \"{lan}\" counter drop")),
+            rule("drop-to-external", format!("oifname \"{ext}\" counter drop")),
+        ],
+    }
+}
+
+/// Packets the forward chain dropped since the table was written, by
+/// direction (`lan`, `external`, `other`); `None` without natgw's table.
+pub fn forward_drops() -> Result<Option<BTreeMap<&'static str, u64>>, NftError> {
+    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    if !nfdump::table_exists(&socket)? {
+        return Ok(None);
+    }
+    let mut out: BTreeMap<&'static str, u64> = FORWARD_DROPS.iter().map(|(_, d)| (*d, 0)).collect();
+    for (comment, packets) in nfdump::rule_counters(&socket, "forward")? {
+        let role = comment.strip_prefix("natgw ").and_then(|r| r.split(' ').next());
+        if let Some((_, direction)) = FORWARD_DROPS.iter().find(|(r, _)| Some(*r) == role) {
+            *out.entry(direction).or_default() += packets;
+        }
+    }
+    Ok(Some(out))
 }
 
 /// The skeleton natgw wants for a gateway with these interfaces.

@@ -24,6 +24,12 @@ pub const LAN_IF: &str = "lan0";
 pub const EXT_IF: &str = "ext0";
 
 const ROLES: [&str; 5] = ["gw", "sw", "int1", "int2", "ext1"];
+/// Roles a test adds on demand; `down` removes them too.
+const OPTIONAL_ROLES: [&str; 1] = ["pod"];
+/// The gateway pod's own network (eth0 in a cluster), as `cluster_side` builds it.
+pub const POD_IF: &str = "c0";
+pub const POD_GW_IP: &str = "10.244.9.1";
+pub const POD_PEER_IP: &str = "10.244.9.2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -111,7 +117,24 @@ impl Lab {
         n(&["addr", "add", &format!("{GW_LAN_IP}/24"), "dev", LAN_IF])
     }
 
-    /// Namespace name of a role: gw, sw, int1, int2 or ext1.
+    /// Gives the gateway a third interface, as a gateway pod's eth0 (the
+    /// cluster network): `c0` 10.244.9.1/24 to a host `pod` at
+    /// 10.244.9.2, which routes the VPC back through the gateway (the
+    /// worst case: a reply would find its way).
+    pub fn cluster_side(&self) -> Result<(), LabError> {
+        let (gw, pod) = (self.ns("gw"), self.ns("pod"));
+        ip(&["netns", "add", &pod])?;
+        ip(&["-n", &pod, "link", "set", "lo", "up"])?;
+        ip(&["link", "add", "name", POD_IF, "netns", &gw, "type", "veth", "peer", "name", "eth0", "netns", &pod])?;
+        ip(&["-n", &gw, "addr", "add", &format!("{POD_GW_IP}/24"), "dev", POD_IF])?;
+        ip(&["-n", &gw, "link", "set", POD_IF, "up"])?;
+        ip(&["-n", &pod, "addr", "add", &format!("{POD_PEER_IP}/24"), "dev", "eth0"])?;
+        ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &pod, "route", "add", LAN_CIDR, "via", POD_GW_IP])?;
+        ip(&["-n", &pod, "route", "add", EXT_CIDR, "via", POD_GW_IP])
+    }
+
+    /// Namespace name of a role: gw, sw, int1, int2, ext1 (or pod).
     pub fn ns(&self, role: &str) -> String {
         format!("{}-{role}", self.prefix)
     }
@@ -128,7 +151,7 @@ impl Lab {
 
     /// Removes every namespace of a lab with this prefix, if present.
     pub fn down(prefix: &str) -> Result<(), LabError> {
-        for role in ROLES {
+        for role in ROLES.iter().chain(&OPTIONAL_ROLES) {
             let ns = format!("{prefix}-{role}");
             if std::path::Path::new("/run/netns").join(&ns).exists() {
                 ip(&["netns", "del", &ns])?;
