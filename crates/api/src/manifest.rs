@@ -139,7 +139,8 @@ fn load_documents<'a>(
                 continue;
             }
         };
-        for (i, doc) in docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
+        let items = docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()).flat_map(|(i, d)| list_items(i, d));
+        for (i, doc) in items {
             let source = Source { file: file.to_path_buf(), document: i + 1 };
             match parse_object(doc, &source) {
                 Ok(object) => {
@@ -163,6 +164,21 @@ fn load_documents<'a>(
         0 => Ok((set, sources)),
         1 => Err(errors.remove(0)),
         _ => Err(LoadError::Many(errors)),
+    }
+}
+
+/// The objects of one document: a `v1` List (what `kubectl get -o yaml`
+/// prints for several objects) gives its items, each counted as its
+/// document; anything else is one object.
+fn list_items(document: usize, doc: Value) -> Vec<(usize, Value)> {
+    let is_list = doc.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && doc.get("kind").and_then(Value::as_str) == Some("List");
+    match doc {
+        Value::Object(mut map) if is_list => match map.remove("items") {
+            Some(Value::Array(items)) => items.into_iter().map(|item| (document, item)).collect(),
+            _ => Vec::new(),
+        },
+        other => vec![(document, other)],
     }
 }
 

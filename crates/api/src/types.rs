@@ -72,10 +72,19 @@ pub struct SubnetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(max = 33)))]
     #[x_kube(validation = Rule::new("self.all(x, x.split('..').size() <= 2 && x.split('..').all(p, isIP(p) && ip(p).family() == 4 && ip.isCanonical(p)))").message("each entry must be an IPv4 address or a range A..B of canonical IPv4 addresses (no CIDRs)"))]
+    // CEL has no order on addresses: each side as its 32-bit number.
+    #[x_kube(validation = Rule::new(REVERSED_RANGE).message("a range A..B must not end before it starts"))]
     pub exclude_ips: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vpc: Option<String>,
 }
+
+/// An `excludeIps` range's first address is not above its last. An entry
+/// that is not two IPv4 addresses fails to evaluate here and is refused
+/// by name by the rule before (a guard would exceed the cost budget).
+const REVERSED_RANGE: &str = "self.all(x, x.split('..').size() != 2 \
+    || x.split('..').map(p, p.split('.')).map(o, int(o[0]) * 16777216 + int(o[1]) * 65536 + int(o[2]) * 256 + int(o[3]))[0] \
+    <= x.split('..').map(p, p.split('.')).map(o, int(o[0]) * 16777216 + int(o[1]) * 65536 + int(o[2]) * 256 + int(o[3]))[1])";
 
 /// A static route on the gateway's VPC side.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, KubeSchema)]
@@ -161,6 +170,10 @@ pub struct NatGatewaySpec {
 #[x_kube(validation = Rule::new("self.gateway == oldSelf.gateway").message("spec.gateway is immutable"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.ip) || (has(self.ip) && self.ip == oldSelf.ip)").message("spec.ip is immutable once set"))]
 pub struct EipSpec {
+    /// The NatGateway's name; it becomes the label value
+    /// `natgw.io/gateway` on the Eip and its rules.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("must name a NatGateway: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (it becomes a label value)"))]
+    #[schemars(length(max = 63))]
     pub gateway: String,
     /// Fixed address; empty means the controller allocates one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -104,3 +104,74 @@ fn item20_a_file_of_twenty_thousand_objects_loads_and_a_huge_one_is_refused_clea
     let e = err(&huge);
     assert!(e.contains("at most") && e.contains("split it"), "{e}");
 }
+
+/// What `kubectl get vpcs,subnets,natgateways,eips,... -o yaml` prints: a
+/// `v1` List whose items carry the server's metadata and status; an
+/// allocated address lives in `status.ip` only.
+const KUBECTL_LIST: &str = r#"apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: natgw.io/v1alpha1
+  kind: Vpc
+  metadata:
+    creationTimestamp: "2026-12-07T10:00:00Z"
+    finalizers: [natgw.io/controller]
+    generation: 1
+    managedFields:
+    - apiVersion: natgw.io/v1alpha1
+      fieldsType: FieldsV1
+      fieldsV1: {f:spec: {}}
+      manager: kubectl
+      operation: Update
+      time: "2026-12-07T10:00:00Z"
+    name: v
+    resourceVersion: "812"
+    uid: 6a1e8b36-3f0c-4d49-9c55-0d4b8f1e2a11
+  spec: {}
+  status:
+    conditions:
+    - {lastTransitionTime: "2026-12-07T10:00:01Z", message: "", observedGeneration: 1, reason: Members, status: "True", type: Ready}
+- apiVersion: natgw.io/v1alpha1
+  kind: Subnet
+  metadata: {name: ext, uid: 7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f, resourceVersion: "813"}
+  spec: {cidr: 192.0.2.0/24, gateway: 192.0.2.1}
+- apiVersion: natgw.io/v1alpha1
+  kind: NatGateway
+  metadata: {name: gw, generation: 2}
+  spec: {vpc: v, lanInterface: lan0, externalInterface: ext0, externalSubnet: ext}
+  status:
+    conditions:
+    - {lastTransitionTime: "2026-12-07T10:00:03Z", message: "1/1 ready", reason: PodReady, status: "True", type: WorkloadReady}
+- apiVersion: natgw.io/v1alpha1
+  kind: Eip
+  metadata:
+    labels: {natgw.io/gateway: gw}
+    name: web
+    uid: 0b4f2d7e-5c4a-4b8e-8f3e-2d9c6b1a7e55
+  spec: {gateway: gw}
+  status:
+    ip: 192.0.2.23
+    usedBy: fip
+    conditions:
+    - {lastTransitionTime: "2026-12-07T10:00:02Z", message: "", reason: Claimed, status: "True", type: AddressAssigned}
+"#;
+
+#[test]
+fn item20_kubectls_list_output_loads_with_allocated_addresses_from_status() {
+    let (set, sources) = load_str(Path::new("list.yaml"), KUBECTL_LIST).expect("kubectl's List loads");
+    assert_eq!(set.len(), 4);
+    let web = set.eips.get("web").expect("the Eip");
+    assert_eq!(web.address(), Some("192.0.2.23".parse().unwrap()), "the address comes from status.ip");
+    assert!(sources.values().all(|s| s.document == 1), "items are reported as their List's document");
+    // The same List as JSON (`-o json`).
+    let value: serde_json::Value = serde_saphyr::from_str(KUBECTL_LIST).unwrap();
+    let (set, _) = load_str(Path::new("list.json"), &serde_json::to_string_pretty(&value).unwrap()).unwrap();
+    assert_eq!(set.eips.get("web").and_then(|e| e.address()), Some("192.0.2.23".parse().unwrap()));
+    // A bad item still names its field.
+    let bad = KUBECTL_LIST.replace("spec: {gateway: gw}", "spec: {gateway: gw, ipp: 192.0.2.9}");
+    assert!(err(&bad).contains("Eip/web: spec.ipp: unknown field"), "{}", err(&bad));
+    // Any other v1 kind is still refused by name.
+    assert!(err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n").contains("apiVersion is \"v1\""));
+}

@@ -143,6 +143,9 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
     };
     // Accepted first: the same objects written canonically.
     create::<Eip>(&admin, &obj("Eip", "ok", r#"{"gateway": "gw", "ip": "192.0.2.10"}"#)).await.unwrap();
+    // A range whose ends compare the other way as text (9 > 200).
+    let range = r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.1.0.9..10.1.0.200", "10.1.0.7..10.1.0.7"]}"#;
+    create::<Subnet>(&admin, &obj("Subnet", "ok", range)).await.unwrap();
     create::<NatGateway>(
         &admin,
         &gw(&"g".repeat(63), r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "10.0.0.254"}]"#),
@@ -198,6 +201,22 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
             .await,
             "every address must lie inside spec.cidr",
         ),
+        // Second round, item 19: a reversed range.
+        (
+            create::<Subnet>(
+                &admin,
+                &obj(
+                    "Subnet",
+                    "b14",
+                    r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.1.0.20..10.1.0.3"]}"#,
+                ),
+            )
+            .await,
+            "must not end before it starts",
+        ),
+        // Second round, item 15: a gateway name that cannot be a label value.
+        (create::<Eip>(&admin, &obj("Eip", "b15", r#"{"gateway": "gw/1", "ip": "192.0.2.11"}"#)).await, "spec.gateway"),
+        (create::<Eip>(&admin, &obj("Eip", "b16", r#"{"gateway": "-gw", "ip": "192.0.2.12"}"#)).await, "spec.gateway"),
         // Item 10: routes as standalone checks them.
         (
             create::<NatGateway>(
