@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/demo and scripts/test: install what is missing, using
 # only the machine's own package clients.
 set -euo pipefail
@@ -18,6 +19,8 @@ ensure_packages() {
   command -v iptables >/dev/null || missing+=(iptables)
   command -v conntrack >/dev/null || missing+=(conntrack)
   command -v ip >/dev/null || missing+=(iproute2)
+  # scripts/test checks the shell scripts.
+  if [ "${1:-}" = --for-tests ]; then command -v shellcheck >/dev/null || missing+=(shellcheck); fi
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt-get update -qq
@@ -47,6 +50,7 @@ ensure_rust_tools() {
 }
 
 # The values deploy/ is rendered with (scripts/render and its staleness test).
+# shellcheck disable=SC2034 # used by the scripts that source this file
 DEPLOY_VALUES="--set createNamespace=true --set egress.enabled=true --set clusterNetworks={10.244.0.0/16,10.96.0.0/12}"
 
 # helm, built from Go modules and cached by version (scripts/k8s/build.sh).

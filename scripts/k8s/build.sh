@@ -54,8 +54,9 @@ build_k8s() {
     local v="-X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
     v="$v -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION"
     mkdir out
-    go build -trimpath -tags grpcnotrace -pgo=off -ldflags "-s -w $v" -o out/ \
-      $(for c in "${wanted[@]}"; do echo "k8s.io/kubernetes/cmd/$c"; done)
+    local pkgs=()
+    for c in "${wanted[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+    go build -trimpath -tags grpcnotrace -pgo=off -ldflags "-s -w $v" -o out/ "${pkgs[@]}"
   )
   for c in "${wanted[@]}"; do mv "$work/out/$c" "$BIN/$c-$K8S_VERSION"; done
   rm -rf "$work"
