@@ -116,18 +116,27 @@ pub fn diff_script(have: &EgressTables, want: &EgressTables) -> String {
 /// Whether a flow must go because its translation is not the one the
 /// table now gives it (pure). `vips`: every address natgw translated to,
 /// now or before (the mirror, the kernel's table at a full write, the
-/// plan). A flow keeps running exactly when the plan would translate it
-/// the same way again, so a periodic full write never cuts a connection.
-pub fn is_stale(e: &CtEntry, want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> bool {
+/// plan). `local`: the node's own addresses. A flow keeps running exactly
+/// when the plan would translate it the same way again, so a periodic
+/// full write never cuts a connection.
+///
+/// The flow is judged where the kernel sent it: the reply tuple's source,
+/// after any DNAT (kube-proxy's for a LoadBalancer VIP, externalIP or
+/// NodePort, portmap's for a hostPort), which is what the table's rules
+/// see in postrouting. Judged by the original destination, every such
+/// flow looked untranslated against the rules and was cut at each write.
+/// A flow delivered to the node itself never reaches postrouting.
+pub fn is_stale(e: &CtEntry, want: &EgressTables, vips: &BTreeSet<Ipv4Addr>, local: &BTreeSet<Ipv4Addr>) -> bool {
     let (o, r) = (e.orig, e.reply);
-    if want.cluster_nets.iter().any(|(a, b)| *a <= o.dst && o.dst <= *b) {
+    let (dst, dport) = (r.src, r.sport);
+    if local.contains(&dst) || want.cluster_nets.iter().any(|(a, b)| *a <= dst && dst <= *b) {
         return false;
     }
     if want.hold.contains(&o.src) {
         return true;
     }
     let have = (r.dst != o.src).then_some(r.dst);
-    match want.translation(o.src, e.proto, o.dst, o.dport) {
+    match want.translation(o.src, e.proto, dst, dport) {
         Some(vip) => have != Some(vip),
         // Untranslated or masqueraded by someone else: not natgw's.
         None => have.is_some_and(|a| vips.contains(&a)),
@@ -137,9 +146,20 @@ pub fn is_stale(e: &CtEntry, want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> 
 /// Deletes the flows `is_stale` picks; their next packet takes the rules
 /// now in force (or none).
 fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncError> {
+    let local = addresses_here(true).map_err(SyncError::Addresses)?;
     let ct = Conntrack::open()?;
-    let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, want, vips)).collect();
+    let stale: Vec<_> = ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, want, vips, &local)).collect();
     Ok(ct.delete(&stale)?)
+}
+
+/// The IPv4 addresses of the calling thread's namespace, loopback ones
+/// only with `loopback`.
+fn addresses_here(loopback: bool) -> Result<BTreeSet<Ipv4Addr>, std::io::Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip: &Ipv4Addr| loopback || !ip.is_loopback())
+        .collect())
 }
 
 /// The addresses the kernel's egress table translates to (empty without
@@ -256,14 +276,7 @@ impl Egress {
     /// The IPv4 addresses of the namespace's interfaces (which VIPs this
     /// node holds).
     pub fn local_addresses(&self) -> Result<BTreeSet<Ipv4Addr>, SyncError> {
-        let list = self.worker.run(|| -> Result<BTreeSet<Ipv4Addr>, std::io::Error> {
-            let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
-            Ok(addrs
-                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
-                .filter(|ip: &Ipv4Addr| !ip.is_loopback())
-                .collect())
-        })?;
-        list.map_err(SyncError::Addresses)
+        self.worker.run(|| addresses_here(false))?.map_err(SyncError::Addresses)
     }
 
     /// Runs any closure inside the namespace (tests, tools).
@@ -299,12 +312,44 @@ mod tests {
     }
 
     fn flow(proto: u8, pod: &str, dst: &str, dport: u16, seen_as: &str) -> CtEntry {
+        dnat_flow(proto, pod, (dst, dport), (dst, dport), seen_as)
+    }
+
+    /// A flow to `asked`, sent by a DNAT to `to`.
+    fn dnat_flow(proto: u8, pod: &str, asked: (&str, u16), to: (&str, u16), seen_as: &str) -> CtEntry {
         use crate::ctpolicy::Tuple;
         CtEntry {
             proto,
-            orig: Tuple { src: ip(pod), dst: ip(dst), sport: 40000, dport },
-            reply: Tuple { src: ip(dst), dst: ip(seen_as), sport: dport, dport: 40000 },
+            orig: Tuple { src: ip(pod), dst: ip(asked.0), sport: 40000, dport: asked.1 },
+            reply: Tuple { src: ip(to.0), dst: ip(seen_as), sport: to.1, dport: 40000 },
         }
+    }
+
+    /// Item 6 of the second hardening round: flows DNATed by kube-proxy
+    /// or portmap are judged where the kernel sent them.
+    #[test]
+    fn round2_item6_a_flow_is_judged_by_its_destination_after_dnat() {
+        let mut t = EgressTables::default();
+        t.snat_all.insert(ip("10.0.0.5"), ip("192.0.2.10"));
+        t.cluster_nets = vec![(ip("10.0.0.0"), ip("10.0.255.255"))];
+        let vips: BTreeSet<Ipv4Addr> = [ip("192.0.2.10")].into();
+        let node: BTreeSet<Ipv4Addr> = [ip("198.51.100.2"), ip("127.0.0.1")].into();
+        let none = BTreeSet::new();
+        // A LoadBalancer VIP, an externalIP, a NodePort: DNATed to a pod,
+        // never SNATed.
+        let lb = dnat_flow(6, "10.0.0.5", ("198.51.100.201", 80), ("10.0.3.7", 8080), "10.0.0.5");
+        assert!(!is_stale(&lb, &t, &vips, &none), "a Service's backend is inside the cluster");
+        let node_port = dnat_flow(6, "10.0.0.5", ("198.51.100.3", 30080), ("10.0.3.7", 8080), "10.0.0.5");
+        assert!(!is_stale(&node_port, &t, &vips, &none));
+        // A node-local daemon, asked directly or through a hostPort DNAT.
+        assert!(!is_stale(&flow(6, "10.0.0.5", "198.51.100.2", 10250, "10.0.0.5"), &t, &vips, &node));
+        let host_port = dnat_flow(6, "10.0.0.5", ("198.51.100.4", 53), ("127.0.0.1", 5353), "10.0.0.5");
+        assert!(!is_stale(&host_port, &t, &vips, &node));
+        // DNATed outside the cluster: translated there, judged there.
+        let out = dnat_flow(6, "10.0.0.5", ("10.0.9.9", 443), ("203.0.113.1", 443), "192.0.2.10");
+        assert!(!is_stale(&out, &t, &vips, &none));
+        let bypassed = dnat_flow(6, "10.0.0.5", ("10.0.9.9", 443), ("203.0.113.1", 443), "10.0.0.5");
+        assert!(is_stale(&bypassed, &t, &vips, &none), "should have left with the VIP");
     }
 
     #[test]
@@ -313,16 +358,23 @@ mod tests {
         t.snat_all.insert(ip("10.0.0.5"), ip("192.0.2.10"));
         t.cluster_nets = vec![(ip("10.0.0.0"), ip("10.0.255.255"))];
         let vips: BTreeSet<Ipv4Addr> = [ip("192.0.2.10"), ip("192.0.2.11")].into();
-        assert!(!is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.10"), &t, &vips));
-        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.11"), &t, &vips), "wrong VIP");
-        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "10.0.0.5"), &t, &vips), "bypassed the rule");
-        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "198.51.100.2"), &t, &vips), "masqueraded");
-        assert!(!is_stale(&flow(6, "10.0.0.5", "10.0.1.9", 443, "10.0.0.5"), &t, &vips), "inside the cluster");
+        let none = BTreeSet::new();
+        assert!(!is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.10"), &t, &vips, &none));
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "192.0.2.11"), &t, &vips, &none), "wrong VIP");
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "10.0.0.5"), &t, &vips, &none), "bypassed the rule");
+        assert!(is_stale(&flow(6, "10.0.0.5", "203.0.113.1", 443, "198.51.100.2"), &t, &vips, &none), "masqueraded");
+        assert!(!is_stale(&flow(6, "10.0.0.5", "10.0.1.9", 443, "10.0.0.5"), &t, &vips, &none), "inside the cluster");
         // A pod natgw does not translate: only flows through natgw's VIPs go.
-        assert!(is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "192.0.2.11"), &t, &vips), "no longer translated");
-        assert!(!is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips), "CNI masquerade");
-        assert!(!is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "10.0.0.6"), &t, &vips), "untranslated");
+        assert!(
+            is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "192.0.2.11"), &t, &vips, &none),
+            "no longer translated"
+        );
+        assert!(
+            !is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips, &none),
+            "CNI masquerade"
+        );
+        assert!(!is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "10.0.0.6"), &t, &vips, &none), "untranslated");
         t.hold.insert(ip("10.0.0.6"));
-        assert!(is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips), "held pod");
+        assert!(is_stale(&flow(17, "10.0.0.6", "203.0.113.1", 53, "198.51.100.2"), &t, &vips, &none), "held pod");
     }
 }

@@ -20,9 +20,18 @@ pub struct Args {
     /// Service CIDRs, comma-separated; overrides discovery from ServiceCIDR objects.
     #[arg(long, env = "NATGW_SERVICE_CIDRS")]
     pub service_cidrs: Option<String>,
-    /// Leave the egress table in place on exit (a planned restart).
+    /// Leave the egress table in place on exit, whatever the reason.
     #[arg(long, env = "NATGW_KEEP_ON_EXIT")]
     pub keep_on_exit: bool,
+    /// The DaemonSet running this agent, in POD_NAMESPACE: on SIGTERM the
+    /// table and its flows stay when the DaemonSet will start an agent
+    /// here again (a restart), and go when it is deleted or no longer
+    /// selects this node. Without it, SIGTERM removes everything.
+    #[arg(long, env = "NATGW_DAEMONSET", requires = "pod_namespace")]
+    pub daemonset: Option<String>,
+    /// The agent's own namespace (the chart sets it from the pod).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     /// Drop outside-bound traffic of an egress Service's pods until their
     /// SNAT is programmed.
     #[arg(long, env = "NATGW_FAIL_CLOSED")]
@@ -51,6 +60,10 @@ impl Args {
                 service_cidrs: parse(cidrs::SERVICE_FLAG, &self.service_cidrs)?,
             },
             keep_on_exit: self.keep_on_exit,
+            daemonset: match (&self.pod_namespace, &self.daemonset) {
+                (Some(ns), Some(name)) => Some((ns.clone(), name.clone())),
+                _ => None,
+            },
             fail_closed: self.fail_closed,
             vip_check: !self.no_vip_check,
             resync: Duration::from_secs(self.resync),

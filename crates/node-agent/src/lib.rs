@@ -7,6 +7,7 @@
 
 mod args;
 pub mod cidrs;
+pub mod exit;
 pub mod health;
 pub mod service;
 
@@ -45,8 +46,14 @@ pub struct Config {
     /// Namespace to program (tests); `None` is the agent's own (hostNetwork).
     pub netns: Option<String>,
     pub overrides: cidrs::Overrides,
-    /// Leave the egress table in place on SIGTERM (a planned restart).
+    /// Leave the egress table in place on SIGTERM, whatever the reason.
     pub keep_on_exit: bool,
+    /// The DaemonSet that runs this agent (namespace, name): on SIGTERM
+    /// the agent asks it whether this is a restart (the table and the
+    /// flows stay for the next agent) or the end of egress on this node
+    /// (the DaemonSet deleted or gone, or this node no longer selected:
+    /// everything goes). Without it, SIGTERM removes everything.
+    pub daemonset: Option<(String, String)>,
     /// Drop outside-bound traffic of a Service's pods until their SNAT is in.
     pub fail_closed: bool,
     /// Translate only to VIPs this node holds (off for announcers that do
@@ -418,6 +425,19 @@ pub async fn run(
     if cfg.keep_on_exit {
         tracing::info!("keeping the egress table for the next start (--keep-on-exit)");
         return Ok(());
+    }
+    if let Some((namespace, name)) = &cfg.daemonset {
+        match exit::restarting(&client, namespace, name, &cfg.node).await {
+            Ok(exit::Leaving::Restart) => {
+                tracing::info!(daemonset = %name, "a restart: the egress table and its flows stay for the next agent");
+                return Ok(());
+            }
+            Ok(exit::Leaving::End(why)) => tracing::info!(daemonset = %name, "{why}: removing the egress table"),
+            Err(e) => tracing::warn!(
+                daemonset = %name, error = %e,
+                "cannot tell a restart from an uninstall: removing the egress table, so that nothing is left behind"
+            ),
+        }
     }
     let e = egress.clone();
     let report = tokio::task::spawn_blocking(move || e.teardown()).await??;

@@ -237,6 +237,7 @@ async fn main() -> Result<()> {
             service_cidrs: Some(vec!["10.0.0.0/16".parse()?]),
         },
         keep_on_exit: false,
+        daemonset: None,
         fail_closed: false,
         vip_check: false,
         resync: natgw_node_agent::RESYNC,
