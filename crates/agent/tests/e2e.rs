@@ -39,7 +39,12 @@ impl Drop for World {
 impl World {
     /// Starts the agent as a new process would: a fresh client.
     async fn start_agent(&mut self) {
-        let agent = self.env.natgw_client("natgw-gateway").await.unwrap();
+        // Its own account, bound as the controller binds it (no image is
+        // configured here, so the controller runs no workload).
+        let identity = natgw_kube_support::identity::apply(&self.admin, "demo-gw", "uid", "natgw-system");
+        identity.await.unwrap();
+        let account = natgw_kube_support::identity::account("demo-gw");
+        let agent = self.env.natgw_client(&account).await.unwrap();
         let netns = self.lab.ns("gw");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.health = Some(listener.local_addr().unwrap());

@@ -159,7 +159,7 @@ items:
 "#;
 
 #[test]
-fn item20_kubectls_list_output_loads_with_allocated_addresses_from_status() {
+fn round2_item20_kubectls_list_output_loads_with_allocated_addresses_from_status() {
     let (set, sources) = load_str(Path::new("list.yaml"), KUBECTL_LIST).expect("kubectl's List loads");
     assert_eq!(set.len(), 4);
     let web = set.eips.get("web").expect("the Eip");

@@ -16,7 +16,10 @@ pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Erro
     if blockers.is_empty() {
         // A gateway's workload goes with it.
         match obj.typed() {
-            Typed::NatGateway(gw) => workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?,
+            Typed::NatGateway(gw) => {
+                workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?;
+                natgw_kube_support::identity::remove(&ctx.client, &gw.name_any(), &ctx.namespace).await?;
+            }
             Typed::Eip(e) => crate::eip::forget(ctx, e),
             Typed::Vpc(_) | Typed::Subnet(_) | Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => {}
         }

@@ -21,6 +21,9 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     let (status, reason, message) = match workload::desired(gw, &ctx.namespace, pod, lan_prefix(ctx, gw)) {
         Err(why) => ("False", "NotConfigured".to_string(), why),
         Ok(body) => {
+            // The account before the pod that runs as it.
+            let uid = gw.uid().unwrap_or_default();
+            natgw_kube_support::identity::apply(&ctx.client, &gw.name_any(), &uid, &ctx.namespace).await?;
             let applied = workload::apply(&ctx.client, &ctx.namespace, &body).await?;
             match missing_network(ctx, gw).await? {
                 Some(why) => ("False", "NetworkMissing".to_string(), why),

@@ -3,29 +3,40 @@
 //! - its NatGateway is gone for good: with it went its workload and the
 //!   namespace that held the state. The NatGateway, asked of the API
 //!   server, is the sentinel; a cache only proposes candidates.
-//! - its NatGateway is being deleted and its workload has had no ready pod
-//!   for `Options::release_after` (its node is gone, its image is missing):
-//!   rules would wait for the agent, the Eip for the rules, the gateway for
-//!   the Eip, forever. The pod's namespace, and the state in it, goes with
-//!   the gateway, so the controller releases the agent's finalizers on the
-//!   objects being deleted, with an Event on each.
+//! - its NatGateway is being deleted, its workload has had no ready pod
+//!   for `Options::release_after` (its node is gone, its image is missing),
+//!   and no pod of it is left that may still hold its addresses: rules
+//!   would wait for the agent, the Eip for the rules, the gateway for the
+//!   Eip, forever. The pod's namespace, and the state in it, went with the
+//!   pod, so the controller releases the agent's finalizers on the objects
+//!   being deleted, with an Event on each. A pod that is there but not
+//!   ready (Running, its probe failing; on a node that stopped answering)
+//!   may still answer ARP for its EIPs: releasing then would hand the
+//!   address to a new Eip while the old pod holds it. It waits until the
+//!   pod object is gone, or its Node is, with an Event on the gateway
+//!   saying which pod it waits for.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::Store;
-use natgw_api::{DnatRule, Eip, FloatingIp, GATEWAY_FINALIZER_PREFIX, NatGateway, SnatRule, gateway_finalizer};
+use natgw_api::{
+    DnatRule, Eip, FloatingIp, GATEWAY_FINALIZER_PREFIX, GATEWAY_LABEL, NatGateway, SnatRule, gateway_finalizer,
+};
 
 use crate::conditions::warn;
 use crate::{Ctx, KindResource, workload};
 
-/// Remembers since when each gateway being deleted has had no ready agent.
+/// Remembers since when each gateway being deleted has had no ready agent,
+/// and which pod it was told to wait for.
 #[derive(Default)]
 pub struct Sweeper {
     unready_since: HashMap<String, Instant>,
+    waiting_for: HashMap<String, String>,
 }
 
 /// Why a finalizer is released.
@@ -43,6 +54,7 @@ impl Sweeper {
         let deleting: Vec<String> =
             gateways.iter().filter(|g| g.metadata.deletion_timestamp.is_some()).map(|g| g.name_any()).collect();
         self.unready_since.retain(|g, _| deleting.contains(g));
+        self.waiting_for.retain(|g, _| deleting.contains(g));
         let mut abandoned = BTreeSet::new();
         for gw in deleting {
             if workload_ready(ctx, &gw).await? {
@@ -50,8 +62,26 @@ impl Sweeper {
                 continue;
             }
             let since = *self.unready_since.entry(gw.clone()).or_insert_with(Instant::now);
-            if since.elapsed() >= ctx.options.release_after {
-                abandoned.insert(gateway_finalizer(&gw));
+            if since.elapsed() < ctx.options.release_after {
+                continue;
+            }
+            match holder(ctx, &gw).await? {
+                None => {
+                    abandoned.insert(gateway_finalizer(&gw));
+                }
+                Some(pod) if self.waiting_for.get(&gw) != Some(&pod) => {
+                    let note = format!(
+                        "the agent has had no ready pod for {} s, but {pod} may still hold this gateway's \
+                         addresses: its finalizers are released once that pod is gone (delete it, or its Node \
+                         if the node is gone for good)",
+                        ctx.options.release_after.as_secs()
+                    );
+                    if let Some(g) = gateways.iter().find(|g| g.name_any() == gw) {
+                        warn(ctx, &**g, "ReleaseWaitsForPod", "ReleaseFinalizer", &note).await;
+                    }
+                    self.waiting_for.insert(gw, pod);
+                }
+                Some(_) => {}
             }
         }
         let why = |f: &String| {
@@ -93,6 +123,20 @@ impl Sweeper {
             + release(ctx, &confirmed, snats).await?
             + release(ctx, &confirmed, dnats).await?)
     }
+}
+
+/// A pod of the gateway that may still hold its state (`pod P on node N`):
+/// one that was scheduled to a Node that still exists. A pod never
+/// scheduled held nothing.
+async fn holder(ctx: &Ctx, gw: &str) -> Result<Option<String>, kube::Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for pod in ctx.pods.state().iter().filter(|p| p.labels().get(GATEWAY_LABEL).map(String::as_str) == Some(gw)) {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { continue };
+        if nodes.get_opt(node).await?.is_some() {
+            return Ok(Some(format!("pod {} on node {node}", pod.name_any())));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether the gateway's StatefulSet has a ready pod.

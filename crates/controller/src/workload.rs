@@ -181,7 +181,9 @@ pub fn desired(
                         ),
                         ..Default::default()
                     }),
-                    service_account_name: Some("natgw-gateway".into()),
+                    // Its own account: the admission policy lets it write
+                    // only this gateway's objects.
+                    service_account_name: Some(natgw_kube_support::identity::account(&gname)),
                     containers: vec![container],
                     node_selector: (!pod.node_selector.is_empty()).then(|| pod.node_selector.clone()),
                     tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),

@@ -234,7 +234,7 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     let spec = s.spec.unwrap();
     assert_eq!(spec.replicas, Some(1));
     let pod = spec.template.spec.unwrap();
-    assert_eq!(pod.service_account_name.as_deref(), Some("natgw-gateway"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("natgw-gateway-gw"), "the gateway's own account");
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("natgw:test"));
     assert_eq!(c.args.clone().unwrap(), ["agent", "--gateway", "gw"]);

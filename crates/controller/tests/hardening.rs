@@ -9,7 +9,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use natgw_api::*;
-use natgw_testenv::{TestEnv, eventually};
+use natgw_testenv::{TestEnv, apply_yaml, eventually};
 
 fn start(client: Client, options: natgw_controller::Options) -> tokio::task::JoinHandle<()> {
     tokio::spawn(natgw_controller::run(
@@ -172,16 +172,11 @@ async fn item9_a_fixed_ip_inside_an_exclusion_is_refused_with_a_condition() {
     assert!(warned(&admin, "AddressRefused", "fenced").await);
 }
 
-#[tokio::test]
-async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
-    let (env, admin) = setup(&crds()).await;
-    let options = natgw_controller::Options { release_after: Duration::from_secs(2), ..image() };
-    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
-    network(&admin, &["gw"]).await;
-    create::<Eip>(&admin, "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.20"})).await;
-    create::<FloatingIp>(&admin, "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})).await;
-    // The agent's finalizer, as an agent that ran once and whose node is
-    // gone now would have left it.
+/// An Eip `e` and a FloatingIp `f` on gateway `gw`, carrying the agent's
+/// finalizer as an agent that ran once would have left it.
+async fn programmed_by_an_agent(admin: &Client) {
+    create::<Eip>(admin, "e", serde_json::json!({"gateway": "gw", "ip": "192.0.2.20"})).await;
+    create::<FloatingIp>(admin, "f", serde_json::json!({"eip": "e", "internalIp": "10.0.0.5"})).await;
     let fin = gateway_finalizer("gw");
     let eips: Api<Eip> = Api::all(admin.clone());
     let fips: Api<FloatingIp> = Api::all(admin.clone());
@@ -198,10 +193,25 @@ async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
         }
         .unwrap();
     }
-    fips.delete("f", &DeleteParams::default()).await.unwrap();
-    eips.delete("e", &DeleteParams::default()).await.unwrap();
-    let gws: Api<NatGateway> = Api::all(admin.clone());
-    gws.delete("gw", &DeleteParams::default()).await.unwrap();
+}
+
+async fn delete_all(admin: &Client) {
+    let dp = DeleteParams::default();
+    Api::<FloatingIp>::all(admin.clone()).delete("f", &dp).await.unwrap();
+    Api::<Eip>::all(admin.clone()).delete("e", &dp).await.unwrap();
+    Api::<NatGateway>::all(admin.clone()).delete("gw", &dp).await.unwrap();
+}
+
+#[tokio::test]
+async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
+    let (env, admin) = setup(&crds()).await;
+    let options = natgw_controller::Options { release_after: Duration::from_secs(2), ..image() };
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    network(&admin, &["gw"]).await;
+    programmed_by_an_agent(&admin).await;
+    delete_all(&admin).await;
+    let (eips, fips, gws): (Api<Eip>, Api<FloatingIp>, Api<NatGateway>) =
+        (Api::all(admin.clone()), Api::all(admin.clone()), Api::all(admin.clone()));
     eventually("everything gone", || async {
         fips.get_opt("f").await.unwrap().is_none()
             && eips.get_opt("e").await.unwrap().is_none()
@@ -210,6 +220,36 @@ async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
     .await;
     // The Event follows the release: the object may be gone first.
     eventually("an Event says why the finalizer went", || warned(&admin, "AgentUnavailable", "f")).await;
+}
+
+/// Second round, item 11: a gateway pod that is there but not ready (its
+/// node stopped answering, its probe fails) may still answer ARP for its
+/// EIPs. The release waits until the pod object is gone, and says so,
+/// so that no address is handed to a new Eip while the old pod holds it.
+#[tokio::test]
+async fn round2_item11_a_pod_that_may_hold_the_addresses_holds_the_release_until_it_is_gone() {
+    let (env, admin) = setup(&crds()).await;
+    let options = natgw_controller::Options { release_after: Duration::from_secs(1), ..image() };
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    network(&admin, &["gw"]).await;
+    programmed_by_an_agent(&admin).await;
+    // What a kubelet that stopped answering leaves: a Node, and on it the
+    // gateway's pod, Running, not ready.
+    apply_yaml(&admin, "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {}\n").await.unwrap();
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: natgw-gw-gw-0\n  namespace: natgw-system\n  labels: \
+               {app.kubernetes.io/name: natgw-gateway, natgw.io/gateway: gw}\n\
+               spec:\n  nodeName: n1\n  containers: [{name: agent, image: natgw}]\n";
+    apply_yaml(&admin, pod).await.unwrap();
+    delete_all(&admin).await;
+    eventually("an Event names the pod the release waits for", || warned(&admin, "ReleaseWaitsForPod", "gw")).await;
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let e = eips.get("e").await.unwrap();
+    assert!(e.finalizers().contains(&gateway_finalizer("gw")), "released while the pod may hold the address");
+    // The pod goes (force-deleted by an operator, or evicted once its node
+    // is gone): the release follows.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), "natgw-system");
+    pods.delete("natgw-gw-gw-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    eventually("released once the pod is gone", || async { eips.get_opt("e").await.unwrap().is_none() }).await;
 }
 
 /// Item 14: an idle controller lists nothing; it works from its caches.

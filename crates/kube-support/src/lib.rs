@@ -8,6 +8,7 @@
 //! - `status`: conditions and status written with per-writer field managers;
 //! - `events`: Warning Events whose message is always the current one;
 //! - `claims`: the ConfigMaps that say which Eip holds an address;
+//! - `identity`: each gateway agent's own ServiceAccount and bindings;
 //! - `health`: /healthz, /readyz and /metrics;
 //! - `untyped`: objects as the watches decode them, managedFields skipped;
 //! - `heap`: the allocator's upkeep in long-running processes (arenas
@@ -18,6 +19,7 @@ pub mod claims;
 pub mod events;
 pub mod health;
 pub mod heap;
+pub mod identity;
 pub mod kind;
 pub mod ready;
 pub mod status;

@@ -175,10 +175,12 @@ async fn run(args: Args) -> Result<()> {
     }
     let controller = spawn("natgw-controller", &["controller", "--instance", "bench", "--namespace", "natgw-system"])?;
     let gw_ns = lab.ns("gw");
-    let agent = spawn(
-        "natgw-gateway",
-        &["agent", "--gateway", "demo-gw", "--netns", &gw_ns, "--claims-namespace", "natgw-system"],
-    )?;
+    // The gateway's own account, as the controller binds it (the bench
+    // runs the agent itself, not a workload).
+    natgw_kube_support::identity::apply(&admin, "demo-gw", "uid", "natgw-system").await?;
+    let account = natgw_kube_support::identity::account("demo-gw");
+    let agent =
+        spawn(&account, &["agent", "--gateway", "demo-gw", "--netns", &gw_ns, "--claims-namespace", "natgw-system"])?;
     create(&admin, &obj::<Vpc>("Vpc", "demo", serde_json::json!({}))?).await?;
     create(
         &admin,
@@ -283,7 +285,7 @@ async fn run(args: Args) -> Result<()> {
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     if std::env::var("NATGW_CP_BENCH_LOG").is_ok() {
-        for sa in ["natgw-controller", "natgw-gateway"] {
+        for sa in ["natgw-controller", account.as_str()] {
             let to = std::env::temp_dir().join(format!("natgw-cp-bench-{sa}.log"));
             std::fs::copy(env.dir().join(format!("{sa}.log")), &to)?;
             eprintln!("log: {}", to.display());
