@@ -159,7 +159,7 @@ mod tests {
     use natgw_api::{Eip, EipSpec};
 
     fn eip(name: &str, version: &str) -> Eip {
-        let mut e = Eip::new(name, EipSpec { gateway: "gw".into(), ip: None });
+        let mut e = Eip::new(name, EipSpec { gateway: "gw".into(), ip: None, internal_cidrs: Vec::new() });
         e.metadata.resource_version = Some(version.into());
         e
     }

@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn an_eip_keeps_the_address_its_status_says() {
-        let mut e = Eip::new("e", EipSpec { gateway: "gw".into(), ip: None });
+        let mut e = Eip::new("e", EipSpec { gateway: "gw".into(), ip: None, internal_cidrs: Vec::new() });
         e.status = Some(EipStatus { ip: Some(Ipv4Addr::new(192, 0, 2, 7)), ..Default::default() });
         e.metadata.finalizers = Some(vec!["natgw.io/controller".into()]);
         let at = Timestamp::from_second(1_764_700_000).unwrap();

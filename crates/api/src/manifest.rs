@@ -256,7 +256,7 @@ fn check_unknown_fields(kind: &str, spec: &Value) -> Result<(), String> {
             "lanNetwork",
             "lanIp",
         ],
-        Kind::Eip => &["gateway", "ip"],
+        Kind::Eip => &["gateway", "ip", "internalCidrs"],
         Kind::FloatingIp => &["eip", "internalIp"],
         Kind::SnatRule => &["eip", "internalCidr"],
         Kind::DnatRule => &["eip", "protocol", "externalPort", "internalIp", "internalPort"],

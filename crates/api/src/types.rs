@@ -181,6 +181,15 @@ pub struct EipSpec {
     #[schemars(length(max = 15))]
     #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub ip: Option<Ipv4Addr>,
+    /// The internal networks rules on this Eip may reach: a FloatingIp's
+    /// or DnatRule's `internalIp`, a SnatRule's `internalCidr`. Empty: the
+    /// whole VPC. In a VPC shared by tenants, the platform admin lists
+    /// each tenant's networks here: `use` on the Eip grants the EIP, this
+    /// list the hosts behind it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 18)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4 && string(cidr(c)) == c && cidr(c) == cidr(c).masked())").message("each entry must be an IPv4 CIDR in canonical form without host bits"))]
+    pub internal_cidrs: Vec<Ipv4Net>,
 }
 
 impl Eip {

@@ -59,6 +59,9 @@ pub fn validate_object(object: &Object) -> Vec<FieldError> {
                 check_unicast("spec.ip", ip, &mut errors);
             }
             check_ref("spec.gateway", &e.spec.gateway, &mut errors);
+            for (i, net) in e.spec.internal_cidrs.iter().enumerate() {
+                check_canonical(&format!("spec.internalCidrs[{i}]"), *net, &mut errors);
+            }
         }
         Object::FloatingIp(f) => {
             check_ref("spec.eip", &f.spec.eip, &mut errors);

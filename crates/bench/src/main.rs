@@ -114,7 +114,10 @@ fn with_extra_fip(set: &ObjectSet, n: u32) -> ObjectSet {
 fn add_extra_fip(s: &mut ObjectSet, n: u32) -> BTreeSet<ObjectRef> {
     let eip = format!("extra-eip-{n}");
     let ip = eip_ip(240_000 + n);
-    s.insert(Object::Eip(Eip::new(&eip, EipSpec { gateway: "demo-gw".into(), ip: Some(ip) })));
+    s.insert(Object::Eip(Eip::new(
+        &eip,
+        EipSpec { gateway: "demo-gw".into(), ip: Some(ip), internal_cidrs: Vec::new() },
+    )));
     let spec = FloatingIpSpec { eip: eip.clone(), internal_ip: Ipv4Addr::new(10, 83, 255, n as u8) };
     let fip = format!("extra-{n}");
     s.insert(Object::FloatingIp(FloatingIp::new(&fip, spec)));

@@ -59,7 +59,10 @@ pub fn build(s: &Scale) -> ObjectSet {
     let mut next_eip = 0;
     let mut add_eip = |set: &mut ObjectSet| {
         let name = format!("eip-{next_eip}");
-        set.insert(Object::Eip(Eip::new(&name, EipSpec { gateway: "demo-gw".into(), ip: Some(eip_ip(next_eip)) })));
+        set.insert(Object::Eip(Eip::new(
+            &name,
+            EipSpec { gateway: "demo-gw".into(), ip: Some(eip_ip(next_eip)), internal_cidrs: Vec::new() },
+        )));
         next_eip += 1;
         name
     };

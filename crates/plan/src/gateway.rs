@@ -126,7 +126,9 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         let r = ObjectRef::new(Kind::SnatRule, s.name());
         let Some(eip) = resolve(&mut plan, set, &scope.eips, &r, &s.spec.eip) else { continue };
         let net = s.spec.internal_cidr;
-        if let Some((_, other)) = by_net.get(&net) {
+        if let Some(why) = beyond_eip(set, &s.spec.eip, net) {
+            conflict(&mut plan, r, "spec.internalCidr", why);
+        } else if let Some((_, other)) = by_net.get(&net) {
             conflict(&mut plan, r, "spec.internalCidr", format!("{net} is already translated by {other}"));
         } else if !scope.internal.iter().any(|n| n.contains(&net)) {
             // Inside one subnet: a rule must never translate addresses
@@ -161,7 +163,9 @@ pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut 
         match claim {
             Claim::Fip(f) => {
                 let internal_ip = f.spec.internal_ip;
-                if let Some(other) = whole.get(&eip).or_else(|| ports.get(&eip)) {
+                if let Some(why) = beyond_eip(set, eip_name, Ipv4Net::from(internal_ip)) {
+                    conflict(plan, r.clone(), "spec.internalIp", why);
+                } else if let Some(other) = whole.get(&eip).or_else(|| ports.get(&eip)) {
                     let what = format!("Eip {eip_name:?} ({eip}) is already used by {other}");
                     conflict(plan, r.clone(), "spec.eip", what);
                 } else if !in_vpc(internal_ip) {
@@ -180,7 +184,9 @@ pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut 
             }
             Claim::Dnat(d) => {
                 let key = (eip, d.spec.protocol, d.spec.external_port);
-                if let Some(other) = whole.get(&eip) {
+                if let Some(why) = beyond_eip(set, eip_name, Ipv4Net::from(d.spec.internal_ip)) {
+                    conflict(plan, r.clone(), "spec.internalIp", why);
+                } else if let Some(other) = whole.get(&eip) {
                     let what = format!("Eip {eip_name:?} ({eip}) is taken whole by {other}");
                     conflict(plan, r.clone(), "spec.eip", what);
                 } else if let Some(other) = port_owner.get(&key) {
@@ -247,6 +253,19 @@ pub(crate) fn eip_addr(plan: &GatewayPlan, scope: &Scope, ip: Ipv4Addr) -> IfAdd
 /// The address of the Eip a rule names, if the Eip is on this gateway and
 /// usable. Rules of other gateways are skipped silently (not ours);
 /// rules on a missing or unusable Eip are reported as pending.
+/// Why `target` is not for rules on Eip `eip_name`: outside its
+/// `internalCidrs`, when it lists any. Checked before anything else, so a
+/// refused rule takes no EIP or port from a rule that may have it.
+fn beyond_eip(set: &ObjectSet, eip_name: &str, target: Ipv4Net) -> Option<String> {
+    let allowed = &set.eips.get(eip_name)?.spec.internal_cidrs;
+    if allowed.is_empty() || allowed.iter().any(|n| n.contains(&target)) {
+        return None;
+    }
+    let list = allowed.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let what = if target.prefix_len() == 32 { target.addr().to_string() } else { target.to_string() };
+    Some(format!("{what} is outside the internalCidrs of Eip {eip_name:?} ({list})"))
+}
+
 pub(crate) fn resolve(
     plan: &mut GatewayPlan,
     set: &ObjectSet,

@@ -136,6 +136,41 @@ fn internal_addresses_outside_the_vpc_are_rejected() {
     assert!(p.nat.fip_dnat.is_empty() && p.nat.port_fwd.is_empty() && p.nat.snat.is_empty());
 }
 
+/// Second round, item 3: in a VPC shared by tenants, an Eip's
+/// internalCidrs bound the hosts its rules reach, so a tenant with `use`
+/// on its Eip cannot put a FloatingIp, DnatRule or SnatRule on another
+/// tenant's host; a refused rule takes no EIP or port from a rule that
+/// may have it.
+#[test]
+fn round2_item3_an_eips_internal_cidrs_bound_the_hosts_its_rules_reach() {
+    let fenced = doc("Eip", "alice", "{gateway: gw, ip: 192.0.2.20, internalCidrs: [10.0.1.0/24]}");
+    let p = plan(
+        &(fenced.clone()
+            + &doc("FloatingIp", "onto-bob", "{eip: alice, internalIp: 10.0.2.5}")
+            + &doc("FloatingIp", "own", "{eip: alice, internalIp: 10.0.1.5}")
+            + &doc(
+                "DnatRule",
+                "d",
+                "{eip: alice, protocol: tcp, externalPort: 80, internalIp: 10.0.2.6, internalPort: 80}",
+            )
+            + &doc("SnatRule", "wide", "{eip: alice, internalCidr: 10.0.0.0/16}")
+            + &doc("SnatRule", "narrow", "{eip: alice, internalCidr: 10.0.1.128/25}")),
+    );
+    assert_eq!(
+        conflict_names(&p),
+        ["DnatRule/d spec.internalIp", "FloatingIp/onto-bob spec.internalIp", "SnatRule/wide spec.internalCidr"]
+    );
+    let why = &p.conflicts.iter().find(|c| c.object.name == "onto-bob").unwrap().reason;
+    assert!(why.contains("10.0.2.5 is outside the internalCidrs of Eip \"alice\" (10.0.1.0/24)"), "{why}");
+    assert_eq!(p.nat.fip_dnat.get(&ip("192.0.2.20")), Some(&ip("10.0.1.5")), "the refused one took nothing");
+    // Without internalCidrs, the whole VPC (one VPC, one tenant).
+    assert!(plan(&doc("FloatingIp", "any", "{eip: a, internalIp: 10.0.2.5}")).conflicts.is_empty());
+    // Host bits in the list are refused when loading, naming the field.
+    let bad = doc("Eip", "c", "{gateway: gw, ip: 192.0.2.21, internalCidrs: [10.0.1.1/24]}");
+    let err = load_str(Path::new("t.yaml"), &format!("{NETWORK}\n---\n{bad}")).unwrap_err().to_string();
+    assert!(err.contains("spec.internalCidrs[0]"), "{err}");
+}
+
 #[test]
 fn eips_outside_the_external_subnet_or_on_its_router_are_rejected() {
     let p = plan(

@@ -76,11 +76,35 @@ const INTERNALS: [&str; 4] = ["10.0.0.5", "10.0.0.6", "10.0.0.7", "172.16.0.9"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Fip { name: usize, eip: usize, internal: usize, age: Option<u8> },
-    Dnat { name: usize, eip: usize, udp: bool, port: u16, internal: usize, age: Option<u8> },
-    Delete { dnat: bool, name: usize },
-    Eip { name: usize, other_gateway: bool, ip: usize, age: Option<u8> },
-    DeleteEip { name: usize },
+    Fip {
+        name: usize,
+        eip: usize,
+        internal: usize,
+        age: Option<u8>,
+    },
+    Dnat {
+        name: usize,
+        eip: usize,
+        udp: bool,
+        port: u16,
+        internal: usize,
+        age: Option<u8>,
+    },
+    Delete {
+        dnat: bool,
+        name: usize,
+    },
+    /// `fenced`: its rules may reach only 10.0.0.4/31 (internalCidrs).
+    Eip {
+        name: usize,
+        other_gateway: bool,
+        ip: usize,
+        age: Option<u8>,
+        fenced: bool,
+    },
+    DeleteEip {
+        name: usize,
+    },
 }
 
 // Addresses an Eip asks for: two good ones, the router, one outside the
@@ -96,8 +120,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..NAMES.len(), 0..EIPS.len(), any::<bool>(), 80u16..83, 0..INTERNALS.len(), age)
             .prop_map(|(name, eip, udp, port, internal, age)| Op::Dnat { name, eip, udp, port, internal, age }),
         (any::<bool>(), 0..NAMES.len()).prop_map(|(dnat, name)| Op::Delete { dnat, name }),
-        (0..EIPS.len(), any::<bool>(), 0..EIP_IPS.len(), prop::option::of(0u8..4))
-            .prop_map(|(name, other_gateway, ip, age)| Op::Eip { name, other_gateway, ip, age }),
+        (0..EIPS.len(), any::<bool>(), 0..EIP_IPS.len(), prop::option::of(0u8..4), any::<bool>())
+            .prop_map(|(name, other_gateway, ip, age, fenced)| Op::Eip { name, other_gateway, ip, age, fenced }),
         (0..EIPS.len()).prop_map(|name| Op::DeleteEip { name }),
     ]
 }
@@ -131,11 +155,14 @@ fn apply(set: &mut ObjectSet, op: &Op) -> ObjectRef {
             set.dnat_rules.insert(NAMES[*name].into(), std::sync::Arc::new(natgw_api::Project::project(d)));
             ObjectRef::new(Kind::DnatRule, NAMES[*name])
         }
-        Op::Eip { name, other_gateway, ip, age } => {
-            let spec = match EIP_IPS[*ip] {
+        Op::Eip { name, other_gateway, ip, age, fenced } => {
+            let mut spec = match EIP_IPS[*ip] {
                 Some(ip) => json!({"gateway": if *other_gateway { "other" } else { "gw" }, "ip": ip}),
                 None => json!({"gateway": if *other_gateway { "other" } else { "gw" }}),
             };
+            if *fenced {
+                spec["internalCidrs"] = json!(["10.0.0.4/31"]);
+            }
             let e: natgw_api::Eip = serde_json::from_value(json!({
                 "apiVersion": "natgw.io/v1alpha1", "kind": "Eip", "metadata": meta(EIPS[*name], *age), "spec": spec
             }))

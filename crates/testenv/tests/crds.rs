@@ -146,6 +146,8 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
     // A range whose ends compare the other way as text (9 > 200).
     let range = r#"{"cidr": "10.1.0.0/24", "gateway": "10.1.0.1", "excludeIps": ["10.1.0.9..10.1.0.200", "10.1.0.7..10.1.0.7"]}"#;
     create::<Subnet>(&admin, &obj("Subnet", "ok", range)).await.unwrap();
+    let fenced = r#"{"gateway": "gw", "ip": "192.0.2.13", "internalCidrs": ["10.0.1.0/24", "10.0.9.7/32"]}"#;
+    create::<Eip>(&admin, &obj("Eip", "fenced", fenced)).await.unwrap();
     create::<NatGateway>(
         &admin,
         &gw(&"g".repeat(63), r#", "routes": [{"cidr": "10.9.0.0/16", "nextHop": "10.0.0.254"}]"#),
@@ -213,6 +215,11 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
             )
             .await,
             "must not end before it starts",
+        ),
+        // Second round, item 3: an Eip's internal networks, canonical.
+        (
+            create::<Eip>(&admin, &obj("Eip", "b17", r#"{"gateway": "gw", "internalCidrs": ["10.0.1.1/24"]}"#)).await,
+            "spec.internalCidrs",
         ),
         // Second round, item 15: a gateway name that cannot be a label value.
         (create::<Eip>(&admin, &obj("Eip", "b15", r#"{"gateway": "gw/1", "ip": "192.0.2.11"}"#)).await, "spec.gateway"),
