@@ -301,7 +301,9 @@ fn a_chain_edited_by_hand_is_replaced_without_rewriting_the_maps() {
     sh(&ns, "nft delete element ip natgw fip_dnat '{ 100.80.0.1 }'");
     assert!(!gw.audit(&p).unwrap().is_empty());
     let report = rebuilt_on_resync(&gw, &p);
-    assert!(report.nft_statements < 40, "{} lines: the maps were written whole", report.nft_statements);
+    // The chains' rules (NAT, forward, input: about 45 lines) and the one
+    // element, not 20,000.
+    assert!(report.nft_statements < 80, "{} lines: the maps were written whole", report.nft_statements);
     assert!(!sh(&ns, "nft list chains ip").contains("stray"));
 }
 

@@ -202,6 +202,16 @@ fn the_gateway_forwards_only_what_it_translates() {
     assert!(tcp_source(&lab.ns("ext1"), INT2, 9001).is_err(), "the external side reached a VPC host untranslated");
     assert!(tcp_source(&lab.ns("int2"), pod, 9002).is_err(), "a VPC host reached the pod's network");
     assert!(tcp_source(&lab.ns("pod"), INT2, 9001).is_err(), "the pod's network reached a VPC host");
+    // Item 9: the gateway's own sockets (its metrics port, on every
+    // address) answer only on the pod's own network.
+    let any = std::net::Ipv4Addr::UNSPECIFIED;
+    let _metrics = tcp_server(&lab.ns("gw"), any, 9478).unwrap();
+    let gw_lan: std::net::Ipv4Addr = natgw_lab::GW_LAN_IP.parse().unwrap();
+    let gw_pod: std::net::Ipv4Addr = natgw_lab::POD_GW_IP.parse().unwrap();
+    assert!(tcp_source(&lab.ns("int2"), gw_lan, 9478).is_err(), "the LAN reached the gateway's own port");
+    assert!(tcp_source(&lab.ns("ext1"), EGRESS_EIP, 9478).is_err(), "the external side reached it through an EIP");
+    assert!(tcp_source(&lab.ns("int2"), gw_pod, 9478).is_err(), "the LAN reached it through the pod's address");
+    assert_eq!(tcp_source(&lab.ns("pod"), gw_pod, 9478).unwrap(), pod, "the pod's network (kubelet, Prometheus)");
 
     // Translated paths, both ways, in the same lab.
     assert_eq!(tcp_source(&lab.ns("ext1"), WEB_EIP, 22).unwrap(), EXT1, "FloatingIp inbound");

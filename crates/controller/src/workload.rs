@@ -111,16 +111,19 @@ pub fn desired(
             ..Default::default()
         }]),
         resources: pod.resources.clone(),
-        // Where the address claims live: the agent trusts an Eip's
-        // status.ip only with a claim behind it.
-        env: Some(vec![EnvVar {
-            name: "POD_NAMESPACE".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..Default::default() }),
+        env: Some(vec![
+            // Where the address claims live: the agent trusts an Eip's
+            // status.ip only with a claim behind it.
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            // Health and metrics on the pod's own address (eth0) only,
+            // never on the LAN or external side.
+            field_env("POD_IP", "status.podIP"),
+            EnvVar {
+                name: "NATGW_HEALTH_ADDR".into(),
+                value: Some(format!("$(POD_IP):{HEALTH_PORT}")),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+            },
+        ]),
         // The image's user is unprivileged (for the controller); the agent
         // runs as root with only the capabilities it uses.
         security_context: Some(SecurityContext {
@@ -194,6 +197,18 @@ pub fn desired(
         }),
         status: None,
     })
+}
+
+/// An environment variable from a field of the pod.
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Whether the workload serves, from the applied StatefulSet and its pods:

@@ -237,6 +237,9 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     assert_eq!(pod.service_account_name.as_deref(), Some("natgw-gateway-gw"), "the gateway's own account");
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("natgw:test"));
+    let env = c.env.clone().unwrap_or_default();
+    let health = env.iter().find(|e| e.name == "NATGW_HEALTH_ADDR").and_then(|e| e.value.as_deref());
+    assert_eq!(health, Some("$(POD_IP):9478"), "health and metrics on the pod's own address only");
     assert_eq!(c.args.clone().unwrap(), ["agent", "--gateway", "gw"]);
     let caps = c.security_context.clone().unwrap().capabilities.unwrap().add.unwrap();
     assert!(caps.contains(&"NET_ADMIN".to_string()), "{caps:?}");

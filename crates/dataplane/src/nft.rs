@@ -101,6 +101,30 @@ pub fn table(lan: &str, ext: &str) -> Table {
                 ],
             },
             forward_chain(lan, ext),
+            input_chain(lan, ext),
+        ],
+    }
+}
+
+/// What reaches the gateway itself from the LAN or the external side:
+/// replies to its own traffic and ICMP (ping, path MTU), nothing else. An
+/// EIP is a local route, so without this a host on either side reached
+/// every socket of the gateway (its metrics, with every tenant's busiest
+/// destinations) through any EIP or the LAN address. The pod's own
+/// network (eth0: kubelet probes, Prometheus) is not natgw's.
+fn input_chain(lan: &str, ext: &str) -> Chain {
+    let rule = |role, text: String| Rule { role, text };
+    Chain {
+        name: "input",
+        kind: "filter",
+        hook: "input",
+        priority: 0,
+        rules: vec![
+            rule("replies", "ct state established,related accept".into()),
+            rule("icmp-lan", format!("iifname \"{lan}\" meta l4proto icmp accept")),
+            rule("icmp-external", format!("iifname \"{ext}\" meta l4proto icmp accept")),
+            rule("refuse-lan", format!("iifname \"{lan}\" counter drop")),
+            rule("refuse-external", format!("iifname \"{ext}\" counter drop")),
         ],
     }
 }

@@ -70,11 +70,52 @@ pub fn undecodable_counter() -> Counter {
     C.get_or_init(Counter::default).clone()
 }
 
+/// Open connections at most. A new one past it closes the oldest: a host
+/// that opens thousands and says nothing (on a gateway, any VPC host could
+/// before the input chain) never locks the kubelet's probes out, and the
+/// process never runs out of descriptors.
+pub const MAX_CONNECTIONS: usize = 128;
+/// A request's headers must have arrived within this.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No connection lives longer, keep-alive included.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
+    let app = router(probe);
+    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> = std::collections::VecDeque::new();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, a reset before accept: not the end.
+                tracing::warn!(error = %e, "the health server cannot accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        open.retain(|c| !c.is_finished());
+        if open.len() >= MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = tokio::spawn(async move {
+            let serving = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
+        });
+        open.push_back(connection.abort_handle());
+    }
+}
+
+fn router(probe: Probe) -> Router {
     let ready = probe.clone();
     let metrics = probe;
-    let app = Router::new()
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -97,10 +138,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
                         .into_response()
                 }
             }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the health server stopped");
-    }
+        )
 }
 
 /// A blocking GET, for tests and tools: (status code, body).
@@ -139,6 +177,33 @@ mod tests {
         let metrics = get("/metrics").await.unwrap().1;
         assert!(metrics.contains("natgw_test_syncs_total 1"), "{metrics}");
         assert!(metrics.contains("natgw_objects_undecodable_total"), "{metrics}");
+        server.abort();
+    }
+
+    /// Second round, item 9: 2,000 connections that never say anything
+    /// leave the probes answering, at once; an idle one is closed.
+    #[tokio::test]
+    async fn round2_item9_idle_connections_never_lock_the_probes_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let probe = Probe::new(Registry::default());
+        probe.ready();
+        let server = tokio::spawn(serve(listener, probe));
+        let mut idle = Vec::new();
+        for _ in 0..2000 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let started = std::time::Instant::now();
+        let answer = tokio::task::spawn_blocking(move || get_blocking(addr, "/healthz")).await.unwrap().unwrap();
+        assert_eq!(answer.0, 200);
+        // A timed assertion only in the large: the bound is what the
+        // kubelet's probe allows (1 s), ten times what it takes here.
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+        // The oldest idle connections were closed to make room.
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), idle[0].read(&mut buf)).await;
+        assert!(matches!(first, Ok(Ok(0)) | Ok(Err(_))), "the oldest idle connection is still open: {first:?}");
         server.abort();
     }
 }

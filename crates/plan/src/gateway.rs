@@ -30,6 +30,10 @@ pub(crate) struct Scope {
     pub(crate) vpc: String,
     /// The VPC's subnets.
     pub(crate) internal: Vec<Ipv4Net>,
+    /// The gateway's own LAN addresses (spec.lanIp, the VPC subnets'
+    /// routers) and what each is: never a rule's target, which would open
+    /// the gateway's own services (its metrics) to the outside.
+    pub(crate) own: BTreeMap<Ipv4Addr, String>,
     /// Eips of this gateway with a usable address, by name.
     pub(crate) eips: BTreeMap<Name, Ipv4Addr>,
     /// The external subnet and its router.
@@ -105,9 +109,19 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         plan.routes.insert(Route { dst: r.cidr, via: r.next_hop, interface: gw.spec.lan_interface.clone() });
     }
 
+    let mut own: BTreeMap<Ipv4Addr, String> = set
+        .subnets
+        .values()
+        .filter(|s| s.spec.vpc.as_deref() == Some(gw.spec.vpc.as_str()))
+        .map(|s| (s.spec.gateway, format!("the router address of Subnet {:?}", s.name())))
+        .collect();
+    if let Some(ip) = gw.spec.lan_ip {
+        own.insert(ip, format!("NatGateway {name:?}'s own spec.lanIp"));
+    }
     let mut scope = Scope {
         vpc: gw.spec.vpc.clone(),
         internal,
+        own,
         eips: BTreeMap::new(),
         cidr: ext.spec.cidr,
         router: ext.spec.gateway,
@@ -165,6 +179,8 @@ pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut 
                 let internal_ip = f.spec.internal_ip;
                 if let Some(why) = beyond_eip(set, eip_name, Ipv4Net::from(internal_ip)) {
                     conflict(plan, r.clone(), "spec.internalIp", why);
+                } else if let Some(what) = scope.own.get(&internal_ip) {
+                    conflict(plan, r.clone(), "spec.internalIp", format!("{internal_ip} is {what}"));
                 } else if let Some(other) = whole.get(&eip).or_else(|| ports.get(&eip)) {
                     let what = format!("Eip {eip_name:?} ({eip}) is already used by {other}");
                     conflict(plan, r.clone(), "spec.eip", what);
@@ -186,6 +202,8 @@ pub(crate) fn weigh(plan: &mut GatewayPlan, set: &ObjectSet, scope: &Scope, mut 
                 let key = (eip, d.spec.protocol, d.spec.external_port);
                 if let Some(why) = beyond_eip(set, eip_name, Ipv4Net::from(d.spec.internal_ip)) {
                     conflict(plan, r.clone(), "spec.internalIp", why);
+                } else if let Some(what) = scope.own.get(&d.spec.internal_ip) {
+                    conflict(plan, r.clone(), "spec.internalIp", format!("{} is {what}", d.spec.internal_ip));
                 } else if let Some(other) = whole.get(&eip) {
                     let what = format!("Eip {eip_name:?} ({eip}) is taken whole by {other}");
                     conflict(plan, r.clone(), "spec.eip", what);

@@ -171,6 +171,24 @@ fn round2_item3_an_eips_internal_cidrs_bound_the_hosts_its_rules_reach() {
     assert!(err.contains("spec.internalCidrs[0]"), "{err}");
 }
 
+/// Second round, item 9: a FloatingIp or DnatRule aimed at the gateway
+/// itself would open its own services (its metrics port) to the
+/// external side.
+#[test]
+fn round2_item9_a_rule_never_targets_the_gateways_own_address() {
+    let p = plan(
+        &(doc("FloatingIp", "f", "{eip: a, internalIp: 10.0.0.1}")
+            + &doc(
+                "DnatRule",
+                "d",
+                "{eip: b, protocol: tcp, externalPort: 9478, internalIp: 10.0.0.1, internalPort: 9478}",
+            )),
+    );
+    assert_eq!(conflict_names(&p), ["DnatRule/d spec.internalIp", "FloatingIp/f spec.internalIp"]);
+    assert!(p.conflicts[0].reason.contains("10.0.0.1 is the router address of Subnet \"lan\""), "{:?}", p.conflicts);
+    assert!(p.nat.fip_dnat.is_empty() && p.nat.port_fwd.is_empty());
+}
+
 #[test]
 fn eips_outside_the_external_subnet_or_on_its_router_are_rejected() {
     let p = plan(
