@@ -21,6 +21,7 @@ pub struct Metrics {
     services: Family<Labels, Gauge>,
     pods: Family<Labels, Gauge>,
     pub conntrack_deleted: Counter,
+    pub plan_kept: Gauge,
 }
 
 impl Metrics {
@@ -43,6 +44,11 @@ impl Metrics {
         r.register("natgw_egress_services", "Egress Services, by state", m.services.clone());
         r.register("natgw_egress_pods", "Pods translated or held", m.pods.clone());
         r.register("natgw_egress_conntrack_deleted", "Conntrack entries deleted", m.conntrack_deleted.clone());
+        r.register(
+            "natgw_egress_plan_kept",
+            "1 while the agent cannot compute the egress plan (addresses, cluster CIDRs) and keeps what it last programmed",
+            m.plan_kept.clone(),
+        );
         (m, Probe::new(r))
     }
 

@@ -26,7 +26,7 @@ use kube::{Client, Resource};
 use natgw_dataplane::egress::Egress;
 use natgw_kube_support::events::Reporter;
 use natgw_kube_support::is_ready as ready;
-use natgw_plan::{EgressInput, EgressTables, ServiceState, plan_egress};
+use natgw_plan::{EgressInput, ServiceState, plan_egress};
 
 pub use args::Args;
 pub use natgw_dataplane::egress::TABLE;
@@ -320,21 +320,45 @@ pub async fn run(
             let e = egress.clone();
             let read = tokio::task::spawn_blocking(move || e.local_addresses()).await;
             let local = read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
-            // Unreadable addresses: hold no VIP, translate nothing.
-            let local = local.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read this node's addresses");
-                Default::default()
-            });
-            let round = gather(&caches, &cfg, &local);
+            let round = match &local {
+                Ok(local) => gather(&caches, &cfg, local),
+                Err(e) => Round {
+                    input: Gathered::Failed(format!("cannot read this node's addresses: {e}")),
+                    invalid: vec![],
+                },
+            };
             let full = last_full.is_none_or(|t| t.elapsed() >= cfg.resync);
-            let (tables, not_ready, plan) = match &round.input {
+            let known = match (&round.input, &local) {
+                (Gathered::Ready(_), _) => Some(1),
+                (Gathered::Failed(_), Ok(_)) => Some(0),
+                _ => None,
+            };
+            if let Some(k) = known {
+                metrics.cidrs_known.set(k);
+            }
+            let (tables, plan) = match &round.input {
                 Gathered::Ready(input) => {
                     gathered = true;
                     let plan = plan_egress(input);
-                    (plan.tables.clone(), None, Some(plan))
+                    (plan.tables.clone(), plan)
                 }
+                // The agent's own failure never becomes "translate
+                // nothing": the kernel keeps what the last good round
+                // wrote (or, before any, what it holds), and the agent
+                // says why in its readiness, a metric and an Event.
                 Gathered::Failed(why) => {
-                    (EgressTables::default(), Some(format!("egress is not programmed: {why}")), None)
+                    let why = if gathered {
+                        format!("egress keeps its last programmed state: {why}")
+                    } else {
+                        format!("egress is not programmed: {why}")
+                    };
+                    metrics.plan_kept.set(i64::from(gathered));
+                    warnings
+                        .say(node_ref(&cfg.node), format!("Node/{}", cfg.node), "EgressNotProgrammed", why.clone())
+                        .await;
+                    probe.not_ready(why);
+                    let _ = tokio::time::timeout(TICK, rx.recv()).await;
+                    continue;
                 }
                 Gathered::NotListed(why) => {
                     probe.not_ready(why.clone());
@@ -342,39 +366,21 @@ pub async fn run(
                     continue;
                 }
             };
-            if let Some(why) = &not_ready {
-                warnings
-                    .say(node_ref(&cfg.node), format!("Node/{}", cfg.node), "EgressNotProgrammed", why.clone())
-                    .await;
-            } else {
-                warnings.said.remove(&format!("Node/{}", cfg.node));
-            }
+            metrics.plan_kept.set(0);
+            warnings.said.remove(&format!("Node/{}", cfg.node));
             for e in &round.invalid {
                 warnings.say(service_ref(&e.service), e.service.clone(), "InvalidEgress", e.to_string()).await;
             }
-            if let Some(plan) = &plan {
-                for (svc, why) in &plan.conflicts {
-                    warnings
-                        .say(service_ref(svc), format!("conflict {svc} {why}"), "EgressConflict", why.clone())
-                        .await;
-                }
-                for (svc, ip) in &plan.not_pods {
-                    tracing::debug!(service = %svc, endpoint = %ip, "endpoint is not a pod address; not translated");
-                }
+            for (svc, why) in &plan.conflicts {
+                warnings.say(service_ref(svc), format!("conflict {svc} {why}"), "EgressConflict", why.clone()).await;
             }
-            if !gathered {
-                probe.not_ready(not_ready.unwrap_or_else(|| "waiting for the first complete gather".into()));
-                let _ = tokio::time::timeout(TICK, rx.recv()).await;
-                continue;
+            for (svc, ip) in &plan.not_pods {
+                tracing::debug!(service = %svc, endpoint = %ip, "endpoint is not a pod address; not translated");
             }
             let e = egress.clone();
             let t = tables.clone();
             let result = tokio::task::spawn_blocking(move || if full { e.resync(&t) } else { e.sync(&t) }).await;
-            metrics.cidrs_known.set(i64::from(matches!(round.input, Gathered::Ready(_))));
-            let programmed = plan
-                .as_ref()
-                .map(|p| p.services.values().filter(|s| matches!(s, ServiceState::Programmed { .. })).count())
-                .unwrap_or(0);
+            let programmed = plan.services.values().filter(|s| matches!(s, ServiceState::Programmed { .. })).count();
             metrics.services(programmed, round.invalid.len());
             let translated = tables.snat_all.len()
                 + tables.snat_ports.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len();
@@ -409,7 +415,7 @@ pub async fn run(
             if failed.is_some() {
                 metrics.sync(false);
             }
-            match failed.or(not_ready) {
+            match failed {
                 Some(why) => probe.not_ready(why),
                 None => probe.ready(),
             }

@@ -608,3 +608,51 @@ async fn round2_item6_dnated_and_node_local_connections_survive_resyncs() {
     assert_eq!(deleted().await, before, "the resyncs' sweeps deleted flows");
     agent.stop().await;
 }
+
+/// Second round, item 10: the agent's own failure (here CIDR discovery,
+/// after the first good round: the Nodes are gone) keeps what it last
+/// programmed, and says so in its readiness, a metric and an Event; it
+/// never becomes "translate nothing" (the table deleted, flows swept).
+#[tokio::test]
+async fn round2_item10_a_failure_keeps_the_last_good_plan_and_says_so() {
+    let (lab, _env, admin, client, _servers) = setup("neg11", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    let ns = lab.ns("int1");
+    let conn = tokio::task::spawn_blocking(move || tcp_connect(&ns, ip(EXT1_IP), 8080)).await.unwrap().unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    for n in ["node-a", "node-b"] {
+        nodes.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("readiness says the last state is kept, and why", || async {
+        let (code, body) = agent.get("/readyz").await;
+        code == 503 && body.contains("keeps its last programmed state") && body.contains("no pod CIDR")
+    })
+    .await;
+    let metrics = agent.get("/metrics").await.1;
+    assert!(metrics.contains("natgw_egress_plan_kept 1"), "{metrics}");
+    let events: Api<Event> = Api::all(admin.clone());
+    eventually("a Warning Event on the Node", || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("EgressNotProgrammed")
+                && e.note.as_deref().is_some_and(|n| n.contains("keeps its last programmed state"))
+        })
+    })
+    .await;
+    assert!(egress_table(&lab).is_some(), "the table stays");
+    let (conn, ok) = echo(conn, "while failing").await;
+    assert!(ok, "established connections keep their translation");
+    assert_eq!(source(&lab, "int1", EXT1_IP, 8080).await, Some(ip(VIP)), "new ones too");
+    // Discovery is back: so is readiness.
+    apply_yaml(&admin, "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec:\n  podCIDRs: [\"10.77.0.0/24\"]\n")
+        .await
+        .unwrap();
+    eventually("ready again", || async { agent.get("/readyz").await.0 == 200 }).await;
+    assert!(agent.get("/metrics").await.1.contains("natgw_egress_plan_kept 0"));
+    let (_, ok) = echo(conn, "recovered").await;
+    assert!(ok);
+    agent.stop().await;
+}
