@@ -149,6 +149,9 @@ enum Gathered {
 struct Round {
     input: Gathered,
     invalid: Vec<service::ServiceError>,
+    /// Egress Services with an endpoint on this node: the ones this node
+    /// reports on.
+    speaks_for: std::collections::BTreeSet<String>,
 }
 
 impl Caches {
@@ -169,7 +172,7 @@ impl Caches {
 }
 
 fn gather(c: &Caches, cfg: &Config, local: &std::collections::BTreeSet<std::net::Ipv4Addr>) -> Round {
-    let failed = |why: String| Round { input: Gathered::Failed(why), invalid: vec![] };
+    let failed = |why: String| Round { input: Gathered::Failed(why), invalid: vec![], speaks_for: Default::default() };
     let mut waiting = Vec::new();
     let checks = [
         ("Service", c.listed(&Some(c.services.clone()), "Service")),
@@ -189,7 +192,7 @@ fn gather(c: &Caches, cfg: &Config, local: &std::collections::BTreeSet<std::net:
     }
     if !waiting.is_empty() {
         let why = format!("waiting for the first list of {}", waiting.join(", "));
-        return Round { input: Gathered::NotListed(why), invalid: vec![] };
+        return Round { input: Gathered::NotListed(why), invalid: vec![], speaks_for: Default::default() };
     }
     let pods = c.discovered(&c.nodes, "Node", |n: &Node| {
         cidrs::v4(n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default())
@@ -214,13 +217,20 @@ fn gather(c: &Caches, cfg: &Config, local: &std::collections::BTreeSet<std::net:
         fail_closed: cfg.fail_closed,
     };
     let mut invalid = Vec::new();
+    let mut speaks_for = std::collections::BTreeSet::new();
     for s in c.services.state().iter().filter(|s| service::wants_egress(s)) {
+        let speaks = service::endpoints_on(s, &slices, &cfg.node);
+        if speaks {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            speaks_for.insert(service::key(ns, s.metadata.name.as_deref().unwrap_or_default()));
+        }
         match service::egress_service(s, &slices, &pods, &cfg.node) {
             Ok(e) => input.services.push(e),
-            Err(e) => invalid.push(e),
+            Err(e) if speaks => invalid.push(e),
+            Err(_) => {}
         }
     }
-    Round { input: Gathered::Ready(input), invalid }
+    Round { input: Gathered::Ready(input), invalid, speaks_for }
 }
 
 /// Publishes each distinct warning once, on the object it is about. A
@@ -286,7 +296,9 @@ pub async fn run(
     let (services, w1) = watch::<Service>(&client, all(), "Service", &errors, &tx);
     let (slices, w2) = watch::<EndpointSlice>(&client, all(), "EndpointSlice", &errors, &tx);
     let mine = all().fields(&format!("spec.nodeName={}", cfg.node));
-    let (pods, w3) = optional(cfg.fail_closed.then(|| watch::<Pod>(&client, mine, "Pod", &errors, &tx)));
+    // This node's pods: an endpoint counts only as one of them, and
+    // --fail-closed holds the ones a Service selects.
+    let (pods, w3) = optional(Some(watch::<Pod>(&client, mine, "Pod", &errors, &tx)));
     let (nodes, w4) =
         optional(cfg.overrides.pod_cidrs.is_none().then(|| watch::<Node>(&client, all(), "Node", &errors, &tx)));
     let (service_cidrs, w5) = optional(
@@ -325,6 +337,7 @@ pub async fn run(
                 Err(e) => Round {
                     input: Gathered::Failed(format!("cannot read this node's addresses: {e}")),
                     invalid: vec![],
+                    speaks_for: Default::default(),
                 },
             };
             let full = last_full.is_none_or(|t| t.elapsed() >= cfg.resync);
@@ -368,12 +381,19 @@ pub async fn run(
             };
             metrics.plan_kept.set(0);
             warnings.said.remove(&format!("Node/{}", cfg.node));
+            let mut current = std::collections::BTreeSet::new();
             for e in &round.invalid {
+                current.insert(e.service.clone());
                 warnings.say(service_ref(&e.service), e.service.clone(), "InvalidEgress", e.to_string()).await;
             }
-            for (svc, why) in &plan.conflicts {
-                warnings.say(service_ref(svc), format!("conflict {svc} {why}"), "EgressConflict", why.clone()).await;
+            for (svc, why) in plan.conflicts.iter().filter(|(svc, _)| round.speaks_for.contains(svc.as_str())) {
+                let key = format!("conflict {svc} {why}");
+                current.insert(key.clone());
+                warnings.say(service_ref(svc), key, "EgressConflict", why.clone()).await;
             }
+            // What is fixed, deleted or moved away is forgotten: said again
+            // if it comes back.
+            warnings.said.retain(|k, _| k.starts_with("Node/") || current.contains(k));
             for (svc, ip) in &plan.not_pods {
                 tracing::debug!(service = %svc, endpoint = %ip, "endpoint is not a pod address; not translated");
             }

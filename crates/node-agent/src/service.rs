@@ -99,6 +99,19 @@ pub fn vip(s: &Service) -> Option<Ipv4Addr> {
     ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.parse().ok()).next()
 }
 
+/// Whether the Service has an endpoint on `node`: the node that speaks
+/// for it (its Events), so that one edit makes one Event per node that
+/// serves the Service, not one per node of the cluster.
+pub fn endpoints_on(s: &Service, slices: &[&EndpointSlice], node: &str) -> bool {
+    let ns = s.metadata.namespace.as_deref();
+    let own = s.metadata.name.as_deref();
+    slices.iter().any(|slice| {
+        slice.metadata.namespace.as_deref() == ns
+            && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == own
+            && slice.endpoints.iter().any(|e| e.node_name.as_deref() == Some(node))
+    })
+}
+
 /// The egress of one annotated Service on `node`.
 pub fn egress_service(
     s: &Service,
@@ -122,6 +135,21 @@ pub fn egress_service(
     let allowed = parse_list(&name, ALLOWED, annotations.get(ALLOWED), MAX_NETWORKS, net)?;
     let denied = parse_list(&name, DENIED, annotations.get(DENIED), MAX_NETWORKS, net)?;
     let own = s.metadata.name.as_deref();
+    // This node's pods of the Service's namespace, by name, with their
+    // addresses: an endpoint counts only as one of these. An
+    // EndpointSlice is writable by anyone who may write them in the
+    // namespace, and could otherwise name any address.
+    let mut local_pods: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+    for p in pods.iter().filter(|p| {
+        p.metadata.namespace.as_deref() == Some(ns.as_str())
+            && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+    }) {
+        let Some(name) = p.metadata.name.as_deref() else { continue };
+        let status = p.status.as_ref();
+        let ips = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|i| i.ip.as_str());
+        let addrs = ips.chain(status.and_then(|s| s.pod_ip.as_deref())).filter_map(|a| a.parse::<Ipv4Addr>().ok());
+        local_pods.entry(name).or_default().extend(addrs);
+    }
     let mut endpoints = Vec::new();
     for slice in slices {
         let labels = slice.metadata.labels.as_ref();
@@ -134,11 +162,18 @@ pub fn egress_service(
         for e in &slice.endpoints {
             // A missing ready condition means ready (EndpointSlice API).
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            // Only pods: a manually written endpoint (no target, or a
-            // target of another kind) is never translated.
-            let pod = e.target_ref.as_ref().is_some_and(|t| t.kind.as_deref() == Some("Pod"));
-            if ready && pod && e.node_name.as_deref() == Some(node) {
-                endpoints.extend(e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()));
+            // Only pods of this namespace on this node, at their own
+            // addresses: a manually written endpoint (no target, a target
+            // of another kind, another namespace's pod, an address the pod
+            // does not have) is never translated.
+            let target = e
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod") && t.namespace.as_deref().is_none_or(|n| n == ns));
+            let Some(addrs) = target.and_then(|t| local_pods.get(t.name.as_deref()?)) else { continue };
+            if ready && e.node_name.as_deref() == Some(node) {
+                let mine = e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()).filter(|a| addrs.contains(a));
+                endpoints.extend(mine);
             }
         }
     }
@@ -176,7 +211,17 @@ mod tests {
             "metadata": {"namespace": "shop", "name": "web-1", "labels": {SERVICE_NAME_LABEL: "web"}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": ready},
-                           "targetRef": {"kind": "Pod", "name": "p"}}],
+                           "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("p-{ip}")}}],
+        }))
+        .unwrap()
+    }
+
+    /// Pod `p-IP` of `ns` on `node` with address IP.
+    fn pod(ns: &str, node: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": format!("p-{ip}")},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
         }))
         .unwrap()
     }
@@ -189,7 +234,8 @@ mod tests {
             slice("b", "10.244.2.5", Some(true)),
             slice("a", "10.244.1.6", Some(false)),
         ];
-        let e = egress_service(&s, &slices.iter().collect::<Vec<_>>(), &[], "a").unwrap();
+        let pods = [pod("shop", "a", "10.244.1.5"), pod("shop", "b", "10.244.2.5"), pod("shop", "a", "10.244.1.6")];
+        let e = egress_service(&s, &slices.iter().collect::<Vec<_>>(), &pods.iter().collect::<Vec<_>>(), "a").unwrap();
         assert_eq!(e.name, "shop/web");
         assert_eq!(e.vip, Some("192.0.2.10".parse().unwrap()), "status, never spec.loadBalancerIP");
         assert_eq!(e.ports, vec![(Protocol::Tcp, 443), (Protocol::Udp, 53)]);
@@ -241,5 +287,25 @@ mod tests {
         let err = egress_service(&s, &[], &[], "a").unwrap_err();
         assert_eq!(err.field, format!("annotation {DENIED}"));
         assert!(err.reason.contains(&format!("at most {MAX_NETWORKS}")), "{err}");
+    }
+
+    /// Second round, item 14: an EndpointSlice anyone in the namespace can
+    /// write names only this namespace's pods, at their own addresses.
+    #[test]
+    fn round2_item14_an_endpoint_counts_only_as_a_real_pod_of_the_namespace() {
+        let s = service(serde_json::json!({EGRESS: "true"}));
+        let ok = slice("a", "10.244.1.5", Some(true));
+        let theirs = pod("bank", "a", "10.244.1.5");
+        let mine = pod("shop", "a", "10.244.1.5");
+        let on = |pods: &[&Pod], sl: &EndpointSlice| egress_service(&s, &[sl], pods, "a").unwrap().endpoints;
+        assert_eq!(on(&[&mine], &ok), vec!["10.244.1.5".parse::<Ipv4Addr>().unwrap()]);
+        assert!(on(&[&theirs], &ok).is_empty(), "another namespace's pod");
+        assert!(on(&[], &ok).is_empty(), "no such pod on this node");
+        let mut elsewhere = ok.clone();
+        elsewhere.endpoints[0].target_ref.as_mut().unwrap().namespace = Some("bank".into());
+        assert!(on(&[&theirs, &mine], &elsewhere).is_empty(), "a target in another namespace");
+        let mut forged = ok.clone();
+        forged.endpoints[0].addresses = vec!["10.244.1.99".into()];
+        assert!(on(&[&mine], &forged).is_empty(), "an address the pod does not have");
     }
 }

@@ -173,13 +173,24 @@ async fn web_service(admin: &Client, annotations: &[(&str, &str)]) {
     api.patch_status("web", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
 }
 
-/// The EndpointSlice of `web`: (address, node) pairs, all ready.
+/// The EndpointSlice of `web`: (address, node) pairs, all ready, each a
+/// Pod of `shop` with that address on that node, as the cluster's own
+/// controllers would write them (no kubelet runs here).
 async fn endpoints(admin: &Client, eps: &[(&str, &str)]) {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    for (a, n) in eps {
+        let name = format!("web-{n}-{a}");
+        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"nodeName": n, "containers": [{"name": "c", "image": "web:1"}]}});
+        pods.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&pod)).await.unwrap();
+        let status = serde_json::json!({"status": {"podIP": a, "podIPs": [{"ip": a}]}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    }
     let list: Vec<serde_json::Value> = eps
         .iter()
         .map(|(a, n)| {
             serde_json::json!({"addresses": [a], "nodeName": n, "conditions": {"ready": true},
-                               "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("web-{a}")}})
+                               "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("web-{n}-{a}")}})
         })
         .collect();
     let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
@@ -654,5 +665,41 @@ async fn round2_item10_a_failure_keeps_the_last_good_plan_and_says_so() {
     assert!(agent.get("/metrics").await.1.contains("natgw_egress_plan_kept 0"));
     let (_, ok) = echo(conn, "recovered").await;
     assert!(ok);
+    agent.stop().await;
+}
+
+/// Second round, item 13: a bad egress Service is reported by the nodes
+/// that serve it (here: only once its endpoints are on this node), once
+/// per change, and a Service fixed and broken again is reported again.
+#[tokio::test]
+async fn round2_item13_only_a_node_serving_the_service_speaks_once_per_change() {
+    let (lab, _env, admin, client, _servers) = setup("neg12", Some("10.77.0.0/24")).await;
+    web_service(&admin, &[("natgw.io/egress-ports", "tcp:http")]).await;
+    endpoints(&admin, &[(INT2_IP, "node-b")]).await;
+    let agent = Agent::start(client, &lab, |_| {}).await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), "shop");
+    let invalid = || async {
+        let items = events.list(&Default::default()).await.unwrap().items;
+        items.iter().filter(|e| e.reason.as_deref() == Some("InvalidEgress")).count()
+    };
+    let syncs = || async {
+        let (_, metrics) = agent.get("/metrics").await;
+        let line =
+            metrics.lines().find(|l| l.starts_with("natgw_egress_syncs_total{result=\"ok\"}")).map(str::to_string);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    // Rounds that saw the bad Service, served elsewhere: nothing said.
+    let seen = syncs().await;
+    eventually("three rounds", || async { syncs().await >= seen + 3 }).await;
+    assert_eq!(invalid().await, 0, "a node without the Service's endpoints stays silent");
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    eventually("said once its endpoints are here", || async { invalid().await == 1 }).await;
+    let seen = syncs().await;
+    eventually("three more rounds", || async { syncs().await >= seen + 3 }).await;
+    assert_eq!(invalid().await, 1, "once per change, not once per round");
+    annotate(&admin, "natgw.io/egress-ports", Some("tcp:8080")).await;
+    eventually("fixed: programmed", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
+    annotate(&admin, "natgw.io/egress-ports", Some("tcp:http")).await;
+    eventually("broken again: said again", || async { invalid().await == 2 }).await;
     agent.stop().await;
 }

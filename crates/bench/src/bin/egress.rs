@@ -198,9 +198,9 @@ async fn main() -> Result<()> {
     let slice = |s: u32, moved: Option<u32>| -> Result<EndpointSlice> {
         let eps: Vec<serde_json::Value> = (0..a.endpoints)
             .map(|e| {
-                let ip = if moved == Some(e) { pod(s, 20 + e % 12) } else { pod(s, e) };
-                serde_json::json!({"addresses": [ip.to_string()], "nodeName": "bench-node", "conditions": {"ready": true},
-                                   "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("p{s}-{e}")}})
+                let k = if moved == Some(e) { 20 + e % 12 } else { e };
+                serde_json::json!({"addresses": [pod(s, k).to_string()], "nodeName": "bench-node", "conditions": {"ready": true},
+                                   "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("p{s}-{k}")}})
             })
             .collect();
         Ok(serde_json::from_value(serde_json::json!({
@@ -209,7 +209,27 @@ async fn main() -> Result<()> {
             "addressType": "IPv4", "endpoints": eps, "ports": [{"port": 80, "protocol": "TCP"}],
         }))?)
     };
-    eprintln!("creating {} Services and EndpointSlices", a.services);
+    eprintln!("creating {} Services, their pods and EndpointSlices", a.services);
+    // An endpoint counts only as a pod of the namespace on the node, at
+    // its own address (as the kubelet reports it): each Service's block of
+    // 32 addresses, the spares being where a moved endpoint goes.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), "bench");
+    let pod_creates = futures::stream::iter((0..a.services).flat_map(|s| (0..32).map(move |k| (s, k)))).map(|(s, k)| {
+        let pods = pods.clone();
+        async move {
+            let name = format!("p{s}-{k}");
+            let body = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "bench"},
+                "spec": {"nodeName": "bench-node", "containers": [{"name": "c", "image": "bench"}]}});
+            pods.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&body)).await?;
+            let ip = pod(s, k).to_string();
+            let status = serde_json::json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+            anyhow::Ok(())
+        }
+    });
+    use futures::StreamExt;
+    let results: Vec<Result<()>> = pod_creates.buffer_unordered(32).collect().await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
     let creates = futures::stream::iter(0..a.services).map(|s| {
         let (services, slices, slice) = (services.clone(), slices.clone(), &slice);
         async move {
@@ -225,7 +245,6 @@ async fn main() -> Result<()> {
             anyhow::Ok(())
         }
     });
-    use futures::StreamExt;
     let results: Vec<Result<()>> = creates.buffer_unordered(32).collect().await;
     results.into_iter().collect::<Result<Vec<()>>>()?;
     let api_ns = Netns::new("negb-api")?;
