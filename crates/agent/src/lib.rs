@@ -429,6 +429,8 @@ pub async fn run_with(
         let mut planning = Planning::default();
         // The objects as the last round saw them (refreshed, not copied).
         let mut objects = ObjectSet::default();
+        // Failed rounds in a row: each waits twice as long (500 ms to 30 s).
+        let mut failures = 0u32;
         loop {
             let ctx = Ctx {
                 client: &client,
@@ -442,13 +444,18 @@ pub async fn run_with(
                 // The caches listed and the kernel holds the plan (the
                 // first sync of a handle, and the one after any failure,
                 // reads the kernel whole).
-                Ok(()) => probe.ready(),
+                Ok(()) => {
+                    failures = 0;
+                    probe.ready();
+                }
                 Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = natgw_kube_support::backoff::delay(ROUND_RETRY.0, ROUND_RETRY.1, failures);
                     let why = natgw_kube_support::chain(&e);
-                    tracing::warn!(error = %why, "round failed; retrying");
+                    tracing::warn!(error = %why, ?wait, "round failed; retrying");
                     metrics.failed();
                     probe.not_ready(why);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(wait).await;
                     let _ = tx.try_send(());
                 }
             }
@@ -471,6 +478,9 @@ pub async fn run_with(
     }
     Ok(())
 }
+
+/// The first and longest waits before a failed round is tried again.
+const ROUND_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 /// Copies the forward chain's drop counters into the metrics every 10 s.
 async fn count_forward_drops(gateway: Arc<Gateway>, metrics: metrics::Metrics) {

@@ -127,6 +127,8 @@ pub struct Ctx {
     /// digest of the apply), until the cache shows a newer version. The
     /// apply's text was about 300 bytes an Eip, kept for every one.
     written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, u64)>>,
+    /// Failed reconciles in a row, by object: each waits twice as long.
+    retries: natgw_kube_support::backoff::Backoff<(natgw_api::Kind, String)>,
 }
 
 /// The controller's /readyz and /metrics: ready once it is a standby, or
@@ -316,6 +318,7 @@ pub async fn run(
         pods,
         users,
         written: Default::default(),
+        retries: Default::default(),
     });
     let gc_ctx = ctx.clone();
     let workers = kube::runtime::controller::Config::default().concurrency(ctx.options.workers.max(1));

@@ -13,9 +13,24 @@ use natgw_kube_support::Typed;
 
 use crate::{BLOCKED_RETRY, Ctx, Error, FINALIZER, KindResource, deletion, eip, gateway, rule, vpc};
 
+/// First and longest waits after a failed reconcile: a conflict (409, 422:
+/// the cache was behind) usually heals at once, anything else may take
+/// long; either doubles with each failure in a row.
+const CONFLICT_RETRY: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(30));
+const ERROR_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
+
 pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let key = (K::KIND, obj.name_any());
+    let result = reconcile_once(obj, &ctx).await;
+    if result.is_ok() {
+        ctx.retries.succeeded(&key);
+    }
+    result
+}
+
+async fn reconcile_once<K: KindResource>(obj: Arc<K>, ctx: &Ctx) -> Result<Action, Error> {
     let api: Api<K> = Api::all(ctx.client.clone());
-    if let Some((gateway, agent_there)) = new_object_gateway(&ctx, &*obj) {
+    if let Some((gateway, agent_there)) = new_object_gateway(ctx, &*obj) {
         // A new Eip, or a new rule whose Eip is known: the finalizers and
         // the gateway label in one write (the agent waits for the label;
         // writes in sequence multiplied a create's latency and the API
@@ -47,8 +62,8 @@ pub async fn reconcile<K: KindResource>(obj: Arc<K>, ctx: Arc<Ctx>) -> Result<Ac
     // when Cleanup returns Ok.
     finalizer(&api, FINALIZER, obj, |event| async {
         match event {
-            Event::Apply(o) => apply(&ctx, &*o).await,
-            Event::Cleanup(o) => deletion::cleanup(&ctx, &*o).await,
+            Event::Apply(o) => apply(ctx, &*o).await,
+            Event::Cleanup(o) => deletion::cleanup(ctx, &*o).await,
         }
     })
     .await
@@ -99,16 +114,20 @@ async fn apply<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Error> {
     }
 }
 
-pub fn error_policy<K: KindResource>(obj: Arc<K>, err: &Error, _: Arc<Ctx>) -> Action {
+pub fn error_policy<K: KindResource>(obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let key = (K::KIND, obj.name_any());
     match err {
         Error::Blocked(_) => Action::requeue(BLOCKED_RETRY),
         Error::Conflict(m) => {
-            tracing::debug!(kind = %K::KIND, name = %obj.name_any(), conflict = %m, "retrying");
-            Action::requeue(Duration::from_millis(50))
+            let wait = ctx.retries.failed(key, CONFLICT_RETRY.0, CONFLICT_RETRY.1);
+            tracing::debug!(kind = %K::KIND, name = %obj.name_any(), conflict = %m, ?wait, "retrying");
+            Action::requeue(wait)
         }
         e => {
-            tracing::warn!(kind = %K::KIND, name = %obj.name_any(), error = %natgw_kube_support::chain(e), "reconcile failed");
-            Action::requeue(Duration::from_secs(5))
+            let wait = ctx.retries.failed(key, ERROR_RETRY.0, ERROR_RETRY.1);
+            let error = natgw_kube_support::chain(e);
+            tracing::warn!(kind = %K::KIND, name = %obj.name_any(), %error, ?wait, "reconcile failed; retrying");
+            Action::requeue(wait)
         }
     }
 }

@@ -11,9 +11,11 @@
 //! - `identity`: each gateway agent's own ServiceAccount and bindings;
 //! - `health`: /healthz, /readyz and /metrics;
 //! - `untyped`: objects as the watches decode them, managedFields skipped;
+//! - `backoff`: retries that double their wait, up to a cap;
 //! - `heap`: the allocator's upkeep in long-running processes (arenas
 //!   capped, freed pages handed back).
 
+pub mod backoff;
 pub mod cache;
 pub mod claims;
 pub mod events;
