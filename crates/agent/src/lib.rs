@@ -432,6 +432,14 @@ pub async fn run_with(
         // Failed rounds in a row: each waits twice as long (500 ms to 30 s).
         let mut failures = 0u32;
         loop {
+            // A round starts at least every 30 s plus the longest retry
+            // wait, but a first round at 100,000 objects writes statuses
+            // for minutes: a loop that has not come back in 15 minutes is
+            // stuck (every kernel call has its own deadline besides).
+            probe.beat(Duration::from_secs(900));
+            if !gateway.alive() {
+                probe.dead("the gateway's namespace worker stopped");
+            }
             let ctx = Ctx {
                 client: &client,
                 gateway: &gateway,

@@ -37,6 +37,7 @@ pub(crate) fn netfilter_socket() -> std::io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    crate::deadline::bound_receives(&socket)?;
     Ok(socket)
 }
 

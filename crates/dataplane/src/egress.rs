@@ -172,9 +172,18 @@ fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
 }
 
 fn table_exists() -> Result<bool, NftError> {
-    let out =
-        std::process::Command::new("nft").args(["list", "table", "ip", TABLE]).output().map_err(NftError::Spawn)?;
-    Ok(out.status.success())
+    let mut child = std::process::Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(NftError::Spawn)?;
+    let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
+    let status = child.wait().map_err(NftError::Spawn)?;
+    if watchdog.fired() {
+        return Err(NftError::TimedOut(crate::deadline::NFT));
+    }
+    Ok(status.success())
 }
 
 fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {

@@ -5,6 +5,7 @@
 
 pub mod conntrack;
 pub mod ctpolicy;
+pub mod deadline;
 pub mod egress;
 mod engine;
 pub mod garp;
@@ -178,6 +179,11 @@ impl Gateway {
                 fail_next_sweep: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Whether both namespace threads still run (liveness).
+    pub fn alive(&self) -> bool {
+        self.worker.alive() && self.shared.sweeper.alive()
     }
 
     /// Refuses to work on a kernel that cannot mark addresses as natgw's

@@ -36,6 +36,8 @@ pub enum LinkError {
     Io(#[from] std::io::Error),
     #[error("netlink: {0}")]
     Netlink(#[from] rtnetlink::Error),
+    #[error("rtnetlink did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("interface {0:?} does not exist in the gateway's network namespace")]
     NoInterface(String),
     #[error(
@@ -70,9 +72,18 @@ impl Links {
         Ok(Links { rt, handle })
     }
 
+    /// Runs one request to its end, or fails at the deadline.
+    fn block<T>(&self, f: impl std::future::Future<Output = Result<T, LinkError>>) -> Result<T, LinkError> {
+        self.rt.block_on(async {
+            tokio::time::timeout(crate::deadline::NETLINK, f)
+                .await
+                .map_err(|_| LinkError::TimedOut(crate::deadline::NETLINK))?
+        })
+    }
+
     /// Every interface by name.
     pub fn interfaces(&self) -> Result<BTreeMap<String, Interface>, LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let mut out = BTreeMap::new();
             let mut links = self.handle.link().get().execute();
             while let Some(msg) = links.try_next().await? {
@@ -95,7 +106,7 @@ impl Links {
 
     /// IPv4 addresses on all interfaces: (address, owned by natgw).
     pub fn addresses(&self, names: &BTreeMap<u32, String>) -> Result<BTreeMap<IfAddr, bool>, LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let mut out = BTreeMap::new();
             let mut addrs = self.handle.address().get().execute();
             while let Some(msg) = addrs.try_next().await? {
@@ -121,7 +132,7 @@ impl Links {
     /// kernel's own cost dominates: each address added to an interface
     /// costs time proportional to the addresses already on it.
     pub fn add_addresses(&self, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             futures::stream::iter(items.iter().map(|(index, addr)| {
                 let mut req = self.handle.address().add(*index, IpAddr::V4(addr.addr()), addr.prefix_len());
                 req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(NATGW_PROTO)));
@@ -134,7 +145,7 @@ impl Links {
     }
 
     pub fn del_addresses(&self, items: &[(u32, Ipv4Net)]) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             futures::stream::iter(items.iter().map(|(index, addr)| {
                 let msg = rtnetlink::AddressMessageBuilder::<Ipv4Addr>::new()
                     .index(*index)
@@ -165,7 +176,7 @@ impl Links {
     /// in its own table, the others in main), its EIPs (local routes) and
     /// the subnets they sit in (link routes).
     pub fn owned_routes(&self, names: &BTreeMap<u32, String>) -> Result<OwnedRoutes, LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let mut out = OwnedRoutes::default();
             let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
             let mut routes = self.handle.route().get(filter).execute();
@@ -219,7 +230,7 @@ impl Links {
     fn eip_route_batch(&self, kind: EipRoute, items: &[(u32, Ipv4Net)], add: bool) -> Result<(), LinkError> {
         // Already there, already gone: both count as done.
         let done = if add { libc::EEXIST } else { libc::ESRCH };
-        self.rt.block_on(async {
+        self.block(async {
             futures::stream::iter(items.iter().map(|(index, dst)| {
                 let msg = eip_route(kind, *index, *dst);
                 let handle = self.handle.route();
@@ -235,14 +246,14 @@ impl Links {
     }
 
     pub fn add_route(&self, index: u32, r: &Route) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let msg = route_message(index, r);
             self.handle.route().add(msg).execute().await.or_else(ignore_errno(libc::EEXIST))
         })
     }
 
     pub fn del_route(&self, index: u32, r: &Route) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             self.handle.route().del(route_message(index, r)).execute().await.or_else(ignore_errno(libc::ESRCH))
         })
     }
@@ -309,7 +320,7 @@ fn route_message(index: u32, r: &Route) -> rtnetlink::packet_route::route::Route
 impl Links {
     /// IPv4 policy rules natgw owns (the LAN rules).
     pub fn owned_rules(&self) -> Result<BTreeSet<LanRule>, LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let mut out = BTreeSet::new();
             let mut rules = self.handle.rule().get(IpVersion::V4).execute();
             while let Some(msg) = rules.try_next().await? {
@@ -331,7 +342,7 @@ impl Links {
     }
 
     pub fn add_rule(&self, r: &LanRule) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let table = if r.priority == RULE_MAIN { u32::from(RouteHeader::RT_TABLE_MAIN) } else { NATGW_TABLE };
             let mut req = self
                 .handle
@@ -352,7 +363,7 @@ impl Links {
     }
 
     pub fn del_rule(&self, r: &LanRule) -> Result<(), LinkError> {
-        self.rt.block_on(async {
+        self.block(async {
             let mut msg = RuleMessage::default();
             msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
             msg.attributes.push(RuleAttribute::Priority(r.priority));

@@ -28,6 +28,8 @@ pub enum NetnsError {
     Enter { path: PathBuf, source: nix::Error },
     #[error("the namespace worker thread stopped")]
     Stopped,
+    #[error("kernel work in the namespace panicked: {0}")]
+    Panicked(String),
 }
 
 /// `/run/netns/NAME` for a name made by `ip netns add`, else the path itself.
@@ -68,8 +70,10 @@ impl NetnsWorker {
                 if !ok {
                     return;
                 }
+                // A job that panics fails, not the worker: its caller gets
+                // the panic as an error, and the next job runs as usual.
                 for job in jobs_rx {
-                    job();
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             })
             .map_err(|source| NetnsError::Open { path: path.clone().unwrap_or_default(), source })?;
@@ -81,14 +85,21 @@ impl NetnsWorker {
         self.path.as_deref()
     }
 
-    /// Runs `f` inside the namespace and waits for its result.
+    /// Runs `f` inside the namespace and waits for its result; a panic in
+    /// `f` is an error here, and the worker goes on.
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || {
-            let _ = tx.send(f());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_text(&*p));
+            let _ = tx.send(result);
         });
         self.jobs.as_ref().ok_or(NetnsError::Stopped)?.send(job).map_err(|_| NetnsError::Stopped)?;
-        rx.recv().map_err(|_| NetnsError::Stopped)
+        rx.recv().map_err(|_| NetnsError::Stopped)?.map_err(NetnsError::Panicked)
+    }
+
+    /// Whether the worker thread still runs (liveness).
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
@@ -106,6 +117,10 @@ impl Drop for NetnsWorker {
             let _ = t.join();
         }
     }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
 }
 
 /// Runs `f` on a detached thread of its own inside the namespace (a
@@ -130,4 +145,20 @@ pub fn detached(path: Option<PathBuf>, f: impl FnOnce() + Send + 'static) -> Res
 /// Runs one closure in a namespace on a short-lived thread (tests, tools).
 pub fn run_in<R: Send + 'static>(path: &Path, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
     NetnsWorker::start(Some(path.to_path_buf()))?.run(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_job_is_an_error_and_the_worker_goes_on() {
+        let w = NetnsWorker::start(None).unwrap();
+        let err = w.run(|| -> u32 { panic!("boom") }).unwrap_err();
+        assert!(matches!(&err, NetnsError::Panicked(m) if m == "boom"), "{err}");
+        assert_eq!(w.run(|| 7).unwrap(), 7);
+        assert!(w.alive());
+        w.spawn(|| panic!("in the background")).unwrap();
+        assert_eq!(w.run(|| 8).unwrap(), 8, "a background panic does not stop it either");
+    }
 }

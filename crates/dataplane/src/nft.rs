@@ -32,6 +32,8 @@ pub enum NftError {
     Rejected(String),
     #[error("nft list failed: {0}")]
     List(String),
+    #[error("nft did not finish within {0:?} and was killed (nothing was applied)")]
+    TimedOut(std::time::Duration),
     #[error("unexpected nft JSON output: {0}")]
     Parse(String),
     #[error("cannot parse nft JSON output")]
@@ -272,6 +274,7 @@ pub fn apply(script: &str) -> Result<(), NftError> {
 pub struct Running {
     child: std::process::Child,
     writer: std::thread::JoinHandle<std::io::Result<()>>,
+    watchdog: crate::deadline::Watchdog,
 }
 
 /// Starts `nft -f -` on `script` in the calling thread's namespace.
@@ -289,13 +292,17 @@ pub fn start(script: String) -> Result<Running, NftError> {
         Some(mut stdin) => stdin.write_all(script.as_bytes()),
         None => Ok(()),
     });
-    Ok(Running { child, writer })
+    let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
+    Ok(Running { child, writer, watchdog })
 }
 
 impl Running {
     pub fn wait(self) -> Result<(), NftError> {
         let out = self.child.wait_with_output().map_err(NftError::Spawn)?;
         let written = self.writer.join().unwrap_or_else(|_| Err(std::io::Error::other("nft writer panicked")));
+        if self.watchdog.fired() {
+            return Err(NftError::TimedOut(crate::deadline::NFT));
+        }
         if !out.status.success() {
             return Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
@@ -388,8 +395,12 @@ fn list(what: &[&str]) -> Result<Option<Listing>, NftError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(NftError::Spawn)?;
+    let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
     let parsed = child.stdout.take().map(|out| serde_json::from_reader::<_, Listing>(std::io::BufReader::new(out)));
     let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if watchdog.fired() {
+        return Err(NftError::TimedOut(crate::deadline::NFT));
+    }
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("No such file or directory") {

@@ -11,11 +11,17 @@ use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
-/// What a role reports: its metrics and why it is not ready.
+/// What a role reports: its metrics, why it is not ready, and whether it
+/// is alive: `/healthz` fails once the role's loop has not moved for
+/// longer than it promised (`beat`), or a part of it died (`dead`), so the
+/// kubelet restarts a process that hangs instead of trusting it forever.
 #[derive(Clone)]
 pub struct Probe {
     registry: Arc<Registry>,
     not_ready: Arc<Mutex<Option<String>>>,
+    /// The loop's last beat, and how long it may go without the next.
+    beat: Arc<Mutex<Option<(std::time::Instant, std::time::Duration)>>>,
+    dead: Arc<Mutex<Option<String>>>,
 }
 
 impl Probe {
@@ -27,7 +33,36 @@ impl Probe {
             "Objects left out of a cache because they could not be decoded",
             undecodable_counter(),
         );
-        Probe { registry: Arc::new(registry), not_ready: Arc::new(Mutex::new(Some("starting".into()))) }
+        Probe {
+            registry: Arc::new(registry),
+            not_ready: Arc::new(Mutex::new(Some("starting".into()))),
+            beat: Arc::default(),
+            dead: Arc::default(),
+        }
+    }
+
+    /// The role's loop made progress, and will again within `within`.
+    pub fn beat(&self, within: std::time::Duration) {
+        *self.beat.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), within));
+    }
+
+    /// A part the role cannot work without stopped: liveness fails.
+    pub fn dead(&self, why: impl Into<String>) {
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.into());
+    }
+
+    /// Why the role is not alive, if it is not.
+    pub fn why_not_alive(&self) -> Option<String> {
+        if let Some(why) = self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Some(why);
+        }
+        let beat = *self.beat.lock().unwrap_or_else(|p| p.into_inner());
+        match beat {
+            Some((at, within)) if at.elapsed() > within => {
+                Some(format!("no progress for {} s (expected within {} s)", at.elapsed().as_secs(), within.as_secs()))
+            }
+            _ => None,
+        }
     }
 
     pub fn ready(&self) {
@@ -114,9 +149,21 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
 
 fn router(probe: Probe) -> Router {
     let ready = probe.clone();
+    let alive = probe.clone();
     let metrics = probe;
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let why = alive.why_not_alive();
+                async move {
+                    match why {
+                        None => (StatusCode::OK, "ok\n".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not alive: {why}\n")),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -177,6 +224,27 @@ mod tests {
         let metrics = get("/metrics").await.unwrap().1;
         assert!(metrics.contains("natgw_test_syncs_total 1"), "{metrics}");
         assert!(metrics.contains("natgw_objects_undecodable_total"), "{metrics}");
+        server.abort();
+    }
+
+    /// Second round, item 16: liveness follows the loop's beat and the
+    /// parts it cannot do without.
+    #[tokio::test]
+    async fn round2_item16_liveness_fails_without_progress_or_with_a_dead_part() {
+        let probe = Probe::new(Registry::default());
+        assert_eq!(probe.why_not_alive(), None, "alive before its first beat");
+        probe.beat(std::time::Duration::from_secs(60));
+        assert_eq!(probe.why_not_alive(), None);
+        probe.beat(std::time::Duration::ZERO);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(probe.why_not_alive().is_some_and(|w| w.contains("no progress")));
+        probe.beat(std::time::Duration::from_secs(60));
+        probe.dead("the namespace worker stopped");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, probe));
+        let (code, body) = tokio::task::spawn_blocking(move || get_blocking(addr, "/healthz")).await.unwrap().unwrap();
+        assert_eq!((code, body.as_str()), (503, "not alive: the namespace worker stopped\n"));
         server.abort();
     }
 

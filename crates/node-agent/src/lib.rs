@@ -329,6 +329,9 @@ pub async fn run(
         // table kept over a restart.
         let mut gathered = false;
         loop {
+            // A round every second (TICK); stuck for five minutes is not
+            // alive.
+            probe.beat(Duration::from_secs(300));
             let e = egress.clone();
             let read = tokio::task::spawn_blocking(move || e.local_addresses()).await;
             let local = read.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
