@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Sysctl, Toleration,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Sysctl,
+    Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -129,6 +130,9 @@ pub fn desired(
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
             allow_privilege_escalation: Some(false),
+            // The agent writes nothing to its files (a translation log to
+            // a file needs a volume).
+            read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
                 add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
                 drop: Some(vec!["ALL".into()]),
@@ -179,6 +183,7 @@ pub fn desired(
                     // comes from the pod's sysctls (the kubelet must allow
                     // them: allowedUnsafeSysctls).
                     security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         sysctls: Some(
                             SYSCTLS.iter().map(|n| Sysctl { name: (*n).into(), value: "1".into() }).collect(),
                         ),

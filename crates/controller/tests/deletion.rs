@@ -241,7 +241,11 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     let health = env.iter().find(|e| e.name == "NATGW_HEALTH_ADDR").and_then(|e| e.value.as_deref());
     assert_eq!(health, Some("$(POD_IP):9478"), "health and metrics on the pod's own address only");
     assert_eq!(c.args.clone().unwrap(), ["agent", "--gateway", "gw"]);
-    let caps = c.security_context.clone().unwrap().capabilities.unwrap().add.unwrap();
+    let security = c.security_context.clone().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    let seccomp = pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.as_str());
+    assert_eq!(seccomp, Some("RuntimeDefault"));
+    let caps = security.capabilities.unwrap().add.unwrap();
     assert!(caps.contains(&"NET_ADMIN".to_string()), "{caps:?}");
     assert!(
         pod.containers.iter().all(|c| c.security_context.as_ref().and_then(|s| s.privileged) != Some(true)),
