@@ -263,7 +263,7 @@ fn controller(election: natgw_controller::Election, health_addr: std::net::Socke
     natgw_kube_support::heap::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = bind(health_addr).await?;
-        let client = kube::Client::try_default().await?;
+        let client = natgw_kube_support::client().await?;
         let probe = election.options.health.probe.clone();
         // The health server lives exactly as long as the controller.
         tokio::select! {
@@ -281,7 +281,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {
     natgw_kube_support::heap::start_trimming();
     tokio::runtime::Runtime::new()?.block_on(async {
-        let client = kube::Client::try_default().await?;
+        let client = natgw_kube_support::client().await?;
         let listener = bind(a.health_addr).await?;
         a.ports.check().map_err(anyhow::Error::msg)?;
         let (gw, ns, claims) = (a.gateway, a.netns, a.claims_namespace);
@@ -296,7 +296,7 @@ fn node_agent(a: natgw_node_agent::Args) -> anyhow::Result<ExitCode> {
     let health_addr = a.health_addr;
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = bind(health_addr).await?;
-        let client = kube::Client::try_default().await?;
+        let client = natgw_kube_support::client().await?;
         natgw_node_agent::run(client, config, Some(listener), stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })

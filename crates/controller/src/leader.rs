@@ -1,9 +1,10 @@
 //! Leader election on a Lease: the controllers run only while this
 //! instance holds it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 
 use crate::{Error, MANAGER, Options, run};
 
@@ -47,13 +48,20 @@ pub async fn run_elected(
                 }
             }
         };
-        let (mut leader, task) = manager.watch().await;
+        let (mut leader, mut task) = manager.watch().await;
         let stopped = lead_while_elected(&client, &election, &mut leader, &mut shutdown).await;
+        election.options.health.leading(false);
         drop(leader);
-        match task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "leader election failed; starting over"),
-            Err(e) => tracing::error!(error = %e, "leader election task died; starting over"),
+        // The manager releases the Lease when the channel goes; one stuck
+        // on a stalled connection is not waited for.
+        match tokio::time::timeout(RELEASE_WITHIN, &mut task).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "leader election failed; starting over"),
+            Ok(Err(e)) => tracing::error!(error = %e, "leader election task died; starting over"),
+            Err(_) => {
+                task.abort();
+                tracing::warn!("the lease manager did not stop in time; starting over");
+            }
         }
         if stopped {
             return Ok(());
@@ -62,7 +70,51 @@ pub async fn run_elected(
     }
 }
 
-/// Returns true on shutdown, false when the election channel closed.
+/// How often a leader confirms that its Lease is being renewed, and how
+/// long one look may take.
+const CONFIRM_EVERY: Duration = Duration::from_millis(250);
+const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
+/// How long the lease manager may take to let go after stepping down.
+const RELEASE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Resolves once this instance cannot be sure it still holds the Lease:
+/// no renewal of it seen (its renewTime moving, with this instance as
+/// holder) for the lease's duration less half its grace, or another
+/// holder. The lease manager's own renewal has no deadline: on a stalled
+/// connection it hangs, still saying "leader", while the Lease expires
+/// and a standby takes it. Stepping down first leaves a margin of half
+/// the grace (2.5 s by default) before anyone else may lead.
+async fn until_unsure(client: &Client, election: &Election) {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
+    let limit = Duration::from_millis(election.duration_secs * 1000 - election.grace_secs * 500);
+    let mut renewed = Instant::now();
+    let mut last = None;
+    loop {
+        tokio::time::sleep(CONFIRM_EVERY).await;
+        // A look never outlasts the time left: a stalled read must not
+        // carry this instance past the point where it has to let go.
+        let left = limit.saturating_sub(renewed.elapsed());
+        let read = tokio::time::timeout(CONFIRM_WITHIN.min(left), api.get(&election.lease)).await;
+        if let Ok(Ok(lease)) = read {
+            let spec = lease.spec.unwrap_or_default();
+            if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
+                tracing::warn!(holder = ?spec.holder_identity, "the Lease names another holder: stepping down");
+                return;
+            }
+            let renew = spec.renew_time.map(|t| t.0);
+            if renew != last {
+                (renewed, last) = (Instant::now(), renew);
+            }
+        }
+        if renewed.elapsed() >= limit {
+            tracing::warn!(since = ?renewed.elapsed(), "no renewal of the Lease seen: stepping down before it expires");
+            return;
+        }
+    }
+}
+
+/// Returns true on shutdown, false when the election channel closed or
+/// this instance stepped down.
 async fn lead_while_elected(
     client: &Client,
     election: &Election,
@@ -93,6 +145,10 @@ async fn lead_while_elected(
         tokio::select! {
             _ = run(client.clone(), Some(election.identity.clone()), election.namespace.clone(), election.options.clone(), lost) => {
                 tracing::warn!(identity = %election.identity, "lost the lease; controllers stopped");
+            }
+            _ = until_unsure(client, election) => {
+                tracing::warn!(identity = %election.identity, "controllers stopped; the election starts over");
+                return false;
             }
             // Dropping the channel afterwards releases the lease for a quick handover.
             _ = shutdown.as_mut() => return true,

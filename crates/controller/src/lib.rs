@@ -158,6 +158,11 @@ impl Health {
     pub(crate) fn leading(&self, yes: bool) {
         self.leader.set(i64::from(yes));
     }
+
+    /// Whether this instance leads now (`natgw_leader`).
+    pub fn is_leading(&self) -> bool {
+        self.leader.get() == 1
+    }
 }
 
 /// How the controller runs, beyond the client and its namespace.

@@ -366,3 +366,99 @@ async fn a_rule_on_a_programmed_eip_carries_the_agents_finalizer_from_its_first_
     let waiting = fips.get("on-programmed").await.unwrap();
     assert_eq!(waiting.finalizers(), [agent]);
 }
+
+/// A TCP proxy in front of the API server that can stall: once stalled,
+/// no byte moves either way and connections stay open, as behind a hung
+/// load balancer or a half-dead link.
+struct StallingProxy {
+    url: String,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn stalling_proxy(upstream: &str) -> StallingProxy {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream.trim_start_matches("https://").to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stalled.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (s, upstream) = (s.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let pipe = |mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf| {
+                    let s = s.clone();
+                    async move {
+                        let mut buf = vec![0u8; 16384];
+                        while let Ok(n) = r.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            while s.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                futures::join!(pipe(cr, sw), pipe(sr, cw));
+            });
+        }
+    });
+    StallingProxy { url, stalled, task }
+}
+
+/// Second round, item 12: a leader whose connection to the API server
+/// stalls (its Lease renewal hangs, with no read timeout) steps down
+/// before the Lease expires, so a standby that takes it over never
+/// leads beside it.
+#[tokio::test]
+async fn round2_item12_a_leader_behind_a_stalled_connection_steps_down_before_a_standby_leads() {
+    let (env, admin, _) = setup().await;
+    let elect = |id: &str| natgw_controller::Election {
+        namespace: "natgw-system".into(),
+        lease: "natgw-controller".into(),
+        identity: id.into(),
+        duration_secs: 3,
+        grace_secs: 1,
+        options: Default::default(),
+    };
+    let proxy = stalling_proxy(&env.url).await;
+    let who = env.service_account("natgw-system", "natgw-controller").unwrap();
+    let (a, b) = (elect("a"), elect("b"));
+    let (health_a, health_b) = (a.options.health.clone(), b.options.health.clone());
+    let run_a = tokio::spawn(natgw_controller::run_elected(
+        env.client_via(&who, &proxy.url).await.unwrap(),
+        a,
+        std::future::pending(),
+    ));
+    eventually("a to lead", || async { health_a.is_leading() }).await;
+    let run_b = tokio::spawn(natgw_controller::run_elected(env.client(&who).await.unwrap(), b, std::future::pending()));
+    proxy.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Sampled every 10 ms until b leads: never both at once.
+    let started = std::time::Instant::now();
+    while !health_b.is_leading() {
+        assert!(!(health_a.is_leading() && health_b.is_leading()), "a and b led at the same time");
+        assert!(started.elapsed() < Duration::from_secs(60), "b never took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!health_a.is_leading(), "a stepped down");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin, "natgw-system");
+    let holder = leases.get("natgw-controller").await.unwrap().spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("b"));
+    run_a.abort();
+    run_b.abort();
+}

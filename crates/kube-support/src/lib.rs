@@ -31,6 +31,18 @@ pub use cache::{Events, cached, cached_events_in, cached_in, decoded_events, und
 pub use kind::{KindResource, Typed};
 pub use ready::{Listed, all_listed, is_ready};
 
+/// The API client every role uses: the in-cluster config or KUBECONFIG,
+/// with deadlines. Without a read timeout a stalled connection hangs a
+/// request forever (kube's default); 300 s is past the 290 s a watch asks
+/// the server for, so an idle watch is never cut.
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    config.connect_timeout = Some(std::time::Duration::from_secs(10));
+    config.read_timeout = Some(std::time::Duration::from_secs(300));
+    config.write_timeout = Some(std::time::Duration::from_secs(30));
+    kube::Client::try_from(config)
+}
+
 /// An error with its sources, `outer: inner: innermost`, for logs and
 /// conditions (a library error keeps its source instead of a string).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {

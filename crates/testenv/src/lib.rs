@@ -254,6 +254,17 @@ impl TestEnv {
         Client::try_from(config).map_err(|e| EnvError::Kube(e.to_string()))
     }
 
+    /// A client acting as `who` that reaches the API server at `server`
+    /// (`https://127.0.0.1:PORT`: a proxy in front of it, say).
+    pub async fn client_via(&self, who: &Identity, server: &str) -> Result<Client, EnvError> {
+        let text = self.kubeconfig(who).replace(&format!("server: {}", self.url), &format!("server: {server}"));
+        let kc = Kubeconfig::from_yaml(&text).map_err(|e| EnvError::Kube(e.to_string()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| EnvError::Kube(e.to_string()))?;
+        Client::try_from(config).map_err(|e| EnvError::Kube(e.to_string()))
+    }
+
     /// A cluster-admin client.
     pub async fn admin(&self) -> Result<Client, EnvError> {
         self.client(&self.admin).await
