@@ -179,7 +179,7 @@ fn ours(k: &KernelState, plan: &GatewayPlan) -> BTreeSet<std::net::Ipv4Addr> {
 /// the slow part of a sweep, run without holding anything).
 pub fn stale_entries(plan: &GatewayPlan, scope: &SweepScope) -> Result<Vec<conntrack::Dumped>, SyncError> {
     let ct = conntrack::Conntrack::open()?;
-    Ok(ct.dump()?.into_iter().filter(|d| is_stale(&d.entry, plan, &scope.ours, &scope.local)).collect())
+    Ok(ct.dump_where(|e| is_stale(e, plan, &scope.ours, &scope.local))?)
 }
 
 /// Deletes those of `candidates` still stale under `plan`.
@@ -450,8 +450,8 @@ pub fn audit(plan: &GatewayPlan) -> Result<Vec<Drift>, SyncError> {
         let snap = read(links)?;
         let ours = ours(&snap.state, plan);
         let local = local_nets(&snap.state);
-        let dumped = conntrack::Conntrack::open()?.dump()?;
-        let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).filter(|e| is_stale(e, plan, &ours, &local)).collect();
+        let dumped = conntrack::Conntrack::open()?.dump_where(|e| is_stale(e, plan, &ours, &local))?;
+        let stale: Vec<_> = dumped.into_iter().map(|d| d.entry).collect();
         Ok(drift(plan, &snap.state, &stale))
     })
 }
@@ -486,15 +486,8 @@ pub fn teardown() -> Result<SyncReport, SyncError> {
         }
         let mine: BTreeSet<_> = ours;
         let ct = conntrack::Conntrack::open()?;
-        let stale: Vec<_> = ct
-            .dump()?
-            .into_iter()
-            .filter(|d| {
-                [d.entry.orig.src, d.entry.orig.dst, d.entry.reply.src, d.entry.reply.dst]
-                    .iter()
-                    .any(|a| mine.contains(a))
-            })
-            .collect();
+        let stale =
+            ct.dump_where(|e| [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst].iter().any(|a| mine.contains(a)))?;
         report.conntrack_deleted = ct.delete(&stale)?;
         report.changed = true;
         Ok(report)

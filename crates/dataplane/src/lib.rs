@@ -314,7 +314,7 @@ impl Gateway {
                 }
                 None => state::eips_of(&nft::read()?.nat, &mut eips),
             }
-            let entries: Vec<_> = conntrack::Conntrack::open()?.dump()?.into_iter().map(|d| d.entry).collect();
+            let entries = conntrack::Conntrack::open()?.entries()?;
             let stat = std::fs::read_to_string("/proc/net/stat/nf_conntrack").unwrap_or_default();
             Ok(PortReport {
                 usage: ports::account(&entries, &eips, top),
