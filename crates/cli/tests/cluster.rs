@@ -97,6 +97,19 @@ fn figure(line: &str) {
     }
 }
 
+/// Waits until the controller's Lease is held by one of its current pods:
+/// the restarted controller leads (a signal, not a sleep).
+fn a_current_controller_leads() {
+    eventually("a current controller pod holds the Lease", 60, || {
+        let lease = get(&["-n", NS, "get", "lease", "natgw-controller"]);
+        let Some(holder) = lease["spec"]["holderIdentity"].as_str().map(str::to_string) else { return false };
+        let pods = get(&["-n", NS, "get", "pod", "-l", "app.kubernetes.io/name=natgw-controller"]);
+        pods["items"].as_array().is_some_and(|ps| {
+            ps.iter().any(|p| p["metadata"]["name"] == holder.as_str() && p["metadata"]["deletionTimestamp"].is_null())
+        })
+    });
+}
+
 fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
     obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).map(|c| {
         let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
@@ -411,7 +424,7 @@ fn natgw_on_a_real_cluster() {
         condition(&get(&["get", "vpc", "vpc1"]), "DeletionBlocked").is_some_and(|c| c.0 == "True")
     });
     kubectl(&["-n", NS, "rollout", "status", "deployment/natgw-controller", "--timeout=60s"]);
-    std::thread::sleep(Duration::from_secs(3));
+    a_current_controller_leads();
     assert!(get(&["get", "vpc", "vpc1"])["metadata"]["deletionTimestamp"].is_string(), "the VPC waits");
     assert_eq!(tcp_source(&a, UPSTREAM_IP, 9000).unwrap(), FIP_EIP, "the gateway still serves");
     assert_audit_clean("VPC deletion blocked across a controller restart");
@@ -470,7 +483,7 @@ fn natgw_on_a_real_cluster() {
     helm(&args).unwrap_or_else(|e| panic!("{e}"));
     kubectl(&["-n", NS, "rollout", "status", "deployment/natgw-controller", "--timeout=60s"]);
     kubectl(&["-n", NS, "rollout", "status", "daemonset/natgw-node-agent", "--timeout=60s"]);
-    std::thread::sleep(Duration::from_secs(3));
+    a_current_controller_leads();
     session.echo("after-the-upgrade").unwrap();
     assert_eq!(get(&["-n", NS, "get", "pod", &gateway_pod()])["metadata"]["uid"], gw_uid, "the gateway pod stays");
     assert_eq!(pod_netns(NS, &gateway_pod()), gw_ns);

@@ -131,7 +131,13 @@ async fn a_vpc_with_subnets_waits_and_a_restarted_controller_collects_nothing_li
     // A crash and a restart while the deletion waits: nothing live goes.
     controller.kill();
     let _controller = start(env.natgw_client("natgw-controller").await.unwrap());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The restarted controller has listed and reconciled once it takes a
+    // new object in: a signal, not a sleep.
+    create(&admin, object::<Vpc>("Vpc", "probe", serde_json::json!({}))).await;
+    eventually("the restarted controller at work", || async {
+        vpcs.get("probe").await.unwrap().finalizers().contains(&FINALIZER.to_string())
+    })
+    .await;
     assert!(vpcs.get_opt("v").await.unwrap().is_some(), "the VPC went while its subnet exists");
     let s = subnets.get("s").await.unwrap();
     assert!(s.metadata.deletion_timestamp.is_none(), "the restarted controller deleted a live subnet");

@@ -471,11 +471,14 @@ async fn item4_nothing_is_written_before_the_first_complete_gather() {
     // list, so it must leave the kept table and its hold alone.
     let unreachable = Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
     let agent = Agent::start(unreachable, &lab, held).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its watches have tried and failed: a signal, not a sleep.
+    eventually("readiness says the Services cannot be listed", || async {
+        let (code, body) = agent.get("/readyz").await;
+        code == 503 && body.contains("cannot list Services")
+    })
+    .await;
     assert!(egress_table(&lab).is_some_and(|t| t.contains(INT2_IP)), "the hold is kept");
     assert_eq!(source(&lab, "int2", EXT1_IP, 8080).await, None, "still dropped, never the node IP");
-    let (code, body) = agent.get("/readyz").await;
-    assert!(code == 503 && body.contains("cannot list Services"), "{code} {body}");
     agent.stop().await;
 }
 
