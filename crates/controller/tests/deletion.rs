@@ -182,17 +182,9 @@ async fn an_eip_in_use_waits_for_its_rules() {
 async fn a_standby_takes_over_when_the_leader_dies() {
     use k8s_openapi::api::coordination::v1::Lease;
     let (env, admin, _) = setup().await;
-    let elect = |id: &str| natgw_controller::Election {
-        namespace: "natgw-system".into(),
-        lease: "natgw-controller".into(),
-        identity: id.into(),
-        duration_secs: 3,
-        grace_secs: 1,
-        options: Default::default(),
-    };
     let a = tokio::spawn(natgw_controller::run_elected(
         env.natgw_client("natgw-controller").await.unwrap(),
-        elect("a"),
+        election("a"),
         std::future::pending(),
     ));
     let leases: Api<Lease> = Api::namespaced(admin.clone(), "natgw-system");
@@ -202,7 +194,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     eventually("a to lead", || async { holder().await.as_deref() == Some("a") }).await;
     let b = tokio::spawn(natgw_controller::run_elected(
         env.natgw_client("natgw-controller").await.unwrap(),
-        elect("b"),
+        election("b"),
         std::future::pending(),
     ));
     create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
@@ -373,6 +365,18 @@ async fn a_rule_on_a_programmed_eip_carries_the_agents_finalizer_from_its_first_
     assert_eq!(waiting.finalizers(), [agent]);
 }
 
+/// A fast election (a 3 s Lease, renewed 1 s before it expires).
+fn election(id: &str) -> natgw_controller::Election {
+    natgw_controller::Election {
+        namespace: "natgw-system".into(),
+        lease: "natgw-controller".into(),
+        identity: id.into(),
+        duration_secs: 3,
+        grace_secs: 1,
+        options: Default::default(),
+    }
+}
+
 /// A TCP proxy in front of the API server that can stall: once stalled,
 /// no byte moves either way and connections stay open, as behind a hung
 /// load balancer or a half-dead link.
@@ -434,17 +438,9 @@ async fn stalling_proxy(upstream: &str) -> StallingProxy {
 #[tokio::test]
 async fn round2_item12_a_leader_behind_a_stalled_connection_steps_down_before_a_standby_leads() {
     let (env, admin, _) = setup().await;
-    let elect = |id: &str| natgw_controller::Election {
-        namespace: "natgw-system".into(),
-        lease: "natgw-controller".into(),
-        identity: id.into(),
-        duration_secs: 3,
-        grace_secs: 1,
-        options: Default::default(),
-    };
     let proxy = stalling_proxy(&env.url).await;
     let who = env.service_account("natgw-system", "natgw-controller").unwrap();
-    let (a, b) = (elect("a"), elect("b"));
+    let (a, b) = (election("a"), election("b"));
     let (health_a, health_b) = (a.options.health.clone(), b.options.health.clone());
     let run_a = tokio::spawn(natgw_controller::run_elected(
         env.client_via(&who, &proxy.url).await.unwrap(),

@@ -202,13 +202,20 @@ async fn delete_all(admin: &Client) {
     Api::<NatGateway>::all(admin.clone()).delete("gw", &dp).await.unwrap();
 }
 
-#[tokio::test]
-async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
+/// A controller releasing abandoned gateways after `release_after`, and
+/// gateway `gw` with objects its agent programmed.
+async fn abandoned_gateway(release_after: Duration) -> (TestEnv, Client, Stop) {
     let (env, admin) = setup(&crds()).await;
-    let options = natgw_controller::Options { release_after: Duration::from_secs(2), ..image() };
-    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    let options = natgw_controller::Options { release_after, ..image() };
+    let c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
     network(&admin, &["gw"]).await;
     programmed_by_an_agent(&admin).await;
+    (env, admin, c)
+}
+
+#[tokio::test]
+async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
+    let (_env, admin, _c) = abandoned_gateway(Duration::from_secs(2)).await;
     delete_all(&admin).await;
     let (eips, fips, gws): (Api<Eip>, Api<FloatingIp>, Api<NatGateway>) =
         (Api::all(admin.clone()), Api::all(admin.clone()), Api::all(admin.clone()));
@@ -228,11 +235,7 @@ async fn item12_a_gateway_whose_agent_never_runs_can_still_be_deleted() {
 /// so that no address is handed to a new Eip while the old pod holds it.
 #[tokio::test]
 async fn round2_item11_a_pod_that_may_hold_the_addresses_holds_the_release_until_it_is_gone() {
-    let (env, admin) = setup(&crds()).await;
-    let options = natgw_controller::Options { release_after: Duration::from_secs(1), ..image() };
-    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
-    network(&admin, &["gw"]).await;
-    programmed_by_an_agent(&admin).await;
+    let (_env, admin, _c) = abandoned_gateway(Duration::from_secs(1)).await;
     // What a kubelet that stopped answering leaves: a Node, and on it the
     // gateway's pod, Running, not ready.
     apply_yaml(&admin, "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {}\n").await.unwrap();

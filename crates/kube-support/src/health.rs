@@ -147,35 +147,21 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
     }
 }
 
+/// 200 "ok", or 503 with what is wrong.
+fn verdict(what: &str, why: Option<String>) -> (StatusCode, String) {
+    match why {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not {what}: {why}\n")),
+    }
+}
+
 fn router(probe: Probe) -> Router {
     let ready = probe.clone();
     let alive = probe.clone();
     let metrics = probe;
     Router::new()
-        .route(
-            "/healthz",
-            get(move || {
-                let why = alive.why_not_alive();
-                async move {
-                    match why {
-                        None => (StatusCode::OK, "ok\n".to_string()),
-                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not alive: {why}\n")),
-                    }
-                }
-            }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let why = ready.why_not_ready();
-                async move {
-                    match why {
-                        None => (StatusCode::OK, "ok\n".to_string()),
-                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-                    }
-                }
-            }),
-        )
+        .route("/healthz", get(move || std::future::ready(verdict("alive", alive.why_not_alive()))))
+        .route("/readyz", get(move || std::future::ready(verdict("ready", ready.why_not_ready()))))
         .route(
             "/metrics",
             get(move || {

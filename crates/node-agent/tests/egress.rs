@@ -105,6 +105,14 @@ impl Agent {
         let _ = (&mut self.task).await;
     }
 
+    /// The value of the series whose line starts with `series` (its name
+    /// and labels, then a space); 0 when absent.
+    async fn metric(&self, series: &str) -> f64 {
+        let (_, metrics) = self.get("/metrics").await;
+        let line = metrics.lines().find(|l| l.starts_with(series)).map(str::to_string);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    }
+
     async fn get(&self, path: &str) -> (u16, String) {
         let (addr, path) = (self.health, path.to_string());
         tokio::task::spawn_blocking(move || health::get(addr, &path)).await.unwrap().unwrap()
@@ -482,6 +490,32 @@ async fn item4_nothing_is_written_before_the_first_complete_gather() {
     agent.stop().await;
 }
 
+/// A running agent with `tweak`, int1 behind the egress Service `web` on
+/// this node, leaving with the VIP; and an open connection of int1's
+/// through it.
+struct Serving {
+    lab: Lab,
+    _env: TestEnv,
+    admin: Client,
+    client: Client,
+    _servers: Vec<natgw_lab::traffic::Server>,
+    agent: Agent,
+    conn: natgw_lab::traffic::Conn,
+}
+
+async fn serving(prefix: &str, tweak: impl FnOnce(&mut Config)) -> Serving {
+    let (lab, env, admin, client, servers) = setup(prefix, Some("10.77.0.0/24")).await;
+    web_service(&admin, &[]).await;
+    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let agent = Agent::start(client.clone(), &lab, tweak).await;
+    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
+        .await;
+    let ns = lab.ns("int1");
+    let conn = tokio::task::spawn_blocking(move || tcp_connect(&ns, ip(EXT1_IP), 8080)).await.unwrap().unwrap();
+    assert_eq!(conn.seen_as.split(':').next(), Some(VIP));
+    Serving { lab, _env: env, admin, client, _servers: servers, agent, conn }
+}
+
 /// The chart's DaemonSet for node agents, selecting nodes labelled
 /// `natgw.io/egress=on`.
 async fn daemonset(admin: &Client) {
@@ -519,18 +553,10 @@ async fn echo(mut c: natgw_lab::traffic::Conn, text: &'static str) -> (natgw_lab
 /// an uninstall (the DaemonSet gone), remove everything as before.
 #[tokio::test]
 async fn round2_item5_a_restart_keeps_egress_connections_and_an_uninstall_removes_them() {
-    let (lab, _env, admin, client, _servers) = setup("neg9", Some("10.77.0.0/24")).await;
-    web_service(&admin, &[]).await;
-    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
+    let chart = |c: &mut Config| c.daemonset = Some(("natgw-system".into(), "natgw-node-agent".into()));
+    let Serving { lab, _env, admin, client, _servers, agent, conn } = serving("neg9", chart).await;
     daemonset(&admin).await;
     label_node(&admin, true).await;
-    let chart = |c: &mut Config| c.daemonset = Some(("natgw-system".into(), "natgw-node-agent".into()));
-    let agent = Agent::start(client.clone(), &lab, chart).await;
-    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
-        .await;
-    let ns = lab.ns("int1");
-    let conn = tokio::task::spawn_blocking(move || tcp_connect(&ns, ip(EXT1_IP), 8080)).await.unwrap().unwrap();
-    assert_eq!(conn.seen_as.split(':').next(), Some(VIP));
     let (conn, ok) = echo(conn, "before").await;
     assert!(ok);
 
@@ -590,19 +616,8 @@ async fn round2_item6_dnated_and_node_local_connections_survive_resyncs() {
         .await;
     // Flows of the probes above that left before the table was in are
     // swept at its first write: count from a full write after it.
-    let deleted = || async {
-        let (_, metrics) = agent.get("/metrics").await;
-        let line = metrics.lines().find(|l| l.starts_with("natgw_egress_conntrack_deleted_total")).map(str::to_string);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
-    };
-    let full_writes = || async {
-        let (_, metrics) = agent.get("/metrics").await;
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("natgw_egress_last_full_sync_timestamp_seconds "))
-            .map(str::to_string);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
+    let deleted = || agent.metric("natgw_egress_conntrack_deleted_total ");
+    let full_writes = || agent.metric("natgw_egress_last_full_sync_timestamp_seconds ");
     let since = full_writes().await;
     eventually("a full write after the table came in", || async { full_writes().await > since }).await;
     let before = deleted().await;
@@ -629,14 +644,7 @@ async fn round2_item6_dnated_and_node_local_connections_survive_resyncs() {
 /// never becomes "translate nothing" (the table deleted, flows swept).
 #[tokio::test]
 async fn round2_item10_a_failure_keeps_the_last_good_plan_and_says_so() {
-    let (lab, _env, admin, client, _servers) = setup("neg11", Some("10.77.0.0/24")).await;
-    web_service(&admin, &[]).await;
-    endpoints(&admin, &[(INT1_IP, "node-a")]).await;
-    let agent = Agent::start(client, &lab, |_| {}).await;
-    eventually("int1 leaves with the VIP", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) })
-        .await;
-    let ns = lab.ns("int1");
-    let conn = tokio::task::spawn_blocking(move || tcp_connect(&ns, ip(EXT1_IP), 8080)).await.unwrap().unwrap();
+    let Serving { lab, _env, admin, _servers, agent, conn, .. } = serving("neg11", |_| {}).await;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
     for n in ["node-a", "node-b"] {
         nodes.delete(n, &DeleteParams::default()).await.unwrap();
@@ -685,20 +693,15 @@ async fn round2_item13_only_a_node_serving_the_service_speaks_once_per_change() 
         let items = events.list(&Default::default()).await.unwrap().items;
         items.iter().filter(|e| e.reason.as_deref() == Some("InvalidEgress")).count()
     };
-    let syncs = || async {
-        let (_, metrics) = agent.get("/metrics").await;
-        let line =
-            metrics.lines().find(|l| l.starts_with("natgw_egress_syncs_total{result=\"ok\"}")).map(str::to_string);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
-    };
+    let syncs = || agent.metric("natgw_egress_syncs_total{result=\"ok\"} ");
     // Rounds that saw the bad Service, served elsewhere: nothing said.
     let seen = syncs().await;
-    eventually("three rounds", || async { syncs().await >= seen + 3 }).await;
+    eventually("three rounds", || async { syncs().await >= seen + 3.0 }).await;
     assert_eq!(invalid().await, 0, "a node without the Service's endpoints stays silent");
     endpoints(&admin, &[(INT1_IP, "node-a")]).await;
     eventually("said once its endpoints are here", || async { invalid().await == 1 }).await;
     let seen = syncs().await;
-    eventually("three more rounds", || async { syncs().await >= seen + 3 }).await;
+    eventually("three more rounds", || async { syncs().await >= seen + 3.0 }).await;
     assert_eq!(invalid().await, 1, "once per change, not once per round");
     annotate(&admin, "natgw.io/egress-ports", Some("tcp:8080")).await;
     eventually("fixed: programmed", || async { source(&lab, "int1", EXT1_IP, 8080).await == Some(ip(VIP)) }).await;
