@@ -38,16 +38,27 @@ pub fn gateway_finalizer(gw: &str) -> String {
 
 /// `prefix` + `name` when that fits in `max` bytes; otherwise a cut of it
 /// and a hash of the whole name, so that two long names sharing their
-/// first characters never give the same result.
+/// first characters never give the same result. A name that fits but
+/// ends as a hashed one does (`-` and eight hex digits) is hashed too: a
+/// short name could otherwise be chosen to equal a long name's cut and
+/// hash, and two gateways would share a workload or a finalizer.
 pub fn bounded_name(prefix: &str, name: &str, max: usize) -> String {
     let whole = format!("{prefix}{name}");
-    if whole.len() <= max {
+    if whole.len() <= max && !looks_hashed(&whole) {
         return whole;
     }
     let hash = format!("{:08x}", fnv1a(name.as_bytes()));
     let keep = max.saturating_sub(hash.len() + 1);
     let cut: String = whole.chars().take(keep).collect();
     format!("{}-{hash}", cut.trim_end_matches(['-', '.']))
+}
+
+/// Whether `s` ends as `bounded_name`'s hashed form does.
+fn looks_hashed(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() > 9
+        && b[b.len() - 9] == b'-'
+        && b[b.len() - 8..].iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
 /// FNV-1a: a small stable fingerprint for names (not for security).
@@ -65,6 +76,21 @@ pub const GATEWAY_FINALIZER_PREFIX: &str = "natgw.io/gateway-";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Second round, item 19: a short name chosen to equal a long name's
+    /// cut and hash gets a name of its own.
+    #[test]
+    fn round2_item19_a_short_name_never_equals_a_long_names_hash() {
+        let long = "g".repeat(70);
+        let hashed = gateway_finalizer(&long);
+        let forged = hashed.trim_start_matches("natgw.io/gateway-");
+        assert!(forged.len() <= 63 - "gateway-".len(), "the forged name fits unhashed: {forged}");
+        assert_ne!(gateway_finalizer(forged), hashed);
+        assert_ne!(bounded_name("natgw-gw-", forged, 52), bounded_name("natgw-gw-", &long, 52));
+        // Ordinary names stay as they are.
+        assert_eq!(gateway_finalizer("web-2"), "natgw.io/gateway-web-2");
+        assert_eq!(gateway_finalizer("gw-deadbeefx"), "natgw.io/gateway-gw-deadbeefx");
+    }
 
     #[test]
     fn item8_long_names_sharing_a_prefix_never_collide() {
