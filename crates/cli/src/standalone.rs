@@ -111,16 +111,21 @@ pub fn teardown(netns: &str) -> Result<ExitCode> {
 pub const MISSING_GRACE: Duration = Duration::from_secs(2);
 
 /// Manifest texts in force, per file. A file's new content replaces the
-/// old one only if the whole set still loads; otherwise the last good
-/// version stays in force and the error is reported once. A file that
-/// cannot be read keeps its last good version; one that is missing counts
-/// as deleted only after `MISSING_GRACE`.
+/// old one only once two looks in a row read it the same (a file being
+/// written in place reads as a valid prefix of itself: taken at once, the
+/// objects it has not reached yet would be torn down), and only if the
+/// whole set still loads; otherwise the last good version stays in force
+/// and the error is reported once. A file that cannot be read keeps its
+/// last good version; one that is missing counts as deleted only after
+/// `MISSING_GRACE`.
 #[derive(Default)]
 pub struct Manifests {
     good: BTreeMap<PathBuf, String>,
     rejected: BTreeMap<PathBuf, Option<String>>,
     missing_since: BTreeMap<PathBuf, Instant>,
     unreadable: BTreeMap<PathBuf, String>,
+    /// New content seen once, waiting for a second look to match.
+    settling: BTreeMap<PathBuf, String>,
 }
 
 impl Manifests {
@@ -162,8 +167,15 @@ impl Manifests {
         let mut accepted = false;
         for (file, content) in seen {
             if self.good.get(&file) == content.as_ref() || self.rejected.get(&file) == Some(&content) {
+                self.settling.remove(&file);
                 continue;
             }
+            if let Some(text) = &content
+                && self.settling.insert(file.clone(), text.clone()).as_ref() != Some(text)
+            {
+                continue;
+            }
+            self.settling.remove(&file);
             let mut candidate = self.good.clone();
             match &content {
                 Some(text) => candidate.insert(file.clone(), text.clone()),
@@ -251,6 +263,36 @@ mod tests {
         d
     }
 
+    /// A file is taken once two looks read it the same: look twice.
+    fn settled(m: &mut Manifests, d: &Path, at: Instant) -> Option<ObjectSet> {
+        let first = m.refresh_at(d, at).unwrap();
+        first.or_else(|| m.refresh_at(d, at).unwrap())
+    }
+
+    /// Second round, item 19: a manifest caught half-written (a valid
+    /// prefix of itself) is never taken; the whole file is, once it stays.
+    #[test]
+    fn round2_item19_a_half_written_manifest_is_never_taken() {
+        let d = dir("half");
+        let f = d.join("all.yaml");
+        std::fs::write(&f, format!("{NET}---\n{MORE}")).unwrap();
+        let mut m = Manifests::default();
+        let t0 = Instant::now();
+        assert_eq!(settled(&mut m, &d, t0).unwrap().vpcs.len(), 2);
+        // Rewritten in place: the first look sees only its first document.
+        std::fs::write(&f, NET).unwrap();
+        assert!(m.refresh_at(&d, t0 + Duration::from_secs(1)).unwrap().is_none(), "a prefix is not taken at once");
+        std::fs::write(
+            &f,
+            format!("{NET}---\n{MORE}---\napiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {{name: x}}\n"),
+        )
+        .unwrap();
+        assert!(m.refresh_at(&d, t0 + Duration::from_secs(2)).unwrap().is_none(), "still changing");
+        let set = m.refresh_at(&d, t0 + Duration::from_secs(3)).unwrap().expect("the whole file, once it stays");
+        assert_eq!(set.vpcs.len(), 3);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn item21_an_editors_save_or_an_unreadable_file_never_tears_down_state() {
         let d = dir("save");
@@ -259,7 +301,7 @@ mod tests {
         std::fs::write(&b, MORE).unwrap();
         let mut m = Manifests::default();
         let t0 = Instant::now();
-        assert_eq!(m.refresh_at(&d, t0).unwrap().unwrap().vpcs.len(), 2);
+        assert_eq!(settled(&mut m, &d, t0).unwrap().vpcs.len(), 2);
         // The editor renames the old file away before writing the new one.
         std::fs::rename(&a, d.join(".a.yaml.swp")).unwrap();
         assert!(
@@ -286,7 +328,7 @@ mod tests {
         std::fs::write(&f, NET).unwrap();
         let mut m = Manifests::default();
         let t0 = Instant::now();
-        assert!(m.refresh_at(&f, t0).unwrap().is_some());
+        assert!(settled(&mut m, &f, t0).is_some());
         std::fs::remove_file(&f).unwrap();
         assert!(m.refresh_at(&f, t0 + Duration::from_millis(100)).unwrap().is_none());
         std::fs::write(&f, NET).unwrap();
