@@ -15,6 +15,7 @@ mod caches;
 mod claims;
 mod metrics;
 pub mod ports;
+pub mod snapshot;
 mod store;
 
 use std::collections::BTreeSet;

@@ -473,6 +473,16 @@ async fn item16_a_status_ip_without_a_claim_is_never_programmed() {
         !snapshot(&w).locals.iter().any(|a| a.addr.addr() == Ipv4Addr::new(198, 51, 100, 77)),
         "a forged status.ip reached the kernel"
     );
+    // Second round, item 20: the in-pod audit (`natgw audit` without -f)
+    // reads, as the gateway's own account, the objects as the agent
+    // programs them: the forged address is left out there too, and the
+    // kernel matches.
+    let account = natgw_kube_support::identity::account("demo-gw");
+    let gateway = w.env.natgw_client(&account).await.unwrap();
+    let set = natgw_agent::snapshot::objects(&gateway, "demo-gw", "natgw-system").await.unwrap();
+    let plan = natgw_plan::plan_gateway(&set, "demo-gw").unwrap();
+    assert!(plan.conflicts.iter().any(|c| c.object.name == "forged" && c.pending), "{:?}", plan.conflicts);
+    assert_eq!(w.kernel.audit(&plan).unwrap(), vec![], "the kernel holds exactly what the audit reads");
     w.kill_agent();
 }
 

@@ -59,9 +59,12 @@ enum Command {
         /// gateway pod, where entering a namespace is not allowed).
         #[arg(long)]
         netns: Option<String>,
+        /// The objects; without it, inside a gateway pod, its gateway's
+        /// objects as the agent programs them, read from the API server
+        /// (`kubectl exec POD -- natgw audit`).
         #[arg(short = 'f', long = "file")]
-        path: PathBuf,
-        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long, env = "NATGW_GATEWAY")]
         gateway: Option<String>,
     },
     /// Show the busiest EIPs, their busiest destinations and how many of
@@ -172,7 +175,10 @@ fn main() -> ExitCode {
         Command::Run { netns, path, gateway, resync, poll_ms } => {
             standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms)
         }
-        Command::Audit { netns, path, gateway } => standalone::audit(netns.as_deref(), &path, gateway.as_deref()),
+        Command::Audit { netns, path: Some(path), gateway } => {
+            standalone::audit(netns.as_deref(), &path, gateway.as_deref())
+        }
+        Command::Audit { netns, path: None, gateway } => audit_from_cluster(netns.as_deref(), gateway.as_deref()),
         Command::Teardown { netns } => standalone::teardown(&netns),
         Command::Logs { file, eip, at } => top::logs(&file, &eip, &at),
         Command::Top { netns, interval, rows, destinations, once } => {
@@ -276,6 +282,22 @@ fn controller(election: natgw_controller::Election, health_addr: std::net::Socke
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("--health-addr {addr}: {e}"))
+}
+
+/// `natgw audit` in a gateway pod: its gateway's objects from the API
+/// server (the pod's own account may read them), as its agent programs
+/// them.
+fn audit_from_cluster(netns: Option<&str>, gateway: Option<&str>) -> anyhow::Result<ExitCode> {
+    let gw = gateway.ok_or_else(|| {
+        anyhow::anyhow!("-f FILE, or inside a gateway pod --gateway (NATGW_GATEWAY, which the pod sets)")
+    })?;
+    let namespace = std::env::var("POD_NAMESPACE")
+        .map_err(|_| anyhow::anyhow!("POD_NAMESPACE is not set: the claims' namespace is unknown (use -f FILE)"))?;
+    let set = tokio::runtime::Runtime::new()?.block_on(async {
+        let client = natgw_kube_support::client().await?;
+        anyhow::Ok(natgw_agent::snapshot::objects(&client, gw, &namespace).await?)
+    })?;
+    standalone::audit_set(netns, &set, gw)
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {

@@ -81,8 +81,16 @@ pub fn apply(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode
 }
 
 pub fn audit(netns: Option<&str>, path: &Path, gateway: Option<&str>) -> Result<ExitCode> {
-    let plan = load_plan(path, gateway)?;
-    let drift = Gateway::open(netns)?.audit(&plan)?;
+    report_drift(netns, &load_plan(path, gateway)?)
+}
+
+/// `audit` of objects already read (from the API server).
+pub fn audit_set(netns: Option<&str>, set: &ObjectSet, gateway: &str) -> Result<ExitCode> {
+    report_drift(netns, &plan_set(set, Some(gateway))?)
+}
+
+fn report_drift(netns: Option<&str>, plan: &GatewayPlan) -> Result<ExitCode> {
+    let drift = Gateway::open(netns)?.audit(plan)?;
     if drift.is_empty() {
         println!("{}: converged", plan.gateway);
         return Ok(ExitCode::SUCCESS);

@@ -116,6 +116,8 @@ pub fn desired(
             // Where the address claims live: the agent trusts an Eip's
             // status.ip only with a claim behind it.
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            // Its gateway, for `kubectl exec POD -- natgw audit` too.
+            EnvVar { name: "NATGW_GATEWAY".into(), value: Some(gname.clone()), ..Default::default() },
             // Health and metrics on the pod's own address (eth0) only,
             // never on the LAN or external side.
             field_env("POD_IP", "status.podIP"),
