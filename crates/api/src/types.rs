@@ -202,11 +202,15 @@ impl Eip {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EipStatus {
-    /// The address in force (equal to `spec.ip` when that is set).
+    /// The address in force (equal to `spec.ip` when that is set). Held to
+    /// the same form as `spec.ip`: `format: ipv4` alone let in `010.0.0.5`,
+    /// which natgw cannot read, and the Eip dropped out of every cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4 && ip.isCanonical(self)").message("must be an IPv4 address in canonical form (no leading zeros, no IPv6 notation)"))]
+    #[schemars(length(max = 15))]
     pub ip: Option<Ipv4Addr>,
     /// Kinds of rules using this EIP, e.g. `fip` or `dnat,snat`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

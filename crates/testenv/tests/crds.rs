@@ -275,4 +275,13 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
     );
     let err = create::<NatGateway>(&admin, &wild).await.unwrap_err();
     assert!(err.contains("spec.lanInterface"), "{err}");
+    // Second round, item 19: status.ip is held to spec.ip's form; the
+    // API server's format alone let in what natgw cannot read.
+    let eips: kube::Api<Eip> = kube::Api::all(admin.clone());
+    let odd = serde_json::json!({"status": {"ip": "010.0.0.5"}});
+    let pp = kube::api::PatchParams::default();
+    let err = eips.patch_status("ok", &pp, &kube::api::Patch::Merge(&odd)).await.unwrap_err().to_string();
+    assert!(err.contains("status.ip"), "{err}");
+    let fine = serde_json::json!({"status": {"ip": "192.0.2.10"}});
+    eips.patch_status("ok", &pp, &kube::api::Patch::Merge(&fine)).await.expect("a canonical status.ip");
 }
