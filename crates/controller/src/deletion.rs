@@ -19,6 +19,8 @@ pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Erro
             Typed::NatGateway(gw) => {
                 workload::remove(&ctx.client, &ctx.namespace, &gw.name_any()).await?;
                 natgw_kube_support::identity::remove(&ctx.client, &gw.name_any(), &ctx.namespace).await?;
+                let uid = gw.uid().unwrap_or_default();
+                ctx.identities.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
             }
             Typed::Eip(e) => crate::eip::forget(ctx, e),
             Typed::Vpc(_) | Typed::Subnet(_) | Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => {}

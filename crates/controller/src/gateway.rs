@@ -21,9 +21,7 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     let (status, reason, message) = match workload::desired(gw, &ctx.namespace, pod, lan_prefix(ctx, gw)) {
         Err(why) => ("False", "NotConfigured".to_string(), why),
         Ok(body) => {
-            // The account before the pod that runs as it.
-            let uid = gw.uid().unwrap_or_default();
-            natgw_kube_support::identity::apply(&ctx.client, &gw.name_any(), &uid, &ctx.namespace).await?;
+            ensure_identity(ctx, gw).await?;
             let applied = workload::apply(&ctx.client, &ctx.namespace, &body).await?;
             match missing_network(ctx, gw).await? {
                 Some(why) => ("False", "NetworkMissing".to_string(), why),
@@ -45,6 +43,25 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     let manager = "natgw-controller/workload";
     set_condition(ctx, gw, manager, ("WorkloadReady", status, &reason, message), "CreateWorkload").await?;
     Ok(if status == "True" { Action::await_change() } else { Action::requeue(NOT_READY_RETRY) })
+}
+
+/// How long an applied identity is trusted before it is applied again
+/// (someone may have deleted the account or a binding).
+const IDENTITY_REFRESH: Duration = Duration::from_secs(600);
+
+/// The gateway's account and bindings, before the pod that runs as it:
+/// applied once, then again every `IDENTITY_REFRESH`.
+async fn ensure_identity(ctx: &Ctx, gw: &NatGateway) -> Result<(), Error> {
+    let uid = gw.uid().unwrap_or_default();
+    let fresh = |m: &std::collections::HashMap<String, std::time::Instant>| {
+        m.get(&uid).is_some_and(|at| at.elapsed() < IDENTITY_REFRESH)
+    };
+    if fresh(&ctx.identities.lock().unwrap_or_else(|p| p.into_inner())) {
+        return Ok(());
+    }
+    natgw_kube_support::identity::apply(&ctx.client, &gw.name_any(), &uid, &ctx.namespace).await?;
+    ctx.identities.lock().unwrap_or_else(|p| p.into_inner()).insert(uid, std::time::Instant::now());
+    Ok(())
 }
 
 /// The prefix length of the VPC subnet holding spec.lanIp.

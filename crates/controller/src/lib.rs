@@ -127,6 +127,10 @@ pub struct Ctx {
     /// digest of the apply), until the cache shows a newer version. The
     /// apply's text was about 300 bytes an Eip, kept for every one.
     written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, u64)>>,
+    /// When each gateway's identity (by gateway UID) was last applied: a
+    /// gateway not ready yet is reconciled every 5 s, and three writes
+    /// each time bought nothing.
+    identities: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Failed reconciles in a row, by object: each waits twice as long.
     retries: natgw_kube_support::backoff::Backoff<(natgw_api::Kind, String)>,
 }
@@ -323,6 +327,7 @@ pub async fn run(
         pods,
         users,
         written: Default::default(),
+        identities: Default::default(),
         retries: Default::default(),
     });
     let gc_ctx = ctx.clone();

@@ -44,7 +44,6 @@ pub struct Egress {
 /// The egress table: fixed rules, and sets and maps for what varies.
 fn table() -> Table {
     let set = |name, key, value, interval| Set { name, key, value, interval };
-    let rule = |role, text: &str| Rule { role, text: text.into() };
     Table {
         family: "ip",
         name: TABLE,
@@ -67,11 +66,11 @@ fn table() -> Table {
                 hook: "postrouting",
                 priority: 99,
                 rules: vec![
-                    rule("cluster", "ip daddr @cluster_nets return"),
-                    rule("deny", "ip saddr . ip daddr @deny return"),
-                    rule("allow", "ip saddr @allow_only ip saddr . ip daddr != @allow return"),
-                    rule("snat-ports", "snat ip to ip saddr . meta l4proto . th dport map @snat_ports"),
-                    rule("snat-all", "snat ip to ip saddr map @snat_all"),
+                    Rule::new("cluster", "ip daddr @cluster_nets return"),
+                    Rule::new("deny", "ip saddr . ip daddr @deny return"),
+                    Rule::new("allow", "ip saddr @allow_only ip saddr . ip daddr != @allow return"),
+                    Rule::new("snat-ports", "snat ip to ip saddr . meta l4proto . th dport map @snat_ports"),
+                    Rule::new("snat-all", "snat ip to ip saddr map @snat_all"),
                 ],
             },
             Chain {
@@ -79,7 +78,7 @@ fn table() -> Table {
                 kind: "filter",
                 hook: "forward",
                 priority: -1,
-                rules: vec![rule("hold", "ip saddr @hold ip daddr != @cluster_nets counter drop")],
+                rules: vec![Rule::new("hold", "ip saddr @hold ip daddr != @cluster_nets counter drop")],
             },
         ],
     }
@@ -177,18 +176,14 @@ fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
 }
 
 fn table_exists() -> Result<bool, NftError> {
-    let mut child = std::process::Command::new("nft")
+    let child = std::process::Command::new("nft")
         .args(["list", "table", "ip", TABLE])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(NftError::Spawn)?;
     let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
-    let status = child.wait().map_err(NftError::Spawn)?;
-    if watchdog.fired() {
-        return Err(NftError::TimedOut(crate::deadline::NFT));
-    }
-    Ok(status.success())
+    Ok(nft::finish(child, &watchdog)?.status.success())
 }
 
 fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {

@@ -145,6 +145,10 @@ pub struct Skeleton {
 }
 
 impl Rule {
+    pub fn new(role: &'static str, text: impl Into<String>) -> Rule {
+        Rule { role, text: text.into() }
+    }
+
     pub fn comment(&self) -> String {
         format!("natgw {} {:08x}", self.role, natgw_api::fnv1a(self.text.as_bytes()))
     }

@@ -66,7 +66,6 @@ fn sets() -> Vec<Set> {
 
 /// natgw's table for a gateway with these interfaces.
 pub fn table(lan: &str, ext: &str) -> Table {
-    let rule = |role, text: String| Rule { role, text };
     Table {
         family: FAMILY,
         name: TABLE,
@@ -79,8 +78,8 @@ pub fn table(lan: &str, ext: &str) -> Table {
                 hook: "prerouting",
                 priority: -100,
                 rules: vec![
-                    rule("port-fwd", "dnat ip to ip daddr . meta l4proto . th dport map @port_fwd".into()),
-                    rule("fip-dnat", "dnat ip to ip daddr map @fip_dnat".into()),
+                    Rule::new("port-fwd", "dnat ip to ip daddr . meta l4proto . th dport map @port_fwd"),
+                    Rule::new("fip-dnat", "dnat ip to ip daddr map @fip_dnat"),
                 ],
             },
             Chain {
@@ -92,14 +91,14 @@ pub fn table(lan: &str, ext: &str) -> Table {
                     // Hairpin: an internal host reaching another through its
                     // EIP gets the EIP as source, so the reply comes back
                     // through the gateway.
-                    rule(
+                    Rule::new(
                         "hairpin",
                         format!(
                             "oifname \"{lan}\" ip saddr @internal_nets ct status dnat snat ip to ct original ip daddr"
                         ),
                     ),
-                    rule("fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @fip_snat")),
-                    rule("snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
+                    Rule::new("fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @fip_snat")),
+                    Rule::new("snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
                 ],
             },
             forward_chain(lan, ext),
@@ -115,18 +114,17 @@ pub fn table(lan: &str, ext: &str) -> Table {
 /// destinations) through any EIP or the LAN address. The pod's own
 /// network (eth0: kubelet probes, Prometheus) is not natgw's.
 fn input_chain(lan: &str, ext: &str) -> Chain {
-    let rule = |role, text: String| Rule { role, text };
     Chain {
         name: "input",
         kind: "filter",
         hook: "input",
         priority: 0,
         rules: vec![
-            rule("replies", "ct state established,related accept".into()),
-            rule("icmp-lan", format!("iifname \"{lan}\" meta l4proto icmp accept")),
-            rule("icmp-external", format!("iifname \"{ext}\" meta l4proto icmp accept")),
-            rule("refuse-lan", format!("iifname \"{lan}\" counter drop")),
-            rule("refuse-external", format!("iifname \"{ext}\" counter drop")),
+            Rule::new("replies", "ct state established,related accept"),
+            Rule::new("icmp-lan", format!("iifname \"{lan}\" meta l4proto icmp accept")),
+            Rule::new("icmp-external", format!("iifname \"{ext}\" meta l4proto icmp accept")),
+            Rule::new("refuse-lan", format!("iifname \"{lan}\" counter drop")),
+            Rule::new("refuse-external", format!("iifname \"{ext}\" counter drop")),
         ],
     }
 }
@@ -149,22 +147,24 @@ pub const FORWARD_DROPS: [(&str, &str); 4] =
 /// interfaces is counted and dropped; forwarding between other
 /// interfaces is not natgw's.
 fn forward_chain(lan: &str, ext: &str) -> Chain {
-    let rule = |role, text: String| Rule { role, text };
     Chain {
         name: "forward",
         kind: "filter",
         hook: "forward",
         priority: 0,
         rules: vec![
-            rule("replies", "ct state established,related accept".into()),
-            rule("within-lan", format!("iifname \"{lan}\" oifname \"{lan}\" accept")),
-            rule("inbound", format!("iifname \"{ext}\" oifname \"{lan}\" ct status dnat accept")),
-            rule("fip-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @fip_snat accept")),
-            rule("snat-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @snat_nets accept")),
-            rule("drop-lan", format!("iifname \"{lan}\" counter drop")),
-            rule("drop-external", format!("iifname \"{ext}\" counter drop")),
-            rule("drop-to-lan", format!("oifname \"{lan}\" counter drop")),
-            rule("drop-to-external", format!("oifname \"{ext}\" counter drop")),
+            Rule::new("replies", "ct state established,related accept"),
+            Rule::new("within-lan", format!("iifname \"{lan}\" oifname \"{lan}\" accept")),
+            Rule::new("inbound", format!("iifname \"{ext}\" oifname \"{lan}\" ct status dnat accept")),
+            Rule::new("fip-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @fip_snat accept")),
+            Rule::new(
+                "snat-out",
+                format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @snat_nets accept"),
+            ),
+            Rule::new("drop-lan", format!("iifname \"{lan}\" counter drop")),
+            Rule::new("drop-external", format!("iifname \"{ext}\" counter drop")),
+            Rule::new("drop-to-lan", format!("oifname \"{lan}\" counter drop")),
+            Rule::new("drop-to-external", format!("oifname \"{ext}\" counter drop")),
         ],
     }
 }
@@ -277,6 +277,19 @@ pub struct Running {
     watchdog: crate::deadline::Watchdog,
 }
 
+/// Waits for an `nft` child its watchdog guards: its output, or
+/// `TimedOut` when the watchdog had to kill it.
+pub(crate) fn finish(
+    child: std::process::Child,
+    watchdog: &crate::deadline::Watchdog,
+) -> Result<std::process::Output, NftError> {
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if watchdog.fired() {
+        return Err(NftError::TimedOut(crate::deadline::NFT));
+    }
+    Ok(out)
+}
+
 /// Starts `nft -f -` on `script` in the calling thread's namespace.
 pub fn start(script: String) -> Result<Running, NftError> {
     let mut child = Command::new("nft")
@@ -298,11 +311,8 @@ pub fn start(script: String) -> Result<Running, NftError> {
 
 impl Running {
     pub fn wait(self) -> Result<(), NftError> {
-        let out = self.child.wait_with_output().map_err(NftError::Spawn)?;
+        let out = finish(self.child, &self.watchdog)?;
         let written = self.writer.join().unwrap_or_else(|_| Err(std::io::Error::other("nft writer panicked")));
-        if self.watchdog.fired() {
-            return Err(NftError::TimedOut(crate::deadline::NFT));
-        }
         if !out.status.success() {
             return Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
@@ -397,10 +407,7 @@ fn list(what: &[&str]) -> Result<Option<Listing>, NftError> {
         .map_err(NftError::Spawn)?;
     let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
     let parsed = child.stdout.take().map(|out| serde_json::from_reader::<_, Listing>(std::io::BufReader::new(out)));
-    let out = child.wait_with_output().map_err(NftError::Spawn)?;
-    if watchdog.fired() {
-        return Err(NftError::TimedOut(crate::deadline::NFT));
-    }
+    let out = finish(child, &watchdog)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("No such file or directory") {
