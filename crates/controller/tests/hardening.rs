@@ -265,30 +265,36 @@ async fn item14_an_idle_controller_sends_no_lists() {
     let eips: Api<Eip> = Api::all(admin.clone());
     eventually("the Eip allocated", || async { eips.get("e").await.unwrap().status.and_then(|s| s.ip).is_some() })
         .await;
+    // LIST counts per resource, so that a failure names what was listed.
     let lists = || async {
         let text = admin.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("verb=\"LIST\""))
-            .filter(|l| {
-                ["natgateways", "eips", "floatingips", "snatrules", "dnatrules", "configmaps"]
-                    .iter()
-                    .any(|r| l.contains(&format!("resource=\"{r}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+        let mut by = std::collections::BTreeMap::<String, f64>::new();
+        for l in text.lines().filter(|l| l.starts_with("apiserver_request_total{") && l.contains("verb=\"LIST\"")) {
+            let Some(r) = ["natgateways", "eips", "floatingips", "snatrules", "dnatrules", "configmaps"]
+                .into_iter()
+                .find(|r| l.contains(&format!("resource=\"{r}\"")))
+            else {
+                continue;
+            };
+            *by.entry(r.to_string()).or_default() += l.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0.0);
+        }
+        by
     };
     // Idle starts once start-up settled: watches that begin later (and
-    // their first lists) on a loaded machine come before it.
+    // their first lists) on a loaded machine come before it. Settled is
+    // three looks a second apart that agree.
     let mut before = lists().await;
-    for _ in 0..10 {
+    let mut same = 0;
+    for _ in 0..30 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = lists().await;
-        if now == before {
+        same = if now == before { same + 1 } else { 0 };
+        before = now;
+        if same == 3 {
             break;
         }
-        before = now;
     }
-    assert!(before > 0.0, "the API server's metrics count the controller's first lists");
+    assert!(before.values().sum::<f64>() > 0.0, "the API server's metrics count the controller's first lists");
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(lists().await, before, "lists while idle");
 }

@@ -43,5 +43,31 @@ pub async fn warning(
         regarding: Some(regarding),
         ..Default::default()
     };
-    Api::<Event>::namespaced(client.clone(), &ns).create(&Default::default(), &event).await.map(drop)
+    let api = Api::<Event>::namespaced(client.clone(), &ns);
+    // An Event is often the only trace of why a finalizer went, so a
+    // transient refusal is retried a little; never for long, because the
+    // caller waits.
+    let mut delays = RETRY_DELAYS.iter();
+    loop {
+        match api.create(&Default::default(), &event).await {
+            Ok(_) => return Ok(()),
+            Err(e) => match delays.next() {
+                Some(d) if transient(&e) => tokio::time::sleep(*d).await,
+                _ => return Err(e),
+            },
+        }
+    }
+}
+
+const RETRY_DELAYS: [std::time::Duration; 2] =
+    [std::time::Duration::from_millis(200), std::time::Duration::from_millis(800)];
+
+/// Worth one more try: the server is busy or restarting, or (403) its RBAC
+/// cache has not yet seen the grant the chart just created.
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 403 || s.code == 429 || s.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
 }
