@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use kube::Client;
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, Event as WatchEvent};
 use natgw_api::*;
 use natgw_kube_support::KindResource;
 use natgw_kube_support::claims::held_address;
@@ -66,6 +66,7 @@ pub fn watch<K: KindResource + Project>(
     config: watcher::Config,
     dirty: &DirtyCell,
     tx: tokio::sync::mpsc::Sender<()>,
+    received: prometheus_client::metrics::counter::Counter,
 ) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
 where
     HeldOf<K>: Send + Sync,
@@ -78,6 +79,9 @@ where
     let (cache, dirty) = (store.clone(), dirty.clone());
     let fut = async move {
         while let Some(ev) = stream.next().await {
+            if let Ok(WatchEvent::InitApply(_) | WatchEvent::Apply(_) | WatchEvent::Delete(_)) = &ev {
+                received.inc();
+            }
             match ev.map(|ev| cache.apply(ev)) {
                 Ok(Changed::One(name)) => mark(&dirty, |d| {
                     d.objects.insert(ObjectRef::new(K::KIND, name));
@@ -299,9 +303,23 @@ impl<S: Clone, T: Clone> Intake<'_, Held<S, T>> {
     where
         K: KindResource + Project<Spec = S, Status = T>,
     {
+        self.walk_where(map, store, out, |_| true)
+    }
+
+    /// `walk` over the cached objects `keep` picks; the others count as
+    /// absent.
+    fn walk_where<K>(
+        &self,
+        map: &mut BTreeMap<Name, Arc<Held<S, T>>>,
+        store: &Store<K>,
+        out: &mut Refreshed,
+        keep: impl Fn(&Held<S, T>) -> bool,
+    ) where
+        K: KindResource + Project<Spec = S, Status = T>,
+    {
         let state = store.state();
         let mut seen = HashSet::with_capacity(state.len());
-        for o in state {
+        for o in state.into_iter().filter(|o| keep(o)) {
             let name = o.meta.name.clone();
             self.take(map, &name, Some(o), out);
             seen.insert(name);
@@ -357,10 +375,20 @@ impl Caches {
         dirty.objects.extend(also.iter().cloned());
         let full = full || dirty.all;
         let mut out = Refreshed { changed: BTreeSet::new(), planned: false, full };
-        // Few, and a change to any replans the gateway: always walked.
-        Intake::plain(Kind::Vpc).walk(&mut set.vpcs, &self.vpcs, &mut out);
-        Intake::plain(Kind::Subnet).walk(&mut set.subnets, &self.subnets, &mut out);
+        // Few, and a change to any replans the gateway: always walked. Of
+        // the network, only what the gateway's plan reads is taken (its
+        // VPC, that VPC's subnets, its external subnet): another tenant's
+        // new VPC must not replan every gateway of the cluster.
         Intake::plain(Kind::NatGateway).walk(&mut set.gateways, &self.gateways, &mut out);
+        // (The watch holds one gateway; a measured holding may hold more.)
+        let gws = self.gateways.state();
+        let vpcs: HashSet<&str> = gws.iter().map(|g| g.spec.vpc.as_str()).collect();
+        let externals: HashSet<&str> = gws.iter().map(|g| g.spec.external_subnet.as_str()).collect();
+        Intake::plain(Kind::Vpc)
+            .walk_where(&mut set.vpcs, &self.vpcs, &mut out, |v| vpcs.contains(v.meta.name.as_str()));
+        Intake::plain(Kind::Subnet).walk_where(&mut set.subnets, &self.subnets, &mut out, |s| {
+            s.spec.vpc.as_deref().is_some_and(|v| vpcs.contains(v)) || externals.contains(s.meta.name.as_str())
+        });
         let eips = Intake::<HeldEip> {
             kind: Kind::Eip,
             // Claims change apart from Eips: an Eip whose address is no
@@ -461,6 +489,31 @@ pub fn holdings(objects: ObjectSet) -> Holdings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_tenants_network_is_not_taken_in_and_replans_nothing() {
+        let text = "apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: a}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: ab}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: a-lan}\nspec: {vpc: a, cidr: 10.1.0.0/24, gateway: 10.1.0.1}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: ab-lan}\nspec: {vpc: ab, cidr: 10.2.0.0/24, gateway: 10.2.0.1}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: ext}\nspec: {cidr: 192.0.2.0/24, gateway: 192.0.2.1}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: ext-b}\nspec: {cidr: 198.51.100.0/24, gateway: 198.51.100.1}\n---\n\
+                    apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: gw}\nspec: {vpc: a, lanInterface: lan0, externalInterface: ext0, externalSubnet: ext}\n";
+        let (objects, _) = load_str(std::path::Path::new("t.yaml"), text).unwrap();
+        let h = holdings(objects);
+        // Its VPC, not the one whose name it prefixes; its VPC's subnet
+        // and its external subnet only.
+        assert_eq!(h.set.vpcs.keys().map(|n| n.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(h.set.subnets.keys().map(|n| n.as_str()).collect::<Vec<_>>(), ["a-lan", "ext"]);
+        // Another tenant's VPC, new: not taken, no replan.
+        let (mut set, mut entries) = (h.set, h.entries);
+        let mut other = Vpc::new("c", Default::default());
+        other.metadata.resource_version = Some("9".into());
+        h.caches.vpcs.apply(WatchEvent::Apply(other));
+        let r = h.caches.refresh(&mut set, &mut entries, true, &BTreeSet::new());
+        assert!(!r.planned && r.changed.is_empty());
+        assert!(!set.vpcs.contains_key("c"));
+    }
 
     #[test]
     fn the_rules_of_an_eip_are_its_own_even_when_names_share_a_prefix() {

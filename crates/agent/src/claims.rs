@@ -1,7 +1,8 @@
 //! The address claims as the agent reads them: which Eip (name and uid)
-//! holds each address. A claim is a ConfigMap, one per Eip in the
-//! cluster, about 2 KB in a watch cache; the agent reads three strings of
-//! it, so it keeps only those, fed by a watch of its own.
+//! holds each address. A claim is a ConfigMap, one per Eip, about 2 KB in
+//! a watch cache; the agent watches only those labelled with its gateway
+//! (1,000 gateways must not each list every claim of the cluster) and
+//! keeps three strings of each.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -13,7 +14,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
-use natgw_kube_support::claims::{CLAIM_LABEL, Holder, claim_ip, holder_of};
+use natgw_kube_support::claims::{Holder, claim_ip, claims_of, holder_of};
 use natgw_kube_support::ready::Listed;
 
 use crate::caches::{DirtyCell, mark_eips, mark_relisted};
@@ -112,21 +113,27 @@ impl Listed for Claims {
     }
 }
 
-/// The claims in `namespace` and the future that keeps them; each change
-/// marks the Eips it concerns, once the book holds it, and wakes a round.
+/// The claims of `gateway`'s Eips in `namespace` and the future that
+/// keeps them; each change marks the Eips it concerns, once the book holds
+/// it, and wakes a round.
 pub fn watch(
     client: &Client,
     namespace: &str,
+    gateway: &str,
     dirty: &DirtyCell,
     tx: tokio::sync::mpsc::Sender<()>,
+    received: prometheus_client::metrics::counter::Counter,
 ) -> (Claims, impl std::future::Future<Output = ()> + use<>) {
     let claims = Claims::default();
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let config = watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true"));
+    let config = watcher::Config::default().labels(&claims_of(gateway));
     let (book, dirty) = (claims.clone(), dirty.clone());
     let fut = async move {
         let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
+            if let Ok(Event::InitApply(_) | Event::Apply(_) | Event::Delete(_)) = &ev {
+                received.inc();
+            }
             match ev.map(|ev| book.apply(ev)) {
                 Ok(Changed::Nothing) => continue,
                 Ok(Changed::Eips(eips)) => mark_eips(&dirty, eips),
@@ -156,7 +163,7 @@ mod tests {
         let mut b = Book::default();
         b.apply(Event::Init);
         for (last, eip) in claims {
-            b.apply(Event::InitApply(claim(ip(*last), &holder(eip))));
+            b.apply(Event::InitApply(claim(ip(*last), &holder(eip), "gw")));
         }
         assert_eq!(b.apply(Event::InitDone), Changed::All);
         b
@@ -167,10 +174,10 @@ mod tests {
         let mut b = listed(&[(205, "a")]);
         assert!(b.held.listed);
         assert_eq!(b.held.get(&ip(205)), Some(&holder("a")));
-        assert_eq!(b.apply(Event::Apply(claim(ip(7), &holder("b")))), Changed::Eips(vec!["b".into()]));
+        assert_eq!(b.apply(Event::Apply(claim(ip(7), &holder("b"), "gw"))), Changed::Eips(vec!["b".into()]));
         // The same claim again (a status write elsewhere, a resync): no Eip moved.
-        assert_eq!(b.apply(Event::Apply(claim(ip(7), &holder("b")))), Changed::Nothing);
-        assert_eq!(b.apply(Event::Delete(claim(ip(205), &holder("a")))), Changed::Eips(vec!["a".into()]));
+        assert_eq!(b.apply(Event::Apply(claim(ip(7), &holder("b"), "gw"))), Changed::Nothing);
+        assert_eq!(b.apply(Event::Delete(claim(ip(205), &holder("a"), "gw"))), Changed::Eips(vec!["a".into()]));
         assert_eq!(b.held.get(&ip(205)), None);
         assert_eq!(b.held.get(&ip(7)), Some(&holder("b")));
     }
@@ -180,12 +187,12 @@ mod tests {
         let mut b = listed(&[(205, "a")]);
         // By hand: the name is 10.1.69.205's, the data says .0 (the
         // seed's eip-del with the network address).
-        let mut edited = claim(ip(205), &holder("a"));
+        let mut edited = claim(ip(205), &holder("a"), "gw");
         edited.data.get_or_insert_default().insert("ip".into(), ip(0).to_string());
         assert_eq!(b.apply(Event::Apply(edited)), Changed::Eips(vec!["a".into()]));
         assert!(b.held.is_empty());
         // Nor does a ConfigMap with the label but not a claim's name.
-        let mut other = claim(ip(9), &holder("c"));
+        let mut other = claim(ip(9), &holder("c"), "gw");
         other.metadata.name = Some("natgw-eip-10-1-69-009".into());
         assert_eq!(b.apply(Event::Apply(other)), Changed::Nothing);
         assert!(b.held.is_empty());
@@ -194,14 +201,17 @@ mod tests {
     #[test]
     fn a_claim_taken_over_marks_both_eips() {
         let mut b = listed(&[(205, "a")]);
-        assert_eq!(b.apply(Event::Apply(claim(ip(205), &holder("b")))), Changed::Eips(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            b.apply(Event::Apply(claim(ip(205), &holder("b"), "gw"))),
+            Changed::Eips(vec!["a".into(), "b".into()])
+        );
     }
 
     #[test]
     fn a_new_list_answers_only_once_it_is_complete_and_drops_what_went_meanwhile() {
         let mut b = listed(&[(1, "a"), (2, "b")]);
         b.apply(Event::Init);
-        b.apply(Event::InitApply(claim(ip(2), &holder("b"))));
+        b.apply(Event::InitApply(claim(ip(2), &holder("b"), "gw")));
         // Mid-list, the old list still answers.
         assert_eq!(b.held.get(&ip(1)), Some(&holder("a")));
         assert_eq!(b.apply(Event::InitDone), Changed::All);

@@ -388,16 +388,19 @@ pub async fn run_with(
     // The network objects are few; of Eips and rules, only those the
     // controller bound to this gateway.
     let all = watcher::Config::default();
+    // Its own NatGateway only: every other gateway's status write would
+    // otherwise wake this agent and replan it.
+    let itself = watcher::Config::default().fields(&format!("metadata.name={gw}"));
     let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
     let dirty = caches::DirtyCell::default();
-    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), &dirty, tx.clone());
-    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), &dirty, tx.clone());
-    let (gateways, w3) = watch::<NatGateway>(&client, all, &dirty, tx.clone());
-    let (eips, w4) = watch::<Eip>(&client, mine.clone(), &dirty, tx.clone());
-    let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), &dirty, tx.clone());
-    let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), &dirty, tx.clone());
-    let (dnats, w7) = watch::<DnatRule>(&client, mine, &dirty, tx.clone());
-    let (claims_book, w0) = claims::watch(&client, &claims, &dirty, tx.clone());
+    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), &dirty, tx.clone(), metrics.received("Vpc"));
+    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), &dirty, tx.clone(), metrics.received("Subnet"));
+    let (gateways, w3) = watch::<NatGateway>(&client, itself, &dirty, tx.clone(), metrics.received("NatGateway"));
+    let (eips, w4) = watch::<Eip>(&client, mine.clone(), &dirty, tx.clone(), metrics.received("Eip"));
+    let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), &dirty, tx.clone(), metrics.received("FloatingIp"));
+    let (snats, w6) = watch::<SnatRule>(&client, mine.clone(), &dirty, tx.clone(), metrics.received("SnatRule"));
+    let (dnats, w7) = watch::<DnatRule>(&client, mine, &dirty, tx.clone(), metrics.received("DnatRule"));
+    let (claims_book, w0) = claims::watch(&client, &claims, &gw, &dirty, tx.clone(), metrics.received("claim"));
     let eips_cache = eips.clone();
     let caches = Caches { claims: claims_book, vpcs, subnets, gateways, eips, fips, snats, dnats, dirty };
     let sweep_done: natgw_dataplane::SweepDone = {

@@ -29,6 +29,7 @@ pub struct Metrics {
     translation_lines: Family<Labels, Counter>,
     status_writes: Family<Labels, Counter>,
     forward_dropped: Family<Labels, Counter>,
+    watch_events: Family<Labels, Counter>,
     /// The kernel's counts at the last read, by direction.
     forward_seen: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>>,
 }
@@ -51,6 +52,7 @@ impl Metrics {
             translation_lines: Family::default(),
             status_writes: Family::default(),
             forward_dropped: Family::default(),
+            watch_events: Family::default(),
             forward_seen: Default::default(),
         };
         let mut r = Registry::default();
@@ -103,7 +105,17 @@ impl Metrics {
             "Packets the gateway refused to forward untranslated, by the side they came from (lan, external, other: another interface toward either)",
             m.forward_dropped.clone(),
         );
+        r.register(
+            "natgw_watch_events",
+            "Objects the agent's watches received, by kind (listed, changed or deleted); they follow its own gateway's objects, not the cluster's",
+            m.watch_events.clone(),
+        );
         (m, Probe::new(r))
+    }
+
+    /// The counter of objects a watch of `kind` received.
+    pub fn received(&self, kind: &str) -> Counter {
+        self.watch_events.get_or_create(&labels(&[("kind", kind)])).clone()
     }
 
     pub fn swept(&self, conntrack_deleted: usize) {

@@ -15,7 +15,7 @@ use natgw_api::{
     CONTROLLER_FINALIZER, DnatRule, Eip, FloatingIp, GATEWAY_LABEL, NatGateway, Object, ObjectSet, SnatRule, Subnet,
     Vpc, gateway_finalizer,
 };
-use natgw_kube_support::claims::{CLAIM_LABEL, Holder, holder_of};
+use natgw_kube_support::claims::{Holder, claims_of, holder_of};
 
 /// The objects of gateway `gw`; claims are read in `claims_namespace`.
 pub async fn objects(client: &Client, gw: &str, claims_namespace: &str) -> Result<ObjectSet, kube::Error> {
@@ -28,7 +28,7 @@ pub async fn objects(client: &Client, gw: &str, claims_namespace: &str) -> Resul
     for s in Api::<Subnet>::all(client.clone()).list(&all).await? {
         set.insert(Object::Subnet(s));
     }
-    for g in Api::<NatGateway>::all(client.clone()).list(&all).await? {
+    if let Some(g) = Api::<NatGateway>::all(client.clone()).get_opt(gw).await? {
         set.insert(Object::NatGateway(g));
     }
     let agent = gateway_finalizer(gw);
@@ -37,7 +37,7 @@ pub async fn objects(client: &Client, gw: &str, claims_namespace: &str) -> Resul
         let released = m.deletion_timestamp.is_some() && !fins.iter().any(|f| f == CONTROLLER_FINALIZER);
         fins.contains(&agent) && !released
     };
-    let claims = ListParams::default().labels(&format!("{CLAIM_LABEL}=true"));
+    let claims = ListParams::default().labels(&claims_of(gw));
     let held: BTreeMap<Ipv4Addr, Holder> = Api::<ConfigMap>::namespaced(client.clone(), claims_namespace)
         .list(&claims)
         .await?

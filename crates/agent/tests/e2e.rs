@@ -511,3 +511,41 @@ async fn the_agent_reports_readiness_and_metrics() {
         assert!(metrics.contains(name), "{name} in {metrics}");
     }
 }
+
+/// Second round, item 22: an agent reads the claims of its own gateway
+/// only, found by a label the controller writes. A claim an older
+/// controller wrote (no label) is labelled by the next controller, and
+/// until then its address is not this agent's to program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round2_item22_an_agent_reads_only_claims_labelled_with_its_gateway() {
+    let mut w = world("claimlabel").await;
+    create_yaml(&w.admin, &eip("e", "198.51.100.61")).await;
+    let ip = Ipv4Addr::new(198, 51, 100, 61);
+    let on_gateway = |w: &World| snapshot(w).locals.iter().any(|a| a.addr.addr() == ip);
+    eventually("the claimed address programmed", || async { on_gateway(&w) }).await;
+    let claims: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(w.admin.clone(), "natgw-system");
+    let name = natgw_kube_support::claims::claim_name(ip);
+    let labelled = |cm: &k8s_openapi::api::core::v1::ConfigMap| {
+        cm.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("demo-gw")
+    };
+    assert!(labelled(&claims.get(&name).await.unwrap()), "the claim names its gateway");
+    // As an older controller left it: the controller stopped, the label gone.
+    for t in w.tasks.drain(..) {
+        t.abort();
+    }
+    let unlabel = serde_json::json!({"metadata": {"labels": {GATEWAY_LABEL: null}}});
+    claims.patch(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&unlabel)).await.unwrap();
+    eventually("a claim outside the agent's selector backs nothing", || async { !on_gateway(&w) }).await;
+    // The next controller labels it, and the agent programs the address again.
+    let controller = w.env.natgw_client("natgw-controller").await.unwrap();
+    w.tasks.push(tokio::spawn(natgw_controller::run(
+        controller,
+        None,
+        "natgw-system".into(),
+        natgw_controller::Options::default(),
+        std::future::pending(),
+    )));
+    eventually("the old claim labelled", || async { labelled(&claims.get(&name).await.unwrap()) }).await;
+    eventually("the address programmed again", || async { on_gateway(&w) }).await;
+    w.kill_agent();
+}

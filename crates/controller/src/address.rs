@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use natgw_api::{Eip, SubnetSpec, parse_ip_range};
 
@@ -156,6 +156,10 @@ struct Claims {
     /// Eips told their subnet is full: woken by a release or a subnet's
     /// change instead of polling.
     waiting: BTreeSet<String>,
+    /// Claims listed without their Eip's gateway label (written before
+    /// claims had it): labelled when their Eip is next reconciled, because
+    /// an agent watches only its gateway's claims.
+    unlabelled: BTreeSet<Ipv4Addr>,
 }
 
 type ScanKey = (ipnet::Ipv4Net, Ipv4Addr, Vec<(u32, u32)>);
@@ -223,8 +227,11 @@ impl Book {
         self.cell
             .get_or_try_init(|| async {
                 let mut c = Claims::default();
-                for (ip, h) in claims(api).await? {
+                for (ip, h, labelled) in claims(api).await? {
                     c.record(ip, h);
+                    if !labelled {
+                        c.unlabelled.insert(ip);
+                    }
                 }
                 Ok(std::sync::Mutex::new(c))
             })
@@ -265,11 +272,16 @@ pub async fn ensure(
     let me = Holder { eip: eip.name_any(), uid: eip.uid().unwrap_or_default() };
     let claims = book.claims(&api).await?;
     let wanted = eip.address();
+    let gateway = eip.spec.gateway.as_str();
     if let Some(ip) = wanted {
         if lock(claims).by_ip.get(&ip) == Some(&me) {
+            if lock(claims).unlabelled.contains(&ip) {
+                label(&api, ip, gateway).await?;
+                lock(claims).unlabelled.remove(&ip);
+            }
             return Ok(Outcome::Held(ip));
         }
-        return match claim(&api, ip, &me).await? {
+        return match claim(&api, ip, &me, gateway).await? {
             Ok(()) => {
                 lock(claims).record(ip, me);
                 Ok(Outcome::Held(ip))
@@ -281,12 +293,19 @@ pub async fn ensure(
                     Ok(Outcome::Taken { ip, by })
                 } else {
                     // An allocated address lost to another Eip: allocate anew.
-                    allocate(&api, claims, subnet, &excluded, me).await
+                    allocate(&api, claims, subnet, &excluded, me, gateway).await
                 }
             }
         };
     }
-    allocate(&api, claims, subnet, &excluded, me).await
+    allocate(&api, claims, subnet, &excluded, me, gateway).await
+}
+
+/// Gives an old claim its Eip's gateway label (a merge patch: the name,
+/// holder and address stay as they are).
+async fn label(api: &Api<ConfigMap>, ip: Ipv4Addr, gateway: &str) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({"metadata": {"labels": natgw_kube_support::claims::claim_labels(gateway)}});
+    api.patch(&claim_name(ip), &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
 }
 
 async fn allocate(
@@ -295,6 +314,7 @@ async fn allocate(
     subnet: &SubnetSpec,
     excluded: &[(u32, u32)],
     me: Holder,
+    gateway: &str,
 ) -> Result<Outcome, kube::Error> {
     loop {
         let ip = {
@@ -314,7 +334,7 @@ async fn allocate(
             c.record(ip, me.clone());
             ip
         };
-        match claim(api, ip, &me).await {
+        match claim(api, ip, &me, gateway).await {
             Ok(Ok(())) => return Ok(Outcome::Held(ip)),
             // Someone else's since we last knew: try the next one.
             Ok(Err(other)) => lock(claims).record(ip, other),
@@ -328,8 +348,13 @@ async fn allocate(
 
 /// Creates the claim of `ip` for `me`; the inner error is the holder if
 /// another Eip holds it.
-async fn claim(api: &Api<ConfigMap>, ip: Ipv4Addr, me: &Holder) -> Result<Result<(), Holder>, kube::Error> {
-    let cm = natgw_kube_support::claims::claim(ip, me);
+async fn claim(
+    api: &Api<ConfigMap>,
+    ip: Ipv4Addr,
+    me: &Holder,
+    gateway: &str,
+) -> Result<Result<(), Holder>, kube::Error> {
+    let cm = natgw_kube_support::claims::claim(ip, me, gateway);
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => Ok(Ok(())),
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -342,10 +367,18 @@ async fn claim(api: &Api<ConfigMap>, ip: Ipv4Addr, me: &Holder) -> Result<Result
     }
 }
 
-/// Every claim by address.
-pub async fn claims(api: &Api<ConfigMap>) -> Result<BTreeMap<Ipv4Addr, Holder>, kube::Error> {
+/// Every claim: its address, its holder, and whether it carries a gateway
+/// label.
+pub async fn claims(api: &Api<ConfigMap>) -> Result<Vec<(Ipv4Addr, Holder, bool)>, kube::Error> {
     let list = api.list(&ListParams::default().labels(&format!("{CLAIM_LABEL}=true"))).await?;
-    Ok(list.items.iter().filter_map(holder_of).collect())
+    Ok(list
+        .items
+        .iter()
+        .filter_map(|cm| {
+            let (ip, h) = holder_of(cm)?;
+            Some((ip, h, natgw_kube_support::claims::gateway_of(cm).is_some()))
+        })
+        .collect())
 }
 
 /// Deletes claims whose Eip no longer exists. Candidates come from the

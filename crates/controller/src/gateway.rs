@@ -10,9 +10,11 @@ use natgw_api::*;
 use crate::conditions::set_condition;
 use crate::{Ctx, Error, KindResource, workload};
 
-/// How often a gateway whose pod is not ready yet is looked at again
-/// (a missing NetworkAttachmentDefinition may appear; nothing watches it).
-const NOT_READY_RETRY: Duration = Duration::from_secs(5);
+/// How often a gateway whose NetworkAttachmentDefinition is missing is
+/// looked at again (nothing watches those). A pod or StatefulSet that is
+/// not ready needs no retry: both are watched. 1,000 gateways retried
+/// every 5 s kept the controller too busy to reconcile a new one.
+const NETWORK_MISSING_RETRY: Duration = Duration::from_secs(30);
 
 /// Applies the gateway's StatefulSet, or says why it cannot; then says
 /// whether its pod serves (`WorkloadReady`), with the pod's own reason.
@@ -22,7 +24,7 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
         Err(why) => ("False", "NotConfigured".to_string(), why),
         Ok(body) => {
             ensure_identity(ctx, gw).await?;
-            let applied = workload::apply(&ctx.client, &ctx.namespace, &body).await?;
+            let applied = apply_if_changed(ctx, gw, &body).await?;
             match missing_network(ctx, gw).await? {
                 Some(why) => ("False", "NetworkMissing".to_string(), why),
                 None => {
@@ -42,7 +44,35 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     report_validity(ctx, gw).await?;
     let manager = "natgw-controller/workload";
     set_condition(ctx, gw, manager, ("WorkloadReady", status, &reason, message), "CreateWorkload").await?;
-    Ok(if status == "True" { Action::await_change() } else { Action::requeue(NOT_READY_RETRY) })
+    Ok(if reason == "NetworkMissing" { Action::requeue(NETWORK_MISSING_RETRY) } else { Action::await_change() })
+}
+
+/// Applies `body` unless the cache shows the StatefulSet this controller
+/// last applied from the same body (a change by anyone else gives it a
+/// new resourceVersion, so drift is still repaired).
+async fn apply_if_changed(
+    ctx: &Ctx,
+    gw: &NatGateway,
+    body: &k8s_openapi::api::apps::v1::StatefulSet,
+) -> Result<k8s_openapi::api::apps::v1::StatefulSet, Error> {
+    use std::hash::{Hash, Hasher};
+    let uid = gw.uid().unwrap_or_default();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(body).unwrap_or_default().hash(&mut h);
+    let digest = h.finish();
+    let cached =
+        ctx.statefulsets.get(&kube::runtime::reflector::ObjectRef::new(&body.name_any()).within(&ctx.namespace));
+    let memo = ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&uid).cloned();
+    if let (Some(sts), Some((d, version))) = (&cached, &memo)
+        && *d == digest
+        && sts.metadata.resource_version == *version
+    {
+        return Ok((**sts).clone());
+    }
+    let applied = workload::apply(&ctx.client, &ctx.namespace, body).await?;
+    let version = applied.metadata.resource_version.clone();
+    ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(uid, (digest, version));
+    Ok(applied)
 }
 
 /// How long an applied identity is trusted before it is applied again

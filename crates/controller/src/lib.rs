@@ -121,6 +121,12 @@ pub struct Ctx {
     book: address::Book,
     /// The gateway pods, for WorkloadReady.
     pods: Store<k8s_openapi::api::core::v1::Pod>,
+    /// The gateway StatefulSets, as the watch last saw them.
+    statefulsets: Store<k8s_openapi::api::apps::v1::StatefulSet>,
+    /// Per gateway UID, the digest of the StatefulSet last applied and the
+    /// resourceVersion the apply returned: while the cache shows that
+    /// version and the desired body is the same, nothing is applied.
+    applied: std::sync::Mutex<std::collections::HashMap<String, (u64, Option<String>)>>,
     /// Which rules name each Eip.
     users: users::Users,
     /// Eip status applies made, by Eip: (its resourceVersion then, a
@@ -128,7 +134,7 @@ pub struct Ctx {
     /// apply's text was about 300 bytes an Eip, kept for every one.
     written: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, u64)>>,
     /// When each gateway's identity (by gateway UID) was last applied: a
-    /// gateway not ready yet is reconciled every 5 s, and three writes
+    /// gateway is reconciled at every change of its Eips, and three writes
     /// each time bought nothing.
     identities: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Failed reconciles in a row, by object: each waits twice as long.
@@ -283,9 +289,15 @@ pub async fn run(
     let (k, v) = workload::WORKLOAD_LABEL;
     let workloads = watcher::Config::default().labels(&format!("{k}={v}"));
     let (pods, pod_events) = cached_in(&client, Some(&namespace), workloads.clone(), "controller");
+    // Cached, so that a reconcile applies a StatefulSet only when it
+    // differs from what was applied: 1,000 gateways re-applied theirs at
+    // every Eip change and every retry.
+    let (statefulsets, sts_events) = natgw_kube_support::cache::cached_events_in::<
+        k8s_openapi::api::apps::v1::StatefulSet,
+    >(&client, Some(&namespace), workloads, "controller", |_| {});
     let gateway = primary::<NatGateway>(&client)
         .watches(Api::<Eip>::all(all(&client)), cfg.clone(), |e| parent::<NatGateway>(&e.spec.gateway))
-        .watches(Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(all(&client), &namespace), workloads, |s| {
+        .watches_stream(sts_events.touched_objects(), |s: k8s_openapi::api::apps::v1::StatefulSet| {
             s.labels().get(GATEWAY_LABEL).and_then(|g| parent::<NatGateway>(g))
         })
         // And their pods: WorkloadReady follows the pod's state.
@@ -325,6 +337,8 @@ pub async fn run(
         options,
         book: address::Book::waking(wake),
         pods,
+        statefulsets,
+        applied: Default::default(),
         users,
         written: Default::default(),
         identities: Default::default(),

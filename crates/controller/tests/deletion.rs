@@ -264,6 +264,46 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     })
     .await;
     assert!(sts.get_opt("natgw-gw-bare").await.unwrap().is_none());
+    // Reconciles that change nothing apply nothing: Eips of the gateway
+    // come (each reconciles it) and no StatefulSet patch reaches the API
+    // server. 1,000 gateways re-applying theirs at each Eip change and
+    // each 5 s retry kept the controller from reconciling a new gateway.
+    let patches = || async {
+        let text = admin.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("resource=\"statefulsets\""))
+            .filter(|l| l.contains("verb=\"APPLY\"") || l.contains("verb=\"PATCH\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let eips: Api<Eip> = Api::all(admin.clone());
+    let before = patches().await;
+    for i in 0..5 {
+        create(&admin, object::<Eip>("Eip", &format!("e{i}"), serde_json::json!({"gateway": "gw"}))).await;
+    }
+    eventually("the Eips labelled (each reconciled the gateway)", || async {
+        let list = eips.list(&Default::default()).await.unwrap().items;
+        list.len() == 5 && list.iter().all(|e| e.labels().get(GATEWAY_LABEL).is_some())
+    })
+    .await;
+    assert_eq!(patches().await, before, "a StatefulSet applied again unchanged");
+    // An edit by hand is undone; a deleted StatefulSet comes back.
+    let image =
+        serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "agent", "image": "evil"}]}}}});
+    sts.patch("natgw-gw-gw", &kube::api::PatchParams::default(), &kube::api::Patch::Strategic(&image)).await.unwrap();
+    let image_of = |s: StatefulSet| s.spec.and_then(|s| s.template.spec).and_then(|p| p.containers[0].image.clone());
+    eventually("the edit undone", || async {
+        image_of(sts.get("natgw-gw-gw").await.unwrap()).as_deref() == Some("natgw:test")
+    })
+    .await;
+    sts.delete("natgw-gw-gw", &DeleteParams::default()).await.unwrap();
+    eventually("the StatefulSet back", || async {
+        sts.get_opt("natgw-gw-gw").await.unwrap().is_some_and(|s| s.metadata.deletion_timestamp.is_none())
+    })
+    .await;
+    for i in 0..5 {
+        eips.delete(&format!("e{i}"), &DeleteParams::default()).await.unwrap();
+    }
     gws.delete("gw", &DeleteParams::default()).await.unwrap();
     eventually("the workload gone with its gateway", || async {
         sts.get_opt("natgw-gw-gw").await.unwrap().is_none() && gws.get_opt("gw").await.unwrap().is_none()

@@ -2,6 +2,8 @@
 //! a ConfigMap `natgw-eip-A-B-C-D` in the controller's namespace: the API
 //! server's unique names make two holders impossible. The controller
 //! writes claims; the gateway agent reads them to trust an Eip's address.
+//! Each claim carries its Eip's gateway as a label, so that an agent reads
+//! the claims of its own gateway only, not every claim in the cluster.
 
 use std::net::Ipv4Addr;
 
@@ -29,12 +31,28 @@ pub struct Holder {
     pub uid: String,
 }
 
-/// The claim of `ip` for `holder`, as the controller creates it.
-pub fn claim(ip: Ipv4Addr, holder: &Holder) -> ConfigMap {
+/// The labels of a claim for an Eip of `gateway`.
+pub fn claim_labels(gateway: &str) -> std::collections::BTreeMap<String, String> {
+    [(CLAIM_LABEL.to_string(), "true".to_string()), (natgw_api::GATEWAY_LABEL.to_string(), gateway.to_string())].into()
+}
+
+/// The selector of the claims of `gateway`'s Eips.
+pub fn claims_of(gateway: &str) -> String {
+    format!("{CLAIM_LABEL}=true,{}={gateway}", natgw_api::GATEWAY_LABEL)
+}
+
+/// The gateway label a claim carries.
+pub fn gateway_of(cm: &ConfigMap) -> Option<&str> {
+    cm.metadata.labels.as_ref()?.get(natgw_api::GATEWAY_LABEL).map(String::as_str)
+}
+
+/// The claim of `ip` for `holder`, an Eip of `gateway`, as the controller
+/// creates it.
+pub fn claim(ip: Ipv4Addr, holder: &Holder, gateway: &str) -> ConfigMap {
     ConfigMap {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(claim_name(ip)),
-            labels: Some([(CLAIM_LABEL.to_string(), "true".to_string())].into()),
+            labels: Some(claim_labels(gateway)),
             ..Default::default()
         },
         data: Some(

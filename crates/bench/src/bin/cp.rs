@@ -41,6 +41,14 @@ struct Args {
     /// (at 50,000 FloatingIps it takes longer than the creations).
     #[arg(long)]
     keep: bool,
+    /// Many gateways instead: G NatGateways (each with its own Vpc and
+    /// LAN Subnet) of `--fips` FloatingIps each. One agent runs, for the
+    /// lab's gateway; the others' workloads are StatefulSets the API
+    /// server stores and no kubelet runs. Reports what that agent
+    /// receives alone and among the others, and the controller's memory
+    /// and per-gateway reconcile latency.
+    #[arg(long)]
+    gateways: Option<u32>,
 }
 
 /// How long a bulk phase over `n` objects may take before the bench gives
@@ -50,6 +58,9 @@ fn patience(n: usize) -> Duration {
 }
 
 use natgw_testenv::{create, natgw_object as obj};
+
+#[path = "cp/many.rs"]
+mod many;
 
 fn internal(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 10)) + i)
@@ -172,6 +183,9 @@ async fn run(args: Args) -> Result<()> {
     };
     if args.api_floor {
         return api_floor(&admin, &args).await;
+    }
+    if let Some(g) = args.gateways {
+        return many::run(&admin, &lab, g, &args, spawn).await;
     }
     let controller = spawn("natgw-controller", &["controller", "--instance", "bench", "--namespace", "natgw-system"])?;
     let gw_ns = lab.ns("gw");
