@@ -106,6 +106,14 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions (what deploy/crds.yaml holds).
     Crd,
+    /// Wait until the API server admits a write of natgw's objects (a
+    /// dry-run create): the chart's post-install hook, so that `helm
+    /// install` does not succeed while natgw's policies still refuse
+    /// every write. Exit 1, with the last refusal, after the timeout.
+    InstallCheck {
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
     /// Run the gateway agent: keep one NatGateway's namespace equal to its
     /// objects, finalizer first. Without --netns it programs its own.
     Agent(natgw_agent::Args),
@@ -189,6 +197,7 @@ fn main() -> ExitCode {
             args.election().map_err(anyhow::Error::msg).and_then(|election| controller(election, addr))
         }
         Command::Agent(args) => agent(args),
+        Command::InstallCheck { timeout_seconds } => install_check(timeout_seconds),
         Command::NodeAgent(args) => node_agent(args),
         Command::Crd => natgw_api::crds_yaml()
             .map(|y| {
@@ -298,6 +307,24 @@ fn audit_from_cluster(netns: Option<&str>, gateway: Option<&str>) -> anyhow::Res
         anyhow::Ok(natgw_agent::snapshot::objects(&client, gw, &namespace).await?)
     })?;
     standalone::audit_set(netns, &set, gw)
+}
+
+fn install_check(timeout_seconds: u64) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let client = natgw_kube_support::client().await?;
+        let timeout = std::time::Duration::from_secs(timeout_seconds);
+        let waited =
+            natgw_kube_support::admission::wait_writable(&client, timeout, std::time::Duration::from_secs(1)).await?;
+        match waited.first_refusal {
+            Some(first) => println!(
+                "natgw's objects can be written, after {} refused dry runs over {:.1}s; the first refusal: {first}",
+                waited.refused,
+                waited.took.as_secs_f64()
+            ),
+            None => println!("natgw's objects can be written"),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn agent(a: natgw_agent::Args) -> anyhow::Result<ExitCode> {

@@ -15,6 +15,7 @@
 //! - `heap`: the allocator's upkeep in long-running processes (arenas
 //!   capped, freed pages handed back).
 
+pub mod admission;
 pub mod backoff;
 pub mod cache;
 pub mod claims;

@@ -76,7 +76,10 @@ pub struct Identity {
 
 pub struct TestEnv {
     dir: PathBuf,
+    /// etcd, then kube-apiserver.
     children: Vec<Child>,
+    etcd_url: String,
+    api_port: u16,
     pub url: String,
     ca: PathBuf,
     ca_issuer: Issuer<'static, KeyPair>,
@@ -110,51 +113,75 @@ impl TestEnv {
                 .stderr(std::fs::File::create(&etcd_log)?)
                 .spawn()?,
         );
-        let d = |f: &str| env.dir.join(f).to_string_lossy().into_owned();
-        let api_log = env.dir.join("kube-apiserver.log");
-        env.children.push(
-            Command::new(bin.join("kube-apiserver"))
-                .arg(format!("--etcd-servers={etcd_url}"))
-                .args([
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    &format!("--secure-port={api_port}"),
-                ])
-                .arg(format!("--tls-cert-file={}", d("apiserver.crt")))
-                .arg(format!("--tls-private-key-file={}", d("apiserver.key")))
-                .arg(format!("--client-ca-file={}", d("ca.crt")))
-                .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/16"])
-                .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
-                .arg(format!("--service-account-key-file={}", d("sa.pub")))
-                .arg(format!("--service-account-signing-key-file={}", d("sa.key")))
-                .args(["--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"])
-                // /debug/pprof, for a benchmark that asks where the API
-                // server's CPU goes (natgw-cp-bench --api-profile).
-                .arg(format!("--profiling={}", std::env::var_os("NATGW_APISERVER_PROFILING").is_some()))
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&api_log)?)
-                .spawn()?,
-        );
+        env.etcd_url = etcd_url;
+        env.api_port = api_port;
+        let apiserver = env.spawn_apiserver()?;
+        env.children.push(apiserver);
         env.write_kubeconfig()?;
+        env.wait_ready().await?;
+        Ok(env)
+    }
+
+    fn spawn_apiserver(&self) -> Result<Child, EnvError> {
+        let bin = bin_dir();
+        let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
+        let api_port = self.api_port;
+        let api_log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("kube-apiserver.log"))?;
+        Ok(Command::new(bin.join("kube-apiserver"))
+            .arg(format!("--etcd-servers={}", self.etcd_url))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", &format!("--secure-port={api_port}")])
+            .arg(format!("--tls-cert-file={}", d("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", d("apiserver.key")))
+            .arg(format!("--client-ca-file={}", d("ca.crt")))
+            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/16"])
+            .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
+            .arg(format!("--service-account-key-file={}", d("sa.pub")))
+            .arg(format!("--service-account-signing-key-file={}", d("sa.key")))
+            .args(["--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"])
+            // /debug/pprof, for a benchmark that asks where the API
+            // server's CPU goes (natgw-cp-bench --api-profile).
+            .arg(format!("--profiling={}", std::env::var_os("NATGW_APISERVER_PROFILING").is_some()))
+            .stdout(Stdio::null())
+            .stderr(api_log)
+            .spawn()?)
+    }
+
+    /// Waits until the API server answers /readyz with ok.
+    async fn wait_ready(&self) -> Result<(), EnvError> {
         let start = Instant::now();
-        let client = env.admin().await?;
+        let client = self.admin().await?;
         loop {
             if client.apiserver_version().await.is_ok() {
                 let ready: Result<String, _> = client.request_text(http_get("/readyz")).await;
                 if ready.is_ok_and(|r| r.trim() == "ok") {
-                    break;
+                    return Ok(());
                 }
             }
             if start.elapsed() > Duration::from_secs(90) {
                 return Err(EnvError::NotReady {
                     what: "kube-apiserver",
                     secs: 90,
-                    log: tail(&api_log) + "\n" + &tail(&etcd_log),
+                    log: tail(&self.dir.join("kube-apiserver.log")) + "\n" + &tail(&self.dir.join("etcd.log")),
                 });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(env)
+    }
+
+    /// Kills the API server and starts it again on the same port and
+    /// etcd; returns once it is ready.
+    pub async fn restart_apiserver(&mut self) -> Result<(), EnvError> {
+        if let Some(old) = self.children.get_mut(1) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let new = self.spawn_apiserver()?;
+        match self.children.get_mut(1) {
+            Some(slot) => *slot = new,
+            None => self.children.push(new),
+        }
+        self.wait_ready().await
     }
 
     fn with_pki(dir: PathBuf) -> Result<Self, EnvError> {
@@ -183,6 +210,8 @@ impl TestEnv {
             ca: dir.join("ca.crt"),
             dir,
             children: Vec::new(),
+            etcd_url: String::new(),
+            api_port: 0,
             url: String::new(),
             ca_issuer,
             admin: Identity { user: String::new(), cert: PathBuf::new(), key: PathBuf::new() },
@@ -324,28 +353,10 @@ pub const TEST_CLUSTER_NETWORKS: &str = "10.96.0.0/12,10.244.0.0/16";
 /// Admission policies take effect a moment after they are created: waits
 /// until a request that the cluster-networks policy refuses is refused.
 async fn wait_for_policies(admin: &Client) -> Result<(), EnvError> {
-    use kube::api::ApiResource;
-    let ar = ApiResource {
-        group: "natgw.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "natgw.io/v1alpha1".into(),
-        kind: "FloatingIp".into(),
-        plural: "floatingips".into(),
-    };
-    let probe: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "natgw.io/v1alpha1", "kind": "FloatingIp",
-        "metadata": {"name": "natgw-policy-probe"}, "spec": {"eip": "none", "internalIp": "10.96.0.1"},
-    }))
-    .map_err(|e| EnvError::Kube(e.to_string()))?;
-    let api: Api<DynamicObject> = Api::all_with(admin.clone(), &ar);
-    let dry = PostParams { dry_run: true, ..Default::default() };
-    for _ in 0..200 {
-        match api.create(&dry, &probe).await {
-            Err(kube::Error::Api(s)) if s.message.contains("cluster network") => return Ok(()),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    Err(EnvError::Kube("the admission policies never took effect".into()))
+    natgw_kube_support::admission::wait_writable(admin, Duration::from_secs(10), Duration::from_millis(50))
+        .await
+        .map(drop)
+        .map_err(|e| EnvError::Kube(e.to_string()))
 }
 
 /// The namespace natgw's ServiceAccounts live in (deploy/rbac.yaml).

@@ -300,19 +300,8 @@ async fn the_cluster_networks_policy_survives_an_uninstall_and_reinstall() {
     let admin = env.install_natgw(&crds()).await.unwrap();
     let policy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy.yaml")).unwrap();
     let networks = "apiVersion: natgw.io/v1alpha1\nkind: ClusterNetworks\nmetadata: {name: natgw}\nspec: {cidrs: [10.244.0.0/16]}\n";
-    let gvk = |kind: &str| {
-        kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind))
-    };
     for _ in 0..2 {
-        // Uninstall: the bindings, the policies and the parameter go.
-        for kind in ["ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy"] {
-            let api: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &gvk(kind));
-            for name in ["natgw-gateway-agent", "natgw-eip-use", "natgw-cluster-networks", "natgw-controller-bindings"]
-            {
-                api.delete(name, &DeleteParams::default()).await.unwrap();
-            }
-        }
-        Api::<ClusterNetworks>::all(admin.clone()).delete("natgw", &DeleteParams::default()).await.unwrap();
+        uninstall(&admin).await;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         // Reinstall, in the order helm uses (the parameter first).
         apply_yaml(&admin, networks).await.unwrap();
@@ -345,4 +334,80 @@ async fn the_cluster_networks_policy_survives_an_uninstall_and_reinstall() {
         }
         assert!(enforced, "after a reinstall the policy must allow and refuse as before: {last}");
     }
+}
+
+/// Second round, item 21: right after an API server restart, a reinstall
+/// (CRDs kept, as helm keeps them) can find every natgw write refused for
+/// minutes: the policy's parameter kind, a CRD, is resolved through
+/// discovery that the restarted server has not refreshed yet
+/// (kubernetes/kubernetes#122658). The chart's post-install hook runs
+/// `natgw install-check`, which waits here; once it returns, writes are
+/// admitted and the policy enforces, at the first try.
+#[tokio::test]
+async fn round2_item21_after_an_api_server_restart_the_install_check_returns_only_once_writes_pass() {
+    let mut env = TestEnv::start().await.unwrap();
+    let admin = env.install_natgw(&crds()).await.unwrap();
+    let policy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy.yaml")).unwrap();
+    let networks = "apiVersion: natgw.io/v1alpha1\nkind: ClusterNetworks\nmetadata: {name: natgw}\nspec: {cidrs: [10.244.0.0/16]}\n";
+    uninstall(&admin).await;
+    env.restart_apiserver().await.unwrap();
+    let admin = env.admin().await.unwrap();
+    apply_yaml(&admin, networks).await.unwrap();
+    apply_yaml(&admin, &policy).await.unwrap();
+    // As the hook runs it: its own account, which may only dry-run.
+    let check = env.natgw_client("natgw-install-check").await.unwrap();
+    let waited = natgw_kube_support::admission::wait_writable(
+        &check,
+        std::time::Duration::from_secs(300),
+        std::time::Duration::from_millis(200),
+    )
+    .await
+    .unwrap();
+    eprintln!("refused {} dry runs over {:?} first: {:?}", waited.refused, waited.took, waited.first_refusal);
+    let subnets: Api<Subnet> = Api::all(admin.clone());
+    let pp = PostParams { dry_run: true, ..Default::default() };
+    let ok: Subnet =
+        natgw_object("Subnet", "ok", serde_json::json!({"vpc": "v", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}))
+            .unwrap();
+    let bad: Subnet = natgw_object(
+        "Subnet",
+        "bad",
+        serde_json::json!({"vpc": "v", "cidr": "10.244.1.0/24", "gateway": "10.244.1.1"}),
+    )
+    .unwrap();
+    subnets.create(&pp, &ok).await.expect("a write once the check passed");
+    let refused = subnets.create(&pp, &bad).await.expect_err("a cluster network once the check passed");
+    assert!(refused.to_string().contains("overlaps a cluster network"), "{refused}");
+    let real = Api::<Subnet>::all(check.clone()).create(&PostParams::default(), &ok).await;
+    assert!(real.is_err_and(|e| e.to_string().contains("may only dry-run")), "the check's account wrote for real");
+    // Without the ClusterNetworks object the check fails, loudly, naming why.
+    Api::<ClusterNetworks>::all(admin.clone()).delete("natgw", &DeleteParams::default()).await.unwrap();
+    let err = natgw_kube_support::admission::wait_writable(
+        &admin,
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_millis(200),
+    )
+    .await
+    .expect_err("no parameter, no write");
+    assert!(err.last.contains("ClusterNetworks object natgw does not exist"), "{err}");
+}
+
+/// What `helm uninstall` removes of natgw's admission (CRDs stay).
+async fn uninstall(admin: &Client) {
+    let gvk = |kind: &str| {
+        kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind))
+    };
+    for kind in ["ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy"] {
+        let api: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &gvk(kind));
+        for name in [
+            "natgw-gateway-agent",
+            "natgw-eip-use",
+            "natgw-cluster-networks",
+            "natgw-controller-bindings",
+            "natgw-install-check-dry-run",
+        ] {
+            api.delete(name, &DeleteParams::default()).await.unwrap();
+        }
+    }
+    Api::<ClusterNetworks>::all(admin.clone()).delete("natgw", &DeleteParams::default()).await.unwrap();
 }
