@@ -16,6 +16,10 @@ use crate::{Ctx, Error, KindResource, workload};
 /// every 5 s kept the controller too busy to reconcile a new one.
 const NETWORK_MISSING_RETRY: Duration = Duration::from_secs(30);
 
+/// How long a NetworkAttachmentDefinition's lookup answers for every
+/// gateway that names it.
+const NETWORK_LOOKUP_FRESH: Duration = Duration::from_secs(10);
+
 /// Applies the gateway's StatefulSet, or says why it cannot; then says
 /// whether its pod serves (`WorkloadReady`), with the pod's own reason.
 pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error> {
@@ -44,7 +48,20 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     report_validity(ctx, gw).await?;
     let manager = "natgw-controller/workload";
     set_condition(ctx, gw, manager, ("WorkloadReady", status, &reason, message), "CreateWorkload").await?;
-    Ok(if reason == "NetworkMissing" { Action::requeue(NETWORK_MISSING_RETRY) } else { Action::await_change() })
+    Ok(if reason == "NetworkMissing" {
+        Action::requeue(spread(NETWORK_MISSING_RETRY, gw))
+    } else {
+        Action::await_change()
+    })
+}
+
+/// `base` plus up to a tenth more, by gateway: gateways created in one
+/// burst would otherwise all come back in the same second.
+fn spread(base: Duration, gw: &NatGateway) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    gw.uid().hash(&mut h);
+    base + base.mul_f64((h.finish() % 1000) as f64 / 10_000.0)
 }
 
 /// Applies `body` unless the cache shows the StatefulSet this controller
@@ -106,6 +123,14 @@ fn lan_prefix(ctx: &Ctx, gw: &NatGateway) -> Option<u8> {
         .map(|s| s.spec.cidr.prefix_len())
 }
 
+/// What a lookup of a NetworkAttachmentDefinition found.
+#[derive(Clone, Copy)]
+pub enum Network {
+    Exists,
+    Missing,
+    NoSuchKind,
+}
+
 /// A NetworkAttachmentDefinition the gateway pod needs and the API server
 /// does not have: the pod would wait in ContainerCreating without a word.
 async fn missing_network(ctx: &Ctx, gw: &NatGateway) -> Result<Option<String>, Error> {
@@ -115,19 +140,33 @@ async fn missing_network(ctx: &Ctx, gw: &NatGateway) -> Result<Option<String>, E
         "network-attachment-definitions",
     );
     for (ns, name, field) in nets {
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
-        match api.get_opt(name).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        let key = (ns.to_string(), name.to_string());
+        let known = ctx.networks.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        let state = match known {
+            Some((at, state)) if at.elapsed() < NETWORK_LOOKUP_FRESH => state,
+            _ => {
+                let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+                let state = match api.get_opt(name).await {
+                    Ok(Some(_)) => Network::Exists,
+                    Ok(None) => Network::Missing,
+                    // The type itself is unknown: a bare 404 without a Status.
+                    Err(kube::Error::Api(s)) if s.code == 404 => Network::NoSuchKind,
+                    Err(e) => return Err(e.into()),
+                };
+                ctx.networks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (std::time::Instant::now(), state));
+                state
+            }
+        };
+        match state {
+            Network::Exists => {}
+            Network::Missing => {
                 return Ok(Some(format!("{field}: NetworkAttachmentDefinition {ns}/{name} does not exist")));
             }
-            // The type itself is unknown: a bare 404 without a Status.
-            Err(kube::Error::Api(s)) if s.code == 404 => {
+            Network::NoSuchKind => {
                 return Ok(Some(format!(
                     "{field}: the API server serves no NetworkAttachmentDefinitions (is Multus installed?)"
                 )));
             }
-            Err(e) => return Err(e.into()),
         }
     }
     Ok(None)

@@ -137,6 +137,10 @@ pub struct Ctx {
     /// gateway is reconciled at every change of its Eips, and three writes
     /// each time bought nothing.
     identities: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// NetworkAttachmentDefinitions looked up (namespace, name): whether
+    /// each exists, and when that was read. Most gateways share one; 1,000
+    /// of them asked the API server the same question in one burst.
+    networks: std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, gateway::Network)>>,
     /// Failed reconciles in a row, by object: each waits twice as long.
     retries: natgw_kube_support::backoff::Backoff<(natgw_api::Kind, String)>,
 }
@@ -342,6 +346,7 @@ pub async fn run(
         users,
         written: Default::default(),
         identities: Default::default(),
+        networks: Default::default(),
         retries: Default::default(),
     });
     let gc_ctx = ctx.clone();
