@@ -115,6 +115,9 @@ pub struct GatewayRoute {
 #[kube(
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"WorkloadReady\")].reason"}"#
 )]
+#[kube(
+    printcolumn = r#"{"name":"Image Current","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"ImageCurrent\")].status"}"#
+)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.lanInterface != self.externalInterface").message("spec.externalInterface must differ from spec.lanInterface"))]
 #[x_kube(validation = Rule::new("self.vpc == oldSelf.vpc").message("spec.vpc is immutable"))]

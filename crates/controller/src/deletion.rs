@@ -22,6 +22,7 @@ pub async fn cleanup<K: KindResource>(ctx: &Ctx, obj: &K) -> Result<Action, Erro
                 let uid = gw.uid().unwrap_or_default();
                 ctx.identities.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
                 ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                ctx.options.health.image_skew(&gw.name_any(), None);
             }
             Typed::Eip(e) => crate::eip::forget(ctx, e),
             Typed::Vpc(_) | Typed::Subnet(_) | Typed::FloatingIp(_) | Typed::SnatRule(_) | Typed::DnatRule(_) => {}

@@ -40,6 +40,7 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
                         .filter(|p| p.labels().get(GATEWAY_LABEL) == Some(&name))
                         .map(|p| (**p).clone())
                         .collect();
+                    report_image(ctx, gw, &applied, &pods).await?;
                     workload::readiness(&applied, &pods)
                 }
             }
@@ -53,6 +54,26 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
     } else {
         Action::await_change()
     })
+}
+
+/// `ImageCurrent` and `natgw_gateway_image_skew`: whether the gateway's
+/// pod runs the image its StatefulSet asks for.
+async fn report_image(
+    ctx: &Ctx,
+    gw: &NatGateway,
+    sts: &k8s_openapi::api::apps::v1::StatefulSet,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> Result<(), Error> {
+    if pods.is_empty() {
+        return Ok(());
+    }
+    let skew = workload::image_skew(sts, pods);
+    ctx.options.health.image_skew(&gw.name_any(), Some(skew.is_some()));
+    let condition = match skew {
+        Some(why) => ("ImageCurrent", "False", "ImageSkew", why),
+        None => ("ImageCurrent", "True", "Current", "the gateway's pod runs the image it asks for".to_string()),
+    };
+    set_condition(ctx, gw, "natgw-controller/image", condition, "UpgradeGateway").await
 }
 
 /// `base` plus up to a tenth more, by gateway: gateways created in one

@@ -151,14 +151,26 @@ pub struct Ctx {
 pub struct Health {
     pub probe: natgw_kube_support::health::Probe,
     leader: prometheus_client::metrics::gauge::Gauge,
+    /// Per gateway, 1 while its pod runs another image than its StatefulSet
+    /// asks for (gateways update `OnDelete`).
+    image_skew: prometheus_client::metrics::family::Family<
+        natgw_kube_support::health::Labels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
 }
 
 impl Default for Health {
     fn default() -> Self {
         let leader = prometheus_client::metrics::gauge::Gauge::default();
+        let image_skew = prometheus_client::metrics::family::Family::default();
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register("natgw_leader", "1 while this instance leads", leader.clone());
-        Health { probe: natgw_kube_support::health::Probe::new(registry), leader }
+        registry.register(
+            "natgw_gateway_image_skew",
+            "1 while a gateway's pod runs another image than its StatefulSet asks for (gateways update OnDelete: delete the pod to move it)",
+            image_skew.clone(),
+        );
+        Health { probe: natgw_kube_support::health::Probe::new(registry), leader, image_skew }
     }
 }
 
@@ -171,6 +183,18 @@ impl std::fmt::Debug for Health {
 impl Health {
     pub(crate) fn leading(&self, yes: bool) {
         self.leader.set(i64::from(yes));
+    }
+
+    pub(crate) fn image_skew(&self, gateway: &str, skewed: Option<bool>) {
+        let labels = natgw_kube_support::health::labels(&[("gateway", gateway)]);
+        match skewed {
+            Some(s) => {
+                self.image_skew.get_or_create(&labels).set(i64::from(s));
+            }
+            None => {
+                self.image_skew.remove(&labels);
+            }
+        }
     }
 
     /// Whether this instance leads now (`natgw_leader`).

@@ -218,6 +218,22 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// A pod of the gateway that runs another agent image than `sts` asks for,
+/// as the message of `ImageCurrent=False`: gateways update `OnDelete`, so
+/// after an upgrade each keeps its old image until its pod is deleted.
+pub fn image_skew(sts: &StatefulSet, pods: &[Pod]) -> Option<String> {
+    let agent = |c: &[k8s_openapi::api::core::v1::Container]| {
+        c.iter().find(|c| c.name == "agent").and_then(|c| c.image.clone())
+    };
+    let wanted = agent(&sts.spec.as_ref()?.template.spec.as_ref()?.containers)?;
+    pods.iter().find_map(|p| {
+        let running = agent(&p.spec.as_ref()?.containers)?;
+        (running != wanted).then(|| {
+            format!("pod {} runs {running}; the gateway asks for {wanted}: delete the pod to move it", p.name_any())
+        })
+    })
+}
+
 /// Whether the workload serves, from the applied StatefulSet and its pods:
 /// (status, reason, message) of `WorkloadReady`.
 pub fn readiness(sts: &StatefulSet, pods: &[Pod]) -> (&'static str, String, String) {

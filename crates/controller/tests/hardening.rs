@@ -422,3 +422,65 @@ async fn an_eip_waiting_on_a_full_subnet_is_woken_by_a_release_and_by_an_edit() 
     })
     .await;
 }
+
+/// Second round, item 18 (its skew half): gateways update `OnDelete`, so
+/// after an upgrade a gateway keeps its old agent until its pod is
+/// deleted. Each gateway says so: `ImageCurrent=False` naming the pod and
+/// both images, and `natgw_gateway_image_skew{gateway}` is 1 until the
+/// pod runs the image asked for.
+#[tokio::test]
+async fn round2_item18_a_gateway_whose_pod_runs_an_old_image_says_so() {
+    let (env, admin) = setup(&crds()).await;
+    let options = image();
+    let probe = options.health.probe.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(natgw_kube_support::health::serve(listener, probe));
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    // Multus's kind and the network the gateway names: the workload then
+    // gets as far as its pod.
+    let nad_crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: network-attachment-definitions.k8s.cni.cncf.io}\n\
+                   spec:\n  group: k8s.cni.cncf.io\n  scope: Namespaced\n  names: {plural: network-attachment-definitions, singular: network-attachment-definition, kind: NetworkAttachmentDefinition}\n\
+                   \x20 versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]\n";
+    apply_yaml(&admin, nad_crd).await.unwrap();
+    let nad = "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata: {name: ext, namespace: kube-system}\nspec: {config: '{}'}\n";
+    eventually("the NetworkAttachmentDefinition stored", || async { apply_yaml(&admin, nad).await.is_ok() }).await;
+    network(&admin, &["gw"]).await;
+    let pod = |image: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: natgw-gw-gw-0\n  namespace: natgw-system\n  labels: \
+             {{app.kubernetes.io/name: natgw-gateway, natgw.io/gateway: gw}}\n\
+             spec:\n  containers: [{{name: agent, image: '{image}'}}]\n"
+        )
+    };
+    apply_yaml(&admin, &pod("natgw:old")).await.unwrap();
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    let image_current = || async {
+        let conditions = gws.get("gw").await.unwrap().status.unwrap_or_default().conditions;
+        conditions.into_iter().find(|c| c.type_ == "ImageCurrent").map(|c| (c.status, c.message))
+    };
+    eventually("ImageCurrent=False naming the pod and both images", || async {
+        image_current().await.is_some_and(|(s, m)| {
+            s == "False" && m.contains("natgw-gw-gw-0 runs natgw:old") && m.contains("asks for natgw:test")
+        })
+    })
+    .await;
+    assert!(warned(&admin, "ImageSkew", "gw").await, "a Warning Event says it too");
+    let skew = || async move {
+        let text = tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, "/metrics"))
+            .await
+            .unwrap()
+            .unwrap()
+            .1;
+        text.lines().find(|l| l.starts_with("natgw_gateway_image_skew{gateway=\"gw\"}")).map(|l| l.ends_with(" 1"))
+    };
+    assert_eq!(skew().await, Some(true));
+    // The operator deletes the pod; the new one runs the new image.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), "natgw-system");
+    pods.delete("natgw-gw-gw-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    eventually("the old pod gone", || async { pods.get_opt("natgw-gw-gw-0").await.unwrap().is_none() }).await;
+    apply_yaml(&admin, &pod("natgw:test")).await.unwrap();
+    eventually("ImageCurrent=True", || async { image_current().await.is_some_and(|(s, _)| s == "True") }).await;
+    assert_eq!(skew().await, Some(false));
+    server.abort();
+}
