@@ -51,6 +51,10 @@ pub struct Args {
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, env = "NATGW_HEALTH_ADDR", default_value = "0.0.0.0:9477")]
     pub health_addr: std::net::SocketAddr,
+    /// Apply natgw's CRDs as this binary knows them when it starts to lead
+    /// (`helm upgrade` never updates a chart's CRDs).
+    #[arg(long, env = "NATGW_APPLY_CRDS")]
+    pub apply_crds: bool,
 }
 
 /// A JSON flag: absent or empty is the default; anything unreadable is an
@@ -93,6 +97,7 @@ impl Args {
                 release_after: Duration::from_secs(self.release_after),
                 health: Default::default(),
                 workers: self.workers,
+                apply_crds: self.apply_crds,
             },
         })
     }

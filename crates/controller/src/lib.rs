@@ -6,6 +6,7 @@
 pub mod address;
 mod args;
 mod conditions;
+pub mod crds;
 mod deletion;
 pub mod deps;
 mod eip;
@@ -216,6 +217,10 @@ pub struct Options {
     /// server with its buffers: unbounded, a burst of thousands of objects
     /// held one per object.
     pub workers: u16,
+    /// Whether the leader applies natgw's CRDs at the start of its term
+    /// (`crds`): the chart sets it; tests that install older CRDs on
+    /// purpose do not.
+    pub apply_crds: bool,
 }
 
 /// `Options::workers` unless set.
@@ -228,6 +233,7 @@ impl Default for Options {
             release_after: Duration::from_secs(300),
             health: Health::default(),
             workers: DEFAULT_WORKERS,
+            apply_crds: false,
         }
     }
 }
@@ -412,6 +418,32 @@ pub async fn run(
     // Claims of Eips that are gone (their address is off the gateway), and
     // finalizers of agents that will never run again. Candidates come from
     // the caches; the API server confirms each before anything goes.
+    // The CRDs this binary knows, until applied once; a failure says so
+    // every 30 s (an upgraded cluster would keep older validation).
+    let apply_crds = ctx.options.apply_crds;
+    let crds_client = client.clone();
+    let stop_crds = stop();
+    let crds = async move {
+        tokio::pin!(stop_crds);
+        if !apply_crds {
+            return;
+        }
+        loop {
+            match crds::apply(&crds_client).await {
+                Ok(names) => {
+                    tracing::info!(crds = names.len(), "applied natgw's CRDs");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot apply natgw's CRDs: this cluster keeps their older validation")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = &mut stop_crds => return,
+            }
+        }
+    };
     let stop_gc = stop();
     let gc = async move {
         tokio::pin!(stop_gc);
@@ -432,7 +464,7 @@ pub async fn run(
             }
         }
     };
-    futures::join!(relay, controllers, gc, fip_relay, snat_relay, dnat_relay);
+    futures::join!(relay, controllers, crds, gc, fip_relay, snat_relay, dnat_relay);
 }
 
 #[cfg(test)]

@@ -465,7 +465,8 @@ async fn round2_item18_a_gateway_whose_pod_runs_an_old_image_says_so() {
         })
     })
     .await;
-    assert!(warned(&admin, "ImageSkew", "gw").await, "a Warning Event says it too");
+    // The Event follows the condition's write.
+    eventually("a Warning Event says it too", || warned(&admin, "ImageSkew", "gw")).await;
     let skew = || async move {
         let text = tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, "/metrics"))
             .await
@@ -483,4 +484,44 @@ async fn round2_item18_a_gateway_whose_pod_runs_an_old_image_says_so() {
     eventually("ImageCurrent=True", || async { image_current().await.is_some_and(|(s, _)| s == "True") }).await;
     assert_eq!(skew().await, Some(false));
     server.abort();
+}
+
+/// Second round, item 18 (its CRD half): `helm upgrade` never updates a
+/// chart's `crds/`, so a CEL rule added in a release never reached an
+/// upgraded cluster. The leading controller applies its own CRDs: on a
+/// cluster that holds the CRDs of before the CEL rules, a write the old
+/// CRD let in is refused once the controller leads.
+#[tokio::test]
+async fn round2_item18_the_leader_brings_older_crds_up_to_its_own() {
+    let (env, admin) = setup(&without_cel()).await;
+    let subnets: Api<Subnet> = Api::all(admin.clone());
+    let dry = kube::api::PostParams { dry_run: true, ..Default::default() };
+    let outside: Subnet = natgw_testenv::natgw_object(
+        "Subnet",
+        "outside",
+        serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "198.51.100.1"}),
+    )
+    .unwrap();
+    subnets.create(&dry, &outside).await.expect("the old CRD lets a gateway outside its subnet in");
+    let options = natgw_controller::Options { apply_crds: true, ..image() };
+    let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
+    eventually("the new rule in force", || async {
+        subnets
+            .create(&dry, &outside)
+            .await
+            .is_err_and(|e| e.to_string().contains("spec.gateway must lie inside spec.cidr"))
+    })
+    .await;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let managers: Vec<String> = crds
+        .get("subnets.natgw.io")
+        .await
+        .unwrap()
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.iter().any(|m| m == "natgw-controller/crds"), "{managers:?}");
 }
