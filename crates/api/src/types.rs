@@ -30,8 +30,10 @@ pub struct CommonStatus {
 #[kube(printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways"}"#)]
 #[serde(rename_all = "camelCase")]
 pub struct VpcSpec {
-    /// Free text for operators; natgw does not interpret it.
+    /// Free text for operators; natgw does not interpret it (at most 1,024
+    /// characters: every controller and agent caches it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub description: Option<String>,
 }
 

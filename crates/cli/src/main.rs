@@ -173,6 +173,7 @@ fn main() -> ExitCode {
     // The agent's threads take turns on one large state; the controller's
     // run side by side.
     natgw_kube_support::heap::cap_arenas(if matches!(cli.command, Command::Agent(_)) { 1 } else { 2 });
+    natgw_kube_support::heap::fix_mmap_threshold();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

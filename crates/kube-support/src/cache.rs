@@ -102,7 +102,9 @@ where
     };
     let events = client.clone();
     let mut reported: HashSet<(String, String)> = HashSet::new();
-    watch_api(api, config)
+    // A list page is held whole while it decodes: 500 objects a page (the
+    // default) carrying 250 KiB of annotations each were 125 MB at once.
+    watch_api(api, config.page_size(LIST_PAGE))
         .default_backoff()
         .filter_map(move |ev| {
             let decoded = ev.map(|ev| decode::<K>(ev, &cached_of));
@@ -145,6 +147,9 @@ fn slim<K: Resource>(o: &mut K) {
         }
     }
 }
+
+/// Objects per list page of every watch.
+pub const LIST_PAGE: u32 = 200;
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 

@@ -49,7 +49,18 @@ struct Args {
     /// and per-gateway reconcile latency.
     #[arg(long)]
     gateways: Option<u32>,
+    /// An annotation of this many KiB on every FloatingIp: what a tenant
+    /// can put on its rules, which natgw must not keep.
+    #[arg(long, default_value_t = 0)]
+    annotation_kib: usize,
+    /// Seconds to wait before reading memory, so that both processes have
+    /// trimmed their heaps once (every 30 s) after the bursts.
+    #[arg(long, default_value_t = 0)]
+    settle_secs: u64,
 }
+
+/// `--annotation-kib`, for `fip`.
+static ANNOTATION_KIB: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How long a bulk phase over `n` objects may take before the bench gives
 /// up: 10 minutes, more above 24,000 objects (40 a second).
@@ -73,7 +84,12 @@ async fn eip(client: &Client, i: u32) -> Result<()> {
 
 async fn fip(client: &Client, i: u32) -> Result<()> {
     let spec = serde_json::json!({"eip": format!("e{i}"), "internalIp": internal(i)});
-    create(client, &obj::<FloatingIp>("FloatingIp", &format!("f{i}"), spec)?).await?;
+    let mut f = obj::<FloatingIp>("FloatingIp", &format!("f{i}"), spec)?;
+    let kib = ANNOTATION_KIB.load(std::sync::atomic::Ordering::Relaxed);
+    if kib > 0 {
+        f.metadata.annotations = Some([("bench.natgw.io/ballast".to_string(), "x".repeat(kib << 10))].into());
+    }
+    create(client, &f).await?;
     Ok(())
 }
 
@@ -149,6 +165,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    ANNOTATION_KIB.store(args.annotation_kib, std::sync::atomic::Ordering::Relaxed);
     let lab = natgw_lab::Lab::up("ncpb")?;
     let env = natgw_testenv::TestEnv::start().await?;
     let admin = env.install_natgw(&natgw_api::crds()).await?;
@@ -305,6 +322,7 @@ async fn run(args: Args) -> Result<()> {
             eprintln!("log: {}", to.display());
         }
     }
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     // Memory now, before the deletions below.
     let memory = [("controller", controller.memory()?), ("agent", agent.memory()?)];
     // Everything deleted at once, as an operator clearing a gateway does:
