@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use natgw_api::{Eip, EipSpec, FloatingIp, FloatingIpSpec, Kind, Object, ObjectRef, ObjectSet};
+use natgw_api::{Eip, EipSpec, FloatingIp, FloatingIpSpec, Kind, Object, ObjectRef, ObjectSet, SnatRule, SnatRuleSpec};
 use natgw_dataplane::Gateway;
 use natgw_lab::Lab;
 use natgw_lab::traffic::in_ns;
@@ -71,6 +71,10 @@ struct Args {
     /// FloatingIps (three runs each, alternating).
     #[arg(long)]
     rates_only: bool,
+    /// Planning alone: one SnatRule added and removed among `--snats`
+    /// SnatRules, and among 200 in the same run (`--changes` times each).
+    #[arg(long)]
+    snat_change: bool,
     /// Measure the translation log instead: new connections per second
     /// through one FloatingIp without and with it, for this many seconds.
     #[arg(long)]
@@ -122,6 +126,49 @@ fn add_extra_fip(s: &mut ObjectSet, n: u32) -> BTreeSet<ObjectRef> {
     let fip = format!("extra-{n}");
     s.insert(Object::FloatingIp(FloatingIp::new(&fip, spec)));
     [ObjectRef::new(Kind::Eip, eip), ObjectRef::new(Kind::FloatingIp, fip)].into()
+}
+
+/// Plans one SnatRule (with its own Eip, a /32 of the bulk subnet) in and
+/// out among `snats` others, as the agent would; p50 and p99 in ms.
+fn snat_change_ms(snats: u32, changes: u32) -> Result<(f64, f64, f64)> {
+    let mut set = build(&Scale { fips: 0, dnats: 0, snats });
+    let t = Instant::now();
+    let mut planner = GatewayPlanner::new(&set, "demo-gw")?;
+    let whole = ms(t.elapsed());
+    anyhow::ensure!(planner.plan().conflicts.is_empty(), "conflicts: {:?}", &planner.plan().conflicts[..1]);
+    let mut times = Vec::new();
+    for n in 0..changes {
+        let eip = format!("extra-snat-eip-{n}");
+        let rule = format!("extra-snat-{n}");
+        let refs: BTreeSet<ObjectRef> = [ObjectRef::new(Kind::Eip, &eip), ObjectRef::new(Kind::SnatRule, &rule)].into();
+        set.insert(Object::Eip(Eip::new(
+            &eip,
+            EipSpec { gateway: "demo-gw".into(), ip: Some(eip_ip(240_000 + n)), internal_cidrs: Vec::new() },
+        )));
+        let cidr = ipnet::Ipv4Net::new(Ipv4Addr::new(10, 83, 254, n as u8), 32)?;
+        set.insert(Object::SnatRule(SnatRule::new(&rule, SnatRuleSpec { eip, internal_cidr: cidr })));
+        let t = Instant::now();
+        planner.update(&set, &refs)?;
+        times.push(ms(t.elapsed()));
+        for r in &refs {
+            set.remove(r);
+        }
+        let t = Instant::now();
+        planner.update(&set, &refs)?;
+        times.push(ms(t.elapsed()));
+    }
+    Ok((percentile(&mut times, 0.5), percentile(&mut times, 0.99), whole))
+}
+
+fn snat_change(args: &Args) -> Result<()> {
+    println!("machine: {}", machine());
+    let (small_p50, small_p99, small_whole) = snat_change_ms(200, args.changes)?;
+    let (p50, p99, whole) = snat_change_ms(args.snats, args.changes)?;
+    println!("| SnatRules | one SnatRule change, plan p50 / p99 (ms) | whole plan (ms) |\n|---|---|---|");
+    println!("| 200 | {small_p50:.2} / {small_p99:.2} | {small_whole:.1} |");
+    println!("| {} | {p50:.2} / {p99:.2} | {whole:.1} |", args.snats);
+    println!("one change: {} / 200 = {:.1}x", args.snats, p50 / small_p50);
+    Ok(())
 }
 
 /// Takes the change back out.
@@ -516,9 +563,13 @@ fn main() -> Result<()> {
     if args.as_agent {
         // As the agent runs (before any thread starts).
         natgw_kube_support::heap::cap_arenas(1);
+        natgw_kube_support::heap::fix_mmap_threshold();
     }
     if let Some(seconds) = args.translog_seconds {
         return translog_bench(seconds);
+    }
+    if args.snat_change {
+        return snat_change(&args);
     }
     if args.rates_only {
         let one = build(&Scale { fips: 1, dnats: 0, snats: 0 });

@@ -91,14 +91,14 @@ pub fn build(s: &Scale) -> ObjectSet {
         set.insert(Object::DnatRule(DnatRule::new(&format!("dnat-{i}"), spec)));
     }
     // SNAT: one /26 of the bulk subnet per rule, plus the whole subnet as
-    // a catch-all so prefixes nest.
+    // a catch-all so prefixes nest; beyond 4,096 rules, /30s inside them.
     for i in 0..s.snats {
         let eip = add_eip(&mut set);
-        let cidr = if i == 0 {
-            BULK_NET.parse().unwrap_or_default()
-        } else {
-            let base = u32::from(Ipv4Addr::new(10, 80, 0, 0)) + (i % 4096) * 64;
-            ipnet::Ipv4Net::new(Ipv4Addr::from(base), 26).unwrap_or_default()
+        let bulk = u32::from(Ipv4Addr::new(10, 80, 0, 0));
+        let cidr = match i {
+            0 => BULK_NET.parse().unwrap_or_default(),
+            1..4096 => ipnet::Ipv4Net::new(Ipv4Addr::from(bulk + i * 64), 26).unwrap_or_default(),
+            _ => ipnet::Ipv4Net::new(Ipv4Addr::from(bulk + (i - 4096) * 4), 30).unwrap_or_default(),
         };
         let spec = SnatRuleSpec { eip, internal_cidr: cidr };
         set.insert(Object::SnatRule(SnatRule::new(&format!("snat-{i}"), spec)));
