@@ -365,16 +365,7 @@ pub async fn run_with(
         }
     };
     let ns = netns.clone();
-    let gateway = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            let g = Gateway::open(ns.as_deref())?;
-            // Before anything else: a kernel that cannot mark addresses
-            // would leave every EIP behind.
-            g.check_kernel()?;
-            Ok::<_, natgw_dataplane::SyncError>(g)
-        })
-        .await??,
-    );
+    let gateway = Arc::new(tokio::task::spawn_blocking(move || Gateway::open(ns.as_deref())).await??);
     // Lives as long as the agent runs.
     let _translation_log = match port_args.translation_sink() {
         Some(sink) => {

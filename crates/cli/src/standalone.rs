@@ -71,7 +71,6 @@ pub fn apply(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode
     // Everything is loaded and planned before the kernel is touched.
     let plan = load_plan(path, gateway)?;
     let gw = Gateway::open(Some(netns))?;
-    gw.check_kernel()?;
     let report = gw.sync(&plan).with_context(|| format!("sync of gateway {} into {netns}", plan.gateway))?;
     for (phase, took) in &report.phases {
         tracing::debug!(phase, ms = took.as_secs_f64() * 1000.0, "sync phase");
@@ -219,7 +218,6 @@ impl Manifests {
 
 pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms: u64) -> Result<ExitCode> {
     let gw = Gateway::open(Some(netns))?;
-    gw.check_kernel()?;
     let mut manifests = Manifests::default();
     let mut set = manifests.refresh(dir)?.unwrap_or_default();
     let mut last_sync: Option<Instant> = None;

@@ -186,12 +186,6 @@ impl Gateway {
         self.worker.alive() && self.shared.sweeper.alive()
     }
 
-    /// Refuses to work on a kernel that cannot mark addresses as natgw's
-    /// (before Linux 5.18). Call it once at start, before any sync.
-    pub fn check_kernel(&self) -> Result<(), SyncError> {
-        Ok(self.worker.run(|| link::Links::open().and_then(|l| l.check_address_mark()))??)
-    }
-
     /// One sync, conntrack sweep included: the kernel ends up holding
     /// exactly `plan` and no flow of a removed translation. Diffs against
     /// what the previous sync left (cheap: O(change)); the first sync of a

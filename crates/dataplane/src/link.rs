@@ -24,9 +24,6 @@ pub const NATGW_PROTO: u8 = 110;
 /// natgw's routing table: the gateway's default route, used only by
 /// traffic from the LAN (see [`LanRule`]).
 pub const NATGW_TABLE: u32 = 7476;
-/// The address the start-up probe puts on `lo` for a moment: loopback, so
-/// nothing outside the namespace ever sees it.
-pub const PROBE: Ipv4Addr = Ipv4Addr::new(127, 77, 77, 77);
 /// Netlink requests in flight at once.
 const IN_FLIGHT: usize = 256;
 
@@ -40,11 +37,6 @@ pub enum LinkError {
     TimedOut(std::time::Duration),
     #[error("interface {0:?} does not exist in the gateway's network namespace")]
     NoInterface(String),
-    #[error(
-        "this kernel drops the address ownership mark (IFA_PROTO, kept since Linux 5.18): natgw could not tell \
-         its EIP addresses from others and would never remove them, so it refuses to run; use Linux 5.18 or later"
-    )]
-    NoAddressMark,
 }
 
 /// An interface as natgw needs it.
@@ -158,18 +150,6 @@ impl Links {
             .try_collect::<()>()
             .await
         })
-    }
-
-    /// Refuses a kernel that drops IFA_PROTO (before Linux 5.18): adds a
-    /// marked loopback address, reads it back and removes it again.
-    pub fn check_address_mark(&self) -> Result<(), LinkError> {
-        let lo = self.interfaces()?.get("lo").map(|i| i.index).ok_or_else(|| LinkError::NoInterface("lo".into()))?;
-        let probe = [(lo, Ipv4Net::from(PROBE))];
-        self.add_addresses(&probe)?;
-        let names: BTreeMap<u32, String> = [(lo, "lo".to_string())].into();
-        let kept = self.addresses(&names).map(|a| a.iter().any(|(a, owned)| a.addr.addr() == PROBE && *owned));
-        self.del_addresses(&probe)?;
-        if kept? { Ok(()) } else { Err(LinkError::NoAddressMark) }
     }
 
     /// Everything natgw owns in the routing tables: its routes (the default
