@@ -150,17 +150,23 @@ fn sweep(want: &EgressTables, vips: &BTreeSet<Ipv4Addr>) -> Result<usize, SyncEr
     if want.is_idle() && vips.is_empty() {
         return Ok(0);
     }
-    let local = addresses_here(true).map_err(SyncError::Addresses)?;
+    let local = addresses_here(true, true).map_err(SyncError::Addresses)?;
     let ct = Conntrack::open()?;
     let stale = ct.dump_where(|e| is_stale(e, want, vips, &local))?;
     Ok(ct.delete(&stale)?)
 }
 
+/// kube-proxy in IPVS mode puts every Service address of the cluster on
+/// this dummy interface of every node: none of them is a VIP this node
+/// holds.
+pub const IPVS_INTERFACE: &str = "kube-ipvs0";
+
 /// The IPv4 addresses of the calling thread's namespace, loopback ones
-/// only with `loopback`.
-fn addresses_here(loopback: bool) -> Result<BTreeSet<Ipv4Addr>, std::io::Error> {
+/// only with `loopback`, those on `IPVS_INTERFACE` only with `ipvs`.
+fn addresses_here(loopback: bool, ipvs: bool) -> Result<BTreeSet<Ipv4Addr>, std::io::Error> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
     Ok(addrs
+        .filter(|a| ipvs || a.interface_name != IPVS_INTERFACE)
         .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
         .filter(|ip: &Ipv4Addr| loopback || !ip.is_loopback())
         .collect())
@@ -283,9 +289,11 @@ impl Egress {
     }
 
     /// The IPv4 addresses of the namespace's interfaces (which VIPs this
-    /// node holds).
+    /// node holds), leaving out kube-proxy's `IPVS_INTERFACE`: in IPVS mode
+    /// every node has every VIP there, and each would have translated its
+    /// pods to a VIP whose replies reach only the node that really holds it.
     pub fn local_addresses(&self) -> Result<BTreeSet<Ipv4Addr>, SyncError> {
-        self.worker.run(|| addresses_here(false))?.map_err(SyncError::Addresses)
+        self.worker.run(|| addresses_here(false, false))?.map_err(SyncError::Addresses)
     }
 
     /// Runs any closure inside the namespace (tests, tools).

@@ -709,3 +709,21 @@ async fn round2_item13_only_a_node_serving_the_service_speaks_once_per_change() 
     eventually("broken again: said again", || async { invalid().await == 2 }).await;
     agent.stop().await;
 }
+
+/// Second round, item 19: kube-proxy in IPVS mode puts every Service
+/// address of the cluster on kube-ipvs0 on every node. Those are not VIPs
+/// this node holds: with them, every node would translate its pods to a
+/// VIP whose replies reach only the node that really holds it.
+#[test]
+fn round2_item19_kube_proxys_ipvs_interface_holds_no_vip_of_this_node() {
+    let lab = Lab::up(&format!("ipvs{}", std::process::id() % 10000)).expect("lab");
+    let gw = lab.ns("gw");
+    // No dummy interfaces in this kernel: a veth named as kube-proxy names it.
+    sh(&gw, &["ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "ipvs-peer"]);
+    sh(&gw, &["ip", "addr", "add", "198.51.100.201/32", "dev", "kube-ipvs0"]);
+    sh(&gw, &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "ext0"]);
+    let egress = natgw_dataplane::egress::Egress::open(Some(&gw)).unwrap();
+    let local = egress.local_addresses().unwrap();
+    assert!(local.contains(&ip(VIP)), "the VIP this node holds: {local:?}");
+    assert!(!local.contains(&ip("198.51.100.201")), "a Service address on kube-ipvs0 counted as held: {local:?}");
+}
