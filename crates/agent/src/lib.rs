@@ -369,7 +369,7 @@ pub async fn run_with(
     // Lives as long as the agent runs.
     let _translation_log = match port_args.translation_sink() {
         Some(sink) => {
-            let log = gateway.start_translation_log(sink, port_args.translation_log_rate)?;
+            let log = gateway.start_translation_log(sink, port_args.translation_rates())?;
             metrics.translation_log(log.counts.clone());
             Some(log)
         }

@@ -41,6 +41,10 @@ pub struct PortArgs {
     /// natgw_translation_log_dropped_total{reason="rate"}.
     #[arg(long, env = "NATGW_TRANSLATION_LOG_RATE", default_value_t = 50_000)]
     pub translation_log_rate: u32,
+    /// Of those, for any one EIP at most: one tenant's burst does not
+    /// spend its gateway's whole budget.
+    #[arg(long, env = "NATGW_TRANSLATION_LOG_EIP_RATE", default_value_t = 5_000)]
+    pub translation_log_eip_rate: u32,
     /// A log file is rotated at this size (MB), keeping
     /// --translation-log-keep old files.
     #[arg(long, env = "NATGW_TRANSLATION_LOG_MAX_MB", default_value_t = 100)]
@@ -58,6 +62,7 @@ impl Default for PortArgs {
             port_saturation_warning: 0.8,
             translation_log: "off".into(),
             translation_log_rate: 50_000,
+            translation_log_eip_rate: 5_000,
             translation_log_max_mb: 100,
             translation_log_keep: 5,
         }
@@ -76,10 +81,19 @@ impl PortArgs {
         if self.port_top_destinations == 0 || self.port_metrics_eips == 0 {
             return Err("--port-top-destinations and --port-metrics-eips must be at least 1".into());
         }
-        if self.translation_log.is_empty() || self.translation_log_rate == 0 || self.translation_log_max_mb == 0 {
-            return Err("--translation-log must be off, stdout or a path, with a rate and a size above 0".into());
+        if self.translation_log.is_empty()
+            || self.translation_log_rate == 0
+            || self.translation_log_eip_rate == 0
+            || self.translation_log_max_mb == 0
+        {
+            return Err("--translation-log must be off, stdout or a path, with rates and a size above 0".into());
         }
         Ok(())
+    }
+
+    /// The translation log's rates.
+    pub fn translation_rates(&self) -> natgw_dataplane::translog::Rates {
+        natgw_dataplane::translog::Rates { total: self.translation_log_rate, per_eip: self.translation_log_eip_rate }
     }
 
     /// Where translation logs go, or `None` when off.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use natgw_dataplane::Gateway;
-use natgw_dataplane::translog::Sink;
+use natgw_dataplane::translog::{Rates, Sink};
 use natgw_lab::traffic::{UdpFlow, udp_server};
 
 #[test]
@@ -19,9 +19,15 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     let dir = std::env::temp_dir().join(format!("natgw-tlog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("translations.log");
-    let _log = gw.start_translation_log(Sink::file(file.clone(), 1 << 20, 1), 1000).unwrap();
+    let _log =
+        gw.start_translation_log(Sink::file(file.clone(), 1 << 20, 1), Rates { total: 1000, per_eip: 1000 }).unwrap();
     // A log that cannot be written: translation goes on, the loss counts.
-    let unwritable = gw.start_translation_log(Sink::file("/proc/no-such-dir/log".into(), 1 << 20, 1), 1000).unwrap();
+    let unwritable = gw
+        .start_translation_log(
+            Sink::file("/proc/no-such-dir/log".into(), 1 << 20, 1),
+            Rates { total: 1000, per_eip: 1000 },
+        )
+        .unwrap();
     let lost = unwritable.counts.clone();
     let _server = udp_server(&lab.ns("ext1"), EXT1, 5353).unwrap();
     let flow = UdpFlow::open(&lab.ns("int2"), EXT1, 5353).unwrap();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
-use crate::workload::GatewayPod;
+use crate::workload::{GatewayPod, TranslationLog};
 use crate::{Election, Options};
 
 /// Every setting of the controller, with its environment variable.
@@ -40,6 +40,16 @@ pub struct Args {
     /// The gateway pods' tolerations, as a JSON list.
     #[arg(long, env = "NATGW_GATEWAY_TOLERATIONS")]
     pub gateway_tolerations: Option<String>,
+    /// The gateway agents' translation logs: `off` or `stdout` (their root
+    /// filesystem is read only).
+    #[arg(long, env = "NATGW_GATEWAY_TRANSLATION_LOG", default_value = "off")]
+    pub gateway_translation_log: String,
+    /// Their lines per second at most, in all and per EIP (unset: the
+    /// agent's defaults).
+    #[arg(long, env = "NATGW_GATEWAY_TRANSLATION_LOG_RATE")]
+    pub gateway_translation_log_rate: Option<u32>,
+    #[arg(long, env = "NATGW_GATEWAY_TRANSLATION_LOG_EIP_RATE")]
+    pub gateway_translation_log_eip_rate: Option<u32>,
     /// Seconds a NatGateway being deleted may go without a ready agent
     /// before the controller releases the agent's finalizers itself.
     #[arg(long, env = "NATGW_RELEASE_AFTER", default_value_t = 300)]
@@ -81,6 +91,18 @@ impl Args {
             resources: (resources != ResourceRequirements::default()).then_some(resources),
             node_selector: json("gateway-node-selector", &self.gateway_node_selector)?,
             tolerations: json("gateway-tolerations", &self.gateway_tolerations)?,
+            translation_log: match self.gateway_translation_log.trim() {
+                "" | "off" => None,
+                "stdout" => Some(TranslationLog {
+                    rate: self.gateway_translation_log_rate,
+                    eip_rate: self.gateway_translation_log_eip_rate,
+                }),
+                other => {
+                    return Err(format!(
+                        "--gateway-translation-log: {other:?} is neither off nor stdout (a gateway pod's root filesystem is read only)"
+                    ));
+                }
+            },
         })
     }
 
@@ -140,6 +162,16 @@ mod tests {
         let empty = parse(&["--gateway-resources={}", "--gateway-node-selector={}", "--gateway-tolerations=[]"]);
         let pod = empty.gateway_pod().unwrap();
         assert!(pod.resources.is_none() && pod.node_selector.is_empty() && pod.tolerations.is_empty());
+    }
+
+    #[test]
+    fn translation_logs_go_to_stdout_with_their_rates_or_nowhere() {
+        assert_eq!(parse(&[]).gateway_pod().unwrap().translation_log, None);
+        let on = parse(&["--gateway-translation-log=stdout", "--gateway-translation-log-eip-rate=100"]);
+        let log = on.gateway_pod().unwrap().translation_log.unwrap();
+        assert_eq!((log.rate, log.eip_rate), (None, Some(100)));
+        let file = parse(&["--gateway-translation-log=/var/log/t"]).gateway_pod().unwrap_err();
+        assert!(file.starts_with("--gateway-translation-log: ") && file.contains("read only"), "{file}");
     }
 
     #[test]

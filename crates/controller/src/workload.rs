@@ -43,6 +43,15 @@ pub struct GatewayPod {
     pub resources: Option<ResourceRequirements>,
     pub node_selector: BTreeMap<String, String>,
     pub tolerations: Vec<Toleration>,
+    /// The agent's translation log (`stdout`: its root filesystem is read
+    /// only) and its rates, in all and per EIP; `None` leaves it off.
+    pub translation_log: Option<TranslationLog>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TranslationLog {
+    pub rate: Option<u32>,
+    pub eip_rate: Option<u32>,
 }
 
 /// A NetworkAttachmentDefinition the pod needs: (namespace, name, which
@@ -68,6 +77,16 @@ fn split<'a>(reference: &'a str, field: &'static str) -> Result<Network<'a>, Str
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns, name, field)),
         _ => Err(format!("{field} {reference:?} is not namespace/name")),
     }
+}
+
+/// The agent's translation log settings as its environment.
+fn translation_env(log: Option<&TranslationLog>) -> Vec<EnvVar> {
+    let Some(log) = log else { return Vec::new() };
+    let var = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    let mut env = vec![var("NATGW_TRANSLATION_LOG", "stdout".into())];
+    env.extend(log.rate.map(|r| var("NATGW_TRANSLATION_LOG_RATE", r.to_string())));
+    env.extend(log.eip_rate.map(|r| var("NATGW_TRANSLATION_LOG_EIP_RATE", r.to_string())));
+    env
 }
 
 /// The desired StatefulSet, or why there cannot be one. `lan_prefix` is
@@ -112,21 +131,26 @@ pub fn desired(
             ..Default::default()
         }]),
         resources: pod.resources.clone(),
-        env: Some(vec![
-            // Where the address claims live: the agent trusts an Eip's
-            // status.ip only with a claim behind it.
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            // Its gateway, for `kubectl exec POD -- natgw audit` too.
-            EnvVar { name: "NATGW_GATEWAY".into(), value: Some(gname.clone()), ..Default::default() },
-            // Health and metrics on the pod's own address (eth0) only,
-            // never on the LAN or external side.
-            field_env("POD_IP", "status.podIP"),
-            EnvVar {
-                name: "NATGW_HEALTH_ADDR".into(),
-                value: Some(format!("$(POD_IP):{HEALTH_PORT}")),
-                ..Default::default()
-            },
-        ]),
+        env: Some(
+            [
+                // Where the address claims live: the agent trusts an Eip's
+                // status.ip only with a claim behind it.
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                // Its gateway, for `kubectl exec POD -- natgw audit` too.
+                EnvVar { name: "NATGW_GATEWAY".into(), value: Some(gname.clone()), ..Default::default() },
+                // Health and metrics on the pod's own address (eth0) only,
+                // never on the LAN or external side.
+                field_env("POD_IP", "status.podIP"),
+                EnvVar {
+                    name: "NATGW_HEALTH_ADDR".into(),
+                    value: Some(format!("$(POD_IP):{HEALTH_PORT}")),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(translation_env(pod.translation_log.as_ref()))
+            .collect(),
+        ),
         // The image's user is unprivileged (for the controller); the agent
         // runs as root with only the capabilities it uses.
         security_context: Some(SecurityContext {
@@ -362,5 +386,17 @@ mod tests {
         );
         // A lanIp outside the VPC's subnets is refused, with the field.
         assert!(desired(&gw, "natgw-system", &pod, None).unwrap_err().contains("spec.lanIp 10.0.1.254"));
+        // The chart's translation log reaches the agent as its environment.
+        let env_of = |pod: &GatewayPod| -> BTreeMap<String, String> {
+            let sts = desired(&gw, "natgw-system", pod, Some(24)).unwrap();
+            let c = sts.spec.unwrap().template.spec.unwrap().containers.remove(0);
+            c.env.unwrap().into_iter().filter_map(|e| Some((e.name, e.value?))).collect()
+        };
+        assert!(!env_of(&pod).contains_key("NATGW_TRANSLATION_LOG"));
+        let logged = GatewayPod { translation_log: Some(TranslationLog { rate: None, eip_rate: Some(100) }), ..pod };
+        let env = env_of(&logged);
+        assert_eq!(env.get("NATGW_TRANSLATION_LOG").map(String::as_str), Some("stdout"));
+        assert_eq!(env.get("NATGW_TRANSLATION_LOG_EIP_RATE").map(String::as_str), Some("100"));
+        assert!(!env.contains_key("NATGW_TRANSLATION_LOG_RATE"));
     }
 }

@@ -330,12 +330,16 @@ impl Gateway {
     /// one JSON line per translation created and ended, at most `rate`
     /// lines a second; what is not written is counted in its counts.
     /// The log stops when the returned handle is dropped.
-    pub fn start_translation_log(&self, sink: translog::Sink, rate: u32) -> Result<translog::Running, SyncError> {
+    pub fn start_translation_log(
+        &self,
+        sink: translog::Sink,
+        rates: translog::Rates,
+    ) -> Result<translog::Running, SyncError> {
         let path = self.worker.path().map(std::path::Path::to_path_buf);
         let counts = Arc::new(translog::Counts::default());
         let c = counts.clone();
         netns::detached(path, move || {
-            if let Err(e) = translog::run(sink, rate, c) {
+            if let Err(e) = translog::run(sink, rates, c) {
                 tracing::error!(error = %e, "translation log stopped: cannot read conntrack events");
             }
         })?;

@@ -179,6 +179,39 @@ fn rotated(path: &std::path::Path, n: usize) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// How many lines a second the log writes: in all, and for any one EIP
+/// (so that one tenant's burst cannot spend the whole budget of its
+/// gateway's other tenants).
+#[derive(Clone, Copy, Debug)]
+pub struct Rates {
+    pub total: u32,
+    pub per_eip: u32,
+}
+
+/// A bucket per EIP, then the gateway's.
+pub struct Limits {
+    total: Limiter,
+    per_eip: std::collections::HashMap<Ipv4Addr, Limiter>,
+    eip_rate: u32,
+}
+
+impl Limits {
+    pub fn new(rates: Rates) -> Limits {
+        Limits { total: Limiter::new(rates.total), per_eip: Default::default(), eip_rate: rates.per_eip }
+    }
+
+    /// Whether a line about `eip` may be written now; a line refused by its
+    /// EIP's bucket takes nothing from the gateway's.
+    pub fn allow(&mut self, eip: Ipv4Addr, now: Instant) -> bool {
+        if self.per_eip.len() >= 4096 && !self.per_eip.contains_key(&eip) {
+            // Full buckets are idle ones: forgetting them changes nothing.
+            self.per_eip.retain(|_, l| l.refill(now) < l.rate);
+        }
+        let rate = self.eip_rate;
+        self.per_eip.entry(eip).or_insert_with(|| Limiter::new(rate)).allow(now) && self.total.allow(now)
+    }
+}
+
 /// A token bucket: `rate` lines per second, bursts of one second's worth.
 pub struct Limiter {
     rate: f64,
@@ -191,10 +224,15 @@ impl Limiter {
         Limiter { rate: f64::from(rate), tokens: f64::from(rate), last: Instant::now() }
     }
 
-    pub fn allow(&mut self, now: Instant) -> bool {
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+    /// The tokens as of `now`.
+    fn refill(&mut self, now: Instant) -> f64 {
+        self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
-        if self.tokens >= 1.0 {
+        self.tokens
+    }
+
+    pub fn allow(&mut self, now: Instant) -> bool {
+        if self.refill(now) >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
@@ -252,7 +290,7 @@ fn event_line(msg: ConntrackMessage, now: SystemTime) -> Option<Line> {
 
 /// Reads the namespace's conntrack events and writes translation lines
 /// until the socket fails. Runs on a thread inside the namespace.
-pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()> {
+pub fn run(mut sink: Sink, rates: Rates, counts: Arc<Counts>) -> std::io::Result<()> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind(&SocketAddr::new(0, GROUPS))?;
     // A deep queue rides out bursts; beyond it the kernel drops (counted).
@@ -272,7 +310,7 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
     if set != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut limiter = Limiter::new(rate);
+    let mut limits = Limits::new(rates);
     let mut buf = vec![0u8; 1 << 17];
     while !counts.stop.load(Ordering::Relaxed) {
         let size = match socket.recv(&mut &mut buf[..], 0) {
@@ -295,7 +333,8 @@ pub fn run(mut sink: Sink, rate: u32, counts: Arc<Counts>) -> std::io::Result<()
                 && let NetfilterMessageInner::Conntrack(ct) = m.inner
                 && let Some(l) = event_line(ct, now)
             {
-                if limiter.allow(instant) {
+                let eip = l.eip.split(':').next().and_then(|a| a.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                if limits.allow(eip, instant) {
                     if let Ok(text) = serde_json::to_string(&l) {
                         out.extend(text.as_bytes());
                         out.push(b'\n');
@@ -433,6 +472,19 @@ mod tests {
         let start = Instant::now();
         assert_eq!((0..25).filter(|_| l.allow(start)).count(), 10);
         assert!(l.allow(start + std::time::Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn one_eips_burst_does_not_spend_the_other_eips_budget() {
+        let mut l = Limits::new(Rates { total: 100, per_eip: 30 });
+        let (a, b) = (Ipv4Addr::new(198, 51, 100, 10), Ipv4Addr::new(198, 51, 100, 11));
+        let now = Instant::now();
+        // a floods: it gets its own 30, the gateway's budget keeps 70.
+        assert_eq!((0..1000).filter(|_| l.allow(a, now)).count(), 30);
+        assert_eq!((0..50).filter(|_| l.allow(b, now)).count(), 30);
+        // Many EIPs at once still stop at the gateway's total.
+        let many = (0..200u32).filter(|i| l.allow(Ipv4Addr::from(0x0A00_0000 + i), now)).count();
+        assert_eq!(many, 40);
     }
 
     #[test]

@@ -97,6 +97,10 @@ fn the_rendered_workloads_carry_the_values_and_least_privilege() {
         "gateway.nodeSelector.natgw\\.io/gateway=true",
         "--set",
         "image.tag=t1",
+        "--set",
+        "gateway.translationLog.enabled=true",
+        "--set",
+        "gateway.translationLog.eipRate=100",
     ]);
     assert!(ok, "{out}");
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
@@ -114,6 +118,12 @@ fn the_rendered_workloads_carry_the_values_and_least_privilege() {
     assert_eq!(env["NATGW_AGENT_IMAGE"], "natgw.invalid/natgw:t1");
     assert_eq!(env["NATGW_GATEWAY_EXTERNAL_NETWORK"], "natgw-system/ext");
     assert_eq!(env["NATGW_GATEWAY_NODE_SELECTOR"], r#"{"natgw.io/gateway":"true"}"#);
+    // Translation logs from the chart, with a per-EIP rate; the total left
+    // to the agent's default.
+    assert_eq!(env["NATGW_GATEWAY_TRANSLATION_LOG"], "stdout");
+    assert_eq!(env["NATGW_GATEWAY_TRANSLATION_LOG_EIP_RATE"], "100");
+    assert!(!env.contains_key("NATGW_GATEWAY_TRANSLATION_LOG_RATE"));
+    assert!(c["args"].as_array().unwrap().iter().any(|a| a == "--apply-crds"), "the leader applies the CRDs");
     assert_eq!(deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
