@@ -18,6 +18,37 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         DnatRule::crd(),
         ClusterNetworks::crd(),
     ]
+    .into_iter()
+    .map(readable_times)
+    .collect()
+}
+
+/// RFC 3339 with seconds and an offset: what natgw reads a condition's
+/// time as. `format: date-time` alone lets in forms the API server's
+/// parser takes and natgw's does not (`2026-12-07T10:00`, no seconds, no
+/// offset), and an object natgw cannot decode is one it ignores.
+pub const TIME_PATTERN: &str =
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$";
+
+/// Holds every `lastTransitionTime` in `crd` to `TIME_PATTERN`.
+fn readable_times(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::Object(t)) =
+                    m.get_mut("properties").and_then(|p| p.get_mut("lastTransitionTime"))
+                {
+                    t.insert("pattern".into(), TIME_PATTERN.into());
+                }
+                m.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut v) = serde_json::to_value(&crd) else { return crd };
+    walk(&mut v);
+    serde_json::from_value(v).unwrap_or(crd)
 }
 
 /// The CRDs as one multi-document YAML text (what `natgw crd` prints and

@@ -284,4 +284,18 @@ async fn item7_9_10_18_the_api_server_refuses_odd_but_valid_looking_input() {
     assert!(err.contains("status.ip"), "{err}");
     let fine = serde_json::json!({"status": {"ip": "192.0.2.10"}});
     eips.patch_status("ok", &pp, &kube::api::Patch::Merge(&fine)).await.expect("a canonical status.ip");
+    // So is a condition's time: the API server's date-time parser takes
+    // `2026-12-07T10:00` (no seconds, no offset), natgw's does not.
+    let condition = |time: &str| {
+        serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "R",
+            "message": "", "lastTransitionTime": time}]}})
+    };
+    let err = eips.patch_status("ok", &pp, &kube::api::Patch::Merge(&condition("2026-12-07T10:00"))).await;
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("lastTransitionTime"), "{err}");
+    for time in ["2026-12-07T10:00:00Z", "2026-12-07T10:00:00.5+01:00"] {
+        eips.patch_status("ok", &pp, &kube::api::Patch::Merge(&condition(time))).await.expect(time);
+        let back = eips.get("ok").await.expect("natgw reads the time back");
+        assert_eq!(back.status.unwrap().common.conditions.len(), 1);
+    }
 }
