@@ -324,15 +324,21 @@ async fn item10_an_invalid_route_is_a_condition_never_a_failing_loop() {
     assert!(warned(&admin, "InvalidSpec", "gw").await);
 }
 
+/// `image()`'s options, with their /readyz and /metrics served on a port
+/// of loopback.
+async fn serving() -> (natgw_controller::Options, std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let options = image();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(natgw_kube_support::health::serve(listener, options.health.probe.clone()));
+    (options, addr, server)
+}
+
 /// The controller's /readyz once its caches listed, and its /metrics.
 #[tokio::test]
 async fn the_controller_reports_readiness_and_metrics() {
     let (env, _admin) = setup(&crds()).await;
-    let options = image();
-    let probe = options.health.probe.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(natgw_kube_support::health::serve(listener, probe));
+    let (options, addr, server) = serving().await;
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
     let get = |path: &'static str| async move {
         tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, path).unwrap())
@@ -431,11 +437,7 @@ async fn an_eip_waiting_on_a_full_subnet_is_woken_by_a_release_and_by_an_edit() 
 #[tokio::test]
 async fn round2_item18_a_gateway_whose_pod_runs_an_old_image_says_so() {
     let (env, admin) = setup(&crds()).await;
-    let options = image();
-    let probe = options.health.probe.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(natgw_kube_support::health::serve(listener, probe));
+    let (options, addr, server) = serving().await;
     let _c = Stop(start(env.natgw_client("natgw-controller").await.unwrap(), options));
     // Multus's kind and the network the gateway names: the workload then
     // gets as far as its pod.

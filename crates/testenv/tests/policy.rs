@@ -308,18 +308,7 @@ async fn the_cluster_networks_policy_survives_an_uninstall_and_reinstall() {
         apply_yaml(&admin, &policy).await.unwrap();
         let subnets: Api<Subnet> = Api::all(admin.clone());
         let pp = PostParams { dry_run: true, ..Default::default() };
-        let ok: Subnet = natgw_object(
-            "Subnet",
-            "ok",
-            serde_json::json!({"vpc": "v", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}),
-        )
-        .unwrap();
-        let bad: Subnet = natgw_object(
-            "Subnet",
-            "bad",
-            serde_json::json!({"vpc": "v", "cidr": "10.244.1.0/24", "gateway": "10.244.1.1"}),
-        )
-        .unwrap();
+        let (ok, bad) = subnets_either_side();
         let mut last = String::new();
         let mut enforced = false;
         for _ in 0..100 {
@@ -366,15 +355,7 @@ async fn round2_item21_after_an_api_server_restart_the_install_check_returns_onl
     eprintln!("refused {} dry runs over {:?} first: {:?}", waited.refused, waited.took, waited.first_refusal);
     let subnets: Api<Subnet> = Api::all(admin.clone());
     let pp = PostParams { dry_run: true, ..Default::default() };
-    let ok: Subnet =
-        natgw_object("Subnet", "ok", serde_json::json!({"vpc": "v", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}))
-            .unwrap();
-    let bad: Subnet = natgw_object(
-        "Subnet",
-        "bad",
-        serde_json::json!({"vpc": "v", "cidr": "10.244.1.0/24", "gateway": "10.244.1.1"}),
-    )
-    .unwrap();
+    let (ok, bad) = subnets_either_side();
     subnets.create(&pp, &ok).await.expect("a write once the check passed");
     let refused = subnets.create(&pp, &bad).await.expect_err("a cluster network once the check passed");
     assert!(refused.to_string().contains("overlaps a cluster network"), "{refused}");
@@ -390,6 +371,15 @@ async fn round2_item21_after_an_api_server_restart_the_install_check_returns_onl
     .await
     .expect_err("no parameter, no write");
     assert!(err.last.contains("ClusterNetworks object natgw does not exist"), "{err}");
+}
+
+/// A VPC Subnet the cluster-networks policy admits, and one inside the
+/// cluster network it must refuse (10.244.0.0/16).
+fn subnets_either_side() -> (Subnet, Subnet) {
+    let subnet = |name: &str, cidr: &str, gateway: &str| -> Subnet {
+        natgw_object("Subnet", name, serde_json::json!({"vpc": "v", "cidr": cidr, "gateway": gateway})).unwrap()
+    };
+    (subnet("ok", "10.77.0.0/24", "10.77.0.1"), subnet("bad", "10.244.1.0/24", "10.244.1.1"))
 }
 
 /// What `helm uninstall` removes of natgw's admission (CRDs stay).
