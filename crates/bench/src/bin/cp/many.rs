@@ -278,6 +278,8 @@ pub async fn run(
     );
     println!("| one more NatGateway until WorkloadReady, among {gateways}, p50 | {:.0} ms |", pct(0.5));
     println!("| same, p99 of {} | {:.0} ms |", args.samples, pct(0.99));
+    let slowest: Vec<String> = lat.iter().rev().take(5).map(|l| format!("{l:.0}")).collect();
+    println!("| the five slowest | {} ms |", slowest.join(", "));
     println!("| controller CPU time, whole run | {:.1} s |", controller.cpu_seconds()?);
     Ok(())
 }
