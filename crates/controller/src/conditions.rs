@@ -44,6 +44,6 @@ pub async fn warn<K: KindResource>(ctx: &Ctx, obj: &K, reason: &str, action: &st
     if let Err(e) =
         natgw_kube_support::events::warning(&ctx.client, &ctx.reporter, regarding, reason, action, note).await
     {
-        tracing::warn!(kind = %K::KIND, name = %obj.name_any(), error = %e, "cannot publish Event");
+        tracing::error!(kind = %K::KIND, name = %obj.name_any(), error = %e, "cannot publish Event");
     }
 }

@@ -62,11 +62,13 @@ pub async fn warning(
 const RETRY_DELAYS: [std::time::Duration; 2] =
     [std::time::Duration::from_millis(200), std::time::Duration::from_millis(800)];
 
-/// Worth one more try: the server is busy or restarting, or (403) its RBAC
-/// cache has not yet seen the grant the chart just created.
+/// Worth one more try: the server is busy or restarting, (403) its RBAC
+/// cache has not yet seen the grant the chart just created, or (404) the
+/// namespace is not there yet (an API server that just started creates
+/// `default` a moment after it says it is ready).
 fn transient(e: &kube::Error) -> bool {
     match e {
-        kube::Error::Api(s) => s.code == 403 || s.code == 429 || s.code >= 500,
+        kube::Error::Api(s) => s.code == 403 || s.code == 404 || s.code == 429 || s.code >= 500,
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,
     }

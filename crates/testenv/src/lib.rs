@@ -154,7 +154,11 @@ impl TestEnv {
         loop {
             if client.apiserver_version().await.is_ok() {
                 let ready: Result<String, _> = client.request_text(http_get("/readyz")).await;
-                if ready.is_ok_and(|r| r.trim() == "ok") {
+                // And the namespace Events about cluster-scoped objects go
+                // to: the API server creates it a moment after /readyz, and
+                // an Event posted before was lost (a flake under load).
+                let default: Result<String, _> = client.request_text(http_get("/api/v1/namespaces/default")).await;
+                if ready.is_ok_and(|r| r.trim() == "ok") && default.is_ok() {
                     return Ok(());
                 }
             }
