@@ -274,8 +274,13 @@ pub async fn ensure(
     let wanted = eip.address();
     let gateway = eip.spec.gateway.as_str();
     if let Some(ip) = wanted {
-        if lock(claims).by_ip.get(&ip) == Some(&me) {
-            if lock(claims).unlabelled.contains(&ip) {
+        // Held already; an old claim is labelled on the way.
+        let held = {
+            let c = lock(claims);
+            (c.by_ip.get(&ip) == Some(&me)).then(|| c.unlabelled.contains(&ip))
+        };
+        if let Some(unlabelled) = held {
+            if unlabelled {
                 label(&api, ip, gateway).await?;
                 lock(claims).unlabelled.remove(&ip);
             }

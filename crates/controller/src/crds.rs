@@ -16,9 +16,7 @@ pub async fn apply(client: &Client) -> Result<Vec<String>, kube::Error> {
     let mut names = Vec::new();
     for crd in natgw_api::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        let mut body = serde_json::to_value(&crd).map_err(kube::Error::SerdeError)?;
-        body["apiVersion"] = "apiextensions.k8s.io/v1".into();
-        body["kind"] = "CustomResourceDefinition".into();
+        let body = natgw_kube_support::apply_body(&crd)?;
         api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
         names.push(name);
     }

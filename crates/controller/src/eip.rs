@@ -93,12 +93,7 @@ pub fn forget(ctx: &Ctx, eip: &Eip) {
 /// it again (2.1 Eip status writes per new rule, where 1 is owed).
 async fn write_once(ctx: &Ctx, eip: &Eip, manager: &str, status: serde_json::Value) -> Result<(), Error> {
     let name = eip.name_any();
-    let what = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        (manager, status.to_string()).hash(&mut h);
-        h.finish()
-    };
+    let what = crate::digest((manager, status.to_string()));
     let version = eip.resource_version();
     {
         let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());

@@ -79,10 +79,7 @@ async fn report_image(
 /// `base` plus up to a tenth more, by gateway: gateways created in one
 /// burst would otherwise all come back in the same second.
 fn spread(base: Duration, gw: &NatGateway) -> Duration {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    gw.uid().hash(&mut h);
-    base + base.mul_f64((h.finish() % 1000) as f64 / 10_000.0)
+    base + base.mul_f64((crate::digest(gw.uid()) % 1000) as f64 / 10_000.0)
 }
 
 /// Applies `body` unless the cache shows the StatefulSet this controller
@@ -93,11 +90,8 @@ async fn apply_if_changed(
     gw: &NatGateway,
     body: &k8s_openapi::api::apps::v1::StatefulSet,
 ) -> Result<k8s_openapi::api::apps::v1::StatefulSet, Error> {
-    use std::hash::{Hash, Hasher};
     let uid = gw.uid().unwrap_or_default();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(body).unwrap_or_default().hash(&mut h);
-    let digest = h.finish();
+    let digest = crate::digest(serde_json::to_string(body).unwrap_or_default());
     let cached =
         ctx.statefulsets.get(&kube::runtime::reflector::ObjectRef::new(&body.name_any()).within(&ctx.namespace));
     let memo = ctx.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&uid).cloned();

@@ -146,6 +146,15 @@ pub struct Ctx {
     retries: natgw_kube_support::backoff::Backoff<(natgw_api::Kind, String)>,
 }
 
+/// A 64-bit digest of `v`, compared only within this process: what the
+/// controller keeps of a write to tell that the next one is the same.
+pub(crate) fn digest(v: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// The controller's /readyz and /metrics: ready once it is a standby, or
 /// leading with its caches listed; `natgw_leader` says which.
 #[derive(Clone)]

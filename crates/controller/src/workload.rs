@@ -305,10 +305,7 @@ pub fn readiness(sts: &StatefulSet, pods: &[Pod]) -> (&'static str, String, Stri
 pub async fn apply(client: &Client, namespace: &str, sts: &StatefulSet) -> Result<StatefulSet, kube::Error> {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     let n = sts.name_any();
-    // Server-side apply needs the type in the body.
-    let mut body = serde_json::to_value(sts).map_err(kube::Error::SerdeError)?;
-    body["apiVersion"] = "apps/v1".into();
-    body["kind"] = "StatefulSet".into();
+    let body = natgw_kube_support::apply_body(sts)?;
     api.patch(&n, &PatchParams::apply("natgw-controller/workload").force(), &Patch::Apply(&body)).await
 }
 

@@ -56,3 +56,15 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// `obj` as a server-side apply body: with its apiVersion and kind, which
+/// typed k8s-openapi objects leave out when serialized.
+pub fn apply_body<K>(obj: &K) -> Result<serde_json::Value, kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize,
+{
+    let mut body = serde_json::to_value(obj).map_err(kube::Error::SerdeError)?;
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    Ok(body)
+}
