@@ -50,7 +50,11 @@ pub struct Caches {
     /// when its claim names the Eip (status alone could be forged).
     pub claims: Claims,
     pub vpcs: Store<Vpc>,
+    /// The gateway's VPC's subnets.
     pub subnets: Store<Subnet>,
+    /// Subnets of no VPC: external subnets. A second watch, so a second
+    /// store (a relist replaces a store whole).
+    pub externals: Store<Subnet>,
     pub gateways: Store<NatGateway>,
     pub eips: Store<Eip>,
     pub fips: Store<FloatingIp>,
@@ -317,7 +321,17 @@ impl<S: Clone, T: Clone> Intake<'_, Held<S, T>> {
     ) where
         K: KindResource + Project<Spec = S, Status = T>,
     {
-        let state = store.state();
+        self.walk_state(map, store.state(), out, keep)
+    }
+
+    /// `walk_where` over objects of one kind from any number of stores.
+    fn walk_state(
+        &self,
+        map: &mut BTreeMap<Name, Arc<Held<S, T>>>,
+        state: Vec<Arc<Held<S, T>>>,
+        out: &mut Refreshed,
+        keep: impl Fn(&Held<S, T>) -> bool,
+    ) {
         let mut seen = HashSet::with_capacity(state.len());
         for o in state.into_iter().filter(|o| keep(o)) {
             let name = o.meta.name.clone();
@@ -345,6 +359,7 @@ impl Caches {
             &self.claims,
             &self.vpcs,
             &self.subnets,
+            &self.externals,
             &self.gateways,
             &self.eips,
             &self.fips,
@@ -386,7 +401,8 @@ impl Caches {
         let externals: HashSet<&str> = gws.iter().map(|g| g.spec.external_subnet.as_str()).collect();
         Intake::plain(Kind::Vpc)
             .walk_where(&mut set.vpcs, &self.vpcs, &mut out, |v| vpcs.contains(v.meta.name.as_str()));
-        Intake::plain(Kind::Subnet).walk_where(&mut set.subnets, &self.subnets, &mut out, |s| {
+        let subnets = [self.subnets.state(), self.externals.state()].concat();
+        Intake::plain(Kind::Subnet).walk_state(&mut set.subnets, subnets, &mut out, |s| {
             s.spec.vpc.as_deref().is_some_and(|v| vpcs.contains(v)) || externals.contains(s.meta.name.as_str())
         });
         let eips = Intake::<HeldEip> {
@@ -470,10 +486,12 @@ pub fn holdings(objects: ObjectSet) -> Holdings {
         Some((e.address()?, holder))
     });
     let claims = Claims::listed(holders.collect());
+    let (lan, external): (Vec<_>, Vec<_>) = objects.subnets.into_iter().partition(|(_, s)| s.spec.vpc.is_some());
     let caches = Caches {
         claims,
         vpcs: Store::listed(objects.vpcs),
-        subnets: Store::listed(objects.subnets),
+        subnets: Store::listed(lan),
+        externals: Store::listed(external),
         gateways: Store::listed(objects.gateways),
         eips: Store::listed(objects.eips),
         fips: Store::listed(objects.floating_ips),

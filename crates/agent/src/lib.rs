@@ -375,17 +375,27 @@ pub async fn run_with(
         }
         None => None,
     };
+    tokio::pin!(server, shutdown);
+    // spec.vpc is immutable: the VPC is fixed for the agent's life.
+    let vpc = tokio::select! {
+        vpc = vpc_of(&client, &gw, &probe) => vpc,
+        _ = &mut server => return Ok(()),
+        _ = &mut shutdown => return Ok(()),
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    // The network objects are few; of Eips and rules, only those the
-    // controller bound to this gateway.
-    let all = watcher::Config::default();
-    // Its own NatGateway only: every other gateway's status write would
-    // otherwise wake this agent and replan it.
+    // Only what concerns this gateway: its own NatGateway (every other
+    // gateway's status write would wake it), its VPC, that VPC's subnets,
+    // the external subnets, and the Eips and rules the controller bound
+    // to it. Other tenants' objects never reach it.
     let itself = watcher::Config::default().fields(&format!("metadata.name={gw}"));
+    let its_vpc = watcher::Config::default().fields(&format!("metadata.name={vpc}"));
+    let in_vpc = watcher::Config::default().fields(&format!("spec.vpc={vpc}"));
+    let external = watcher::Config::default().fields("spec.vpc=");
     let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
     let dirty = caches::DirtyCell::default();
-    let (vpcs, w1) = watch::<Vpc>(&client, all.clone(), &dirty, tx.clone(), metrics.received("Vpc"));
-    let (subnets, w2) = watch::<Subnet>(&client, all.clone(), &dirty, tx.clone(), metrics.received("Subnet"));
+    let (vpcs, w1) = watch::<Vpc>(&client, its_vpc, &dirty, tx.clone(), metrics.received("Vpc"));
+    let (subnets, w2) = watch::<Subnet>(&client, in_vpc, &dirty, tx.clone(), metrics.received("Subnet"));
+    let (externals, w8) = watch::<Subnet>(&client, external, &dirty, tx.clone(), metrics.received("Subnet"));
     let (gateways, w3) = watch::<NatGateway>(&client, itself, &dirty, tx.clone(), metrics.received("NatGateway"));
     let (eips, w4) = watch::<Eip>(&client, mine.clone(), &dirty, tx.clone(), metrics.received("Eip"));
     let (fips, w5) = watch::<FloatingIp>(&client, mine.clone(), &dirty, tx.clone(), metrics.received("FloatingIp"));
@@ -393,7 +403,7 @@ pub async fn run_with(
     let (dnats, w7) = watch::<DnatRule>(&client, mine, &dirty, tx.clone(), metrics.received("DnatRule"));
     let (claims_book, w0) = claims::watch(&client, &claims, &gw, &dirty, tx.clone(), metrics.received("claim"));
     let eips_cache = eips.clone();
-    let caches = Caches { claims: claims_book, vpcs, subnets, gateways, eips, fips, snats, dnats, dirty };
+    let caches = Caches { claims: claims_book, vpcs, subnets, externals, gateways, eips, fips, snats, dnats, dirty };
     let sweep_done: natgw_dataplane::SweepDone = {
         let (tx, metrics) = (tx.clone(), metrics.clone());
         Arc::new(move |result| {
@@ -413,7 +423,7 @@ pub async fn run_with(
         })
     };
     let watches = async {
-        futures::join!(w0, w1, w2, w3, w4, w5, w6, w7);
+        futures::join!(w0, w1, w2, w3, w4, w5, w6, w7, w8);
     };
     let work = async {
         // The first round reads the kernel: a restarted gateway is fully
@@ -480,6 +490,26 @@ pub async fn run_with(
         _ = shutdown => {}
     }
     Ok(())
+}
+
+/// The VPC of gateway `gw`, once its NatGateway exists. Until then the
+/// agent is not ready and says why.
+async fn vpc_of(client: &Client, gw: &str, probe: &natgw_kube_support::health::Probe) -> String {
+    let api = Api::<NatGateway>::all(client.clone());
+    let mut failures = 0u32;
+    loop {
+        let why = match api.get_opt(gw).await {
+            Ok(Some(g)) => return g.spec.vpc,
+            Ok(None) => format!("NatGateway {gw} does not exist"),
+            Err(e) => format!("cannot read NatGateway {gw}: {}", natgw_kube_support::chain(&e)),
+        };
+        failures = failures.saturating_add(1);
+        if failures == 1 {
+            tracing::warn!(reason = %why, "waiting for the gateway's VPC");
+        }
+        probe.not_ready(why);
+        tokio::time::sleep(natgw_kube_support::backoff::delay(ROUND_RETRY.0, ROUND_RETRY.1, failures)).await;
+    }
 }
 
 /// The first and longest waits before a failed round is tried again.

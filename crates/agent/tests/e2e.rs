@@ -549,3 +549,59 @@ async fn round2_item22_an_agent_reads_only_claims_labelled_with_its_gateway() {
     eventually("the address programmed again", || async { on_gateway(&w) }).await;
     w.kill_agent();
 }
+
+/// Second round, item 22: another tenant's VPC and subnets never reach an
+/// agent (they would grow every agent with every tenant); its own VPC's
+/// subnets and the external subnets do. A VPC whose name begins with this
+/// one's, and a subnet of it whose name does, are another tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round2_item22_another_tenants_network_never_reaches_an_agent() {
+    let mut w = world("tenantnet").await;
+    w.kill_agent();
+    let net = "apiVersion: natgw.io/v1alpha1\nkind: Vpc\nmetadata: {name: demo2}\n---\n\
+               apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: demo2-lan}\nspec: {vpc: demo2, cidr: 10.78.0.0/24, gateway: 10.78.0.1}\n---\n\
+               apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: demo-lan2}\nspec: {vpc: demo2, cidr: 10.79.0.0/24, gateway: 10.79.0.1}\n---\n\
+               apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: demo-lan-b}\nspec: {vpc: demo, cidr: 10.77.1.0/24, gateway: 10.77.1.1}\n---\n\
+               apiVersion: natgw.io/v1alpha1\nkind: Subnet\nmetadata: {name: external-b}\nspec: {cidr: 203.0.113.0/24, gateway: 203.0.113.1}\n";
+    create_yaml(&w.admin, net).await;
+    // The controller's last writes to them, then no more writes: what the
+    // agent then lists is exactly what its watches select.
+    let (vpcs, subnets): (Api<Vpc>, Api<Subnet>) = (Api::all(w.admin.clone()), Api::all(w.admin.clone()));
+    eventually("the controller done with the network", || async {
+        let listed = |v: Option<Vpc>, want: &[&str]| {
+            v.and_then(|v| v.status).is_some_and(|s| want.iter().all(|n| s.subnets.iter().any(|x| x == n)))
+        };
+        // A Subnet gets the controller's finalizer and nothing else.
+        let ready = |s: Option<Subnet>| s.is_some_and(|s| !s.finalizers().is_empty());
+        let mut done = listed(vpcs.get_opt("demo").await.unwrap(), &["demo-lan", "demo-lan-b"])
+            && listed(vpcs.get_opt("demo2").await.unwrap(), &["demo2-lan", "demo-lan2"]);
+        for n in ["demo-lan", "demo-lan-b", "demo2-lan", "demo-lan2", "external", "external-b"] {
+            done &= ready(subnets.get_opt(n).await.unwrap());
+        }
+        done
+    })
+    .await;
+    for t in w.tasks.drain(..) {
+        t.abort();
+    }
+    w.start_agent().await;
+    let addr = w.health.unwrap();
+    let metrics = move || async move {
+        tokio::task::spawn_blocking(move || natgw_kube_support::health::get_blocking(addr, "/metrics").unwrap().1)
+            .await
+            .unwrap()
+    };
+    let received = |text: &str, kind: &str| {
+        let line = format!("natgw_watch_events_total{{kind=\"{kind}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    eventually("the agent's caches listed", || async {
+        let get = move || natgw_kube_support::health::get_blocking(addr, "/readyz").unwrap().0;
+        tokio::task::spawn_blocking(get).await.unwrap() == 200
+    })
+    .await;
+    let text = metrics().await;
+    assert_eq!(received(&text, "Vpc"), 1, "its own VPC only: {text}");
+    assert_eq!(received(&text, "Subnet"), 4, "demo-lan, demo-lan-b, external, external-b: {text}");
+    w.kill_agent();
+}

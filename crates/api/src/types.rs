@@ -56,6 +56,9 @@ pub struct VpcStatus {
 #[kube(printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#)]
 #[kube(printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".spec.gateway"}"#)]
 #[kube(printcolumn = r#"{"name":"VPC","type":"string","jsonPath":".spec.vpc"}"#)]
+// A gateway agent watches only its VPC's subnets (`spec.vpc=V`) and the
+// external ones (`spec.vpc=`: an absent field reads as empty).
+#[kube(selectable = ".spec.vpc")]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("cidr(self.cidr).containsIP(self.gateway)").message("spec.gateway must lie inside spec.cidr"))]
 #[x_kube(validation = Rule::new("!has(self.excludeIps) || self.excludeIps.all(x, x.split('..').all(p, !isIP(p) || cidr(self.cidr).containsIP(p)))").message("spec.excludeIps: every address must lie inside spec.cidr"))]
