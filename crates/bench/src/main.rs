@@ -164,10 +164,17 @@ fn snat_change(args: &Args) -> Result<()> {
     println!("machine: {}", machine());
     let (small_p50, small_p99, small_whole) = snat_change_ms(200, args.changes)?;
     let (p50, p99, whole) = snat_change_ms(args.snats, args.changes)?;
-    println!("| SnatRules | one SnatRule change, plan p50 / p99 (ms) | whole plan (ms) |\n|---|---|---|");
-    println!("| 200 | {small_p50:.2} / {small_p99:.2} | {small_whole:.1} |");
-    println!("| {} | {p50:.2} / {p99:.2} | {whole:.1} |", args.snats);
-    println!("one change: {} / 200 = {:.1}x", args.snats, p50 / small_p50);
+    let us = |ms: f64| ms * 1000.0;
+    println!("| SnatRules | one SnatRule change, plan p50 / p99 (µs) | whole plan (ms) |\n|---|---|---|");
+    println!("| 200 | {:.1} / {:.1} | {small_whole:.1} |", us(small_p50), us(small_p99));
+    println!("| {} | {:.1} / {:.1} | {whole:.1} |", args.snats, us(p50), us(p99));
+    println!(
+        "one change: {} / 200 = {:.1}x; whole plan / one change at {}: {:.0}x",
+        args.snats,
+        p50 / small_p50,
+        args.snats,
+        whole / p50
+    );
     Ok(())
 }
 

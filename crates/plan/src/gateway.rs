@@ -39,6 +39,8 @@ pub(crate) struct Scope {
     /// The external subnet and its router.
     pub(crate) cidr: Ipv4Net,
     pub(crate) router: Ipv4Addr,
+    /// The SnatRule that translates each network, and to which EIP.
+    pub(crate) snat: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)>,
 }
 
 /// A claim on a whole EIP (FloatingIp) or on EIP ports (DnatRule).
@@ -125,6 +127,7 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         eips: BTreeMap::new(),
         cidr: ext.spec.cidr,
         router: ext.spec.gateway,
+        snat: BTreeMap::new(),
     };
     let mine: Vec<&HeldEip> = set.eips.values().map(|e| &**e).filter(|e| e.spec.gateway == name).collect();
     weigh_eips(&mut plan, &mut scope, mine);
@@ -132,31 +135,41 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
     claims.extend(set.dnat_rules.values().map(|d| dnat_claim(d)));
     weigh(&mut plan, set, &scope, claims);
 
-    // SnatRule: identical networks conflict, overlapping ones nest.
-    let mut snat_rules: Vec<&Held<SnatRuleSpec>> = set.snat_rules.values().map(|s| &**s).collect();
-    snat_rules.sort_by_key(|s| s.age_key());
-    let mut by_net: BTreeMap<Ipv4Net, (Ipv4Addr, ObjectRef)> = BTreeMap::new();
-    for s in snat_rules {
-        let r = ObjectRef::new(Kind::SnatRule, s.name());
-        let Some(eip) = resolve(&mut plan, set, &scope.eips, &r, &s.spec.eip) else { continue };
-        let net = s.spec.internal_cidr;
-        if let Some(why) = beyond_eip(set, &s.spec.eip, net) {
-            conflict(&mut plan, r, "spec.internalCidr", why);
-        } else if let Some((_, other)) = by_net.get(&net) {
-            conflict(&mut plan, r, "spec.internalCidr", format!("{net} is already translated by {other}"));
-        } else if !scope.internal.iter().any(|n| n.contains(&net)) {
-            // Inside one subnet: a rule must never translate addresses
-            // outside the VPC (0.0.0.0/0 would take other tenants' traffic).
-            conflict(&mut plan, r, "spec.internalCidr", format!("{net} is not inside a subnet of Vpc {:?}", scope.vpc));
-        } else {
-            plan.programmed.insert(r.clone());
-            by_net.insert(net, (eip, r));
-        }
-    }
-    let rules: Vec<(Ipv4Net, Ipv4Addr)> = by_net.iter().map(|(n, (e, _))| (*n, *e)).collect();
+    weigh_snats(&mut plan, set, &mut scope, set.snat_rules.values().map(|s| &**s).collect());
+    let rules: Vec<(Ipv4Net, Ipv4Addr)> = scope.snat.iter().map(|(n, (e, _))| (*n, *e)).collect();
     plan.nat.snat = longest_prefix_ranges(&rules);
     plan.conflicts.sort();
     Ok((plan, scope))
+}
+
+/// Weighs SnatRules, oldest first, into `plan` and `scope.snat`:
+/// identical networks conflict, overlapping ones nest. `rules` must hold
+/// every SnatRule on the networks of any of them; the ranges are left to
+/// the caller.
+pub(crate) fn weigh_snats(
+    plan: &mut GatewayPlan,
+    set: &ObjectSet,
+    scope: &mut Scope,
+    mut rules: Vec<&Held<SnatRuleSpec>>,
+) {
+    rules.sort_by_key(|s| s.age_key());
+    for s in rules {
+        let r = ObjectRef::new(Kind::SnatRule, s.name());
+        let Some(eip) = resolve(plan, set, &scope.eips, &r, &s.spec.eip) else { continue };
+        let net = s.spec.internal_cidr;
+        if let Some(why) = beyond_eip(set, &s.spec.eip, net) {
+            conflict(plan, r, "spec.internalCidr", why);
+        } else if let Some((_, other)) = scope.snat.get(&net) {
+            conflict(plan, r, "spec.internalCidr", format!("{net} is already translated by {other}"));
+        } else if !scope.internal.iter().any(|n| n.contains(&net)) {
+            // Inside one subnet: a rule must never translate addresses
+            // outside the VPC (0.0.0.0/0 would take other tenants' traffic).
+            conflict(plan, r, "spec.internalCidr", format!("{net} is not inside a subnet of Vpc {:?}", scope.vpc));
+        } else {
+            plan.programmed.insert(r.clone());
+            scope.snat.insert(net, (eip, r));
+        }
+    }
 }
 
 /// Weighs claims on EIPs (FloatingIps take an EIP whole, DnatRules take

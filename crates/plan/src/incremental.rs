@@ -7,16 +7,24 @@
 //! nothing else. The plan's maps are persistent: the new plan shares all
 //! but the changed paths with the last one, and the data plane's diff
 //! skips what they share. An Eip's change re-weighs the Eips at its old
-//! and new address, then the claims that name it. A change of anything
-//! else (a gateway, subnet, Vpc or SnatRule), or of an Eip a SnatRule
-//! names, plans the gateway anew.
+//! and new address, then the claims and SnatRules that name it. A
+//! SnatRule's outcome depends only on the older rules on the same network,
+//! and its network's addresses only on the rules inside it and the one
+//! around it: a change re-weighs the rules on its old and new network and
+//! splices those networks' SNAT ranges. A change of anything else (a
+//! gateway, subnet or Vpc) plans the gateway anew.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
+
 use natgw_api::{HeldEip, Kind, Name, ObjectRef, ObjectSet};
 
-use crate::gateway::{Scope, Weighed, dnat_claim, eip_addr, fip_claim, plan_with_scope, weigh, weigh_eips};
+use crate::gateway::{
+    Scope, Weighed, dnat_claim, eip_addr, fip_claim, plan_with_scope, weigh, weigh_eips, weigh_snats,
+};
+use crate::snat::splice_window;
 use crate::{GatewayPlan, PlanError};
 
 /// The keys a claim holds: the Eip it names, the EIP that resolved to,
@@ -45,6 +53,10 @@ pub struct GatewayPlanner {
     /// This gateway's Eips with the address each asks for, and by address.
     eip_ips: BTreeMap<Name, Option<Ipv4Addr>>,
     eips_at: BTreeSet<(Ipv4Addr, Name)>,
+    /// Each SnatRule's Eip name and network, and both as indexes.
+    snat_keys: BTreeMap<ObjectRef, (Name, Ipv4Net)>,
+    snat_by_net: BTreeSet<(Ipv4Net, ObjectRef)>,
+    snat_by_eip: BTreeSet<(Name, ObjectRef)>,
 }
 
 fn keys_of(scope: &Scope, set: &ObjectSet, r: &ObjectRef) -> Option<Keys> {
@@ -85,7 +97,17 @@ impl GatewayPlanner {
             by_eip_name: BTreeSet::new(),
             eip_ips: BTreeMap::new(),
             eips_at: BTreeSet::new(),
+            snat_keys: BTreeMap::new(),
+            snat_by_net: BTreeSet::new(),
+            snat_by_eip: BTreeSet::new(),
         };
+        for s in set.snat_rules.values() {
+            planner.index_snat(
+                ObjectRef::new(Kind::SnatRule, s.name()),
+                s.spec.eip.as_str().into(),
+                s.spec.internal_cidr,
+            );
+        }
         for e in set.eips.values().filter(|e| e.spec.gateway == name) {
             planner.index_eip(e.name().into(), e.address());
         }
@@ -110,30 +132,84 @@ impl GatewayPlanner {
     /// Brings the plan up to `set`, in which the objects `changed` were
     /// added, modified or removed since the last update. FloatingIps and
     /// DnatRules are re-weighed with the claims they share keys with,
-    /// Eips with the Eips they share an address with (and the claims that
-    /// name them); any other kind, or an Eip a SnatRule names, plans the
-    /// gateway anew. An error leaves the plan as it was.
+    /// SnatRules with the rules on their networks, Eips with the Eips they
+    /// share an address with (and the claims and SnatRules that name
+    /// them); any other kind plans the gateway anew. An error leaves the
+    /// plan as it was.
     pub fn update(&mut self, set: &ObjectSet, changed: &BTreeSet<ObjectRef>) -> Result<(), PlanError> {
-        if changed.iter().any(|r| !matches!(r.kind, Kind::FloatingIp | Kind::DnatRule | Kind::Eip)) {
+        if changed.iter().any(|r| !matches!(r.kind, Kind::FloatingIp | Kind::DnatRule | Kind::Eip | Kind::SnatRule)) {
             *self = GatewayPlanner::new(set, &self.name)?;
             return Ok(());
         }
+        let of = |kind: Kind| -> BTreeSet<ObjectRef> { changed.iter().filter(|r| r.kind == kind).cloned().collect() };
         let eips: BTreeSet<&Name> = changed.iter().filter(|r| r.kind == Kind::Eip).map(|r| &r.name).collect();
-        let mut claims: BTreeSet<ObjectRef> = changed.iter().filter(|r| r.kind != Kind::Eip).cloned().collect();
+        let mut claims: BTreeSet<ObjectRef> = of(Kind::FloatingIp);
+        claims.extend(of(Kind::DnatRule));
+        let mut snats = of(Kind::SnatRule);
         if !eips.is_empty() {
-            let names = self.reweigh_eips(set, eips);
-            // A SnatRule is weighed only in a whole plan: so is a change
-            // of an Eip one names (SnatRules are few).
-            if set.snat_rules.values().any(|s| names.contains(s.spec.eip.as_str())) {
-                *self = GatewayPlanner::new(set, &self.name)?;
-                return Ok(());
-            }
-            for name in names {
+            for name in self.reweigh_eips(set, eips) {
                 claims.extend(at(&self.by_eip_name, &name, lowest()).cloned());
+                snats.extend(at(&self.snat_by_eip, &name, lowest()).cloned());
             }
         }
         self.reweigh_claims(set, &claims);
+        self.reweigh_snats(set, &snats);
         Ok(())
+    }
+
+    /// Re-weighs the SnatRules `changed` with every rule on their old and
+    /// new networks, and splices those networks' SNAT ranges.
+    fn reweigh_snats(&mut self, set: &ObjectSet, changed: &BTreeSet<ObjectRef>) {
+        if changed.is_empty() {
+            return;
+        }
+        let mut nets = BTreeSet::new();
+        for r in changed {
+            if let Some((eip, net)) = self.snat_keys.remove(r) {
+                self.snat_by_net.remove(&(net, r.clone()));
+                self.snat_by_eip.remove(&(eip, r.clone()));
+                nets.insert(net);
+            }
+            if let Some(s) = set.snat_rules.get(r.name.as_str()) {
+                self.index_snat(r.clone(), s.spec.eip.as_str().into(), s.spec.internal_cidr);
+                nets.insert(s.spec.internal_cidr);
+            }
+        }
+        let mut group: BTreeSet<ObjectRef> = changed.clone();
+        for net in &nets {
+            group.extend(at(&self.snat_by_net, net, lowest()).cloned());
+            self.scope.snat.remove(net);
+        }
+        for r in &group {
+            self.plan.programmed.remove(r);
+        }
+        self.plan.conflicts.retain(|c| !group.contains(&c.object));
+        let rules = group.iter().filter_map(|r| set.snat_rules.get(r.name.as_str()).map(|s| &**s)).collect();
+        weigh_snats(&mut self.plan, set, &mut self.scope, rules);
+        for net in nets {
+            let window = net.trunc();
+            let rules = self.snat_in(window);
+            splice_window(&mut self.plan.nat.snat, window, &rules);
+        }
+        self.plan.conflicts.sort();
+    }
+
+    /// The programmed SnatRules inside `window`, and the window itself
+    /// under the EIP of the longest rule around it when none holds it.
+    fn snat_in(&self, window: Ipv4Net) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        let at = |addr: Ipv4Addr, len: u8| Ipv4Net::new(addr, len).unwrap_or(window);
+        let span = at(window.network(), 0)..=at(window.broadcast(), 32);
+        let won = &self.scope.snat;
+        let mut rules: Vec<(Ipv4Net, Ipv4Addr)> = won
+            .range(span)
+            .filter(|(n, _)| n.prefix_len() >= window.prefix_len())
+            .map(|(n, (e, _))| (*n, *e))
+            .collect();
+        if !won.contains_key(&window) {
+            let around = (0..window.prefix_len()).rev().find_map(|len| won.get(&at(window.network(), len).trunc()));
+            rules.extend(around.map(|(e, _)| (window, *e)));
+        }
+        rules
     }
 
     /// Re-weighs the Eips `changed` with every Eip of this gateway at
@@ -258,6 +334,12 @@ impl GatewayPlanner {
         if let Some(Some(ip)) = self.eip_ips.remove(name) {
             self.eips_at.remove(&(ip, name.clone()));
         }
+    }
+
+    fn index_snat(&mut self, r: ObjectRef, eip: Name, net: Ipv4Net) {
+        self.snat_by_net.insert((net, r.clone()));
+        self.snat_by_eip.insert((eip.clone(), r.clone()));
+        self.snat_keys.insert(r, (eip, net));
     }
 
     fn index(&mut self, r: ObjectRef, k: Keys) {

@@ -48,6 +48,38 @@ pub fn longest_prefix_ranges(rules: &[(Ipv4Net, Ipv4Addr)]) -> Vec<SnatRange> {
     out
 }
 
+/// Brings `ranges` (as `longest_prefix_ranges` gave them) up to a change
+/// of the rules inside `window`: `rules` are the rules within it now,
+/// with the window itself mapped to the EIP of the rule around it when no
+/// rule of its own holds it. Addresses outside the window keep their
+/// ranges, so a change costs the rules it covers, not all of them.
+pub fn splice_window(ranges: &mut Vec<SnatRange>, window: Ipv4Net, rules: &[(Ipv4Net, Ipv4Addr)]) {
+    let (ws, we) = (u32::from(window.network()), u32::from(window.broadcast()));
+    let i = ranges.partition_point(|r| u32::from(r.last) < ws);
+    let j = ranges.partition_point(|r| u32::from(r.first) <= we);
+    // The neighbours either side join the seams when they may merge.
+    let (from, to) = (i.saturating_sub(1), (j + 1).min(ranges.len()));
+    let mut out: Vec<SnatRange> = Vec::with_capacity(to - from + rules.len());
+    let push =
+        |out: &mut Vec<SnatRange>, r: SnatRange| emit(out, u32::from(r.first) as u64, u32::from(r.last) as u64, r.eip);
+    if from < i {
+        push(&mut out, ranges[from]);
+    }
+    if let Some(r) = ranges.get(i).filter(|r| i < j && u32::from(r.first) < ws) {
+        push(&mut out, SnatRange { last: Ipv4Addr::from(ws - 1), ..*r });
+    }
+    for r in longest_prefix_ranges(rules) {
+        push(&mut out, r);
+    }
+    if let Some(r) = j.checked_sub(1).and_then(|k| ranges.get(k)).filter(|r| i < j && u32::from(r.last) > we) {
+        push(&mut out, SnatRange { first: Ipv4Addr::from(we + 1), ..*r });
+    }
+    if j < to {
+        push(&mut out, ranges[j]);
+    }
+    ranges.splice(from..to, out);
+}
+
 /// Closes every open block that ends before `next`, giving out its rest.
 fn close_before(open: &mut Vec<(u64, Ipv4Addr)>, at: &mut u64, next: u64, out: &mut Vec<SnatRange>) {
     while let Some(&(end, eip)) = open.last() {
@@ -157,7 +189,54 @@ mod tests {
         assert!(ranges.windows(2).all(|w| w[0].last < w[1].first));
     }
 
+    /// The rules a window holds after a change, as `splice_window` takes
+    /// them: those inside it, and the window under the rule around it.
+    fn in_window(rules: &[(Ipv4Net, Ipv4Addr)], w: Ipv4Net) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        let mut out: Vec<_> = rules.iter().filter(|(n, _)| w.contains(n)).copied().collect();
+        if !out.iter().any(|(n, _)| *n == w)
+            && let Some((_, e)) =
+                rules.iter().filter(|(n, _)| n.contains(&w) && *n != w).max_by_key(|(n, _)| n.prefix_len())
+        {
+            out.push((w, *e));
+        }
+        out
+    }
+
+    #[test]
+    fn a_spliced_window_keeps_its_neighbours_merged() {
+        let (a, b) = (ip("1.1.1.1"), ip("2.2.2.2"));
+        let before = [(net("10.0.0.0/16"), a), (net("10.0.1.0/24"), b)];
+        let after = [(net("10.0.0.0/16"), a)];
+        let mut ranges = longest_prefix_ranges(&before);
+        splice_window(&mut ranges, net("10.0.1.0/24"), &in_window(&after, net("10.0.1.0/24")));
+        assert_eq!(ranges, longest_prefix_ranges(&after));
+        splice_window(&mut ranges, net("10.0.1.0/24"), &in_window(&before, net("10.0.1.0/24")));
+        assert_eq!(ranges, longest_prefix_ranges(&before));
+    }
+
     proptest! {
+        /// One rule added, removed or moved to another EIP: splicing its
+        /// network's window gives what planning all of them gives.
+        #[test]
+        fn splicing_a_window_gives_the_whole_walk(rules in arb_rules(), pick in any::<prop::sample::Index>(), eip in 0u8..5) {
+            let Some(&(w, _)) = (!rules.is_empty()).then(|| &rules[pick.index(rules.len())]) else { return Ok(()) };
+            let mut after: Vec<_> = rules.iter().filter(|(n, _)| *n != w).copied().collect();
+            if eip < 4 {
+                after.push((w, Ipv4Addr::new(192, 0, 2, eip)));
+            }
+            let mut ranges = longest_prefix_ranges(&rules);
+            splice_window(&mut ranges, w, &in_window(&after, w));
+            prop_assert_eq!(&ranges, &longest_prefix_ranges(&after));
+            // And a network no rule had, added.
+            let fresh = Ipv4Net::new(Ipv4Addr::from((10u32 << 24) | (u32::from(eip) << 12)), 22).unwrap();
+            if !after.iter().any(|(n, _)| *n == fresh) {
+                let mut more = after.clone();
+                more.push((fresh, Ipv4Addr::new(192, 0, 2, 9)));
+                splice_window(&mut ranges, fresh, &in_window(&more, fresh));
+                prop_assert_eq!(ranges, longest_prefix_ranges(&more));
+            }
+        }
+
         #[test]
         fn the_walk_gives_what_the_lookup_gave(rules in arb_rules()) {
             prop_assert_eq!(longest_prefix_ranges(&rules), reference(&rules));

@@ -1,12 +1,11 @@
 //! The incremental planner gives exactly the plan `plan_gateway` gives,
-//! after any sequence of FloatingIp, DnatRule and Eip changes (a SnatRule
-//! names one of the Eips), and its maps share structure with the plan
-//! before the change.
+//! after any sequence of FloatingIp, DnatRule, SnatRule and Eip changes,
+//! and its maps share structure with the plan before the change.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use natgw_api::{DnatRule, FloatingIp, Kind, ObjectRef, ObjectSet, load_str};
+use natgw_api::{DnatRule, FloatingIp, Kind, ObjectRef, ObjectSet, SnatRule, load_str};
 use natgw_plan::{GatewayPlanner, plan_gateway};
 use proptest::prelude::*;
 use serde_json::json;
@@ -73,6 +72,12 @@ spec: {eip: b, internalCidr: 10.0.0.0/24}
 const NAMES: [&str; 4] = ["rule-with-a-long-shared-prefix-1", "rule-with-a-long-shared-prefix-2", "x", "y"];
 const EIPS: [&str; 6] = ["a", "b", "c", "elsewhere", "unusable", "missing"];
 const INTERNALS: [&str; 4] = ["10.0.0.5", "10.0.0.6", "10.0.0.7", "172.16.0.9"];
+// SnatRules: the one of NETWORK and others; networks nested in each other
+// at shared and at distinct starts, one the fenced Eip allows, one
+// outside the VPC.
+const SNAT_NAMES: [&str; 3] = ["egress", "egress-2", "z"];
+const CIDRS: [&str; 7] =
+    ["10.0.0.0/24", "10.0.0.0/25", "10.0.0.128/25", "10.0.0.4/30", "10.0.0.4/31", "10.0.0.6/32", "10.1.0.0/24"];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -105,6 +110,15 @@ enum Op {
     DeleteEip {
         name: usize,
     },
+    Snat {
+        name: usize,
+        eip: usize,
+        cidr: usize,
+        age: Option<u8>,
+    },
+    DeleteSnat {
+        name: usize,
+    },
 }
 
 // Addresses an Eip asks for: two good ones, the router, one outside the
@@ -123,6 +137,9 @@ fn op() -> impl Strategy<Value = Op> {
         (0..EIPS.len(), any::<bool>(), 0..EIP_IPS.len(), prop::option::of(0u8..4), any::<bool>())
             .prop_map(|(name, other_gateway, ip, age, fenced)| Op::Eip { name, other_gateway, ip, age, fenced }),
         (0..EIPS.len()).prop_map(|name| Op::DeleteEip { name }),
+        (0..SNAT_NAMES.len(), 0..EIPS.len(), 0..CIDRS.len(), prop::option::of(0u8..4))
+            .prop_map(|(name, eip, cidr, age)| Op::Snat { name, eip, cidr, age }),
+        (0..SNAT_NAMES.len()).prop_map(|name| Op::DeleteSnat { name }),
     ]
 }
 
@@ -169,6 +186,20 @@ fn apply(set: &mut ObjectSet, op: &Op) -> ObjectRef {
             .expect("Eip");
             set.eips.insert(EIPS[*name].into(), std::sync::Arc::new(natgw_api::Project::project(e)));
             ObjectRef::new(Kind::Eip, EIPS[*name])
+        }
+        Op::Snat { name, eip, cidr, age } => {
+            let r: SnatRule = serde_json::from_value(json!({
+                "apiVersion": "natgw.io/v1alpha1", "kind": "SnatRule", "metadata": meta(SNAT_NAMES[*name], *age),
+                "spec": {"eip": EIPS[*eip], "internalCidr": CIDRS[*cidr]}
+            }))
+            .expect("SnatRule");
+            set.snat_rules.insert(SNAT_NAMES[*name].into(), std::sync::Arc::new(natgw_api::Project::project(r)));
+            ObjectRef::new(Kind::SnatRule, SNAT_NAMES[*name])
+        }
+        Op::DeleteSnat { name } => {
+            let r = ObjectRef::new(Kind::SnatRule, SNAT_NAMES[*name]);
+            set.remove(&r);
+            r
         }
         Op::DeleteEip { name } => {
             let r = ObjectRef::new(Kind::Eip, EIPS[*name]);
