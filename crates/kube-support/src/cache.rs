@@ -20,6 +20,10 @@ use serde::de::DeserializeOwned;
 use crate::events::{Reporter, warning};
 use crate::untyped::Untyped;
 
+/// A kind a watch cache can hold.
+pub trait Watched: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static {}
+impl<K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static> Watched for K {}
+
 /// Objects left out of a cache because they could not be decoded, since
 /// the process started (the `natgw_objects_undecodable_total` metric).
 pub fn undecodable_total() -> u64 {
@@ -29,14 +33,11 @@ pub fn undecodable_total() -> u64 {
 /// A cache of every K (cluster-wide, filtered by `config`) and the stream
 /// of its changed objects, `slim`. `reporter` names who publishes the
 /// Warning Events about undecodable objects.
-pub fn cached<K>(
+pub fn cached<K: Watched>(
     client: &Client,
     config: watcher::Config,
     reporter: &'static str,
-) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
+) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>) {
     cached_in(client, None, config, reporter)
 }
 
@@ -44,15 +45,12 @@ where
 fn untrimmed<K>(_: &mut K) {}
 
 /// `cached`, for one namespace when `namespace` is given.
-pub fn cached_in<K>(
+pub fn cached_in<K: Watched>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
-) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
+) -> (Store<K>, futures::stream::BoxStream<'static, Result<K, watcher::Error>>) {
     let (reader, events) = cached_events_in(client, namespace, config, reporter, untrimmed);
     (reader, events.applied_objects().boxed())
 }
@@ -63,16 +61,13 @@ pub type Events<K> = futures::stream::BoxStream<'static, Result<WatchEvent<K>, w
 /// cache took it: for a consumer that must tell a deletion or a relist
 /// from a change. `trim` takes out of each object, after `slim`, what
 /// this consumer never reads.
-pub fn cached_events_in<K>(
+pub fn cached_events_in<K: Watched>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
     trim: fn(&mut K),
-) -> (Store<K>, Events<K>)
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
+) -> (Store<K>, Events<K>) {
     let (reader, writer) = reflector::store();
     let lookup: Store<K> = reader.clone();
     let cached_of = move |name: &str| lookup.get(&reflector::ObjectRef::new(name)).map(|k| (*k).clone());
@@ -85,29 +80,41 @@ where
 /// each object than others do).
 /// `cached_of` gives the cache's version of an object by name: a deleted
 /// object that can no longer be decoded is deleted as that version.
-pub fn decoded_events<K>(
+pub fn decoded_events<K: Watched>(
     client: &Client,
     namespace: Option<&str>,
     config: watcher::Config,
     reporter: &'static str,
     cached_of: impl Fn(&str) -> Option<K> + Send + 'static,
-) -> Events<K>
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
+) -> Events<K> {
     let ar = ApiResource::erase::<K>(&());
-    let api = match namespace {
-        Some(ns) => Api::<Untyped>::namespaced_with(client.clone(), ns, &ar),
-        None => Api::<Untyped>::all_with(client.clone(), &ar),
-    };
-    let events = client.clone();
+    let (c, cfg) = (client.clone(), config.page_size(LIST_PAGE));
+    // natgw reads no annotation of its own kinds: a tenant's are skipped
+    // unread (a Service's egress settings are annotations, so others keep them).
+    match (K::group(&()) == natgw_api::GROUP, namespace) {
+        (true, Some(ns)) => events(Api::<Untyped<false>>::namespaced_with(c, ns, &ar), cfg, reporter, cached_of),
+        (true, None) => events(Api::<Untyped<false>>::all_with(c, &ar), cfg, reporter, cached_of),
+        (false, Some(ns)) => events(Api::<Untyped>::namespaced_with(c, ns, &ar), cfg, reporter, cached_of),
+        (false, None) => events(Api::<Untyped>::all_with(c, &ar), cfg, reporter, cached_of),
+    }
+}
+
+/// `decoded_events` from `api`, whose objects keep their annotations when
+/// `ANNOTATIONS`. A list page is held whole while it decodes: 500 objects
+/// a page (the default) carrying 250 KiB of annotations each were 125 MB
+/// at once, hence `LIST_PAGE`.
+fn events<K: Watched, const ANNOTATIONS: bool>(
+    api: Api<Untyped<ANNOTATIONS>>,
+    config: watcher::Config,
+    reporter: &'static str,
+    cached_of: impl Fn(&str) -> Option<K> + Send + 'static,
+) -> Events<K> {
+    let events = api.clone().into_client();
     let mut reported: HashSet<(String, String)> = HashSet::new();
-    // A list page is held whole while it decodes: 500 objects a page (the
-    // default) carrying 250 KiB of annotations each were 125 MB at once.
-    watch_api(api, config.page_size(LIST_PAGE))
+    watch_api(api, config)
         .default_backoff()
         .filter_map(move |ev| {
-            let decoded = ev.map(|ev| decode::<K>(ev, &cached_of));
+            let decoded = ev.map(|ev| decode::<K, ANNOTATIONS>(ev, &cached_of));
             let warn = match &decoded {
                 Ok(Err(bad)) => {
                     let (obj, err) = &**bad;
@@ -119,7 +126,7 @@ where
             let events = events.clone();
             async move {
                 if let Some((obj, err)) = warn {
-                    report::<K>(&events, &obj, &err, reporter).await;
+                    report::<K, ANNOTATIONS>(&events, &obj, &err, reporter).await;
                 }
                 match decoded {
                     Ok(Ok(Some(ev))) => Some(Ok(ev)),
@@ -153,15 +160,15 @@ pub const LIST_PAGE: u32 = 200;
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-type Decoded<K> = Result<Option<WatchEvent<K>>, Box<(Untyped, String)>>;
+type Decoded<K, const A: bool> = Result<Option<WatchEvent<K>>, Box<(Untyped<A>, String)>>;
 
 /// The typed event, `None` when there is nothing to tell the cache, or the
 /// object that could not be decoded.
-fn decode<K>(ev: WatchEvent<Untyped>, cached_of: impl Fn(&str) -> Option<K>) -> Decoded<K>
+fn decode<K, const A: bool>(ev: WatchEvent<Untyped<A>>, cached_of: impl Fn(&str) -> Option<K>) -> Decoded<K, A>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
 {
-    let typed = |o: &Untyped| -> Result<K, String> {
+    let typed = |o: &Untyped<A>| -> Result<K, String> {
         let value = serde_json::to_value(o).map_err(|e| e.to_string())?;
         serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
     };
@@ -178,7 +185,12 @@ where
     })
 }
 
-async fn report<K: Resource<DynamicType = ()>>(client: &Client, obj: &Untyped, err: &str, reporter: &str) {
+async fn report<K: Resource<DynamicType = ()>, const A: bool>(
+    client: &Client,
+    obj: &Untyped<A>,
+    err: &str,
+    reporter: &str,
+) {
     crate::health::undecodable_counter().inc();
     let (kind, name) = (K::kind(&()).to_string(), obj.name_any());
     tracing::error!(kind, name, error = err, "object cannot be decoded; left out until it is fixed");
