@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::Client;
@@ -17,31 +17,8 @@ use natgw_kube_support::KindResource;
 use natgw_kube_support::claims::held_address;
 
 use crate::claims::Claims;
+use crate::dirty::{DirtyCell, mark_one, mark_relisted};
 use crate::store::{Changed, Store};
-
-/// The objects the watches saw change since the last round took them in.
-#[derive(Default)]
-pub struct Dirty {
-    objects: BTreeSet<ObjectRef>,
-    /// A watch listed anew: objects deleted meanwhile were never seen go.
-    all: bool,
-}
-
-pub type DirtyCell = Arc<Mutex<Dirty>>;
-
-fn mark(cell: &DirtyCell, f: impl FnOnce(&mut Dirty)) {
-    f(&mut cell.lock().unwrap_or_else(|p| p.into_inner()));
-}
-
-/// Marks Eips by name (their address claims changed).
-pub fn mark_eips(cell: &DirtyCell, eips: impl IntoIterator<Item = String>) {
-    mark(cell, |d| d.objects.extend(eips.into_iter().map(|n| ObjectRef::new(Kind::Eip, n))));
-}
-
-/// Marks everything: a watch listed anew.
-pub fn mark_relisted(cell: &DirtyCell) {
-    mark(cell, |d| d.all = true);
-}
 
 /// Caches of every kind.
 #[derive(Clone)]
@@ -87,9 +64,7 @@ where
                 received.inc();
             }
             match ev.map(|ev| cache.apply(ev)) {
-                Ok(Changed::One(name)) => mark(&dirty, |d| {
-                    d.objects.insert(ObjectRef::new(K::KIND, name));
-                }),
+                Ok(Changed::One(name)) => mark_one(&dirty, ObjectRef::new(K::KIND, name)),
                 Ok(Changed::All) => mark_relisted(&dirty),
                 Ok(Changed::Nothing) => continue,
                 Err(e) => tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch error"),
@@ -386,7 +361,7 @@ impl Caches {
         full: bool,
         also: &BTreeSet<ObjectRef>,
     ) -> Refreshed {
-        let mut dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut dirty = crate::dirty::take(&self.dirty);
         dirty.objects.extend(also.iter().cloned());
         let full = full || dirty.all;
         let mut out = Refreshed { changed: BTreeSet::new(), planned: false, full };

@@ -17,7 +17,7 @@ use kube::{Client, ResourceExt};
 use natgw_kube_support::claims::{Holder, claim_ip, claims_of, holder_of};
 use natgw_kube_support::ready::Listed;
 
-use crate::caches::{DirtyCell, mark_eips, mark_relisted};
+use crate::dirty::{DirtyCell, mark_eips, mark_relisted};
 use crate::store::Listing;
 
 /// The holders by address, as the watch last saw them.

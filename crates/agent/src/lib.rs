@@ -13,6 +13,7 @@
 mod args;
 mod caches;
 mod claims;
+mod dirty;
 mod metrics;
 pub mod ports;
 pub mod snapshot;
@@ -392,7 +393,7 @@ pub async fn run_with(
     let in_vpc = watcher::Config::default().fields(&format!("spec.vpc={vpc}"));
     let external = watcher::Config::default().fields("spec.vpc=");
     let mine = watcher::Config::default().labels(&format!("{GATEWAY_LABEL}={gw}"));
-    let dirty = caches::DirtyCell::default();
+    let dirty = dirty::DirtyCell::default();
     let (vpcs, w1) = watch::<Vpc>(&client, its_vpc, &dirty, tx.clone(), metrics.received("Vpc"));
     let (subnets, w2) = watch::<Subnet>(&client, in_vpc, &dirty, tx.clone(), metrics.received("Subnet"));
     let (externals, w8) = watch::<Subnet>(&client, external, &dirty, tx.clone(), metrics.received("Subnet"));

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, Weak};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::objects::Name;
 use crate::own::Own;
 use crate::types::*;
+
+/// An object's name as natgw keeps it in its own structures.
+pub type Name = compact_str::CompactString;
 
 /// An object as natgw holds it: what is read of its metadata, its spec,
 /// and what is read of its status (`()` for most kinds).

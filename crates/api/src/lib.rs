@@ -11,11 +11,11 @@ mod types;
 mod validate;
 
 pub use crd::{crds, crds_yaml};
-pub use held::{AgeKey, Finalizers, Held, HeldEip, HeldOf, Meta, Project, Uid};
+pub use held::{AgeKey, Finalizers, Held, HeldEip, HeldOf, Meta, Name, Project, Uid};
 pub use manifest::{
     LoadError, MAX_DOCUMENTS, MAX_FILE_BYTES, Source, load_path, load_str, load_texts, manifest_files, parse_object,
 };
-pub use objects::{Kind, Name, Object, ObjectRef, ObjectSet};
+pub use objects::{Kind, Object, ObjectRef, ObjectSet};
 pub use own::{AGENT_CONDITIONS, Own, Said};
 pub use types::*;
 pub use validate::{FieldError, SetError, check_route, parse_ip_range, validate_object, validate_set};

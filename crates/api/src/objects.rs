@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::held::{Held, HeldEip, HeldOf, Project};
+use crate::held::{Held, HeldEip, HeldOf, Name, Project};
 use crate::types::*;
 
 /// Any natgw object.
@@ -84,9 +84,6 @@ pub struct ObjectRef {
     /// a heap copy of the name per ref was a fifth of the planner at 100k.
     pub name: Name,
 }
-
-/// An object's name as natgw keeps it in its own structures.
-pub type Name = compact_str::CompactString;
 
 impl ObjectRef {
     pub fn new(kind: Kind, name: impl Into<Name>) -> Self {

@@ -256,7 +256,7 @@ fn a_whole_table_is_written_in_stages_and_one_cut_short_is_taken_up() {
     assert_clean(&gw, &p);
     let (read, listed) = gw
         .run(|| {
-            let listed = nft::read_listing(nft::FAMILY, nft::TABLE).unwrap().expect("natgw's table");
+            let listed = nft::read_listing(nft::ID).unwrap().expect("natgw's table");
             (nft::read().unwrap(), nft::parse_table(listed).unwrap())
         })
         .unwrap();
@@ -339,7 +339,7 @@ fn the_table_read_over_netlink_is_what_nft_lists() {
     let p = converge(&gw, &objects(&objects_text));
     let (read, listed) = gw
         .run(|| {
-            let listed = nft::read_listing(nft::FAMILY, nft::TABLE).unwrap().expect("natgw's table");
+            let listed = nft::read_listing(nft::ID).unwrap().expect("natgw's table");
             (nft::read().unwrap(), nft::parse_table(listed).unwrap())
         })
         .unwrap();

@@ -14,11 +14,13 @@ use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
 use crate::ctpolicy::CtEntry;
-use crate::model::{Chain, Change, Mirror, Rule, Set, Table, map_change, set_change, whole_change};
+use crate::model::{Chain, Change, Family, Mirror, Rule, Set, Table, TableId, map_change, set_change, whole_change};
 use crate::nft::{self, NftError};
 use crate::{SyncError, netns};
 
 pub const TABLE: &str = "natgw_egress";
+/// The egress table on a node, as netlink addresses it.
+pub const ID: TableId = TableId { family: Family::Ip, name: TABLE };
 
 /// What one sync did.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +47,7 @@ pub struct Egress {
 fn table() -> Table {
     let set = |name, key, value, interval| Set { name, key, value, interval };
     Table {
-        family: "ip",
+        family: Family::Ip,
         name: TABLE,
         comment: "owned by natgw node-agent: changes by hand are reverted",
         sets: vec![
@@ -176,7 +178,7 @@ fn addresses_here(loopback: bool, ipvs: bool) -> Result<BTreeSet<Ipv4Addr>, std:
 /// a table): what an earlier instance may have left flows behind with.
 /// `None` without a table.
 fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
-    let Some(listing) = nft::read_listing("ip", TABLE)? else { return Ok(None) };
+    let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
     let (_, elements) = nft::parse_raw(listing);
     Ok(Some(nft::map_values(&elements, &["snat_all", "snat_ports"])))
 }

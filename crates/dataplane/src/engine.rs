@@ -13,6 +13,7 @@ use crate::link::{EipRoute, Interface, LinkError, Links};
 use crate::state::{
     Drift, KernelState, drift, eip_diff, eips_of, held_eips, touched_eips, wanted_locals, wanted_subnets,
 };
+use crate::table_write::{TableWrite, table_write};
 use crate::{SyncError, SyncReport, conntrack, garp, nfnl, nft};
 
 const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -43,7 +44,7 @@ fn apply_maps(changes: &[nfnl::MapChange]) -> Result<(), SyncError> {
             *slot = Some(nfnl::Nfnl::open()?);
         }
         match slot.as_ref() {
-            Some(socket) => Ok(socket.apply(changes)?),
+            Some(socket) => Ok(socket.apply(nft::ID, changes)?),
             None => Ok(()),
         }
     })
@@ -228,7 +229,7 @@ fn after(before: Snapshot, plan: &GatewayPlan, report: &SyncReport) -> Snapshot 
             eips: plan.addresses.clone(),
             locals,
             subnets: wanted_subnets(plan),
-            rules: crate::state::wanted_rules(plan),
+            rules: crate::routing::wanted_rules(plan),
             forwarding: true,
             promote_secondaries: promote,
         },
@@ -267,68 +268,69 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
     let skeleton = nft::expected_skeleton(&plan.lan_interface, &plan.external_interface);
     let subnets = wanted_subnets(plan);
     let (new_eips, gone_eips) = eip_diff(&k.eips, &plan.addresses);
-    let table_ok = k.table.present && k.table.skeleton == skeleton;
-    if let Some(maps) = nfnl::changes(&k.table.nat, &plan.nat).filter(|_| table_ok) {
-        // A change of FloatingIps or port forwards: straight over netlink.
-        eip_routes(links, snap, &k.subnets, &subnets, &new_eips)?;
-        lap(&mut report, "eips-add");
-        apply_maps(&maps)?;
-        report.nft_statements = maps.iter().map(|m| m.delete.len() + m.add.len()).sum();
-    } else if !k.table.present || k.table.skeleton.chains.is_empty() {
-        // Nothing of the table translates yet: write it in stages. The
-        // maps fill (on a socket of this namespace, from a helper thread)
-        // while the EIPs go in here.
-        report.table_rebuilt = true;
-        let staged = nft::staged(&plan.lan_interface, &plan.external_interface, &plan.nat);
-        let declare = nft::start(staged.declare)?;
-        let socket = nfnl::Nfnl::open()?;
-        let maps = &staged.maps;
-        let (added, filled) = std::thread::scope(|scope| {
-            let filler = scope.spawn(move || -> Result<(), SyncError> {
-                declare.wait()?;
-                Ok(socket.apply(maps)?)
+    let write = table_write(&k.table, &skeleton, &plan.nat);
+    report.table_rebuilt = matches!(write, TableWrite::Staged | TableWrite::Rechain | TableWrite::Rebuild);
+    match write {
+        TableWrite::Elements(maps) => {
+            eip_routes(links, snap, &k.subnets, &subnets, &new_eips)?;
+            lap(&mut report, "eips-add");
+            apply_maps(&maps)?;
+            report.nft_statements = maps.iter().map(|m| m.delete.len() + m.add.len()).sum();
+        }
+        TableWrite::Staged => {
+            // The maps fill (on a socket of this namespace, from a helper
+            // thread) while the EIPs go in here.
+            let staged = nft::staged(&plan.lan_interface, &plan.external_interface, &plan.nat);
+            let declare = nft::start(staged.declare)?;
+            let socket = nfnl::Nfnl::open()?;
+            let maps = &staged.maps;
+            let (added, filled) = std::thread::scope(|scope| {
+                let filler = scope.spawn(move || -> Result<(), SyncError> {
+                    declare.wait()?;
+                    Ok(socket.apply(nft::ID, maps)?)
+                });
+                let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
+                let filled = filler.join().unwrap_or_else(|_| {
+                    Err(nfnl::NfnlError::Io(std::io::Error::other("the map writer panicked")).into())
+                });
+                (added, filled)
             });
+            lap(&mut report, "eips-add");
+            added?;
+            filled?;
+            report.nft_statements = maps.iter().map(|m| m.add.len()).sum::<usize>() + staged.hook.lines().count();
+            nft::apply(&staged.hook)?;
+        }
+        TableWrite::Diff | TableWrite::Rechain | TableWrite::Rebuild => {
+            let rechain = write == TableWrite::Rechain;
+            let full = || nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat);
+            let script = match write {
+                TableWrite::Diff => nft::diff_script(&k.table.nat, &plan.nat),
+                TableWrite::Rechain => {
+                    nft::rechain_script(&plan.lan_interface, &plan.external_interface, &k.table, &plan.nat)
+                }
+                _ => full(),
+            };
+            report.nft_statements = script.lines().count();
+            let nft = if script.is_empty() { None } else { Some(nft::start(script)?) };
             let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
-            let filled = filler
-                .join()
-                .unwrap_or_else(|_| Err(nfnl::NfnlError::Io(std::io::Error::other("the map writer panicked")).into()));
-            (added, filled)
-        });
-        lap(&mut report, "eips-add");
-        added?;
-        filled?;
-        report.nft_statements = maps.iter().map(|m| m.add.len()).sum::<usize>() + staged.hook.lines().count();
-        nft::apply(&staged.hook)?;
-    } else {
-        let full = || nft::full_script(&plan.lan_interface, &plan.external_interface, &plan.nat);
-        let rechain = !table_ok && k.table.skeleton.sets == skeleton.sets;
-        let script = if table_ok {
-            nft::diff_script(&k.table.nat, &plan.nat)
-        } else if rechain {
-            nft::rechain_script(&plan.lan_interface, &plan.external_interface, &k.table, &plan.nat)
-        } else {
-            full()
-        };
-        report.table_rebuilt = !table_ok;
-        report.nft_statements = script.lines().count();
-        let nft = if script.is_empty() { None } else { Some(nft::start(script)?) };
-        let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
-        lap(&mut report, "eips-add");
-        let committed = nft.map(nft::Running::wait).transpose();
-        added?;
-        match committed {
-            // Chains made by hand in ways the replacement cannot undo: the
-            // whole table goes, as one transaction still.
-            Err(e) if rechain => {
-                tracing::warn!(error = %e, "replacing natgw's chains failed; rebuilding the whole table");
-                // A phase of its own, so logs and metrics show the fallback.
-                lap(&mut report, "nft-rechain-failed");
-                let script = full();
-                report.nft_statements = script.lines().count();
-                nft::apply(&script)?;
-            }
-            other => {
-                other?;
+            lap(&mut report, "eips-add");
+            let committed = nft.map(nft::Running::wait).transpose();
+            added?;
+            match committed {
+                // Chains made by hand in ways the replacement cannot undo:
+                // the whole table goes, as one transaction still.
+                Err(e) if rechain => {
+                    tracing::warn!(error = %e, "replacing natgw's chains failed; rebuilding the whole table");
+                    // A phase of its own, so logs and metrics show the fallback.
+                    lap(&mut report, "nft-rechain-failed");
+                    let script = full();
+                    report.nft_statements = script.lines().count();
+                    nft::apply(&script)?;
+                }
+                other => {
+                    other?;
+                }
             }
         }
     }
@@ -371,7 +373,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
         report.routes_removed.push(r.clone());
     }
     // Rules after routes: a rule never points at an empty table.
-    let rules = crate::state::wanted_rules(plan);
+    let rules = crate::routing::wanted_rules(plan);
     for r in rules.difference(&k.rules) {
         links.add_rule(r)?;
         report.changed = true;

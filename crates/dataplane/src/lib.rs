@@ -1,7 +1,9 @@
 //! The kernel side of a gateway, in thin layers around the pure plan:
 //! `nft` (natgw's nftables table), `link` (addresses and routes over
-//! rtnetlink), `conntrack` (netlink), `garp`, and `engine`, which ties them
-//! into sync, audit and teardown. `Gateway` is the handle callers use.
+//! rtnetlink, with natgw's marks and tables in `routing`), `conntrack`
+//! (netlink), `garp`, and `engine`, which ties them into sync, audit and
+//! teardown, writing the table the way `table_write` chooses from data.
+//! `Gateway` is the handle callers use.
 
 pub mod conntrack;
 pub mod ctpolicy;
@@ -17,7 +19,9 @@ pub mod nfdump;
 pub mod nfnl;
 pub mod nft;
 pub mod ports;
+pub mod routing;
 pub mod state;
+mod table_write;
 pub mod translog;
 
 use std::path::PathBuf;

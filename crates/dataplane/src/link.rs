@@ -13,17 +13,12 @@ use natgw_plan::{IfAddr, Route};
 use rtnetlink::IpVersion;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 
-use crate::state::{LanRule, RULE_MAIN};
+use crate::routing::{LanRule, NATGW_PROTO, NATGW_TABLE, RULE_MAIN};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-/// "n" for natgw; unused by the kernel and by common routing daemons.
-pub const NATGW_PROTO: u8 = 110;
-/// natgw's routing table: the gateway's default route, used only by
-/// traffic from the LAN (see [`LanRule`]).
-pub const NATGW_TABLE: u32 = 7476;
 /// Netlink requests in flight at once.
 const IN_FLIGHT: usize = 256;
 

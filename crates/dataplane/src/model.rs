@@ -52,10 +52,46 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+/// An nftables address family, as nft spells it and netlink numbers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Ip,
+    Ip6,
+    Inet,
+}
+
+impl Family {
+    /// NFPROTO_*: what netlink messages carry.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            Family::Inet => 1,
+            Family::Ip => 2,
+            Family::Ip6 => 10,
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+            Family::Inet => "inet",
+        })
+    }
+}
+
+/// Which table: what netlink reads and writes are addressed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableId {
+    pub family: Family,
+    pub name: &'static str,
+}
+
 /// A table natgw owns whole.
 #[derive(Clone, Debug)]
 pub struct Table {
-    pub family: &'static str,
+    pub family: Family,
     pub name: &'static str,
     pub comment: &'static str,
     pub sets: Vec<Set>,
@@ -168,6 +204,10 @@ impl Chain {
 }
 
 impl Table {
+    pub fn id(&self) -> TableId {
+        TableId { family: self.family, name: self.name }
+    }
+
     /// Makes the table absent, whether or not it exists (add + delete).
     pub fn delete_script(&self) -> String {
         format!("add table {f} {n}\ndelete table {f} {n}\n", f = self.family, n = self.name)
@@ -305,7 +345,7 @@ mod tests {
 
     fn table() -> Table {
         Table {
-            family: "ip",
+            family: Family::Ip,
             name: "t",
             comment: "test",
             sets: vec![

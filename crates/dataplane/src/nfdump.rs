@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use netlink_sys::Socket;
 
-use crate::nfnl::{NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message, messages};
-use crate::nft::TABLE;
+use crate::model::TableId;
+use crate::nfnl::{NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message, messages};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -62,6 +62,7 @@ const DATA_VERDICT: u32 = 0xffff_ff00;
 /// the dump is done. `Ok(false)`: the kernel has no such object.
 fn request(
     socket: &Socket,
+    table: TableId,
     what: &'static str,
     kind: u16,
     flags: u16,
@@ -69,7 +70,7 @@ fn request(
     mut each: impl FnMut(&[u8]) -> Result<(), DumpError>,
 ) -> Result<bool, DumpError> {
     let mut buf = Vec::new();
-    message(&mut buf, NFNL_SUBSYS_NFTABLES << 8 | kind, NLM_F_REQUEST | flags, 1, NFPROTO_IPV4, 0, body);
+    message(&mut buf, NFNL_SUBSYS_NFTABLES << 8 | kind, NLM_F_REQUEST | flags, 1, table.family.nfproto(), 0, body);
     socket.send(&buf, 0)?;
     let dump = flags & NLM_F_DUMP != 0;
     // The kernel fills dump datagrams up to 32 KiB.
@@ -135,15 +136,15 @@ fn be32(p: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(p.get(..4)?.try_into().ok()?))
 }
 
-fn table_body(kind: u16) -> Vec<u8> {
+fn table_body(table: TableId, kind: u16) -> Vec<u8> {
     let mut b = Vec::new();
-    attr(&mut b, kind, &cstr(TABLE));
+    attr(&mut b, kind, &cstr(table.name));
     b
 }
 
-/// Whether natgw's table exists.
-pub fn table_exists(socket: &Socket) -> Result<bool, DumpError> {
-    request(socket, "the table", NFT_MSG_GETTABLE, 0, &table_body(TABLE_NAME), |_| Ok(()))
+/// Whether `table` exists.
+pub fn table_exists(socket: &Socket, table: TableId) -> Result<bool, DumpError> {
+    request(socket, table, "the table", NFT_MSG_GETTABLE, 0, &table_body(table, TABLE_NAME), |_| Ok(()))
 }
 
 /// A datatype as nft spells it in a set's `type`; concatenations are six
@@ -167,10 +168,10 @@ fn type_name(id: u32) -> String {
     parts.join(" . ")
 }
 
-/// Each set of natgw's table as the skeleton spells it (`type|map|flags`).
-pub fn sets(socket: &Socket) -> Result<BTreeMap<String, String>, DumpError> {
+/// Each set of `table` as the skeleton spells it (`type|map|flags`).
+pub fn sets(socket: &Socket, table: TableId) -> Result<BTreeMap<String, String>, DumpError> {
     let mut out = BTreeMap::new();
-    request(socket, "sets", NFT_MSG_GETSET, NLM_F_DUMP, &table_body(SET_TABLE), |m| {
+    request(socket, table, "sets", NFT_MSG_GETSET, NLM_F_DUMP, &table_body(table, SET_TABLE), |m| {
         let name = find(m, SET_NAME).map(text).unwrap_or_default();
         let flags = find(m, SET_FLAGS).and_then(be32).unwrap_or(0);
         let key = find(m, SET_KEY_TYPE).and_then(be32);
@@ -203,9 +204,9 @@ fn describe(flags: u32, key: Option<u32>, data: Option<u32>) -> String {
 }
 
 /// The comment of each rule, by chain, in the chain's order.
-pub fn rule_comments(socket: &Socket) -> Result<BTreeMap<String, Vec<String>>, DumpError> {
+pub fn rule_comments(socket: &Socket, table: TableId) -> Result<BTreeMap<String, Vec<String>>, DumpError> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    request(socket, "rules", NFT_MSG_GETRULE, NLM_F_DUMP, &table_body(RULE_TABLE), |m| {
+    request(socket, table, "rules", NFT_MSG_GETRULE, NLM_F_DUMP, &table_body(table, RULE_TABLE), |m| {
         let chain = find(m, RULE_CHAIN).map(text).unwrap_or_default();
         let comment = find(m, RULE_USERDATA).and_then(udata_comment);
         out.entry(chain).or_default().push(comment.unwrap_or_else(|| "(no comment)".into()));
@@ -214,13 +215,13 @@ pub fn rule_comments(socket: &Socket) -> Result<BTreeMap<String, Vec<String>>, D
     Ok(out)
 }
 
-/// Each rule of `chain` in natgw's table: its comment and the packets its
+/// Each rule of `chain` in `table`: its comment and the packets its
 /// counter saw (0 for a rule without one).
-pub fn rule_counters(socket: &Socket, chain: &str) -> Result<Vec<(String, u64)>, DumpError> {
-    let mut body = table_body(RULE_TABLE);
+pub fn rule_counters(socket: &Socket, table: TableId, chain: &str) -> Result<Vec<(String, u64)>, DumpError> {
+    let mut body = table_body(table, RULE_TABLE);
     attr(&mut body, RULE_CHAIN, &cstr(chain));
     let mut out = Vec::new();
-    request(socket, "rules", NFT_MSG_GETRULE, NLM_F_DUMP, &body, |m| {
+    request(socket, table, "rules", NFT_MSG_GETRULE, NLM_F_DUMP, &body, |m| {
         let comment = find(m, RULE_USERDATA).and_then(udata_comment).unwrap_or_else(|| "(no comment)".into());
         out.push((comment, find(m, RULE_EXPRESSIONS).map(counter_packets).unwrap_or(0)));
         Ok(())
@@ -255,14 +256,15 @@ fn udata_comment(mut u: &[u8]) -> Option<String> {
 /// part of a concatenation padded to four bytes), handed to `each`.
 pub fn elements(
     socket: &Socket,
+    table: TableId,
     set: &str,
     mut each: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
 ) -> Result<(), DumpError> {
     let mut body = Vec::new();
-    attr(&mut body, ELEM_LIST_TABLE, &cstr(TABLE));
+    attr(&mut body, ELEM_LIST_TABLE, &cstr(table.name));
     attr(&mut body, ELEM_LIST_SET, &cstr(set));
     let bad = |why: String| DumpError::Malformed { what: format!("set {set}"), why };
-    request(socket, "set elements", NFT_MSG_GETSETELEM, NLM_F_DUMP, &body, |m| {
+    request(socket, table, "set elements", NFT_MSG_GETSETELEM, NLM_F_DUMP, &body, |m| {
         decode_elements(m, &mut each).map_err(bad)
     })?;
     Ok(())
@@ -310,7 +312,7 @@ mod tests {
         // A NEWSETELEM reply carries the same attributes as the request
         // natgw sends to add them.
         let items = vec![(vec![198, 51, 100, 7], vec![10, 0, 0, 7]), (vec![198, 51, 100, 8], vec![10, 0, 0, 8])];
-        let body = crate::nfnl::elements("fip_dnat", &items, true);
+        let body = crate::nfnl::elements(crate::nft::ID, "fip_dnat", &items, true);
         let mut seen = Vec::new();
         decode_elements(&body, &mut |k, v| {
             seen.push((k.to_vec(), v.to_vec()));

@@ -17,7 +17,7 @@ use natgw_api::Protocol;
 use natgw_plan::NatTables;
 use netlink_sys::Socket;
 
-use crate::nft::TABLE;
+use crate::model::TableId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
@@ -32,7 +32,6 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-pub(crate) const NFPROTO_IPV4: u8 = 2;
 pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
@@ -204,9 +203,9 @@ pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = Msg<'_>> {
 }
 
 /// A deletion names the key only.
-pub(crate) fn elements(set: &str, items: &[Element], with_data: bool) -> Vec<u8> {
+pub(crate) fn elements(table: TableId, set: &str, items: &[Element], with_data: bool) -> Vec<u8> {
     let mut body = Vec::new();
-    attr(&mut body, LIST_TABLE, &cstr(TABLE));
+    attr(&mut body, LIST_TABLE, &cstr(table.name));
     attr(&mut body, LIST_SET, &cstr(set));
     nested(&mut body, LIST_ELEMENTS, |b| {
         for (key, value) in items {
@@ -223,7 +222,7 @@ pub(crate) fn elements(set: &str, items: &[Element], with_data: bool) -> Vec<u8>
 
 /// The batch: deletions first, then additions, all in one transaction.
 /// Returns the bytes and, per acknowledged message, its set.
-pub fn batch(changes: &[MapChange]) -> (Vec<u8>, Vec<&'static str>) {
+pub fn batch(table: TableId, changes: &[MapChange]) -> (Vec<u8>, Vec<&'static str>) {
     let mut buf = Vec::new();
     let mut acked = Vec::new();
     let mut seq = 0;
@@ -237,8 +236,8 @@ pub fn batch(changes: &[MapChange]) -> (Vec<u8>, Vec<&'static str>) {
             let items = if kind == NFT_MSG_DELSETELEM { &c.delete } else { &c.add };
             for chunk in items.chunks(CHUNK) {
                 seq += 1;
-                let body = elements(c.set, chunk, kind == NFT_MSG_NEWSETELEM);
-                message(&mut buf, NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq, NFPROTO_IPV4, 0, &body);
+                let body = elements(table, c.set, chunk, kind == NFT_MSG_NEWSETELEM);
+                message(&mut buf, NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq, table.family.nfproto(), 0, &body);
                 acked.push(c.set);
             }
         }
@@ -293,9 +292,9 @@ impl Nfnl {
         Ok(())
     }
 
-    /// Applies the changes in one transaction: all or nothing.
-    pub fn apply(&self, changes: &[MapChange]) -> Result<(), NfnlError> {
-        let (buf, acked) = batch(changes);
+    /// Applies the changes to `table` in one transaction: all or nothing.
+    pub fn apply(&self, table: TableId, changes: &[MapChange]) -> Result<(), NfnlError> {
+        let (buf, acked) = batch(table, changes);
         if acked.is_empty() {
             return Ok(());
         }
@@ -330,8 +329,8 @@ mod tests {
     #[test]
     fn messages_split_a_datagram_and_stop_at_a_length_that_does_not_fit() {
         let mut buf = Vec::new();
-        message(&mut buf, 7, 0, 1, NFPROTO_IPV4, 0, &[1, 2, 3]);
-        message(&mut buf, 8, 0, 2, NFPROTO_IPV4, 0, &[]);
+        message(&mut buf, 7, 0, 1, crate::model::Family::Ip.nfproto(), 0, &[1, 2, 3]);
+        message(&mut buf, 8, 0, 2, crate::model::Family::Ip.nfproto(), 0, &[]);
         let first_len = 16 + 4 + 3;
         buf.splice(first_len..first_len, [0u8]); // pad the first to four bytes
         let kinds: Vec<u16> = messages(&buf).map(|m| m.kind).collect();
@@ -368,7 +367,7 @@ mod tests {
         let items: Vec<Element> = (0..CHUNK as u32)
             .map(|i| (port_key(&(i.into(), Protocol::Udp, 65535)), target(&(i.into(), 65535))))
             .collect();
-        let body = elements("port_fwd", &items, true);
+        let body = elements(crate::nft::ID, "port_fwd", &items, true);
         assert!(body.len() < u16::MAX as usize, "{} bytes", body.len());
     }
 
@@ -381,7 +380,7 @@ mod tests {
             want.fip_snat.insert(i.into(), i.into());
         }
         let c = changes(&have, &want).expect("maps only");
-        let (buf, acked) = batch(&c);
+        let (buf, acked) = batch(crate::nft::ID, &c);
         assert_eq!(acked.len(), 2 * 5000usize.div_ceil(CHUNK));
         assert!(buf.len() > DEFAULT_BUFFER, "this batch needs its buffer grown: {} bytes", buf.len());
     }
@@ -389,12 +388,29 @@ mod tests {
     #[test]
     fn a_batch_is_framed_and_every_element_message_is_acknowledged() {
         let c = MapChange { set: "fip_dnat", delete: vec![(vec![1, 2, 3, 4], vec![5, 6, 7, 8])], add: vec![] };
-        let (buf, acked) = batch(&[c]);
+        let (buf, acked) = batch(crate::nft::ID, &[c]);
         assert_eq!(acked, ["fip_dnat"]);
         let first = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         assert_eq!(first, 20);
         let kind = u16::from_ne_bytes([buf[first + 4], buf[first + 5]]);
         assert_eq!(kind, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM);
         assert_eq!(buf.len() % 4, 0);
+    }
+
+    /// The same writer addresses any table: the egress table, or one of
+    /// another family (nfgenmsg's first byte) whose name shares a prefix.
+    #[test]
+    fn a_batch_names_its_table_and_family() {
+        use crate::model::{Family, TableId};
+        let c = MapChange { set: "m", delete: vec![], add: vec![(vec![1, 2, 3, 4], vec![5, 6, 7, 8])] };
+        for table in [crate::egress::ID, TableId { family: Family::Ip6, name: "natgw6" }] {
+            let (buf, _) = batch(table, std::slice::from_ref(&c));
+            let element = messages(&buf).nth(1).expect("the element message");
+            assert_eq!(element.bytes[16], table.family.nfproto(), "{table:?}");
+            let name = cstr(table.name);
+            assert!(element.bytes.windows(name.len()).any(|w| w == name.as_slice()), "{table:?}");
+        }
+        assert_eq!(Family::Ip6.nfproto(), 10);
+        assert_eq!(Family::Inet.to_string(), "inet");
     }
 }

@@ -18,11 +18,13 @@ use natgw_plan::{NatTables, SnatRange};
 use serde_json::Value;
 
 pub use crate::listing::{Atom, Listing};
-use crate::model::{Chain, Change, Rule, Set, Table, ord_map_change, whole_change};
+use crate::model::{Chain, Change, Family, Rule, Set, Table, TableId, ord_map_change, whole_change};
 use crate::nfdump;
 
-pub const FAMILY: &str = "ip";
+pub const FAMILY: Family = Family::Ip;
 pub const TABLE: &str = "natgw";
+/// natgw's table in a gateway, as netlink addresses it.
+pub const ID: TableId = TableId { family: FAMILY, name: TABLE };
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -173,11 +175,11 @@ fn forward_chain(lan: &str, ext: &str) -> Chain {
 /// direction (`lan`, `external`, `other`); `None` without natgw's table.
 pub fn forward_drops() -> Result<Option<BTreeMap<&'static str, u64>>, NftError> {
     let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
-    if !nfdump::table_exists(&socket)? {
+    if !nfdump::table_exists(&socket, ID)? {
         return Ok(None);
     }
     let mut out: BTreeMap<&'static str, u64> = FORWARD_DROPS.iter().map(|(_, d)| (*d, 0)).collect();
-    for (comment, packets) in nfdump::rule_counters(&socket, "forward")? {
+    for (comment, packets) in nfdump::rule_counters(&socket, ID, "forward")? {
         let role = comment.strip_prefix("natgw ").and_then(|r| r.split(' ').next());
         if let Some((_, direction)) = FORWARD_DROPS.iter().find(|(r, _)| Some(*r) == role) {
             *out.entry(direction).or_default() += packets;
@@ -327,13 +329,13 @@ impl Running {
 /// merges intervals, which natgw leaves to it).
 pub fn read() -> Result<KernelTable, NftError> {
     let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
-    if !nfdump::table_exists(&socket)? {
+    if !nfdump::table_exists(&socket, ID)? {
         return Ok(KernelTable::default());
     }
     let mut t = KernelTable { present: true, ..Default::default() };
-    t.skeleton.sets = nfdump::sets(&socket)?;
-    t.skeleton.rules = nfdump::rule_comments(&socket)?;
-    if let Some(mut listing) = list(&["chains", FAMILY])? {
+    t.skeleton.sets = nfdump::sets(&socket, ID)?;
+    t.skeleton.rules = nfdump::rule_comments(&socket, ID)?;
+    if let Some(mut listing) = list(&["chains", &FAMILY.to_string()])? {
         listing.nftables.retain(|i| i.chain.as_ref().is_some_and(|c| c.table == TABLE));
         t.skeleton.chains = parse_raw(listing).0.chains;
     }
@@ -345,13 +347,13 @@ pub fn read() -> Result<KernelTable, NftError> {
         }
         if set.interval {
             let what = if set.value.is_some() { "map" } else { "set" };
-            if let Some(listing) = list(&[what, FAMILY, TABLE, set.name])? {
+            if let Some(listing) = list(&[what, &FAMILY.to_string(), TABLE, set.name])? {
                 for (name, elems) in parse_raw(listing).1 {
                     parse_elements(&name, &elems, &mut t.nat).map_err(|e| NftError::Parse(format!("{name}: {e}")))?;
                 }
             }
         } else {
-            nfdump::elements(&socket, set.name, |k, v| hash_element(set.name, k, v, &mut t.nat))?;
+            nfdump::elements(&socket, ID, set.name, |k, v| hash_element(set.name, k, v, &mut t.nat))?;
         }
     }
     t.nat.snat.sort();
@@ -391,8 +393,8 @@ fn hash_element(set: &str, key: &[u8], value: &[u8], nat: &mut NatTables) -> Res
 
 /// `nft -j list table FAMILY NAME`, or `None` when the table does not
 /// exist: how natgw reads its other tables (egress) back.
-pub fn read_listing(family: &str, name: &str) -> Result<Option<Listing>, NftError> {
-    list(&["table", family, name])
+pub fn read_listing(table: TableId) -> Result<Option<Listing>, NftError> {
+    list(&["table", &table.family.to_string(), table.name])
 }
 
 /// `nft -j list WHAT...`, or `None` when what it names does not exist.

@@ -12,6 +12,7 @@ use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route, holds_address as holds};
 
 use crate::ctpolicy::CtEntry;
 use crate::nft::{KernelTable, expected_skeleton};
+use crate::routing::{LanRule, wanted_rules};
 
 /// The kernel's side, read in one pass.
 #[derive(Clone, Debug, Default)]
@@ -47,39 +48,6 @@ impl KernelState {
         ours.extend(self.locals.iter().map(|a| a.addr.addr()));
         eips_of(&self.table.nat, &mut ours);
         ours
-    }
-}
-
-/// A policy rule for traffic arriving on the LAN: natgw's default route
-/// lives in its own table ([`crate::link::NATGW_TABLE`]), so the gateway
-/// pod's own default route (to the cluster network, the API server) stays
-/// as it is and only VPC traffic leaves through the external side.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct LanRule {
-    pub priority: u32,
-    pub iif: String,
-}
-
-/// Before the main table's default: the main table without its default
-/// routes (connected and VPC routes still win).
-pub const RULE_MAIN: u32 = 7470;
-/// Then natgw's table, which holds only the default route.
-pub const RULE_EXIT: u32 = 7471;
-
-/// The rules a plan needs: none without a default route.
-pub fn wanted_rules(plan: &GatewayPlan) -> BTreeSet<LanRule> {
-    if !plan.routes.iter().any(|r| r.dst.prefix_len() == 0) {
-        return BTreeSet::new();
-    }
-    [RULE_MAIN, RULE_EXIT].map(|priority| LanRule { priority, iif: plan.lan_interface.clone() }).into()
-}
-
-impl fmt::Display for LanRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.priority {
-            RULE_MAIN => write!(f, "rule {} iif {} lookup main suppress_prefixlength 0", self.priority, self.iif),
-            p => write!(f, "rule {p} iif {} lookup {}", self.iif, crate::link::NATGW_TABLE),
-        }
     }
 }
 
