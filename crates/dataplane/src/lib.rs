@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod ctpolicy;
 pub mod deadline;
 pub mod egress;
+pub mod elements;
 mod engine;
 pub mod garp;
 pub mod link;

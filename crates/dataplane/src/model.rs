@@ -6,10 +6,13 @@
 //!   the script and the skeleton expected back from the kernel. Each rule
 //!   carries a comment with a hash of its text, so a rule edited, removed
 //!   or added by hand no longer matches and the table is rebuilt.
-//! - Everything that varies is elements. `map_change`, `set_change` and
-//!   `whole_change` compare typed contents and render only what changed
-//!   (O(change) text per sync); `Table::script` turns the changes into one
-//!   transaction.
+//! - Everything that varies is elements. The gateway table's maps and
+//!   sets are described once each in `elements`, which gives every form of
+//!   an element (nft text, netlink bytes, `nft -j` atoms, audit lines) and
+//!   one typed diff. The egress table still uses `map_change`,
+//!   `set_change` and `whole_change` here. Either way only what changed
+//!   is rendered (O(change) text per sync); `Table::script` turns the
+//!   changes into one transaction.
 //! - `Mirror` is what the last successful transaction left: unknown means
 //!   a full write.
 //!
@@ -124,30 +127,6 @@ pub fn map_change<K: Ord, V: PartialEq>(
         .map(|(k, v)| format!("{} : {}", key(k), value(v)))
         .collect();
     Change { set, flush: false, delete, add }
-}
-
-/// `map_change` for the plan's persistent maps: the diff skips subtrees
-/// both share, so a plan derived from the last one costs O(change).
-pub fn ord_map_change<K: Ord + Clone, V: PartialEq + Clone>(
-    set: &'static str,
-    have: &imbl::OrdMap<K, V>,
-    want: &imbl::OrdMap<K, V>,
-    key: impl Fn(&K) -> String,
-    value: impl Fn(&V) -> String,
-) -> Change {
-    use imbl::ordmap::DiffItem;
-    let mut c = Change { set, ..Default::default() };
-    for d in have.diff(want) {
-        match d {
-            DiffItem::Add(k, v) => c.add.push(format!("{} : {}", key(k), value(v))),
-            DiffItem::Update { new: (k, v), .. } => {
-                c.delete.push(key(k));
-                c.add.push(format!("{} : {}", key(k), value(v)));
-            }
-            DiffItem::Remove(k, _) => c.delete.push(key(k)),
-        }
-    }
-    c
 }
 
 /// A set of `T`, element by element.

@@ -10,13 +10,12 @@
 //! go through `nft -f`.
 
 use std::cell::Cell;
-use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd as _;
 
-use natgw_api::Protocol;
 use natgw_plan::NatTables;
 use netlink_sys::Socket;
 
+use crate::elements::GATEWAY;
 use crate::model::TableId;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,58 +65,11 @@ pub struct MapChange {
     pub add: Vec<Element>,
 }
 
-fn ip(a: &Ipv4Addr) -> Vec<u8> {
-    a.octets().to_vec()
-}
-
-fn port_key((eip, proto, port): &natgw_plan::PortKey) -> Vec<u8> {
-    let p = match proto {
-        Protocol::Tcp => 6u8,
-        Protocol::Udp => 17,
-    };
-    let mut k = ip(eip);
-    k.extend([p, 0, 0, 0]);
-    k.extend(port.to_be_bytes());
-    k.extend([0, 0]);
-    k
-}
-
-fn target((addr, port): &natgw_plan::Target) -> Vec<u8> {
-    let mut v = ip(addr);
-    v.extend(port.to_be_bytes());
-    v.extend([0, 0]);
-    v
-}
-
-/// The diff of two persistent maps: it skips the subtrees they share, so
-/// a plan derived from the last one costs O(change).
-fn map_diff<K: Ord + Clone, V: PartialEq + Clone>(
-    set: &'static str,
-    have: &imbl::OrdMap<K, V>,
-    want: &imbl::OrdMap<K, V>,
-    key: impl Fn(&K) -> Vec<u8>,
-    value: impl Fn(&V) -> Vec<u8>,
-) -> MapChange {
-    use imbl::ordmap::DiffItem;
-    let mut c = MapChange { set, ..Default::default() };
-    for d in have.diff(want) {
-        match d {
-            DiffItem::Add(k, v) => c.add.push((key(k), value(v))),
-            DiffItem::Update { old: (k, hv), new: (_, wv) } => {
-                c.delete.push((key(k), value(hv)));
-                c.add.push((key(k), value(wv)));
-            }
-            DiffItem::Remove(k, v) => c.delete.push((key(k), value(v))),
-        }
-    }
-    c
-}
-
 /// The map changes from `have` to `want`, or `None` when an interval set
 /// changes too (nft splits and merges intervals; the whole change then
 /// goes through `nft -f`, in one transaction).
 pub fn changes(have: &NatTables, want: &NatTables) -> Option<Vec<MapChange>> {
-    if have.snat != want.snat || have.internal_nets != want.internal_nets {
+    if GATEWAY.iter().any(|s| s.interval() && s.differs(have, want)) {
         return None;
     }
     Some(map_changes(have, want))
@@ -125,14 +77,11 @@ pub fn changes(have: &NatTables, want: &NatTables) -> Option<Vec<MapChange>> {
 
 /// The hash maps' changes from `have` to `want`, the unchanged left out.
 pub fn map_changes(have: &NatTables, want: &NatTables) -> Vec<MapChange> {
-    [
-        map_diff("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
-        map_diff("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
-        map_diff("port_fwd", &have.port_fwd, &want.port_fwd, port_key, target),
-    ]
-    .into_iter()
-    .filter(|c| !c.delete.is_empty() || !c.add.is_empty())
-    .collect()
+    GATEWAY
+        .iter()
+        .filter_map(|s| s.netlink_change(have, want))
+        .filter(|c| !c.delete.is_empty() || !c.add.is_empty())
+        .collect()
 }
 
 pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -325,6 +274,7 @@ impl Nfnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natgw_api::Protocol;
 
     #[test]
     fn messages_split_a_datagram_and_stop_at_a_length_that_does_not_fit() {
@@ -344,9 +294,11 @@ mod tests {
     fn concatenated_fields_are_padded_as_nft_stores_them() {
         // What `nft --debug=netlink` shows for 1.2.3.4 . tcp . 80 :
         // 10.0.0.1 . 8080.
-        let key = port_key(&("1.2.3.4".parse().unwrap(), Protocol::Tcp, 80));
-        assert_eq!(key, [1, 2, 3, 4, 6, 0, 0, 0, 0, 0x50, 0, 0]);
-        assert_eq!(target(&("10.0.0.1".parse().unwrap(), 8080)), [10, 0, 0, 1, 0x1f, 0x90, 0, 0]);
+        use crate::elements::Field;
+        let key: natgw_plan::PortKey = ("1.2.3.4".parse().unwrap(), Protocol::Tcp, 80);
+        assert_eq!(key.bytes(), [1, 2, 3, 4, 6, 0, 0, 0, 0, 0x50, 0, 0]);
+        let target: natgw_plan::Target = ("10.0.0.1".parse().unwrap(), 8080);
+        assert_eq!(target.bytes(), [10, 0, 0, 1, 0x1f, 0x90, 0, 0]);
     }
 
     #[test]
@@ -365,7 +317,12 @@ mod tests {
     #[test]
     fn a_message_of_port_forwards_fits_one_attribute() {
         let items: Vec<Element> = (0..CHUNK as u32)
-            .map(|i| (port_key(&(i.into(), Protocol::Udp, 65535)), target(&(i.into(), 65535))))
+            .map(|i| {
+                use crate::elements::Field;
+                let (key, target): (natgw_plan::PortKey, natgw_plan::Target) =
+                    ((i.into(), Protocol::Udp, 65535), (i.into(), 65535));
+                (key.bytes(), target.bytes())
+            })
             .collect();
         let body = elements(crate::nft::ID, "port_fwd", &items, true);
         assert!(body.len() < u16::MAX as usize, "{} bytes", body.len());

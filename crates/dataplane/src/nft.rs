@@ -13,12 +13,12 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use natgw_api::Protocol;
-use natgw_plan::{NatTables, SnatRange};
+use natgw_plan::NatTables;
 use serde_json::Value;
 
+use crate::elements::GATEWAY;
 pub use crate::listing::{Atom, Listing};
-use crate::model::{Chain, Change, Family, Rule, Set, Table, TableId, ord_map_change, whole_change};
+use crate::model::{Chain, Change, Family, Rule, Set, Table, TableId};
 use crate::nfdump;
 
 pub const FAMILY: Family = Family::Ip;
@@ -56,14 +56,7 @@ pub struct KernelTable {
 
 /// The maps and sets: the same whatever the interfaces.
 fn sets() -> Vec<Set> {
-    let set = |name, key, value, interval| Set { name, key, value, interval };
-    vec![
-        set("fip_dnat", "ipv4_addr", Some("ipv4_addr"), false),
-        set("fip_snat", "ipv4_addr", Some("ipv4_addr"), false),
-        set("port_fwd", "ipv4_addr . inet_proto . inet_service", Some("ipv4_addr . inet_service"), false),
-        set("snat_nets", "ipv4_addr", Some("ipv4_addr"), true),
-        set("internal_nets", "ipv4_addr", None, true),
-    ]
+    GATEWAY.iter().map(|s| s.set()).collect()
 }
 
 /// natgw's table for a gateway with these interfaces.
@@ -195,24 +188,13 @@ pub fn expected_skeleton(lan: &str, ext: &str) -> Skeleton {
 
 /// What each map and set needs to go from `have` to `want`.
 fn changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
-    let ip = |ip: &Ipv4Addr| ip.to_string();
-    vec![
-        ord_map_change("fip_dnat", &have.fip_dnat, &want.fip_dnat, ip, ip),
-        ord_map_change("fip_snat", &have.fip_snat, &want.fip_snat, ip, ip),
-        ord_map_change("port_fwd", &have.port_fwd, &want.port_fwd, port_key, |(ip, port)| format!("{ip} . {port}")),
-    ]
-    .into_iter()
-    .chain(interval_changes(have, want))
-    .collect()
+    GATEWAY.iter().map(|s| s.text_change(have, want)).collect()
 }
 
 /// The interval sets' changes: nft splits and merges their intervals, so
 /// they always go through it.
-fn interval_changes(have: &NatTables, want: &NatTables) -> [Change; 2] {
-    [
-        whole_change("snat_nets", &have.snat, &want.snat, |r| format!("{} : {}", range(r.first, r.last), r.eip)),
-        whole_change("internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| range(*a, *b)),
-    ]
+fn interval_changes(have: &NatTables, want: &NatTables) -> Vec<Change> {
+    GATEWAY.iter().filter(|s| s.interval()).map(|s| s.text_change(have, want)).collect()
 }
 
 /// A script that replaces the whole table with the desired one.
@@ -255,10 +237,6 @@ pub fn rechain_script(lan: &str, ext: &str, kernel: &KernelTable, want: &NatTabl
 pub fn diff_script(have: &NatTables, want: &NatTables) -> String {
     let elements = Table { family: FAMILY, name: TABLE, comment: "", sets: sets(), chains: Vec::new() };
     elements.script(&changes(have, want))
-}
-
-fn port_key((eip, proto, port): &natgw_plan::PortKey) -> String {
-    format!("{eip} . {proto} . {port}")
 }
 
 /// An inclusive range as nft spells it: `a-b`, or `a` alone.
@@ -339,56 +317,27 @@ pub fn read() -> Result<KernelTable, NftError> {
         listing.nftables.retain(|i| i.chain.as_ref().is_some_and(|c| c.table == TABLE));
         t.skeleton.chains = parse_raw(listing).0.chains;
     }
-    for set in sets() {
+    for set in GATEWAY {
         // A set natgw did not declare so makes the skeleton differ, and the
         // table is rebuilt: its elements are not read.
-        if t.skeleton.sets.get(set.name) != Some(&set.describe()) {
+        let name = set.name();
+        if t.skeleton.sets.get(name) != Some(&set.set().describe()) {
             continue;
         }
-        if set.interval {
-            let what = if set.value.is_some() { "map" } else { "set" };
-            if let Some(listing) = list(&[what, &FAMILY.to_string(), TABLE, set.name])? {
+        if set.interval() {
+            let what = if set.set().value.is_some() { "map" } else { "set" };
+            if let Some(listing) = list(&[what, &FAMILY.to_string(), TABLE, name])? {
                 for (name, elems) in parse_raw(listing).1 {
                     parse_elements(&name, &elems, &mut t.nat).map_err(|e| NftError::Parse(format!("{name}: {e}")))?;
                 }
             }
         } else {
-            nfdump::elements(&socket, ID, set.name, |k, v| hash_element(set.name, k, v, &mut t.nat))?;
+            nfdump::elements(&socket, ID, name, |k, v| set.read_bytes(&mut t.nat, k, v))?;
         }
     }
     t.nat.snat.sort();
     t.nat.internal_nets.sort();
     Ok(t)
-}
-
-/// One element of a hash map, as the kernel stores it (`nfnl` writes the
-/// same bytes).
-fn hash_element(set: &str, key: &[u8], value: &[u8], nat: &mut NatTables) -> Result<(), String> {
-    let ip = |b: &[u8]| -> Result<Ipv4Addr, String> {
-        let octets: [u8; 4] = b.get(..4).and_then(|o| o.try_into().ok()).ok_or("an address shorter than 4 bytes")?;
-        Ok(Ipv4Addr::from(octets))
-    };
-    let port = |b: &[u8]| -> Result<u16, String> {
-        Ok(u16::from_be_bytes(b.get(..2).and_then(|p| p.try_into().ok()).ok_or("a port shorter than 2 bytes")?))
-    };
-    match set {
-        "fip_dnat" => nat.fip_dnat.insert(ip(key)?, ip(value)?),
-        "fip_snat" => nat.fip_snat.insert(ip(key)?, ip(value)?),
-        "port_fwd" => {
-            if key.len() != 12 || value.len() != 8 {
-                return Err(format!("element of {} and {} bytes", key.len(), value.len()));
-            }
-            let proto = match key[4] {
-                6 => Protocol::Tcp,
-                17 => Protocol::Udp,
-                other => return Err(format!("unexpected protocol {other}")),
-            };
-            nat.port_fwd.insert((ip(key)?, proto, port(&key[8..])?), (ip(value)?, port(&value[4..])?));
-            return Ok(());
-        }
-        other => return Err(format!("{other} is not one of natgw's hash maps")),
-    };
-    Ok(())
 }
 
 /// `nft -j list table FAMILY NAME`, or `None` when the table does not
@@ -470,93 +419,18 @@ pub fn parse_table(listing: Listing) -> Result<KernelTable, NftError> {
 
 /// The IPv4 values of the named maps among a table's elements.
 pub fn map_values(elements: &BTreeMap<String, Vec<Atom>>, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
-    maps.iter()
-        .filter_map(|m| elements.get(*m))
-        .flatten()
-        .filter_map(|e| pair(e).ok().and_then(|(_, v)| ip(&v).ok()))
-        .collect()
+    maps.iter().filter_map(|m| elements.get(*m)).flatten().filter_map(crate::elements::value_addr).collect()
 }
 
 fn parse_elements(name: &str, elems: &[Atom], nat: &mut NatTables) -> Result<(), String> {
-    for e in elems {
-        match name {
-            "fip_dnat" | "fip_snat" => {
-                let (k, v) = pair(e)?;
-                let (k, v) = (ip(&k)?, ip(&v)?);
-                if name == "fip_dnat" {
-                    nat.fip_dnat.insert(k, v)
-                } else {
-                    nat.fip_snat.insert(k, v)
-                };
-            }
-            "port_fwd" => {
-                let (k, v) = pair(e)?;
-                let k = concat(&k, 3)?;
-                let v = concat(&v, 2)?;
-                let proto = match &k[1] {
-                    Atom::Word(s) if &**s == "tcp" => Protocol::Tcp,
-                    Atom::Word(s) if &**s == "udp" => Protocol::Udp,
-                    Atom::Num(6) => Protocol::Tcp,
-                    Atom::Num(17) => Protocol::Udp,
-                    other => return Err(format!("unexpected protocol {other}")),
-                };
-                nat.port_fwd.insert((ip(&k[0])?, proto, port(&k[2])?), (ip(&v[0])?, port(&v[1])?));
-            }
-            "snat_nets" => {
-                let (k, v) = pair(e)?;
-                let (first, last) = interval(&k)?;
-                nat.snat.push(SnatRange { first, last, eip: ip(&v)? });
-            }
-            "internal_nets" => nat.internal_nets.push(interval(e)?),
-            _ => return Err("unexpected set in natgw's table".into()),
-        }
-    }
-    Ok(())
-}
-
-fn pair(e: &Atom) -> Result<(Atom, Atom), String> {
-    e.two().ok_or_else(|| format!("expected [key, value], got {e}"))
-}
-
-fn concat(v: &Atom, n: usize) -> Result<Vec<Atom>, String> {
-    match (v, v.two()) {
-        (Atom::List(l), _) if l.len() == n => Ok(l.clone()),
-        (_, Some((a, b))) if n == 2 => Ok(vec![a, b]),
-        _ => Err(format!("expected {n}-part concatenation, got {v}")),
-    }
-}
-
-fn ip(v: &Atom) -> Result<Ipv4Addr, String> {
-    match v {
-        Atom::Addr(a) => Ok(*a),
-        _ => Err(format!("expected IPv4 address, got {v}")),
-    }
-}
-
-fn port(v: &Atom) -> Result<u16, String> {
-    match v {
-        Atom::Num(p) => u16::try_from(*p).map_err(|_| format!("expected port, got {v}")),
-        _ => Err(format!("expected port, got {v}")),
-    }
-}
-
-fn interval(v: &Atom) -> Result<(Ipv4Addr, Ipv4Addr), String> {
-    match v {
-        Atom::Prefix(addr, len) => {
-            let net = ipnet::Ipv4Net::new(*addr, *len).map_err(|e| e.to_string())?;
-            Ok((net.network(), net.broadcast()))
-        }
-        Atom::Pair(a, b) => Ok((*a, *b)),
-        _ => {
-            let a = ip(v)?;
-            Ok((a, a))
-        }
-    }
+    let set = crate::elements::named(name).ok_or("unexpected set in natgw's table")?;
+    elems.iter().try_for_each(|e| set.read_atom(nat, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natgw_api::Protocol;
 
     /// A listing as `nft -j list table` prints it: elements plain and
     /// wrapped (an element with attributes), concatenations, prefixes and

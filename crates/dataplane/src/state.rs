@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route, holds_address as holds};
 
 use crate::ctpolicy::CtEntry;
+use crate::elements::GATEWAY;
 use crate::nft::{KernelTable, expected_skeleton};
 use crate::routing::{LanRule, wanted_rules};
 
@@ -115,38 +116,15 @@ pub fn eip_diff<'a>(held: &'a OrdSet<IfAddr>, want: &'a OrdSet<IfAddr>) -> (Vec<
 /// The EIPs whose translation differs between two tables, on either side:
 /// the addresses a sweep of that change must judge flows through.
 pub fn touched_eips(have: &NatTables, want: &NatTables, out: &mut BTreeSet<Ipv4Addr>) {
-    use imbl::ordmap::DiffItem;
-    fn both<K: Ord + Clone, V: PartialEq + Clone>(
-        have: &imbl::OrdMap<K, V>,
-        want: &imbl::OrdMap<K, V>,
-        out: &mut BTreeSet<Ipv4Addr>,
-        eip: impl Fn(&K, &V) -> Ipv4Addr,
-    ) {
-        for d in have.diff(want) {
-            match d {
-                DiffItem::Add(k, v) | DiffItem::Remove(k, v) => {
-                    out.insert(eip(k, v));
-                }
-                DiffItem::Update { old: (k, hv), new: (_, wv) } => {
-                    out.insert(eip(k, hv));
-                    out.insert(eip(k, wv));
-                }
-            }
-        }
-    }
-    both(&have.fip_dnat, &want.fip_dnat, out, |k, _| *k);
-    both(&have.fip_snat, &want.fip_snat, out, |_, v| *v);
-    both(&have.port_fwd, &want.port_fwd, out, |k, _| k.0);
-    if have.snat != want.snat {
-        out.extend(have.snat.iter().chain(&want.snat).map(|r| r.eip));
+    for set in GATEWAY {
+        set.touched(have, want, out);
     }
 }
 
 pub fn eips_of(nat: &NatTables, out: &mut BTreeSet<Ipv4Addr>) {
-    out.extend(nat.fip_dnat.keys().copied());
-    out.extend(nat.fip_snat.values().copied());
-    out.extend(nat.port_fwd.keys().map(|(eip, _, _)| *eip));
-    out.extend(nat.snat.iter().map(|r| r.eip));
+    for set in GATEWAY {
+        set.eips(nat, out);
+    }
 }
 
 /// One difference between plan and kernel.
@@ -170,35 +148,6 @@ impl fmt::Display for Drift {
     }
 }
 
-fn map_drift<K: Ord + Clone, V: PartialEq + Clone>(
-    out: &mut Vec<Drift>,
-    name: &str,
-    have: &imbl::OrdMap<K, V>,
-    want: &imbl::OrdMap<K, V>,
-    show: impl Fn(&K, &V) -> String,
-) {
-    use imbl::ordmap::DiffItem;
-    for d in have.diff(want) {
-        match d {
-            DiffItem::Add(k, v) => out.push(Drift::Missing(format!("nft {name} element {}", show(k, v)))),
-            DiffItem::Remove(k, v) => out.push(Drift::Leaked(format!("nft {name} element {}", show(k, v)))),
-            DiffItem::Update { old: (k, hv), new: (_, wv) } => {
-                out.push(Drift::Leaked(format!("nft {name} element {}", show(k, hv))));
-                out.push(Drift::Missing(format!("nft {name} element {}", show(k, wv))));
-            }
-        }
-    }
-}
-
-fn list_drift<T: PartialEq>(out: &mut Vec<Drift>, name: &str, have: &[T], want: &[T], show: impl Fn(&T) -> String) {
-    for x in have.iter().filter(|x| !want.contains(x)) {
-        out.push(Drift::Leaked(format!("nft {name} element {}", show(x))));
-    }
-    for x in want.iter().filter(|x| !have.contains(x)) {
-        out.push(Drift::Missing(format!("nft {name} element {}", show(x))));
-    }
-}
-
 /// Every difference, sorted. `stale` are conntrack entries found stale.
 pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drift> {
     let mut out = Vec::new();
@@ -211,14 +160,9 @@ pub fn drift(plan: &GatewayPlan, k: &KernelState, stale: &[CtEntry]) -> Vec<Drif
             crate::nft::TABLE
         )));
     }
-    let (have, want) = (&k.table.nat, &plan.nat);
-    map_drift(&mut out, "fip_dnat", &have.fip_dnat, &want.fip_dnat, |k, v| format!("{k} : {v}"));
-    map_drift(&mut out, "fip_snat", &have.fip_snat, &want.fip_snat, |k, v| format!("{k} : {v}"));
-    map_drift(&mut out, "port_fwd", &have.port_fwd, &want.port_fwd, |(e, p, pt), (ip, to)| {
-        format!("{e} . {p} . {pt} : {ip} . {to}")
-    });
-    list_drift(&mut out, "snat_nets", &have.snat, &want.snat, |r| format!("{}-{} : {}", r.first, r.last, r.eip));
-    list_drift(&mut out, "internal_nets", &have.internal_nets, &want.internal_nets, |(a, b)| format!("{a}-{b}"));
+    for set in GATEWAY {
+        set.drift(&k.table.nat, &plan.nat, &mut out);
+    }
     for (a, owned) in &k.addresses {
         if *owned {
             out.push(Drift::Leaked(format!("address {} dev {}", a.addr, a.interface)));
