@@ -149,7 +149,7 @@ impl Metrics {
                 continue;
             }
             eips.insert(u.eip);
-            let (eip, proto) = (u.eip.to_string(), natgw_dataplane::ports::proto_name(u.proto));
+            let (eip, proto) = (u.eip.to_string(), natgw_dataplane::conntrack::ports::proto_name(u.proto));
             let base = [("eip", eip.as_str()), ("proto", proto.as_str())];
             self.eip_connections.get_or_create(&labels(&base)).set(i64::from(u.connections));
             self.port_saturation.get_or_create(&labels(&base)).set(u.saturation());
@@ -169,7 +169,7 @@ impl Metrics {
 
     /// Exposes a translation log's counts, copied every second: the log's
     /// thread never touches the registry.
-    pub fn translation_log(&self, counts: std::sync::Arc<natgw_dataplane::translog::Counts>) {
+    pub fn translation_log(&self, counts: std::sync::Arc<natgw_dataplane::conntrack::translog::Counts>) {
         let family = self.translation_lines.clone();
         tokio::spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;

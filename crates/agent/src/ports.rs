@@ -12,7 +12,7 @@ use crate::store::Store;
 use kube::Client;
 use natgw_api::{Eip, HeldEip};
 use natgw_dataplane::Gateway;
-use natgw_dataplane::ports::{EipUsage, proto_name};
+use natgw_dataplane::conntrack::ports::{EipUsage, proto_name};
 
 use crate::metrics::Metrics;
 
@@ -92,13 +92,16 @@ impl PortArgs {
     }
 
     /// The translation log's rates.
-    pub fn translation_rates(&self) -> natgw_dataplane::translog::Rates {
-        natgw_dataplane::translog::Rates { total: self.translation_log_rate, per_eip: self.translation_log_eip_rate }
+    pub fn translation_rates(&self) -> natgw_dataplane::conntrack::translog::Rates {
+        natgw_dataplane::conntrack::translog::Rates {
+            total: self.translation_log_rate,
+            per_eip: self.translation_log_eip_rate,
+        }
     }
 
     /// Where translation logs go, or `None` when off.
-    pub fn translation_sink(&self) -> Option<natgw_dataplane::translog::Sink> {
-        use natgw_dataplane::translog::Sink;
+    pub fn translation_sink(&self) -> Option<natgw_dataplane::conntrack::translog::Sink> {
+        use natgw_dataplane::conntrack::translog::Sink;
         match self.translation_log.as_str() {
             "off" => None,
             "stdout" => Some(Sink::Stdout),
@@ -159,7 +162,7 @@ async fn warn(client: &Client, reporter: &natgw_kube_support::events::Reporter, 
         dest.addr,
         dest.port,
         u.saturation() * 100.0,
-        natgw_dataplane::ports::PORTS
+        natgw_dataplane::conntrack::ports::PORTS
     );
     tracing::warn!(eip = %u.eip, "{note}");
     let Some(eip) = eip_named(eips, u.eip) else { return };

@@ -547,8 +547,8 @@ fn translog_run(seconds: u64, offered: Option<f64>) -> Result<()> {
     let file = std::env::temp_dir().join("natgw-bench-translations.log");
     let _ = std::fs::remove_file(&file);
     let log = gw.start_translation_log(
-        natgw_dataplane::translog::Sink::file(file.clone(), 1 << 30, 1),
-        natgw_dataplane::translog::Rates { total: 1_000_000, per_eip: 1_000_000 },
+        natgw_dataplane::conntrack::translog::Sink::file(file.clone(), 1 << 30, 1),
+        natgw_dataplane::conntrack::translog::Rates { total: 1_000_000, per_eip: 1_000_000 },
     )?;
     let on = connection_rate_with(&lab, seconds, clients, offered)?;
     std::thread::sleep(Duration::from_millis(700));

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use natgw_dataplane::ports::{PORTS, proto_name};
+use natgw_dataplane::conntrack::ports::{PORTS, proto_name};
 use natgw_dataplane::{Gateway, PortReport};
 
 /// The screen for one report: the `rows` busiest (EIP, protocol) pairs.
@@ -68,7 +68,7 @@ pub fn top(netns: Option<&str>, interval: Duration, rows: usize, destinations: u
 pub fn logs(file: &std::path::Path, eip: &str, at: &str) -> Result<ExitCode> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(file).with_context(|| format!("--file {}", file.display()))?;
-    let held = natgw_dataplane::translog::held_at(&text, eip, at);
+    let held = natgw_dataplane::conntrack::translog::held_at(&text, eip, at);
     for l in &held {
         println!("{}", serde_json::to_string(l)?);
     }

@@ -111,7 +111,7 @@ fn removing_every_eip_keeps_the_routes() {
 /// never missing, the marked addresses go, the operator's stays.
 #[test]
 fn eip_addresses_left_by_an_earlier_version_become_local_routes() {
-    use natgw_dataplane::link::Links;
+    use natgw_dataplane::route::Links;
     let lab = lab("upgrade");
     let ns = lab.ns("gw");
     let gw = Gateway::open(Some(&ns)).unwrap();

@@ -178,7 +178,7 @@ impl Drop for ConntrackMax {
 #[test]
 fn round2_item8_300k_flows_are_swept_and_audited_under_128_mib() {
     use natgw_dataplane::conntrack::Conntrack;
-    use natgw_dataplane::ctpolicy::{CtEntry, Tuple};
+    use natgw_dataplane::conntrack::policy::{CtEntry, Tuple};
     const OTHERS: u32 = 300_000;
     const STALE: u16 = 1_000;
     let _max = ConntrackMax::at_least(400_000);

@@ -9,7 +9,8 @@ mod common;
 use std::net::Ipv4Addr;
 
 use natgw_api::Protocol;
-use natgw_dataplane::{Gateway, nfnl, nft};
+use natgw_dataplane::Gateway;
+use natgw_dataplane::nft::{self, netlink};
 use natgw_plan::{NatTables, longest_prefix_ranges, merge_ranges};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -59,11 +60,11 @@ fn tables() -> impl Strategy<Value = NatTables> {
 /// What the kernel holds, read over netlink and from `nft -j`: both must
 /// be `want`.
 fn holds(want: &NatTables, how: &str) -> Result<(), String> {
-    let netlink = nft::read().map_err(|e| format!("{how}: netlink read: {e}"))?;
+    let dumped = nft::read().map_err(|e| format!("{how}: netlink read: {e}"))?;
     let listing = nft::read_listing(nft::ID).map_err(|e| e.to_string())?.ok_or(format!("{how}: no table"))?;
     let listed = nft::parse_table(listing).map_err(|e| format!("{how}: nft listing: {e}"))?;
-    if netlink.nat != *want {
-        return Err(format!("{how}: netlink read\n{:?}\nwanted\n{want:?}", netlink.nat));
+    if dumped.nat != *want {
+        return Err(format!("{how}: netlink read\n{:?}\nwanted\n{want:?}", dumped.nat));
     }
     if listed.nat != *want {
         return Err(format!("{how}: nft listing\n{:?}\nwanted\n{want:?}", listed.nat));
@@ -75,8 +76,8 @@ fn apply(script: &str) -> Result<(), String> {
     if script.is_empty() { Ok(()) } else { nft::apply(script).map_err(|e| format!("{e}\n{script}")) }
 }
 
-fn netlink(changes: &[nfnl::MapChange]) -> Result<(), String> {
-    let socket = nfnl::Nfnl::open().map_err(|e| e.to_string())?;
+fn over_netlink(changes: &[netlink::MapChange]) -> Result<(), String> {
+    let socket = netlink::Nfnl::open().map_err(|e| e.to_string())?;
     socket.apply(nft::ID, changes).map_err(|e| e.to_string())
 }
 
@@ -90,7 +91,7 @@ fn round_trip(a: &NatTables, b: &NatTables) -> Result<(), String> {
     let mut halfway = b.clone();
     halfway.snat = a.snat.clone();
     halfway.internal_nets = a.internal_nets.clone();
-    netlink(&nfnl::map_changes(a, b))?;
+    over_netlink(&netlink::map_changes(a, b))?;
     holds(&halfway, "hash maps over netlink")?;
     apply(&nft::diff_script(&halfway, b))?;
     holds(b, "then interval sets as an nft diff")?;
@@ -99,7 +100,7 @@ fn round_trip(a: &NatTables, b: &NatTables) -> Result<(), String> {
     nft::delete_table().map_err(|e| e.to_string())?;
     let staged = nft::staged(LAN, EXT, b);
     apply(&staged.declare)?;
-    netlink(&staged.maps)?;
+    over_netlink(&staged.maps)?;
     apply(&staged.hook)?;
     holds(b, "written in stages")
 }
@@ -157,10 +158,10 @@ fn the_largest_table_reads_back_equal_both_ways() {
         nft::delete_table().map_err(|e| e.to_string())?;
         let staged = nft::staged(LAN, EXT, &big);
         apply(&staged.declare)?;
-        netlink(&staged.maps)?;
+        over_netlink(&staged.maps)?;
         apply(&staged.hook)?;
         holds(&big, "222,000 elements in stages")?;
-        netlink(&nfnl::map_changes(&big, &changed))?;
+        over_netlink(&netlink::map_changes(&big, &changed))?;
         holds(&changed, "1,000 changes over netlink")?;
         apply(&nft::diff_script(&changed, &text))?;
         holds(&text, "1,000 more as an nft diff")

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use natgw_dataplane::Gateway;
-use natgw_dataplane::translog::{Rates, Sink};
+use natgw_dataplane::conntrack::translog::{Rates, Sink};
 use natgw_lab::traffic::{UdpFlow, udp_server};
 
 #[test]
@@ -36,7 +36,7 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     // the packet: ask about a moment the log has already seen. Asking right
     // after the first packet failed on a loaded CI machine.
     let text = wait_for_line(&file, |l| l.contains("\"event\":\"new\"") && l.contains("198.51.100.10:"));
-    let during = natgw_dataplane::translog::rfc3339(std::time::SystemTime::now());
+    let during = natgw_dataplane::conntrack::translog::rfc3339(std::time::SystemTime::now());
     // The SnatRule goes: the sweep ends the flow's translation.
     converge(&gw, &objects(&eip("egress", EGRESS_EIP)));
     wait_for_line(&file, |l| l.contains("\"event\":\"end\"") && l.contains("\"internal\":\"10.77.0.12:"));
@@ -54,7 +54,7 @@ fn translations_are_logged_and_logs_answer_who_held_an_eip() {
     };
     let held = logs(&during);
     assert!(held.status.success() && String::from_utf8_lossy(&held.stdout).contains("10.77.0.12:"));
-    let after = natgw_dataplane::translog::rfc3339(std::time::SystemTime::now());
+    let after = natgw_dataplane::conntrack::translog::rfc3339(std::time::SystemTime::now());
     assert!(!logs(&after).status.success(), "nobody holds it after the flow ended");
     std::fs::remove_dir_all(&dir).unwrap();
 }

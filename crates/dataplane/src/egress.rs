@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
-use crate::ctpolicy::CtEntry;
-use crate::model::{Chain, Change, Family, Mirror, Rule, Set, Table, TableId, map_change, set_change, whole_change};
+use crate::conntrack::policy::CtEntry;
+use crate::nft::model::{
+    Chain, Change, Family, Mirror, Rule, Set, Table, TableId, map_change, set_change, whole_change,
+};
 use crate::nft::{self, NftError};
 use crate::{SyncError, netns};
 
@@ -336,7 +338,7 @@ mod tests {
 
     /// A flow to `asked`, sent by a DNAT to `to`.
     fn dnat_flow(proto: u8, pod: &str, asked: (&str, u16), to: (&str, u16), seen_as: &str) -> CtEntry {
-        use crate::ctpolicy::Tuple;
+        use crate::conntrack::policy::Tuple;
         CtEntry {
             proto,
             orig: Tuple { src: ip(pod), dst: ip(asked.0), sport: 40000, dport: asked.1 },

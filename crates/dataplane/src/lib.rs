@@ -1,29 +1,18 @@
 //! The kernel side of a gateway, in thin layers around the pure plan:
-//! `nft` (natgw's nftables table), `link` (addresses and routes over
-//! rtnetlink, with natgw's marks and tables in `routing`), `conntrack`
-//! (netlink), `garp`, and `engine`, which ties them into sync, audit and
-//! teardown, writing the table the way `table_write` chooses from data.
-//! `Gateway` is the handle callers use.
+//! `nft` (natgw's nftables tables: model, elements, netlink, dump),
+//! `route` (EIPs, routes and rules over rtnetlink, natgw's marks, GARP),
+//! `conntrack` (netlink, the stale-flow policy, port use, translation
+//! logs), `gateway` (its kernel state and the sync, audit and teardown
+//! that tie the rest together) and `egress` (a node's table). `Gateway`
+//! is the handle callers use.
 
 pub mod conntrack;
-pub mod ctpolicy;
 pub mod deadline;
 pub mod egress;
-pub mod elements;
-mod engine;
-pub mod garp;
-pub mod link;
-mod listing;
-pub mod model;
+mod gateway;
 pub mod netns;
-pub mod nfdump;
-pub mod nfnl;
 pub mod nft;
-pub mod ports;
-pub mod routing;
-pub mod state;
-mod table_write;
-pub mod translog;
+pub mod route;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +21,11 @@ use std::time::Duration;
 
 use natgw_plan::{GatewayPlan, IfAddr, Route};
 
-use crate::model::Mirror;
+use crate::conntrack::{ports, translog};
+use crate::gateway::{engine, state};
+use crate::nft::model::Mirror;
 
-pub use state::{Drift, KernelState};
+pub use gateway::state::{Drift, KernelState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -43,9 +34,9 @@ pub enum SyncError {
     #[error(transparent)]
     Nft(#[from] nft::NftError),
     #[error(transparent)]
-    Nfnl(#[from] nfnl::NfnlError),
+    Nfnl(#[from] nft::netlink::NfnlError),
     #[error(transparent)]
-    Link(#[from] link::LinkError),
+    Link(#[from] route::LinkError),
     #[error(transparent)]
     Conntrack(#[from] conntrack::ConntrackError),
     #[error("cannot enable net.ipv4.ip_forward: {0}")]

@@ -1,12 +1,22 @@
 //! natgw's nftables table: rendering (pure), reading back (over netlink,
-//! `nfdump`, and JSON from `nft` for the small parts) and applying one
-//! script as one atomic transaction.
+//! `dump`, and JSON from `nft` for the small parts) and applying one
+//! script as one atomic transaction. The parts: `model` (tables, sets and
+//! chains as values), `elements` (each map described once), `netlink`
+//! (element batches), `dump` (reading back), `listing` (nft's JSON),
+//! `write` (which way a sync writes the table).
 //!
 //! The table holds a handful of fixed rules; everything that varies with
 //! the objects lives in maps and sets, so a packet costs one lookup per
 //! rule and an update touches only the changed elements. Each fixed rule
 //! carries a comment with a hash of its text: a rule edited, removed or
 //! added by hand no longer matches and the table is rebuilt.
+
+pub mod dump;
+pub mod elements;
+mod listing;
+pub mod model;
+pub mod netlink;
+pub(crate) mod write;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -16,10 +26,9 @@ use std::process::{Command, Stdio};
 use natgw_plan::NatTables;
 use serde_json::Value;
 
-use crate::elements::GATEWAY;
-pub use crate::listing::{Atom, Listing};
-use crate::model::{Chain, Change, Family, Rule, Set, Table, TableId};
-use crate::nfdump;
+use crate::nft::elements::GATEWAY;
+pub use crate::nft::listing::{Atom, Listing};
+use crate::nft::model::{Chain, Change, Family, Rule, Set, Table, TableId};
 
 pub const FAMILY: Family = Family::Ip;
 pub const TABLE: &str = "natgw";
@@ -41,10 +50,10 @@ pub enum NftError {
     #[error("cannot parse nft JSON output")]
     Json(#[source] serde_json::Error),
     #[error("reading natgw's table: {0}")]
-    Dump(#[from] crate::nfdump::DumpError),
+    Dump(#[from] crate::nft::dump::DumpError),
 }
 
-pub use crate::model::Skeleton;
+pub use crate::nft::model::Skeleton;
 
 /// What the kernel holds in natgw's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -168,11 +177,11 @@ fn forward_chain(lan: &str, ext: &str) -> Chain {
 /// direction (`lan`, `external`, `other`); `None` without natgw's table.
 pub fn forward_drops() -> Result<Option<BTreeMap<&'static str, u64>>, NftError> {
     let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
-    if !nfdump::table_exists(&socket, ID)? {
+    if !dump::table_exists(&socket, ID)? {
         return Ok(None);
     }
     let mut out: BTreeMap<&'static str, u64> = FORWARD_DROPS.iter().map(|(_, d)| (*d, 0)).collect();
-    for (comment, packets) in nfdump::rule_counters(&socket, ID, "forward")? {
+    for (comment, packets) in dump::rule_counters(&socket, ID, "forward")? {
         let role = comment.strip_prefix("natgw ").and_then(|r| r.split(' ').next());
         if let Some((_, direction)) = FORWARD_DROPS.iter().find(|(r, _)| Some(*r) == role) {
             *out.entry(direction).or_default() += packets;
@@ -210,7 +219,7 @@ pub fn full_script(lan: &str, ext: &str, nat: &NatTables) -> String {
 /// whole table comes into force at once, with its second commit.
 pub struct Staged {
     pub declare: String,
-    pub maps: Vec<crate::nfnl::MapChange>,
+    pub maps: Vec<crate::nft::netlink::MapChange>,
     pub hook: String,
 }
 
@@ -219,7 +228,7 @@ pub fn staged(lan: &str, ext: &str, nat: &NatTables) -> Staged {
     let empty = NatTables::default();
     let mut hook = t.chains_script();
     hook.push_str(&t.script(&interval_changes(&empty, nat)));
-    Staged { declare: t.declare_script(), maps: crate::nfnl::map_changes(&empty, nat), hook }
+    Staged { declare: t.declare_script(), maps: crate::nft::netlink::map_changes(&empty, nat), hook }
 }
 
 /// For a table whose sets are as natgw declares them but whose chains are
@@ -307,12 +316,12 @@ impl Running {
 /// merges intervals, which natgw leaves to it).
 pub fn read() -> Result<KernelTable, NftError> {
     let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
-    if !nfdump::table_exists(&socket, ID)? {
+    if !dump::table_exists(&socket, ID)? {
         return Ok(KernelTable::default());
     }
     let mut t = KernelTable { present: true, ..Default::default() };
-    t.skeleton.sets = nfdump::sets(&socket, ID)?;
-    t.skeleton.rules = nfdump::rule_comments(&socket, ID)?;
+    t.skeleton.sets = dump::sets(&socket, ID)?;
+    t.skeleton.rules = dump::rule_comments(&socket, ID)?;
     if let Some(mut listing) = list(&["chains", &FAMILY.to_string()])? {
         listing.nftables.retain(|i| i.chain.as_ref().is_some_and(|c| c.table == TABLE));
         t.skeleton.chains = parse_raw(listing).0.chains;
@@ -332,7 +341,7 @@ pub fn read() -> Result<KernelTable, NftError> {
                 }
             }
         } else {
-            nfdump::elements(&socket, ID, name, |k, v| set.read_bytes(&mut t.nat, k, v))?;
+            dump::elements(&socket, ID, name, |k, v| set.read_bytes(&mut t.nat, k, v))?;
         }
     }
     t.nat.snat.sort();
@@ -419,11 +428,11 @@ pub fn parse_table(listing: Listing) -> Result<KernelTable, NftError> {
 
 /// The IPv4 values of the named maps among a table's elements.
 pub fn map_values(elements: &BTreeMap<String, Vec<Atom>>, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
-    maps.iter().filter_map(|m| elements.get(*m)).flatten().filter_map(crate::elements::value_addr).collect()
+    maps.iter().filter_map(|m| elements.get(*m)).flatten().filter_map(crate::nft::elements::value_addr).collect()
 }
 
 fn parse_elements(name: &str, elems: &[Atom], nat: &mut NatTables) -> Result<(), String> {
-    let set = crate::elements::named(name).ok_or("unexpected set in natgw's table")?;
+    let set = crate::nft::elements::named(name).ok_or("unexpected set in natgw's table")?;
     elems.iter().try_for_each(|e| set.read_atom(nat, e))
 }
 

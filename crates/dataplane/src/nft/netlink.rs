@@ -15,8 +15,8 @@ use std::os::fd::AsRawFd as _;
 use natgw_plan::NatTables;
 use netlink_sys::Socket;
 
-use crate::elements::GATEWAY;
-use crate::model::TableId;
+use crate::nft::elements::GATEWAY;
+use crate::nft::model::TableId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
@@ -279,8 +279,8 @@ mod tests {
     #[test]
     fn messages_split_a_datagram_and_stop_at_a_length_that_does_not_fit() {
         let mut buf = Vec::new();
-        message(&mut buf, 7, 0, 1, crate::model::Family::Ip.nfproto(), 0, &[1, 2, 3]);
-        message(&mut buf, 8, 0, 2, crate::model::Family::Ip.nfproto(), 0, &[]);
+        message(&mut buf, 7, 0, 1, crate::nft::model::Family::Ip.nfproto(), 0, &[1, 2, 3]);
+        message(&mut buf, 8, 0, 2, crate::nft::model::Family::Ip.nfproto(), 0, &[]);
         let first_len = 16 + 4 + 3;
         buf.splice(first_len..first_len, [0u8]); // pad the first to four bytes
         let kinds: Vec<u16> = messages(&buf).map(|m| m.kind).collect();
@@ -294,7 +294,7 @@ mod tests {
     fn concatenated_fields_are_padded_as_nft_stores_them() {
         // What `nft --debug=netlink` shows for 1.2.3.4 . tcp . 80 :
         // 10.0.0.1 . 8080.
-        use crate::elements::Field;
+        use crate::nft::elements::Field;
         let key: natgw_plan::PortKey = ("1.2.3.4".parse().unwrap(), Protocol::Tcp, 80);
         assert_eq!(key.bytes(), [1, 2, 3, 4, 6, 0, 0, 0, 0, 0x50, 0, 0]);
         let target: natgw_plan::Target = ("10.0.0.1".parse().unwrap(), 8080);
@@ -318,7 +318,7 @@ mod tests {
     fn a_message_of_port_forwards_fits_one_attribute() {
         let items: Vec<Element> = (0..CHUNK as u32)
             .map(|i| {
-                use crate::elements::Field;
+                use crate::nft::elements::Field;
                 let (key, target): (natgw_plan::PortKey, natgw_plan::Target) =
                     ((i.into(), Protocol::Udp, 65535), (i.into(), 65535));
                 (key.bytes(), target.bytes())
@@ -358,7 +358,7 @@ mod tests {
     /// another family (nfgenmsg's first byte) whose name shares a prefix.
     #[test]
     fn a_batch_names_its_table_and_family() {
-        use crate::model::{Family, TableId};
+        use crate::nft::model::{Family, TableId};
         let c = MapChange { set: "m", delete: vec![], add: vec![(vec![1, 2, 3, 4], vec![5, 6, 7, 8])] };
         for table in [crate::egress::ID, TableId { family: Family::Ip6, name: "natgw6" }] {
             let (buf, _) = batch(table, std::slice::from_ref(&c));

@@ -1,5 +1,11 @@
 //! Conntrack over netfilter netlink: dump the table, delete entries by
 //! their original tuple. Runs in the namespace of the calling thread.
+//! Which entries are stale is `policy` (pure); what flows use per EIP is
+//! `ports`; translation logs from conntrack events are `translog`.
+
+pub mod policy;
+pub mod ports;
+pub mod translog;
 
 use std::net::IpAddr;
 
@@ -10,7 +16,7 @@ use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, 
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
-use crate::ctpolicy::{self, CtEntry};
+use policy::CtEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
@@ -90,7 +96,7 @@ impl Conntrack {
     }
 }
 
-fn encode_tuple(proto: u8, t: &ctpolicy::Tuple) -> Vec<Tuple> {
+fn encode_tuple(proto: u8, t: &policy::Tuple) -> Vec<Tuple> {
     vec![
         Tuple::Ip(vec![IPTuple::SourceAddress(IpAddr::V4(t.src)), IPTuple::DestinationAddress(IpAddr::V4(t.dst))]),
         Tuple::Proto(vec![
@@ -173,7 +179,7 @@ fn dump(s: &Socket, mut each: impl FnMut(Dumped)) -> Result<(), ConntrackError> 
 }
 
 /// A netlink tuple as (protocol number, addresses and ports).
-pub fn decode_tuple(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
+pub fn decode_tuple(tuple: &[Tuple]) -> Option<(u8, policy::Tuple)> {
     let (mut src, mut dst, mut sport, mut dport, mut proto) = (None, None, 0, 0, None);
     for t in tuple {
         match t {
@@ -200,7 +206,7 @@ pub fn decode_tuple(tuple: &[Tuple]) -> Option<(u8, ctpolicy::Tuple)> {
             _ => {}
         }
     }
-    Some((proto?, ctpolicy::Tuple { src: src?, dst: dst?, sport, dport }))
+    Some((proto?, policy::Tuple { src: src?, dst: dst?, sport, dport }))
 }
 
 fn delete(s: &Socket, entries: &[Dumped]) -> Result<usize, ConntrackError> {

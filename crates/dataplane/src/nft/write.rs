@@ -4,9 +4,9 @@
 
 use natgw_plan::NatTables;
 
-use crate::model::Skeleton;
-use crate::nfnl::{self, MapChange};
 use crate::nft::KernelTable;
+use crate::nft::model::Skeleton;
+use crate::nft::netlink::{self, MapChange};
 
 /// One of the ways to write the table.
 #[derive(Debug, PartialEq)]
@@ -33,7 +33,7 @@ pub enum TableWrite {
 /// plan's interfaces ask for.
 pub fn table_write(have: &KernelTable, skeleton: &Skeleton, want: &NatTables) -> TableWrite {
     if have.present && have.skeleton == *skeleton {
-        return match nfnl::changes(&have.nat, want) {
+        return match netlink::changes(&have.nat, want) {
             Some(maps) => TableWrite::Elements(maps),
             None => TableWrite::Diff,
         };

@@ -8,13 +8,15 @@ use std::time::Instant;
 
 use natgw_plan::{GatewayPlan, IfAddr, Route};
 
-use crate::ctpolicy::is_stale;
-use crate::link::{EipRoute, Interface, LinkError, Links};
-use crate::state::{
+use crate::conntrack::policy::is_stale;
+use crate::gateway::state::{
     Drift, KernelState, drift, eip_diff, eips_of, held_eips, touched_eips, wanted_locals, wanted_subnets,
 };
-use crate::table_write::{TableWrite, table_write};
-use crate::{SyncError, SyncReport, conntrack, garp, nfnl, nft};
+use crate::nft::netlink;
+use crate::nft::write::{TableWrite, table_write};
+use crate::route::garp;
+use crate::route::{EipRoute, Interface, LinkError, Links};
+use crate::{SyncError, SyncReport, conntrack, nft};
 
 const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -33,15 +35,15 @@ thread_local! {
     // on first use and kept: both live in the worker's namespace.
     static LINKS: RefCell<Option<Links>> = const { RefCell::new(None) };
     static ANNOUNCER: RefCell<Option<garp::Announcer>> = const { RefCell::new(None) };
-    static NFNL: RefCell<Option<nfnl::Nfnl>> = const { RefCell::new(None) };
+    static NFNL: RefCell<Option<netlink::Nfnl>> = const { RefCell::new(None) };
 }
 
 /// Applies map changes on the worker's nf_tables socket.
-fn apply_maps(changes: &[nfnl::MapChange]) -> Result<(), SyncError> {
+fn apply_maps(changes: &[netlink::MapChange]) -> Result<(), SyncError> {
     NFNL.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(nfnl::Nfnl::open()?);
+            *slot = Some(netlink::Nfnl::open()?);
         }
         match slot.as_ref() {
             Some(socket) => Ok(socket.apply(nft::ID, changes)?),
@@ -229,7 +231,7 @@ fn after(before: Snapshot, plan: &GatewayPlan, report: &SyncReport) -> Snapshot 
             eips: plan.addresses.clone(),
             locals,
             subnets: wanted_subnets(plan),
-            rules: crate::routing::wanted_rules(plan),
+            rules: crate::route::marks::wanted_rules(plan),
             forwarding: true,
             promote_secondaries: promote,
         },
@@ -282,7 +284,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
             // thread) while the EIPs go in here.
             let staged = nft::staged(&plan.lan_interface, &plan.external_interface, &plan.nat);
             let declare = nft::start(staged.declare)?;
-            let socket = nfnl::Nfnl::open()?;
+            let socket = netlink::Nfnl::open()?;
             let maps = &staged.maps;
             let (added, filled) = std::thread::scope(|scope| {
                 let filler = scope.spawn(move || -> Result<(), SyncError> {
@@ -291,7 +293,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
                 });
                 let added = eip_routes(links, snap, &k.subnets, &subnets, &new_eips);
                 let filled = filler.join().unwrap_or_else(|_| {
-                    Err(nfnl::NfnlError::Io(std::io::Error::other("the map writer panicked")).into())
+                    Err(netlink::NfnlError::Io(std::io::Error::other("the map writer panicked")).into())
                 });
                 (added, filled)
             });
@@ -373,7 +375,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
         report.routes_removed.push(r.clone());
     }
     // Rules after routes: a rule never points at an empty table.
-    let rules = crate::routing::wanted_rules(plan);
+    let rules = crate::route::marks::wanted_rules(plan);
     for r in rules.difference(&k.rules) {
         links.add_rule(r)?;
         report.changed = true;

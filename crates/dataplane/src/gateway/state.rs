@@ -10,10 +10,10 @@ use ipnet::Ipv4Net;
 
 use natgw_plan::{GatewayPlan, IfAddr, NatTables, Route, holds_address as holds};
 
-use crate::ctpolicy::CtEntry;
-use crate::elements::GATEWAY;
+use crate::conntrack::policy::CtEntry;
+use crate::nft::elements::GATEWAY;
 use crate::nft::{KernelTable, expected_skeleton};
-use crate::routing::{LanRule, wanted_rules};
+use crate::route::marks::{LanRule, wanted_rules};
 
 /// The kernel's side, read in one pass.
 #[derive(Clone, Debug, Default)]

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::ctpolicy::CtEntry;
+use crate::conntrack::policy::CtEntry;
 
 /// Source ports SNAT may use: nf_nat keeps a source port below 1024 below
 /// 1024 and maps the others into 1024-65535.
@@ -97,7 +97,7 @@ pub fn proto_name(p: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctpolicy::Tuple;
+    use crate::conntrack::policy::Tuple;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()

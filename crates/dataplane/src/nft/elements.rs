@@ -14,11 +14,11 @@ use imbl::ordmap::DiffItem;
 use natgw_api::Protocol;
 use natgw_plan::{NatTables, PortKey, SnatRange, Target};
 
-use crate::listing::Atom;
-use crate::model::{Change, Set, whole_change};
-use crate::nfnl::MapChange;
+use crate::gateway::state::Drift;
+use crate::nft::listing::Atom;
+use crate::nft::model::{Change, Set, whole_change};
+use crate::nft::netlink::MapChange;
 use crate::nft::range;
-use crate::state::Drift;
 
 /// A key or a value of an element, in each of its forms.
 pub trait Field: Sized + Clone + Ord {

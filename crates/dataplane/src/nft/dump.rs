@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use netlink_sys::Socket;
 
-use crate::model::TableId;
-use crate::nfnl::{NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message, messages};
+use crate::nft::model::TableId;
+use crate::nft::netlink::{NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, NLMSG_ERROR, attr, cstr, message, messages};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -312,7 +312,7 @@ mod tests {
         // A NEWSETELEM reply carries the same attributes as the request
         // natgw sends to add them.
         let items = vec![(vec![198, 51, 100, 7], vec![10, 0, 0, 7]), (vec![198, 51, 100, 8], vec![10, 0, 0, 8])];
-        let body = crate::nfnl::elements(crate::nft::ID, "fip_dnat", &items, true);
+        let body = crate::nft::netlink::elements(crate::nft::ID, "fip_dnat", &items, true);
         let mut seen = Vec::new();
         decode_elements(&body, &mut |k, v| {
             seen.push((k.to_vec(), v.to_vec()));

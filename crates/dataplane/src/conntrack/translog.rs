@@ -17,7 +17,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::decode_tuple;
-use crate::ctpolicy::Tuple;
+use crate::conntrack::policy::Tuple;
 
 /// NFNLGRP_CONNTRACK_NEW and NFNLGRP_CONNTRACK_DESTROY as bind groups.
 const GROUPS: u32 = 1 | 4;
@@ -72,7 +72,7 @@ pub fn line(
         time: rfc3339(time),
         event: if new { "new" } else { "end" }.into(),
         id,
-        proto: crate::ports::proto_name(proto),
+        proto: crate::conntrack::ports::proto_name(proto),
         internal,
         eip,
         remote,

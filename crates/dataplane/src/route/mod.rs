@@ -2,7 +2,12 @@
 //! natgw adds carries protocol number `NATGW_PROTO` (rtm_protocol on
 //! routes, FRA_PROTOCOL on rules, IFA_PROTO on the interface addresses
 //! earlier versions used for EIPs): that mark is how natgw knows what it
-//! owns, and it never removes anything without it.
+//! owns, and it never removes anything without it. The marks, natgw's
+//! routing table and its policy rules are in `marks`; gratuitous ARP for
+//! new EIPs is `garp`.
+
+pub mod garp;
+pub mod marks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -13,7 +18,7 @@ use natgw_plan::{IfAddr, Route};
 use rtnetlink::IpVersion;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 
-use crate::routing::{LanRule, NATGW_PROTO, NATGW_TABLE, RULE_MAIN};
+use crate::route::marks::{LanRule, NATGW_PROTO, NATGW_TABLE, RULE_MAIN};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType};
