@@ -14,15 +14,18 @@ use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
 use crate::conntrack::policy::CtEntry;
+use crate::nft::elements::Field;
 use crate::nft::model::{
     Chain, Change, Family, Mirror, Rule, Set, Table, TableId, map_change, set_change, whole_change,
 };
-use crate::nft::{self, NftError};
+use crate::nft::{self, NftError, dump};
 use crate::{SyncError, netns};
 
 pub const TABLE: &str = "natgw_egress";
 /// The egress table on a node, as netlink addresses it.
 pub const ID: TableId = TableId { family: Family::Ip, name: TABLE };
+/// The maps whose values are the VIPs flows leave with.
+const VIP_MAPS: [&str; 2] = ["snat_all", "snat_ports"];
 
 /// What one sync did.
 #[derive(Clone, Debug, Default)]
@@ -176,24 +179,27 @@ fn addresses_here(loopback: bool, ipvs: bool) -> Result<BTreeSet<Ipv4Addr>, std:
         .collect())
 }
 
-/// The addresses the kernel's egress table translates to (empty without
-/// a table): what an earlier instance may have left flows behind with.
-/// `None` without a table.
+/// The addresses the kernel's egress table translates to: what an earlier
+/// instance may have left flows behind with. `None` without a table. Read
+/// over netlink, as the gateway's table is (no `nft` process).
 fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
-    let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
-    let (_, elements) = nft::parse_raw(listing);
-    Ok(Some(nft::map_values(&elements, &["snat_all", "snat_ports"])))
+    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    if !dump::table_exists(&socket, ID)? {
+        return Ok(None);
+    }
+    let mut vips = BTreeSet::new();
+    for map in VIP_MAPS {
+        dump::elements(&socket, ID, map, |_, vip| {
+            vips.insert(<Ipv4Addr as Field>::from_bytes(vip)?);
+            Ok(())
+        })?;
+    }
+    Ok(Some(vips))
 }
 
 fn table_exists() -> Result<bool, NftError> {
-    let child = std::process::Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    let watchdog = crate::deadline::Watchdog::watch(&child, crate::deadline::NFT);
-    Ok(nft::finish(child, &watchdog)?.status.success())
+    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    Ok(dump::table_exists(&socket, ID)?)
 }
 
 fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {

@@ -68,11 +68,6 @@ fn pair(e: &Atom) -> Result<(Atom, Atom), String> {
     e.two().ok_or_else(|| format!("expected [key, value], got {e}"))
 }
 
-/// The value of a map element `nft -j` listed, when it is an address.
-pub(crate) fn value_addr(e: &Atom) -> Option<Ipv4Addr> {
-    pair(e).ok().and_then(|(_, v)| atom_addr(&v).ok())
-}
-
 impl Field for Ipv4Addr {
     const TYPE: &'static str = "ipv4_addr";
     fn text(&self) -> String {

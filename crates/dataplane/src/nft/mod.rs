@@ -426,11 +426,6 @@ pub fn parse_table(listing: Listing) -> Result<KernelTable, NftError> {
     Ok(t)
 }
 
-/// The IPv4 values of the named maps among a table's elements.
-pub fn map_values(elements: &BTreeMap<String, Vec<Atom>>, maps: &[&str]) -> std::collections::BTreeSet<Ipv4Addr> {
-    maps.iter().filter_map(|m| elements.get(*m)).flatten().filter_map(crate::nft::elements::value_addr).collect()
-}
-
 fn parse_elements(name: &str, elems: &[Atom], nat: &mut NatTables) -> Result<(), String> {
     let set = crate::nft::elements::named(name).ok_or("unexpected set in natgw's table")?;
     elems.iter().try_for_each(|e| set.read_atom(nat, e))
