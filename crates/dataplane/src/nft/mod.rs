@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use natgw_plan::NatTables;
 use serde_json::Value;
 
-use crate::nft::elements::GATEWAY;
+use crate::nft::elements::{FIP_DNAT, FIP_SNAT, GATEWAY, INTERNAL_NETS, PORT_FWD, SNAT_NETS};
 pub use crate::nft::listing::{Atom, Listing};
 use crate::nft::model::{Chain, Change, Family, Rule, Set, Table, TableId};
 
@@ -82,8 +82,11 @@ pub fn table(lan: &str, ext: &str) -> Table {
                 hook: "prerouting",
                 priority: -100,
                 rules: vec![
-                    Rule::new("port-fwd", "dnat ip to ip daddr . meta l4proto . th dport map @port_fwd"),
-                    Rule::new("fip-dnat", "dnat ip to ip daddr map @fip_dnat"),
+                    Rule::new(
+                        "port-fwd",
+                        format!("dnat ip to ip daddr . meta l4proto . th dport map @{}", PORT_FWD.name),
+                    ),
+                    Rule::new("fip-dnat", format!("dnat ip to ip daddr map @{}", FIP_DNAT.name)),
                 ],
             },
             Chain {
@@ -98,11 +101,15 @@ pub fn table(lan: &str, ext: &str) -> Table {
                     Rule::new(
                         "hairpin",
                         format!(
-                            "oifname \"{lan}\" ip saddr @internal_nets ct status dnat snat ip to ct original ip daddr"
+                            "oifname \"{lan}\" ip saddr @{} ct status dnat snat ip to ct original ip daddr",
+                            INTERNAL_NETS.name
                         ),
                     ),
-                    Rule::new("fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @fip_snat")),
-                    Rule::new("snat", format!("oifname \"{ext}\" snat ip to ip saddr map @snat_nets fully-random")),
+                    Rule::new("fip-snat", format!("oifname \"{ext}\" snat ip to ip saddr map @{}", FIP_SNAT.name)),
+                    Rule::new(
+                        "snat",
+                        format!("oifname \"{ext}\" snat ip to ip saddr map @{} fully-random", SNAT_NETS.name),
+                    ),
                 ],
             },
             forward_chain(lan, ext),
@@ -160,10 +167,13 @@ fn forward_chain(lan: &str, ext: &str) -> Chain {
             Rule::new("replies", "ct state established,related accept"),
             Rule::new("within-lan", format!("iifname \"{lan}\" oifname \"{lan}\" accept")),
             Rule::new("inbound", format!("iifname \"{ext}\" oifname \"{lan}\" ct status dnat accept")),
-            Rule::new("fip-out", format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @fip_snat accept")),
+            Rule::new(
+                "fip-out",
+                format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @{} accept", FIP_SNAT.name),
+            ),
             Rule::new(
                 "snat-out",
-                format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @snat_nets accept"),
+                format!("iifname \"{lan}\" oifname \"{ext}\" ct state new ip saddr @{} accept", SNAT_NETS.name),
             ),
             Rule::new("drop-lan", format!("iifname \"{lan}\" counter drop")),
             Rule::new("drop-external", format!("iifname \"{ext}\" counter drop")),
