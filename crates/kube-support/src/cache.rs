@@ -87,15 +87,22 @@ pub fn decoded_events<K: Watched>(
     reporter: &'static str,
     cached_of: impl Fn(&str) -> Option<K> + Send + 'static,
 ) -> Events<K> {
-    let ar = ApiResource::erase::<K>(&());
-    let (c, cfg) = (client.clone(), config.page_size(LIST_PAGE));
+    let cfg = config.page_size(LIST_PAGE);
     // natgw reads no annotation of its own kinds: a tenant's are skipped
     // unread (a Service's egress settings are annotations, so others keep them).
-    match (K::group(&()) == natgw_api::GROUP, namespace) {
-        (true, Some(ns)) => events(Api::<Untyped<false>>::namespaced_with(c, ns, &ar), cfg, reporter, cached_of),
-        (true, None) => events(Api::<Untyped<false>>::all_with(c, &ar), cfg, reporter, cached_of),
-        (false, Some(ns)) => events(Api::<Untyped>::namespaced_with(c, ns, &ar), cfg, reporter, cached_of),
-        (false, None) => events(Api::<Untyped>::all_with(c, &ar), cfg, reporter, cached_of),
+    if K::group(&()) == natgw_api::GROUP {
+        events(api::<K, false>(client, namespace), cfg, reporter, cached_of)
+    } else {
+        events(api::<K, true>(client, namespace), cfg, reporter, cached_of)
+    }
+}
+
+/// K's objects, in `namespace` or cluster-wide, read as `Untyped`.
+fn api<K: Watched, const ANNOTATIONS: bool>(client: &Client, namespace: Option<&str>) -> Api<Untyped<ANNOTATIONS>> {
+    let ar = ApiResource::erase::<K>(&());
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
     }
 }
 
