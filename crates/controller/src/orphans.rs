@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -127,10 +127,13 @@ impl Sweeper {
 
 /// A pod of the gateway that may still hold its state (`pod P on node N`):
 /// one that was scheduled to a Node that still exists. A pod never
-/// scheduled held nothing.
+/// scheduled held nothing. Asked of the API server, like the gateway's
+/// absence: a pod created a moment ago may not be in the cache yet, and
+/// releasing on that would hand its addresses on while it holds them.
 async fn holder(ctx: &Ctx, gw: &str) -> Result<Option<String>, kube::Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    for pod in ctx.pods.state().iter().filter(|p| p.labels().get(GATEWAY_LABEL).map(String::as_str) == Some(gw)) {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    for pod in pods.list(&ListParams::default().labels(&format!("{GATEWAY_LABEL}={gw}"))).await?.items {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { continue };
         if nodes.get_opt(node).await?.is_some() {
             return Ok(Some(format!("pod {} on node {node}", pod.name_any())));
