@@ -10,8 +10,10 @@ use std::net::Ipv4Addr;
 
 use natgw_api::Protocol;
 use natgw_dataplane::Gateway;
+use natgw_dataplane::egress;
+use natgw_dataplane::nft::elements::GATEWAY;
 use natgw_dataplane::nft::{self, netlink};
-use natgw_plan::{NatTables, longest_prefix_ranges, merge_ranges};
+use natgw_plan::{EgressTables, NatTables, longest_prefix_ranges, merge_ranges};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -91,7 +93,7 @@ fn round_trip(a: &NatTables, b: &NatTables) -> Result<(), String> {
     let mut halfway = b.clone();
     halfway.snat = a.snat.clone();
     halfway.internal_nets = a.internal_nets.clone();
-    over_netlink(&netlink::map_changes(a, b))?;
+    over_netlink(&netlink::map_changes(&GATEWAY, a, b))?;
     holds(&halfway, "hash maps over netlink")?;
     apply(&nft::diff_script(&halfway, b))?;
     holds(b, "then interval sets as an nft diff")?;
@@ -161,11 +163,93 @@ fn the_largest_table_reads_back_equal_both_ways() {
         over_netlink(&staged.maps)?;
         apply(&staged.hook)?;
         holds(&big, "222,000 elements in stages")?;
-        over_netlink(&netlink::map_changes(&big, &changed))?;
+        over_netlink(&netlink::map_changes(&GATEWAY, &big, &changed))?;
         holds(&changed, "1,000 changes over netlink")?;
         apply(&nft::diff_script(&changed, &text))?;
         holds(&text, "1,000 more as an nft diff")
     })
     .unwrap()
     .unwrap();
+}
+
+/// An egress table as a node's plan could hold it: pods translated on
+/// every port or some, allow and deny lists of disjoint ranges per pod,
+/// held pods and the cluster's networks.
+fn egress_tables() -> impl Strategy<Value = EgressTables> {
+    let pod = |i: u32| Ipv4Addr::from(0x0A80_0000 + i);
+    let vip = |i: u32| Ipv4Addr::from(0xC633_6400 + i);
+    let dest = |i: u8| (Ipv4Addr::new(203, 0, i, 0), Ipv4Addr::new(203, 0, i, 255));
+    let all = prop::collection::btree_map(0u32..64, 0u32..8, 0..20);
+    let ports = prop::collection::btree_map((0u32..64, any::<bool>(), 1u16..=65535), 0u32..8, 0..20);
+    let lists = prop::collection::btree_set((0u32..16, 0u8..32, any::<bool>()), 0..20);
+    let pods = prop::collection::btree_set(0u32..64, 0..8);
+    let nets = prop::collection::vec((0u32..256, 8u8..=24), 0..4);
+    (all, ports, lists, pods.clone(), pods, nets).prop_map(move |(all, ports, lists, only, hold, nets)| {
+        let mut t = EgressTables {
+            snat_all: all.into_iter().map(|(p, v)| (pod(p), vip(v))).collect(),
+            snat_ports: ports
+                .into_iter()
+                .map(|((p, udp, port), v)| ((pod(p), if udp { Protocol::Udp } else { Protocol::Tcp }, port), vip(v)))
+                .collect(),
+            allow_only: only.into_iter().map(pod).collect(),
+            hold: hold.into_iter().map(pod).collect(),
+            ..EgressTables::default()
+        };
+        for (p, d, deny) in lists {
+            let to = if deny { &mut t.deny } else { &mut t.allow };
+            to.insert((pod(p), dest(d)));
+        }
+        let net = |a: u32, len: u8| ipnet::Ipv4Net::new(Ipv4Addr::from(0x0A00_0000 + (a << 16)), len).ok();
+        t.cluster_nets = merge_ranges(
+            nets.into_iter().filter_map(|(a, len)| net(a, len)).map(|n| (n.trunc().network(), n.trunc().broadcast())),
+        );
+        t
+    })
+}
+
+/// The egress table holds `want`, read over netlink and from `nft -j`.
+fn egress_holds(want: &EgressTables, how: &str) -> Result<(), String> {
+    let read = egress::read_tables().map_err(|e| format!("{how}: {e}"))?.ok_or(format!("{how}: no table"))?;
+    let listed = egress::list_tables().map_err(|e| format!("{how}: {e}"))?.ok_or(format!("{how}: no table"))?;
+    for (form, got) in [("netlink", read), ("nft -j", listed)] {
+        if got != *want {
+            return Err(format!("{how}: {form} read\n{got:?}\nwanted\n{want:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// `a` whole, then `b`'s hash sets over netlink, then `b`'s interval sets
+/// as an nft diff, then back to `a`: read back both ways each time.
+fn egress_round_trip(a: &EgressTables, b: &EgressTables) -> Result<(), String> {
+    let err = |e: natgw_dataplane::SyncError| e.to_string();
+    apply(&format!("add table ip {0}\ndelete table ip {0}\n", egress::TABLE))?;
+    egress::write_tables(None, a).map_err(err)?;
+    egress_holds(a, "a whole nft script")?;
+    let mut halfway = b.clone();
+    halfway.cluster_nets = a.cluster_nets.clone();
+    halfway.allow = a.allow.clone();
+    halfway.deny = a.deny.clone();
+    egress::write_tables(Some(a), &halfway).map_err(err)?;
+    egress_holds(&halfway, "hash sets over netlink")?;
+    egress::write_tables(Some(&halfway), b).map_err(err)?;
+    egress_holds(b, "then interval sets as an nft diff")?;
+    egress::write_tables(Some(b), a).map_err(err)?;
+    egress_holds(a, "back")
+}
+
+#[test]
+fn what_the_egress_table_writes_either_way_reads_back_equal() {
+    let lab = common::lab("roundtripeg");
+    let node = egress::Egress::open(Some(&lab.ns("gw"))).expect("egress handle");
+    let empty = EgressTables::default();
+    node.in_ns(move || egress_round_trip(&empty, &EgressTables::default())).unwrap().unwrap();
+    let mut runner = TestRunner::new(Config { cases: 24, failure_persistence: None, ..Config::default() });
+    let result = runner.run(&(egress_tables(), egress_tables()), |(a, b)| {
+        let outcome = node.in_ns(move || egress_round_trip(&a, &b)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        outcome.map_err(TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }

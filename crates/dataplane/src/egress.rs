@@ -14,18 +14,14 @@ use natgw_plan::EgressTables;
 
 use crate::conntrack::Conntrack;
 use crate::conntrack::policy::CtEntry;
-use crate::nft::elements::Field;
-use crate::nft::model::{
-    Chain, Change, Family, Mirror, Rule, Set, Table, TableId, map_change, set_change, whole_change,
-};
-use crate::nft::{self, NftError, dump};
+use crate::nft::elements::{ALLOW, ALLOW_ONLY, CLUSTER_NETS, DENY, EGRESS, HOLD, SNAT_ALL, SNAT_PORTS, TableSet};
+use crate::nft::model::{Chain, Change, Family, Mirror, Rule, Table, TableId};
+use crate::nft::{self, NftError, dump, netlink};
 use crate::{SyncError, netns};
 
 pub const TABLE: &str = "natgw_egress";
 /// The egress table on a node, as netlink addresses it.
 pub const ID: TableId = TableId { family: Family::Ip, name: TABLE };
-/// The maps whose values are the VIPs flows leave with.
-const VIP_MAPS: [&str; 2] = ["snat_all", "snat_ports"];
 
 /// What one sync did.
 #[derive(Clone, Debug, Default)]
@@ -33,6 +29,7 @@ pub struct EgressReport {
     pub changed: bool,
     /// The table was written whole (first sync, resync, or after a failure).
     pub full: bool,
+    /// nft statements, or elements written over netlink.
     pub statements: usize,
     pub conntrack_deleted: usize,
     pub duration: Duration,
@@ -48,22 +45,15 @@ pub struct Egress {
     mirror: Mutex<Known>,
 }
 
-/// The egress table: fixed rules, and sets and maps for what varies.
+/// The egress table: fixed rules, and the sets and maps of `EGRESS` for
+/// what varies.
 fn table() -> Table {
-    let set = |name, key, value, interval| Set { name, key, value, interval };
+    let (cluster, deny, allow, allow_only) = (CLUSTER_NETS.name, DENY.name, ALLOW.name, ALLOW_ONLY.name);
     Table {
         family: Family::Ip,
         name: TABLE,
         comment: "owned by natgw node-agent: changes by hand are reverted",
-        sets: vec![
-            set("cluster_nets", "ipv4_addr", None, true),
-            set("snat_all", "ipv4_addr", Some("ipv4_addr"), false),
-            set("snat_ports", "ipv4_addr . inet_proto . inet_service", Some("ipv4_addr"), false),
-            set("allow_only", "ipv4_addr", None, false),
-            set("allow", "ipv4_addr . ipv4_addr", None, true),
-            set("deny", "ipv4_addr . ipv4_addr", None, true),
-            set("hold", "ipv4_addr", None, false),
-        ],
+        sets: EGRESS.iter().map(|s| s.set()).collect(),
         chains: vec![
             // Before the usual srcnat chains (CNI masquerade at 100): the
             // first NAT chain that binds wins.
@@ -73,11 +63,14 @@ fn table() -> Table {
                 hook: "postrouting",
                 priority: 99,
                 rules: vec![
-                    Rule::new("cluster", "ip daddr @cluster_nets return"),
-                    Rule::new("deny", "ip saddr . ip daddr @deny return"),
-                    Rule::new("allow", "ip saddr @allow_only ip saddr . ip daddr != @allow return"),
-                    Rule::new("snat-ports", "snat ip to ip saddr . meta l4proto . th dport map @snat_ports"),
-                    Rule::new("snat-all", "snat ip to ip saddr map @snat_all"),
+                    Rule::new("cluster", format!("ip daddr @{cluster} return")),
+                    Rule::new("deny", format!("ip saddr . ip daddr @{deny} return")),
+                    Rule::new("allow", format!("ip saddr @{allow_only} ip saddr . ip daddr != @{allow} return")),
+                    Rule::new(
+                        "snat-ports",
+                        format!("snat ip to ip saddr . meta l4proto . th dport map @{}", SNAT_PORTS.name),
+                    ),
+                    Rule::new("snat-all", format!("snat ip to ip saddr map @{}", SNAT_ALL.name)),
                 ],
             },
             Chain {
@@ -85,27 +78,15 @@ fn table() -> Table {
                 kind: "filter",
                 hook: "forward",
                 priority: -1,
-                rules: vec![Rule::new("hold", "ip saddr @hold ip daddr != @cluster_nets counter drop")],
+                rules: vec![Rule::new("hold", format!("ip saddr @{} ip daddr != @{cluster} counter drop", HOLD.name))],
             },
         ],
     }
 }
 
-/// What each set and map needs to go from `have` to `want`.
+/// What each set and map needs to go from `have` to `want`, as nft text.
 fn changes(have: &EgressTables, want: &EgressTables) -> Vec<Change> {
-    let ip = |ip: &Ipv4Addr| ip.to_string();
-    let range = |(a, b): &(Ipv4Addr, Ipv4Addr)| nft::range(*a, *b);
-    let pod_range = |(pod, r): &(Ipv4Addr, (Ipv4Addr, Ipv4Addr))| format!("{pod} . {}", range(r));
-    let port_key = |(pod, proto, port): &(Ipv4Addr, natgw_api::Protocol, u16)| format!("{pod} . {proto} . {port}");
-    vec![
-        whole_change("cluster_nets", &have.cluster_nets, &want.cluster_nets, range),
-        map_change("snat_all", &have.snat_all, &want.snat_all, ip, ip),
-        map_change("snat_ports", &have.snat_ports, &want.snat_ports, port_key, ip),
-        set_change("allow_only", &have.allow_only, &want.allow_only, ip),
-        set_change("allow", &have.allow, &want.allow, pod_range),
-        set_change("deny", &have.deny, &want.deny, pod_range),
-        set_change("hold", &have.hold, &want.hold, ip),
-    ]
+    EGRESS.iter().map(|s| s.text_change(have, want)).collect()
 }
 
 /// The whole table, replacing whatever is there, in one transaction.
@@ -187,19 +168,77 @@ fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
     if !dump::table_exists(&socket, ID)? {
         return Ok(None);
     }
-    let mut vips = BTreeSet::new();
-    for map in VIP_MAPS {
-        dump::elements(&socket, ID, map, |_, vip| {
-            vips.insert(<Ipv4Addr as Field>::from_bytes(vip)?);
-            Ok(())
-        })?;
+    let mut read = EgressTables::default();
+    for map in [&SNAT_ALL as &dyn TableSet<EgressTables>, &SNAT_PORTS] {
+        dump::elements(&socket, ID, map.name(), |k, v| map.read_bytes(&mut read, k, v))?;
     }
-    Ok(Some(vips))
+    Ok(Some(read.vips()))
+}
+
+/// The egress table's elements as the kernel holds them, read over
+/// netlink (hash maps and sets) and from `nft -j` (interval sets, which
+/// only nft assembles); `None` without a table. For tests and audits.
+pub fn read_tables() -> Result<Option<EgressTables>, NftError> {
+    let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
+    let (_, listed) = nft::parse_raw(listing);
+    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    let mut read = EgressTables::default();
+    for set in EGRESS {
+        let bad = |e: String| NftError::Parse(format!("{}: {e}", set.name()));
+        if set.interval() {
+            for e in listed.get(set.name()).into_iter().flatten() {
+                set.read_atom(&mut read, e).map_err(bad)?;
+            }
+        } else {
+            dump::elements(&socket, ID, set.name(), |k, v| set.read_bytes(&mut read, k, v))?;
+        }
+    }
+    read.cluster_nets.sort();
+    Ok(Some(read))
+}
+
+/// `nft -j`'s reading of the same table: every set from the listing.
+pub fn list_tables() -> Result<Option<EgressTables>, NftError> {
+    let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
+    let (_, listed) = nft::parse_raw(listing);
+    let mut read = EgressTables::default();
+    for set in EGRESS {
+        for e in listed.get(set.name()).into_iter().flatten() {
+            set.read_atom(&mut read, e).map_err(|e| NftError::Parse(format!("{}: {e}", set.name())))?;
+        }
+    }
+    read.cluster_nets.sort();
+    Ok(Some(read))
+}
+
+/// Writes `want` into a table that holds `have`, as a sync does: hash
+/// sets over netlink when nothing else changed, else an nft diff; a whole
+/// script without `have`. Returns the statements or elements written.
+pub fn write_tables(have: Option<&EgressTables>, want: &EgressTables) -> Result<usize, SyncError> {
+    Ok(match have.map(|h| (h, netlink::changes(&EGRESS, h, want))) {
+        Some((_, Some(maps))) => {
+            let n = maps.iter().map(|c| c.delete.len() + c.add.len()).sum();
+            if n > 0 {
+                netlink::apply_here(ID, &maps)?;
+            }
+            n
+        }
+        Some((h, None)) => write_script(&diff_script(h, want))?,
+        None => write_script(&full_script(want))?,
+    })
 }
 
 fn table_exists() -> Result<bool, NftError> {
     let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
     Ok(dump::table_exists(&socket, ID)?)
+}
+
+/// Applies `script`; returns its statements.
+fn write_script(script: &str) -> Result<usize, NftError> {
+    if !script.is_empty() {
+        nft::apply(script)?;
+    }
+    Ok(script.lines().count())
 }
 
 fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, EgressReport), SyncError> {
@@ -230,17 +269,13 @@ fn converge(mirror: &Known, want: &EgressTables, full: bool) -> Result<(Known, E
         }
         Mirror::Known(None)
     } else {
-        let script = match have {
-            Some(h) => diff_script(h, want),
-            None => {
-                report.full = true;
-                full_script(want)
-            }
-        };
-        if !script.is_empty() {
-            report.statements = script.lines().count();
+        // Elements alone go over netlink, as the gateway's do; a change
+        // to an interval set, and a whole write, go through nft.
+        report.full = have.is_none();
+        let written = write_tables(have, want)?;
+        if written > 0 {
+            report.statements = written;
             report.changed = true;
-            nft::apply(&script)?;
         }
         Mirror::Known(Some(want.clone()))
     };

@@ -303,7 +303,7 @@ async fn run(args: Args) -> Result<()> {
             let e = element.clone();
             let found = kernel.run(move || {
                 std::process::Command::new("nft")
-                    .args(["get", "element", "ip", "natgw", "fip_snat", &e])
+                    .args(["get", "element", "ip", "natgw", natgw_dataplane::nft::elements::FIP_SNAT.name, &e])
                     .output()
                     .is_ok_and(|o| o.status.success())
             })?;

@@ -265,7 +265,18 @@ async fn main() -> Result<()> {
     let has = |ip: Ipv4Addr| {
         let el = format!("{{ {ip} }}");
         Command::new("ip")
-            .args(["netns", "exec", &api_ns.0, "nft", "get", "element", "ip", natgw_node_agent::TABLE, "snat_all", &el])
+            .args([
+                "netns",
+                "exec",
+                &api_ns.0,
+                "nft",
+                "get",
+                "element",
+                "ip",
+                natgw_node_agent::TABLE,
+                natgw_dataplane::nft::elements::SNAT_ALL.name,
+                &el,
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)

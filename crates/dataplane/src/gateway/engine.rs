@@ -31,25 +31,15 @@ fn sysctl_on(path: &str) -> bool {
 }
 
 thread_local! {
-    // One netlink connection and one ARP socket per worker thread, opened
+    // One rtnetlink connection and one ARP socket per worker thread, opened
     // on first use and kept: both live in the worker's namespace.
     static LINKS: RefCell<Option<Links>> = const { RefCell::new(None) };
     static ANNOUNCER: RefCell<Option<garp::Announcer>> = const { RefCell::new(None) };
-    static NFNL: RefCell<Option<netlink::Nfnl>> = const { RefCell::new(None) };
 }
 
 /// Applies map changes on the worker's nf_tables socket.
 fn apply_maps(changes: &[netlink::MapChange]) -> Result<(), SyncError> {
-    NFNL.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(netlink::Nfnl::open()?);
-        }
-        match slot.as_ref() {
-            Some(socket) => Ok(socket.apply(nft::ID, changes)?),
-            None => Ok(()),
-        }
-    })
+    Ok(netlink::apply_here(nft::ID, changes)?)
 }
 
 fn with_links<R>(f: impl FnOnce(&Links) -> Result<R, SyncError>) -> Result<R, SyncError> {

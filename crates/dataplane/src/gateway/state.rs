@@ -123,7 +123,7 @@ pub fn touched_eips(have: &NatTables, want: &NatTables, out: &mut BTreeSet<Ipv4A
 
 pub fn eips_of(nat: &NatTables, out: &mut BTreeSet<Ipv4Addr>) {
     for set in GATEWAY {
-        set.eips(nat, out);
+        set.public(nat, out);
     }
 }
 

@@ -1,7 +1,8 @@
 //! natgw's nftables table: rendering (pure), reading back (over netlink,
 //! `dump`, and JSON from `nft` for the small parts) and applying one
 //! script as one atomic transaction. The parts: `model` (tables, sets and
-//! chains as values), `elements` (each map described once), `netlink`
+//! chains as values), `elements` (each map of both tables described
+//! once), `fields` (key and value types in each form), `netlink`
 //! (element batches), `dump` (reading back), `listing` (nft's JSON),
 //! `write` (which way a sync writes the table).
 //!
@@ -13,6 +14,7 @@
 
 pub mod dump;
 pub mod elements;
+pub mod fields;
 mod listing;
 pub mod model;
 pub mod netlink;
@@ -238,7 +240,7 @@ pub fn staged(lan: &str, ext: &str, nat: &NatTables) -> Staged {
     let empty = NatTables::default();
     let mut hook = t.chains_script();
     hook.push_str(&t.script(&interval_changes(&empty, nat)));
-    Staged { declare: t.declare_script(), maps: crate::nft::netlink::map_changes(&empty, nat), hook }
+    Staged { declare: t.declare_script(), maps: crate::nft::netlink::map_changes(&GATEWAY, &empty, nat), hook }
 }
 
 /// For a table whose sets are as natgw declares them but whose chains are

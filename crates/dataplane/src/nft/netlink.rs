@@ -12,10 +12,9 @@
 use std::cell::Cell;
 use std::os::fd::AsRawFd as _;
 
-use natgw_plan::NatTables;
 use netlink_sys::Socket;
 
-use crate::nft::elements::GATEWAY;
+use crate::nft::elements::TableSet;
 use crate::nft::model::TableId;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,23 +64,44 @@ pub struct MapChange {
     pub add: Vec<Element>,
 }
 
-/// The map changes from `have` to `want`, or `None` when an interval set
-/// changes too (nft splits and merges intervals; the whole change then
-/// goes through `nft -f`, in one transaction).
-pub fn changes(have: &NatTables, want: &NatTables) -> Option<Vec<MapChange>> {
-    if GATEWAY.iter().any(|s| s.interval() && s.differs(have, want)) {
+/// The element changes of `sets` from `have` to `want`, or `None` when
+/// an interval set changes too (nft splits and merges intervals; the
+/// whole change then goes through `nft -f`, in one transaction).
+pub fn changes<T>(sets: &[&dyn TableSet<T>], have: &T, want: &T) -> Option<Vec<MapChange>> {
+    if sets.iter().any(|s| s.interval() && s.differs(have, want)) {
         return None;
     }
-    Some(map_changes(have, want))
+    Some(map_changes(sets, have, want))
 }
 
-/// The hash maps' changes from `have` to `want`, the unchanged left out.
-pub fn map_changes(have: &NatTables, want: &NatTables) -> Vec<MapChange> {
-    GATEWAY
-        .iter()
+/// The hash maps' and sets' changes from `have` to `want`, the unchanged
+/// left out.
+pub fn map_changes<T>(sets: &[&dyn TableSet<T>], have: &T, want: &T) -> Vec<MapChange> {
+    sets.iter()
         .filter_map(|s| s.netlink_change(have, want))
         .filter(|c| !c.delete.is_empty() || !c.add.is_empty())
         .collect()
+}
+
+thread_local! {
+    // One nf_tables socket per namespace worker thread, opened on first
+    // use and kept: it lives in the worker's namespace.
+    static HERE: std::cell::RefCell<Option<Nfnl>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Applies `changes` to `table` in one transaction on the calling
+/// thread's socket (a namespace worker's).
+pub fn apply_here(table: TableId, changes: &[MapChange]) -> Result<(), NfnlError> {
+    HERE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let socket = match slot.take() {
+            Some(s) => s,
+            None => Nfnl::open()?,
+        };
+        let result = socket.apply(table, changes);
+        *slot = Some(socket);
+        result
+    })
 }
 
 pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -274,7 +294,9 @@ impl Nfnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::elements::GATEWAY;
     use natgw_api::Protocol;
+    use natgw_plan::NatTables;
 
     #[test]
     fn messages_split_a_datagram_and_stop_at_a_length_that_does_not_fit() {
@@ -294,7 +316,7 @@ mod tests {
     fn concatenated_fields_are_padded_as_nft_stores_them() {
         // What `nft --debug=netlink` shows for 1.2.3.4 . tcp . 80 :
         // 10.0.0.1 . 8080.
-        use crate::nft::elements::Field;
+        use crate::nft::fields::Bytes;
         let key: natgw_plan::PortKey = ("1.2.3.4".parse().unwrap(), Protocol::Tcp, 80);
         assert_eq!(key.bytes(), [1, 2, 3, 4, 6, 0, 0, 0, 0, 0x50, 0, 0]);
         let target: natgw_plan::Target = ("10.0.0.1".parse().unwrap(), 8080);
@@ -307,18 +329,18 @@ mod tests {
         have.fip_dnat.insert("198.51.100.1".parse().unwrap(), "10.0.0.1".parse().unwrap());
         let mut want = have.clone();
         want.fip_dnat.insert("198.51.100.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let c = changes(&have, &want).unwrap();
+        let c = changes(&GATEWAY, &have, &want).unwrap();
         assert_eq!((c.len(), c[0].delete.len(), c[0].add.len()), (1, 1, 1));
-        assert_eq!(changes(&want, &want).unwrap(), vec![]);
+        assert_eq!(changes(&GATEWAY, &want, &want).unwrap(), vec![]);
         want.internal_nets.push(("10.0.0.0".parse().unwrap(), "10.0.0.255".parse().unwrap()));
-        assert!(changes(&have, &want).is_none());
+        assert!(changes(&GATEWAY, &have, &want).is_none());
     }
 
     #[test]
     fn a_message_of_port_forwards_fits_one_attribute() {
         let items: Vec<Element> = (0..CHUNK as u32)
             .map(|i| {
-                use crate::nft::elements::Field;
+                use crate::nft::fields::Bytes;
                 let (key, target): (natgw_plan::PortKey, natgw_plan::Target) =
                     ((i.into(), Protocol::Udp, 65535), (i.into(), 65535));
                 (key.bytes(), target.bytes())
@@ -336,7 +358,7 @@ mod tests {
             want.fip_dnat.insert(i.into(), i.into());
             want.fip_snat.insert(i.into(), i.into());
         }
-        let c = changes(&have, &want).expect("maps only");
+        let c = changes(&GATEWAY, &have, &want).expect("maps only");
         let (buf, acked) = batch(crate::nft::ID, &c);
         assert_eq!(acked.len(), 2 * 5000usize.div_ceil(CHUNK));
         assert!(buf.len() > DEFAULT_BUFFER, "this batch needs its buffer grown: {} bytes", buf.len());

@@ -5,6 +5,7 @@
 use natgw_plan::NatTables;
 
 use crate::nft::KernelTable;
+use crate::nft::elements::GATEWAY;
 use crate::nft::model::Skeleton;
 use crate::nft::netlink::{self, MapChange};
 
@@ -33,7 +34,7 @@ pub enum TableWrite {
 /// plan's interfaces ask for.
 pub fn table_write(have: &KernelTable, skeleton: &Skeleton, want: &NatTables) -> TableWrite {
     if have.present && have.skeleton == *skeleton {
-        return match netlink::changes(&have.nat, want) {
+        return match netlink::changes(&GATEWAY, &have.nat, want) {
             Some(maps) => TableWrite::Elements(maps),
             None => TableWrite::Diff,
         };
