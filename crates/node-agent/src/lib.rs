@@ -218,13 +218,14 @@ fn gather(c: &Caches, cfg: &Config, local: &std::collections::BTreeSet<std::net:
     };
     let mut invalid = Vec::new();
     let mut speaks_for = std::collections::BTreeSet::new();
+    let index = service::Index::new(&slices, &pods, &cfg.node);
     for s in c.services.state().iter().filter(|s| service::wants_egress(s)) {
-        let speaks = service::endpoints_on(s, &slices, &cfg.node);
+        let speaks = service::endpoints_on(s, &index);
         if speaks {
             let ns = s.metadata.namespace.as_deref().unwrap_or_default();
             speaks_for.insert(service::key(ns, s.metadata.name.as_deref().unwrap_or_default()));
         }
-        match service::egress_service(s, &slices, &pods, &cfg.node) {
+        match service::egress_service(s, &index) {
             Ok(e) => input.services.push(e),
             Err(e) if speaks => invalid.push(e),
             Err(_) => {}

@@ -2,7 +2,7 @@
 //! (pure). Every annotation is checked; a bad one is an error that names
 //! it, and the Service is left out rather than guessed at.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -99,26 +99,79 @@ pub fn vip(s: &Service) -> Option<Ipv4Addr> {
     ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.parse().ok()).next()
 }
 
-/// Whether the Service has an endpoint on `node`: the node that speaks
-/// for it (its Events), so that one edit makes one Event per node that
-/// serves the Service, not one per node of the cluster.
-pub fn endpoints_on(s: &Service, slices: &[&EndpointSlice], node: &str) -> bool {
-    let ns = s.metadata.namespace.as_deref();
-    let own = s.metadata.name.as_deref();
-    slices.iter().any(|slice| {
-        slice.metadata.namespace.as_deref() == ns
-            && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == own
-            && slice.endpoints.iter().any(|e| e.node_name.as_deref() == Some(node))
-    })
+/// This node's pods and the cluster's EndpointSlices, indexed once per
+/// round: each Service looks up its own. Walking all of them for every
+/// Service (and copying each pod's labels) made a round O(Services x
+/// pods): 500 Services over 16,000 pods took seconds.
+pub struct Index<'a> {
+    node: &'a str,
+    /// Pods on the node, by namespace and name, with their addresses.
+    pods: HashMap<(&'a str, &'a str), Vec<Ipv4Addr>>,
+    /// Pods on the node by namespace and one label: a selector's first
+    /// pair finds its candidates.
+    labelled: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
+    /// EndpointSlices by namespace and Service name.
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
 }
 
-/// The egress of one annotated Service on `node`.
-pub fn egress_service(
-    s: &Service,
-    slices: &[&EndpointSlice],
-    pods: &[&Pod],
-    node: &str,
-) -> Result<EgressService, ServiceError> {
+impl<'a> Index<'a> {
+    pub fn new(slices: &[&'a EndpointSlice], pods: &[&'a Pod], node: &'a str) -> Index<'a> {
+        let mut index = Index { node, pods: HashMap::new(), labelled: HashMap::new(), slices: HashMap::new() };
+        for p in pods.iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)) {
+            let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+            if let Some(name) = p.metadata.name.as_deref() {
+                let status = p.status.as_ref();
+                let ips = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|i| i.ip.as_str());
+                let addrs =
+                    ips.chain(status.and_then(|s| s.pod_ip.as_deref())).filter_map(|a| a.parse::<Ipv4Addr>().ok());
+                index.pods.entry((ns, name)).or_default().extend(addrs);
+            }
+            for (k, v) in p.metadata.labels.iter().flatten() {
+                index.labelled.entry((ns, k.as_str(), v.as_str())).or_default().push(*p);
+            }
+        }
+        for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+            let labels = slice.metadata.labels.as_ref();
+            let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+            let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+            index.slices.entry((ns, service.as_str())).or_default().push(*slice);
+        }
+        index
+    }
+
+    /// The Service's IPv4 EndpointSlices.
+    fn slices_of<'s>(&'s self, s: &'s Service) -> &'s [&'s EndpointSlice] {
+        // The index's keys live as long as the round; a lookup's as long
+        // as the Service (the maps are covariant).
+        let me: &'s Index<'s> = self;
+        let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+        let name = s.metadata.name.as_deref().unwrap_or_default();
+        me.slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The addresses of pod `name` of `ns` on the node.
+    fn pod<'s>(&'s self, ns: &'s str, name: &'s str) -> Option<&'s Vec<Ipv4Addr>> {
+        let me: &'s Index<'s> = self;
+        me.pods.get(&(ns, name))
+    }
+
+    /// Pods of `ns` on the node labelled `k=v`.
+    fn labelled<'s>(&'s self, ns: &'s str, k: &'s str, v: &'s str) -> &'s [&'s Pod] {
+        let me: &'s Index<'s> = self;
+        me.labelled.get(&(ns, k, v)).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// Whether the Service has an endpoint on the index's node: the node that
+/// speaks for it (its Events), so that one edit makes one Event per node
+/// that serves the Service, not one per node of the cluster.
+pub fn endpoints_on(s: &Service, index: &Index) -> bool {
+    index.slices_of(s).iter().any(|slice| slice.endpoints.iter().any(|e| e.node_name.as_deref() == Some(index.node)))
+}
+
+/// The egress of one annotated Service on the index's node.
+pub fn egress_service(s: &Service, index: &Index) -> Result<EgressService, ServiceError> {
+    let node = index.node;
     let ns = s.metadata.namespace.clone().unwrap_or_default();
     let name = key(&ns, s.metadata.name.as_deref().unwrap_or_default());
     let spec = s.spec.clone().unwrap_or_default();
@@ -134,43 +187,21 @@ pub fn egress_service(
     let ports = parse_list(&name, PORTS, annotations.get(PORTS), MAX_PORTS, port)?;
     let allowed = parse_list(&name, ALLOWED, annotations.get(ALLOWED), MAX_NETWORKS, net)?;
     let denied = parse_list(&name, DENIED, annotations.get(DENIED), MAX_NETWORKS, net)?;
-    let own = s.metadata.name.as_deref();
-    // This node's pods of the Service's namespace, by name, with their
-    // addresses: an endpoint counts only as one of these. An
-    // EndpointSlice is writable by anyone who may write them in the
-    // namespace, and could otherwise name any address.
-    let mut local_pods: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
-    for p in pods.iter().filter(|p| {
-        p.metadata.namespace.as_deref() == Some(ns.as_str())
-            && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-    }) {
-        let Some(name) = p.metadata.name.as_deref() else { continue };
-        let status = p.status.as_ref();
-        let ips = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|i| i.ip.as_str());
-        let addrs = ips.chain(status.and_then(|s| s.pod_ip.as_deref())).filter_map(|a| a.parse::<Ipv4Addr>().ok());
-        local_pods.entry(name).or_default().extend(addrs);
-    }
     let mut endpoints = Vec::new();
-    for slice in slices {
-        let labels = slice.metadata.labels.as_ref();
-        if slice.metadata.namespace.as_deref() != Some(ns.as_str())
-            || labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) != own
-            || slice.address_type != "IPv4"
-        {
-            continue;
-        }
+    for slice in index.slices_of(s) {
         for e in &slice.endpoints {
             // A missing ready condition means ready (EndpointSlice API).
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             // Only pods of this namespace on this node, at their own
-            // addresses: a manually written endpoint (no target, a target
-            // of another kind, another namespace's pod, an address the pod
-            // does not have) is never translated.
+            // addresses: an EndpointSlice is writable by anyone who may
+            // write them in the namespace, and a manually written endpoint
+            // (no target, a target of another kind, another namespace's
+            // pod, an address the pod does not have) is never translated.
             let target = e
                 .target_ref
                 .as_ref()
                 .filter(|t| t.kind.as_deref() == Some("Pod") && t.namespace.as_deref().is_none_or(|n| n == ns));
-            let Some(addrs) = target.and_then(|t| local_pods.get(t.name.as_deref()?)) else { continue };
+            let Some(addrs) = target.and_then(|t| index.pod(&ns, t.name.as_deref()?)) else { continue };
             if ready && e.node_name.as_deref() == Some(node) {
                 let mine = e.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()).filter(|a| addrs.contains(a));
                 endpoints.extend(mine);
@@ -178,14 +209,15 @@ pub fn egress_service(
         }
     }
     let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
-    let selected = pods
+    let candidates = match selector.iter().next() {
+        Some((k, v)) => index.labelled(&ns, k, v),
+        None => &[],
+    };
+    let selected = candidates
         .iter()
         .filter(|p| {
-            let labels = p.metadata.labels.clone().unwrap_or_default();
-            p.metadata.namespace.as_deref() == Some(ns.as_str())
-                && !selector.is_empty()
-                && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            let labels = p.metadata.labels.as_ref();
+            selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         })
         .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
         .collect();
@@ -235,7 +267,8 @@ mod tests {
             slice("a", "10.244.1.6", Some(false)),
         ];
         let pods = [pod("shop", "a", "10.244.1.5"), pod("shop", "b", "10.244.2.5"), pod("shop", "a", "10.244.1.6")];
-        let e = egress_service(&s, &slices.iter().collect::<Vec<_>>(), &pods.iter().collect::<Vec<_>>(), "a").unwrap();
+        let (slices, pods): (Vec<_>, Vec<_>) = (slices.iter().collect(), pods.iter().collect());
+        let e = egress_service(&s, &Index::new(&slices, &pods, "a")).unwrap();
         assert_eq!(e.name, "shop/web");
         assert_eq!(e.vip, Some("192.0.2.10".parse().unwrap()), "status, never spec.loadBalancerIP");
         assert_eq!(e.ports, vec![(Protocol::Tcp, 443), (Protocol::Udp, 53)]);
@@ -252,8 +285,9 @@ mod tests {
             (ALLOWED, "203.0.113.1/24", "host bits"),
             (DENIED, "fe80::/10", "IPv4 CIDR"),
         ] {
-            let err = egress_service(&service(serde_json::json!({EGRESS: "true", ann: value})), &[], &[], "a")
-                .expect_err(value);
+            let err =
+                egress_service(&service(serde_json::json!({EGRESS: "true", ann: value})), &Index::new(&[], &[], "a"))
+                    .expect_err(value);
             assert_eq!(err.field, format!("annotation {ann}"));
             assert!(err.to_string().contains(words), "{err}");
         }
@@ -263,7 +297,7 @@ mod tests {
     fn only_load_balancers() {
         let mut s = service(serde_json::json!({EGRESS: "true"}));
         s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-        assert_eq!(egress_service(&s, &[], &[], "a").unwrap_err().field, "spec.type");
+        assert_eq!(egress_service(&s, &Index::new(&[], &[], "a")).unwrap_err().field, "spec.type");
     }
 
     #[test]
@@ -280,13 +314,38 @@ mod tests {
         let s = service(serde_json::json!({EGRESS: "true"}));
         let mut manual = slice("a", "10.244.1.7", Some(true));
         manual.endpoints[0].target_ref = None;
-        let e = egress_service(&s, &[&manual], &[], "a").unwrap();
+        let e = egress_service(&s, &Index::new(&[&manual], &[], "a")).unwrap();
         assert!(e.endpoints.is_empty(), "an endpoint written by hand is not a pod");
         let many: Vec<String> = (0..=MAX_NETWORKS).map(|i| format!("203.0.{}.0/24", i % 256)).collect();
         let s = service(serde_json::json!({EGRESS: "true", DENIED: many.join(",")}));
-        let err = egress_service(&s, &[], &[], "a").unwrap_err();
+        let err = egress_service(&s, &Index::new(&[], &[], "a")).unwrap_err();
         assert_eq!(err.field, format!("annotation {DENIED}"));
         assert!(err.reason.contains(&format!("at most {MAX_NETWORKS}")), "{err}");
+    }
+
+    /// The pods a Service selects come from the index by the selector's
+    /// first label and must carry every other: only this node's, only the
+    /// Service's namespace.
+    #[test]
+    fn selected_pods_match_every_label_of_the_selector_on_this_node() {
+        let mut s = service(serde_json::json!({EGRESS: "true"}));
+        s.spec.as_mut().unwrap().selector = Some([("app".into(), "web".into()), ("tier".into(), "a".into())].into());
+        let labelled = |ns: &str, node: &str, ip: &str, labels: serde_json::Value| -> Pod {
+            let mut p = pod(ns, node, ip);
+            p.metadata.labels = serde_json::from_value(labels).unwrap();
+            p
+        };
+        let pods = [
+            labelled("shop", "a", "10.244.1.5", serde_json::json!({"app": "web", "tier": "a"})),
+            labelled("shop", "a", "10.244.1.6", serde_json::json!({"app": "web", "tier": "b"})),
+            labelled("shop", "b", "10.244.2.5", serde_json::json!({"app": "web", "tier": "a"})),
+            labelled("bank", "a", "10.244.1.7", serde_json::json!({"app": "web", "tier": "a"})),
+        ];
+        let pods: Vec<&Pod> = pods.iter().collect();
+        let e = egress_service(&s, &Index::new(&[], &pods, "a")).unwrap();
+        assert_eq!(e.selected, vec!["10.244.1.5".parse::<Ipv4Addr>().unwrap()]);
+        s.spec.as_mut().unwrap().selector = None;
+        assert!(egress_service(&s, &Index::new(&[], &pods, "a")).unwrap().selected.is_empty(), "no selector");
     }
 
     /// Second round, item 14: an EndpointSlice anyone in the namespace can
@@ -297,7 +356,8 @@ mod tests {
         let ok = slice("a", "10.244.1.5", Some(true));
         let theirs = pod("bank", "a", "10.244.1.5");
         let mine = pod("shop", "a", "10.244.1.5");
-        let on = |pods: &[&Pod], sl: &EndpointSlice| egress_service(&s, &[sl], pods, "a").unwrap().endpoints;
+        let on =
+            |pods: &[&Pod], sl: &EndpointSlice| egress_service(&s, &Index::new(&[sl], pods, "a")).unwrap().endpoints;
         assert_eq!(on(&[&mine], &ok), vec!["10.244.1.5".parse::<Ipv4Addr>().unwrap()]);
         assert!(on(&[&theirs], &ok).is_empty(), "another namespace's pod");
         assert!(on(&[], &ok).is_empty(), "no such pod on this node");

@@ -166,6 +166,11 @@ fn ms(d: Duration) -> f64 {
 async fn main() -> Result<()> {
     let a = Args::parse();
     let total = a.services * a.endpoints;
+    // NATGW_EGRESS_BENCH_LOG=info,natgw_node_agent=debug shows the node
+    // agent's rounds.
+    if let Ok(filter) = std::env::var("NATGW_EGRESS_BENCH_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
 
     // 1. The data plane alone: plan + one transaction.
     let node = Netns::new("negb-node")?;
