@@ -6,19 +6,17 @@
 //!   the script and the skeleton expected back from the kernel. Each rule
 //!   carries a comment with a hash of its text, so a rule edited, removed
 //!   or added by hand no longer matches and the table is rebuilt.
-//! - Everything that varies is elements. The gateway table's maps and
-//!   sets are described once each in `elements`, which gives every form of
-//!   an element (nft text, netlink bytes, `nft -j` atoms, audit lines) and
-//!   one typed diff. The egress table still uses `map_change`,
-//!   `set_change` and `whole_change` here. Either way only what changed
-//!   is rendered (O(change) text per sync); `Table::script` turns the
-//!   changes into one transaction.
+//! - Everything that varies is elements. Both tables' maps and sets are
+//!   described once each in `elements`, which gives every form of an
+//!   element (nft text, netlink bytes, `nft -j` atoms, audit lines) and
+//!   one typed diff. Only what changed is rendered (O(change) text per
+//!   sync); `Table::script` turns the changes into one transaction.
 //! - `Mirror` is what the last successful transaction left: unknown means
 //!   a full write.
 //!
 //! Another family (`ip6`, `inet`) or a new map is a few more lines here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// Elements per `add element` statement, to keep lines bounded.
@@ -109,36 +107,6 @@ pub struct Change {
     pub flush: bool,
     pub delete: Vec<String>,
     pub add: Vec<String>,
-}
-
-/// A map keyed by `K`: deletes the keys whose value changed or that went,
-/// adds the new and changed ones.
-pub fn map_change<K: Ord, V: PartialEq>(
-    set: &'static str,
-    have: &BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
-    key: impl Fn(&K) -> String,
-    value: impl Fn(&V) -> String,
-) -> Change {
-    let delete = have.iter().filter(|(k, v)| want.get(*k) != Some(*v)).map(|(k, _)| key(k)).collect();
-    let add = want
-        .iter()
-        .filter(|(k, v)| have.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{} : {}", key(k), value(v)))
-        .collect();
-    Change { set, flush: false, delete, add }
-}
-
-/// A set of `T`, element by element.
-pub fn set_change<T: Ord>(
-    set: &'static str,
-    have: &BTreeSet<T>,
-    want: &BTreeSet<T>,
-    key: impl Fn(&T) -> String,
-) -> Change {
-    let delete = have.difference(want).map(&key).collect();
-    let add = want.difference(have).map(&key).collect();
-    Change { set, flush: false, delete, add }
 }
 
 /// A set replaced whole when it differs (intervals that must never
@@ -344,9 +312,14 @@ mod tests {
     #[test]
     fn changes_render_only_what_changed_and_intervals_whole() {
         let t = table();
-        let have: BTreeMap<u8, u8> = [(1, 1), (2, 2)].into();
-        let want: BTreeMap<u8, u8> = [(1, 9), (2, 2), (3, 3)].into();
-        let m = map_change("m", &have, &want, |k| format!("10.0.0.{k}"), |v| format!("192.0.2.{v}"));
+        // A changed value is a delete and an add; an interval set is
+        // flushed and filled anew.
+        let m = Change {
+            set: "m",
+            flush: false,
+            delete: vec!["10.0.0.1".into()],
+            add: vec!["10.0.0.1 : 192.0.2.9".into(), "10.0.0.3 : 192.0.2.3".into()],
+        };
         let r = whole_change("r", &["10.0.0.0-10.0.0.255"], &["10.0.1.0-10.0.1.255"], |e| e.to_string());
         assert_eq!(
             t.script(&[m, r]),
@@ -355,11 +328,8 @@ mod tests {
              add element ip t m { 10.0.0.1 : 192.0.2.9, 10.0.0.3 : 192.0.2.3 }\n\
              add element ip t r { 10.0.1.0-10.0.1.255 }\n"
         );
-        let same = map_change("m", &want, &want, |k| k.to_string(), |v| v.to_string());
+        let same = Change { set: "m", ..Default::default() };
         assert_eq!(t.script(&[same, whole_change("r", &[1], &[1], |e| e.to_string())]), "");
-        let s: BTreeSet<u8> = [1, 2].into();
-        let c = set_change("s", &s, &[2, 3].into(), |e| e.to_string());
-        assert_eq!((c.delete, c.add), (vec!["1".to_string()], vec!["3".to_string()]));
     }
 
     #[test]
