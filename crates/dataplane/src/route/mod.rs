@@ -4,10 +4,11 @@
 //! earlier versions used for EIPs): that mark is how natgw knows what it
 //! owns, and it never removes anything without it. The marks, natgw's
 //! routing table and its policy rules are in `marks`; gratuitous ARP for
-//! new EIPs is `garp`.
+//! new EIPs is `garp`; ARP probes for who holds an address, `probe`.
 
 pub mod garp;
 pub mod marks;
+pub mod probe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
