@@ -247,8 +247,13 @@ async fn an_egress_service_leaves_with_its_vip_other_pods_with_the_node_ip() {
         table.contains("10.0.0.0/16") && table.contains("10.77.0.0/24") && table.contains("10.78.0.0/24"),
         "{table}"
     );
-    assert_eq!(agent.get("/readyz").await.0, 200);
-    assert!(agent.get("/metrics").await.1.contains("natgw_egress_pods{state=\"translated\"} 1"));
+    // Readiness and the gauges follow the sync that wrote the kernel
+    // (after its sweep): the packet can be through before they are set.
+    eventually("ready", || async { agent.get("/readyz").await.0 == 200 }).await;
+    eventually("one pod translated", || async {
+        agent.get("/metrics").await.1.contains("natgw_egress_pods{state=\"translated\"} 1")
+    })
+    .await;
 
     // Destination ports.
     annotate(&admin, "natgw.io/egress-ports", Some("tcp:8443")).await;
