@@ -30,6 +30,10 @@
 //! - **Own links.** A replica whose external or LAN link is down cannot
 //!   serve: an active steps down (and says so, so the peer takes over at
 //!   once); a standby never takes over.
+//!
+//! `wire` is an advert as one datagram on the heartbeat path.
+
+pub mod wire;
 
 /// Timers and identity of one replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
