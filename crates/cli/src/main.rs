@@ -140,6 +140,10 @@ enum LabAction {
     Up {
         #[arg(long, default_value = "ngw")]
         prefix: String,
+        /// A second gateway replica, PREFIX-gw2, on the same LAN and
+        /// external segments (the external side becomes a bridge).
+        #[arg(long)]
+        ha: bool,
     },
     /// Remove them.
     Down {
@@ -206,15 +210,20 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
-        Command::Lab { action: LabAction::Up { prefix } } => natgw_lab::Lab::up(&prefix)
-            .map(|lab| {
+        Command::Lab { action: LabAction::Up { prefix, ha } } => natgw_lab::Lab::up(&prefix)
+            .and_then(|lab| {
+                if ha {
+                    lab.second_gateway()?;
+                }
                 let lab = lab.keep();
-                println!(
-                    "lab {} is up: namespaces {}",
-                    lab.prefix(),
-                    ["gw", "sw", "int1", "int2", "ext1"].map(|r| lab.ns(r)).join(" ")
-                );
-                ExitCode::SUCCESS
+                let roles: &[&str] = if ha {
+                    &["gw", "gw2", "sw", "int1", "int2", "ext1"]
+                } else {
+                    &["gw", "sw", "int1", "int2", "ext1"]
+                };
+                let names: Vec<String> = roles.iter().map(|r| lab.ns(r)).collect();
+                println!("lab {} is up: namespaces {}", lab.prefix(), names.join(" "));
+                Ok(ExitCode::SUCCESS)
             })
             .map_err(Into::into),
         Command::Lab { action: LabAction::Down { prefix } } => {

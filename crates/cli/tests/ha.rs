@@ -50,3 +50,83 @@ fn a_probe_sees_who_holds_an_address_and_nothing_once_it_is_gone() {
     ip(&["-n", &gw, "route", "del", "local", &format!("{eip}/32"), "dev", "ext0", "table", "local"]);
     assert_eq!(answered(&ext1, "eth0", vec![eip]), None, "gone with its route");
 }
+
+/// `ns`'s interface `dev`: its index and hardware address.
+fn link(ns: &str, dev: &str) -> (u32, [u8; 6]) {
+    let index: u32 = common::sh(ns, &format!("cat /sys/class/net/{dev}/ifindex")).trim().parse().unwrap();
+    let text = common::sh(ns, &format!("cat /sys/class/net/{dev}/address"));
+    let mut mac = [0u8; 6];
+    for (i, part) in text.trim().split(':').enumerate() {
+        mac[i] = u8::from_str_radix(part, 16).unwrap();
+    }
+    (index, mac)
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Announces `addr` from `ns`'s `dev` until `neighbour`'s cache says so: a
+/// neighbour ignores an announcement within its lock time (1 s) of the
+/// entry's last update, so one is not enough.
+fn announce_until_seen(ns: &str, dev: &str, addr: Ipv4Addr, neighbour: &str, neighbour_dev: &str) {
+    let (index, mac) = link(ns, dev);
+    let want = mac_text(mac);
+    for _ in 0..50 {
+        natgw_lab::traffic::in_ns(ns, move || {
+            natgw_dataplane::route::garp::Announcer::open().and_then(|a| a.announce(index, mac, addr))
+        })
+        .unwrap()
+        .unwrap();
+        if common::sh(neighbour, &format!("ip neigh show {addr} dev {neighbour_dev}")).contains(&want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{neighbour} never learnt {addr} at {want}");
+}
+
+/// A FloatingIp session moves to the other replica, which held the whole
+/// nft plan and no address: it takes the EIPs and the LAN address, and
+/// the established session goes on (the same translation, picked up
+/// mid-stream by its conntrack), as does a new one.
+#[test]
+fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
+    use common::{EXT1, INT1, WEB_EIP};
+    use natgw_dataplane::Gateway;
+    use natgw_lab::traffic::{tcp_connect, tcp_server, tcp_source};
+    let lab = common::lab("haswitch");
+    lab.second_gateway().unwrap();
+    let (gw, gw2, ext1, int1) = (lab.ns("gw"), lab.ns("gw2"), lab.ns("ext1"), lab.ns("int1"));
+    let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
+        + "\n---\n"
+        + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
+    let plan = common::plan(&common::objects(&rules));
+    let standby = natgw_plan::GatewayPlan { addresses: Default::default(), ..plan.clone() };
+    let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
+    a.sync(&plan).unwrap();
+    b.sync(&standby).unwrap();
+    let _server = tcp_server(&int1, INT1, 22).unwrap();
+    let mut conn = tcp_connect(&ext1, WEB_EIP, 22).unwrap();
+    conn.echo("before").unwrap();
+    let (_, gw_mac) = link(&gw, "ext0");
+    let (_, gw2_mac) = link(&gw2, "ext0");
+    let holder = |ns: &str| {
+        let p = natgw_dataplane::netns::NetnsWorker::start(Some(natgw_dataplane::netns::netns_path(ns))).unwrap();
+        p.run(move || Prober::on("eth0")?.probe(&[WEB_EIP], Duration::from_millis(200))).unwrap().unwrap()
+    };
+    assert_eq!(holder(&ext1).map(|h| h.mac), Some(gw_mac));
+
+    // The switch, in the order a takeover makes it: the old replica lets
+    // go, the new one takes the addresses and announces them.
+    a.sync(&standby).unwrap();
+    ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+    ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+    b.sync(&plan).unwrap();
+    announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int1, "eth0");
+    announce_until_seen(&gw2, "ext0", WEB_EIP, &ext1, "eth0");
+    assert_eq!(holder(&ext1).map(|h| h.mac), Some(gw2_mac), "only the new replica answers");
+
+    conn.echo("once switched").unwrap();
+    assert_eq!(tcp_source(&ext1, WEB_EIP, 22).unwrap(), EXT1, "a new session too");
+}

@@ -7,7 +7,10 @@
 //!  PREFIX-int2 eth0 10.77.0.12 ─┘                                          (EIPs 198.51.100.0/24)
 //! ```
 //! Internal hosts route via 10.77.0.1; the external host has no route to
-//! the VPC, so only NAT lets the two sides talk.
+//! the VPC, so only NAT lets the two sides talk. `second_gateway` (`natgw
+//! lab up --ha`) adds PREFIX-gw2 with its own `lan0` on `br0` and an
+//! `ext0`, and makes the external side a bridge `br1` joining both
+//! gateways and the external host: two replicas on the same segments.
 
 pub mod traffic;
 
@@ -25,7 +28,7 @@ pub const EXT_IF: &str = "ext0";
 
 const ROLES: [&str; 5] = ["gw", "sw", "int1", "int2", "ext1"];
 /// Roles a test adds on demand; `down` removes them too.
-const OPTIONAL_ROLES: [&str; 1] = ["pod"];
+const OPTIONAL_ROLES: [&str; 2] = ["pod", "gw2"];
 /// The gateway pod's own network (eth0 in a cluster), as `cluster_side` builds it.
 pub const POD_IF: &str = "c0";
 pub const POD_GW_IP: &str = "10.244.9.1";
@@ -135,6 +138,39 @@ impl Lab {
     }
 
     /// Namespace name of a role: gw, sw, int1, int2, ext1 (or pod).
+    /// A second gateway replica, `PREFIX-gw2`, on the same two segments:
+    /// its `lan0` is a port of the LAN bridge, and the external side
+    /// becomes a bridge `br1` in `PREFIX-sw` joining both gateways' `ext0`
+    /// and the external host. gw2 holds no address: a standby. (Both
+    /// replicas' MACs differ, so neighbours see a takeover.)
+    pub fn second_gateway(&self) -> Result<(), LabError> {
+        let (gw, gw2, sw, ext1) = (self.ns("gw"), self.ns("gw2"), self.ns("sw"), self.ns("ext1"));
+        ip(&["netns", "add", &gw2])?;
+        ip(&["-n", &gw2, "link", "set", "lo", "up"])?;
+        let pair = |a: &str, ans: &str, b: &str, bns: &str| {
+            ip(&["link", "add", "name", a, "netns", ans, "type", "veth", "peer", "name", b, "netns", bns])
+        };
+        pair(LAN_IF, &gw2, "gw2", &sw)?;
+        ip(&["-n", &sw, "link", "set", "gw2", "master", "br0", "up"])?;
+        // The external link becomes a segment.
+        ip(&["-n", &gw, "link", "del", EXT_IF])?;
+        ip(&["-n", &sw, "link", "add", "br1", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br1", "up"])?;
+        pair(EXT_IF, &gw, "gwx", &sw)?;
+        pair(EXT_IF, &gw2, "gw2x", &sw)?;
+        pair("eth0", &ext1, "ext1", &sw)?;
+        for port in ["gwx", "gw2x", "ext1"] {
+            ip(&["-n", &sw, "link", "set", port, "master", "br1", "up"])?;
+        }
+        for ns in [&gw, &gw2] {
+            ip(&["-n", ns, "link", "set", EXT_IF, "up"])?;
+            ip(&["-n", ns, "link", "set", LAN_IF, "up"])?;
+        }
+        ip(&["-n", &ext1, "addr", "add", &format!("{EXT1_IP}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ext1, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
     pub fn ns(&self, role: &str) -> String {
         format!("{}-{role}", self.prefix)
     }
