@@ -130,3 +130,62 @@ fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
     conn.echo("once switched").unwrap();
     assert_eq!(tcp_source(&ext1, WEB_EIP, 22).unwrap(), EXT1, "a new session too");
 }
+
+/// The connections `ns`'s kernel translated, as a standby would receive
+/// them from the active.
+fn translated_flows(ns: &str) -> Vec<natgw_dataplane::conntrack::policy::CtEntry> {
+    use natgw_dataplane::conntrack::{Conntrack, replica::translation};
+    natgw_lab::traffic::in_ns(ns, || {
+        let ct = Conntrack::open()?;
+        let dumped = ct.dump_where(|e| translation(e) != (None, None))?;
+        Ok::<_, natgw_dataplane::conntrack::ConntrackError>(dumped.into_iter().map(|d| d.entry).collect())
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// An SNAT session's source port was chosen at random by the active: a
+/// standby cannot compute it. With the active's connections installed on
+/// the standby (their exact translation), the session goes on through
+/// the new replica with the same port; one that was not installed gets a
+/// new port there and is reset.
+#[test]
+fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
+    use common::{EGRESS_EIP, EXT1};
+    use natgw_dataplane::Gateway;
+    use natgw_dataplane::conntrack::Conntrack;
+    use natgw_lab::traffic::{tcp_connect, tcp_server};
+    let lab = common::lab("hasnat");
+    lab.second_gateway().unwrap();
+    let (gw, gw2, ext1, int2) = (lab.ns("gw"), lab.ns("gw2"), lab.ns("ext1"), lab.ns("int2"));
+    let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
+        + "\n---\n"
+        + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
+    let plan = common::plan(&common::objects(&rules));
+    let standby = natgw_plan::GatewayPlan { addresses: Default::default(), ..plan.clone() };
+    let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
+    a.sync(&plan).unwrap();
+    b.sync(&standby).unwrap();
+    let _server = tcp_server(&ext1, EXT1, 9000).unwrap();
+    let mut kept = tcp_connect(&int2, EXT1, 9000).unwrap();
+    kept.echo("before").unwrap();
+    assert!(kept.seen_as.starts_with(&format!("{EGRESS_EIP}:")), "{}", kept.seen_as);
+    // What the standby receives from the active: this session, not the
+    // one opened after.
+    let flows = translated_flows(&gw);
+    assert!(!flows.is_empty());
+    let installed = natgw_lab::traffic::in_ns(&gw2, move || Conntrack::open()?.install(&flows, 300)).unwrap().unwrap();
+    assert!(installed >= 1);
+    let mut lost = tcp_connect(&int2, EXT1, 9000).unwrap();
+    lost.echo("before").unwrap();
+
+    a.sync(&standby).unwrap();
+    ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+    ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+    b.sync(&plan).unwrap();
+    announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int2, "eth0");
+    announce_until_seen(&gw2, "ext0", EGRESS_EIP, &ext1, "eth0");
+
+    kept.echo("once switched").unwrap();
+    assert!(lost.echo("once switched").is_err(), "a session the standby did not know is cut");
+}
