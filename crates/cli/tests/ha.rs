@@ -66,9 +66,8 @@ fn mac_text(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// Announces `addr` from `ns`'s `dev` until `neighbour`'s cache says so: a
-/// neighbour ignores an announcement within its lock time (1 s) of the
-/// entry's last update, so one is not enough.
+/// Announces `addr` from `ns`'s `dev` until `neighbour`'s cache says so
+/// (the LAN address is not natgw's to announce yet: the test moves it).
 fn announce_until_seen(ns: &str, dev: &str, addr: Ipv4Addr, neighbour: &str, neighbour_dev: &str) {
     let (index, mac) = link(ns, dev);
     let want = mac_text(mac);
@@ -84,6 +83,18 @@ fn announce_until_seen(ns: &str, dev: &str, addr: Ipv4Addr, neighbour: &str, nei
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("{neighbour} never learnt {addr} at {want}");
+}
+
+/// Waits until `ns`'s neighbour cache maps `addr` to `mac` on `dev`.
+fn neighbour_learns(ns: &str, dev: &str, addr: Ipv4Addr, mac: [u8; 6]) {
+    let want = mac_text(mac);
+    for _ in 0..100 {
+        if common::sh(ns, &format!("ip neigh show {addr} dev {dev}")).contains(&want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{ns} never learnt {addr} at {want}");
 }
 
 /// A FloatingIp session moves to the other replica, which held the whole
@@ -124,7 +135,10 @@ fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
     ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
     b.sync(&plan).unwrap();
     announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int1, "eth0");
-    announce_until_seen(&gw2, "ext0", WEB_EIP, &ext1, "eth0");
+    // The EIP is announced by the gateway as it takes it: one gratuitous
+    // ARP overrides ext1's entry for the old holder, fresh as it is (the
+    // kernel lets a gratuitous ARP past the neighbour's lock time).
+    neighbour_learns(&ext1, "eth0", WEB_EIP, gw2_mac);
     assert_eq!(holder(&ext1).map(|h| h.mac), Some(gw2_mac), "only the new replica answers");
 
     conn.echo("once switched").unwrap();
@@ -184,7 +198,7 @@ fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
     ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
     b.sync(&plan).unwrap();
     announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int2, "eth0");
-    announce_until_seen(&gw2, "ext0", EGRESS_EIP, &ext1, "eth0");
+    neighbour_learns(&ext1, "eth0", EGRESS_EIP, link(&gw2, "ext0").1);
 
     kept.echo("once switched").unwrap();
     assert!(lost.echo("once switched").is_err(), "a session the standby did not know is cut");
