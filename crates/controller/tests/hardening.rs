@@ -180,8 +180,15 @@ async fn programmed_by_an_agent(admin: &Client) {
     let fin = gateway_finalizer("gw");
     let eips: Api<Eip> = Api::all(admin.clone());
     let fips: Api<FloatingIp> = Api::all(admin.clone());
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    // The gateway's too: an agent runs only for a gateway the controller
+    // took in. Without it, a loaded controller may not have reached the
+    // gateway yet, its deletion is immediate, and its objects are released
+    // as those of a gateway gone for good (no AgentUnavailable Event).
     eventually("the controller's finalizers", || async {
-        !eips.get("e").await.unwrap().finalizers().is_empty() && !fips.get("f").await.unwrap().finalizers().is_empty()
+        !eips.get("e").await.unwrap().finalizers().is_empty()
+            && !fips.get("f").await.unwrap().finalizers().is_empty()
+            && !gws.get("gw").await.unwrap().finalizers().is_empty()
     })
     .await;
     for (name, kind) in [("e", "eips"), ("f", "floatingips")] {
