@@ -190,6 +190,15 @@ fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
     assert!(!flows.is_empty());
     let installed = natgw_lab::traffic::in_ns(&gw2, move || Conntrack::open()?.install(&flows, 300)).unwrap().unwrap();
     assert!(installed >= 1);
+    // The standby's own syncs and their sweeps keep them: they are judged
+    // by the plan's translations, which it holds whole. (A change, then a
+    // resync, so that both sweep.)
+    let other = natgw_plan::GatewayPlan {
+        nat: natgw_plan::NatTables { port_fwd: Default::default(), ..standby.nat.clone() },
+        ..standby.clone()
+    };
+    assert_eq!(b.sync(&other).unwrap().conntrack_deleted, 0);
+    assert_eq!(b.resync(&standby).unwrap().conntrack_deleted, 0);
     let mut lost = tcp_connect(&int2, EXT1, 9000).unwrap();
     lost.echo("before").unwrap();
 
