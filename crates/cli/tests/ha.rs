@@ -113,7 +113,7 @@ fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
         + "\n---\n"
         + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
     let plan = common::plan(&common::objects(&rules));
-    let standby = natgw_plan::GatewayPlan { addresses: Default::default(), ..plan.clone() };
+    let standby = plan.standby();
     let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
     a.sync(&plan).unwrap();
     b.sync(&standby).unwrap();
@@ -176,7 +176,7 @@ fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
         + "\n---\n"
         + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
     let plan = common::plan(&common::objects(&rules));
-    let standby = natgw_plan::GatewayPlan { addresses: Default::default(), ..plan.clone() };
+    let standby = plan.standby();
     let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
     a.sync(&plan).unwrap();
     b.sync(&standby).unwrap();

@@ -95,6 +95,14 @@ pub struct GatewayPlan {
 }
 
 impl GatewayPlan {
+    /// The plan a standby replica holds: every translation, so that a
+    /// takeover is only addresses and state, and its sweeps judge the
+    /// connections it was given by the same translations; no address, so
+    /// that it answers ARP for none of them.
+    pub fn standby(&self) -> GatewayPlan {
+        GatewayPlan { addresses: OrdSet::new(), ..self.clone() }
+    }
+
     /// Whether `ip` is one of this plan's EIPs (they are all on the
     /// external interface): one lookup.
     pub fn holds_eip(&self, ip: Ipv4Addr) -> bool {
