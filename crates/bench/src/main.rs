@@ -2,6 +2,7 @@
 //! baseline, both measured in the same run on the same machine.
 
 mod baseline;
+mod ha;
 mod heap;
 mod objects;
 mod plot;
@@ -82,6 +83,11 @@ struct Args {
     /// With --curve: the largest scale (FloatingIps) the baseline runs at.
     #[arg(long, default_value_t = 10_000)]
     curve_baseline_max: u32,
+    /// Planned switchovers between two gateway replicas instead, this
+    /// many: the longest silence a probe every 10 ms sees (`natgw lab up
+    /// --ha`; the data plane's part only).
+    #[arg(long)]
+    ha_switch: Option<u32>,
 }
 
 const PREFIX: &str = "nbench";
@@ -577,6 +583,9 @@ fn main() -> Result<()> {
     }
     if let Some(seconds) = args.translog_seconds {
         return translog_bench(seconds);
+    }
+    if let Some(switches) = args.ha_switch {
+        return ha::run(switches.max(1));
     }
     if args.snat_change {
         return snat_change(&args);

@@ -26,6 +26,12 @@ impl Announcer {
         Ok(Announcer { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
+    /// `announce` from interface `name` of the calling thread's namespace.
+    pub fn announce_on(&self, name: &str, ip: Ipv4Addr) -> std::io::Result<()> {
+        let (index, mac) = crate::route::probe::link(name)?;
+        self.announce(index, mac, ip)
+    }
+
     /// Sends one gratuitous ARP request for `ip` from interface `index`
     /// with hardware address `mac`.
     pub fn announce(&self, index: u32, mac: [u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {

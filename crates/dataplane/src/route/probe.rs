@@ -59,12 +59,7 @@ impl Prober {
 
     /// A prober on interface `name` of the calling thread's namespace.
     pub fn on(name: &str) -> std::io::Result<Self> {
-        let index = nix::net::if_::if_nametoindex(name).map_err(std::io::Error::from)?;
-        let mac = nix::ifaddrs::getifaddrs()
-            .map_err(std::io::Error::from)?
-            .filter(|a| a.interface_name == name)
-            .find_map(|a| a.address?.as_link_addr()?.addr())
-            .ok_or_else(|| std::io::Error::other(format!("{name} has no hardware address")))?;
+        let (index, mac) = link(name)?;
         Prober::open(index, mac)
     }
 
@@ -141,6 +136,18 @@ impl Prober {
         };
         if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
+}
+
+/// Interface `name` of the calling thread's namespace: its index and
+/// hardware address.
+pub fn link(name: &str) -> std::io::Result<(u32, [u8; 6])> {
+    let index = nix::net::if_::if_nametoindex(name).map_err(std::io::Error::from)?;
+    let mac = nix::ifaddrs::getifaddrs()
+        .map_err(std::io::Error::from)?
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| std::io::Error::other(format!("{name} has no hardware address")))?;
+    Ok((index, mac))
 }
 
 fn link_addr(index: u32) -> libc::sockaddr_ll {
