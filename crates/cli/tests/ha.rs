@@ -97,6 +97,46 @@ fn neighbour_learns(ns: &str, dev: &str, addr: Ipv4Addr, mac: [u8; 6]) {
     panic!("{ns} never learnt {addr} at {want}");
 }
 
+/// Two replicas of the example gateway on `natgw lab up --ha`: gw active
+/// with the whole plan, gw2 a standby with every translation and no
+/// address.
+struct Pair {
+    lab: natgw_lab::Lab,
+    plan: natgw_plan::GatewayPlan,
+    standby: natgw_plan::GatewayPlan,
+    active: natgw_dataplane::Gateway,
+    other: natgw_dataplane::Gateway,
+}
+
+impl Pair {
+    fn up(test: &str) -> Pair {
+        let lab = common::lab(test);
+        lab.second_gateway().unwrap();
+        let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
+            + "\n---\n"
+            + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
+        let plan = common::plan(&common::objects(&rules));
+        let standby = plan.standby();
+        let active = natgw_dataplane::Gateway::open(Some(&lab.ns("gw"))).unwrap();
+        let other = natgw_dataplane::Gateway::open(Some(&lab.ns("gw2"))).unwrap();
+        active.sync(&plan).unwrap();
+        other.sync(&standby).unwrap();
+        Pair { lab, plan, standby, active, other }
+    }
+
+    /// The switch to gw2, in the order a takeover makes it: gw lets go,
+    /// the LAN address moves (announced until `lan_host` has it), gw2
+    /// takes the plan with the EIPs and announces them.
+    fn switch(&self, lan_host: &str) {
+        let (gw, gw2) = (self.lab.ns("gw"), self.lab.ns("gw2"));
+        self.active.sync(&self.standby).unwrap();
+        ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+        ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
+        self.other.sync(&self.plan).unwrap();
+        announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &self.lab.ns(lan_host), "eth0");
+    }
+}
+
 /// A FloatingIp session moves to the other replica, which held the whole
 /// nft plan and no address: it takes the EIPs and the LAN address, and
 /// the established session goes on (the same translation, picked up
@@ -104,19 +144,9 @@ fn neighbour_learns(ns: &str, dev: &str, addr: Ipv4Addr, mac: [u8; 6]) {
 #[test]
 fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
     use common::{EXT1, INT1, WEB_EIP};
-    use natgw_dataplane::Gateway;
     use natgw_lab::traffic::{tcp_connect, tcp_server, tcp_source};
-    let lab = common::lab("haswitch");
-    lab.second_gateway().unwrap();
-    let (gw, gw2, ext1, int1) = (lab.ns("gw"), lab.ns("gw2"), lab.ns("ext1"), lab.ns("int1"));
-    let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
-        + "\n---\n"
-        + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
-    let plan = common::plan(&common::objects(&rules));
-    let standby = plan.standby();
-    let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
-    a.sync(&plan).unwrap();
-    b.sync(&standby).unwrap();
+    let pair = Pair::up("haswitch");
+    let (gw, gw2, ext1, int1) = (pair.lab.ns("gw"), pair.lab.ns("gw2"), pair.lab.ns("ext1"), pair.lab.ns("int1"));
     let _server = tcp_server(&int1, INT1, 22).unwrap();
     let mut conn = tcp_connect(&ext1, WEB_EIP, 22).unwrap();
     conn.echo("before").unwrap();
@@ -128,13 +158,7 @@ fn a_floating_ip_session_goes_on_through_the_replica_that_takes_over() {
     };
     assert_eq!(holder(&ext1).map(|h| h.mac), Some(gw_mac));
 
-    // The switch, in the order a takeover makes it: the old replica lets
-    // go, the new one takes the addresses and announces them.
-    a.sync(&standby).unwrap();
-    ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
-    ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
-    b.sync(&plan).unwrap();
-    announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int1, "eth0");
+    pair.switch("int1");
     // The EIP is announced by the gateway as it takes it: one gratuitous
     // ARP overrides ext1's entry for the old holder, fresh as it is (the
     // kernel lets a gratuitous ARP past the neighbour's lock time).
@@ -166,20 +190,11 @@ fn translated_flows(ns: &str) -> Vec<natgw_dataplane::conntrack::policy::CtEntry
 #[test]
 fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
     use common::{EGRESS_EIP, EXT1};
-    use natgw_dataplane::Gateway;
     use natgw_dataplane::conntrack::Conntrack;
     use natgw_lab::traffic::{tcp_connect, tcp_server};
-    let lab = common::lab("hasnat");
-    lab.second_gateway().unwrap();
-    let (gw, gw2, ext1, int2) = (lab.ns("gw"), lab.ns("gw2"), lab.ns("ext1"), lab.ns("int2"));
-    let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
-        + "\n---\n"
-        + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
-    let plan = common::plan(&common::objects(&rules));
-    let standby = plan.standby();
-    let (a, b) = (Gateway::open(Some(&gw)).unwrap(), Gateway::open(Some(&gw2)).unwrap());
-    a.sync(&plan).unwrap();
-    b.sync(&standby).unwrap();
+    let pair = Pair::up("hasnat");
+    let (gw, gw2, ext1, int2) = (pair.lab.ns("gw"), pair.lab.ns("gw2"), pair.lab.ns("ext1"), pair.lab.ns("int2"));
+    let (b, standby) = (&pair.other, &pair.standby);
     let _server = tcp_server(&ext1, EXT1, 9000).unwrap();
     let mut kept = tcp_connect(&int2, EXT1, 9000).unwrap();
     kept.echo("before").unwrap();
@@ -198,15 +213,11 @@ fn an_snat_session_keeps_its_random_port_through_the_replica_that_takes_over() {
         ..standby.clone()
     };
     assert_eq!(b.sync(&other).unwrap().conntrack_deleted, 0);
-    assert_eq!(b.resync(&standby).unwrap().conntrack_deleted, 0);
+    assert_eq!(b.resync(standby).unwrap().conntrack_deleted, 0);
     let mut lost = tcp_connect(&int2, EXT1, 9000).unwrap();
     lost.echo("before").unwrap();
 
-    a.sync(&standby).unwrap();
-    ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
-    ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
-    b.sync(&plan).unwrap();
-    announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &int2, "eth0");
+    pair.switch("int2");
     neighbour_learns(&ext1, "eth0", EGRESS_EIP, link(&gw2, "ext0").1);
 
     kept.echo("once switched").unwrap();

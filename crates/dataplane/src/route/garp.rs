@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const ETH_P_ARP: u16 = 0x0806;
+pub(crate) const ETH_P_ARP: u16 = 0x0806;
 
 /// A packet socket that only sends (protocol 0: no receive hook). Closing
 /// a packet socket waits for an RCU grace period (about 10 ms here), so
@@ -35,33 +35,48 @@ impl Announcer {
     /// Sends one gratuitous ARP request for `ip` from interface `index`
     /// with hardware address `mac`.
     pub fn announce(&self, index: u32, mac: [u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {
-        let mut pkt = [0u8; 28];
-        pkt[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
-        pkt[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
-        pkt[4] = 6;
-        pkt[5] = 4;
-        pkt[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
-        pkt[8..14].copy_from_slice(&mac);
-        pkt[14..18].copy_from_slice(&ip.octets());
-        pkt[24..28].copy_from_slice(&ip.octets()); // target = sender: gratuitous
-        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ARP.to_be();
-        addr.sll_ifindex = index as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        // SAFETY: pkt and addr outlive the call; lengths match the buffers.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        // Target = sender: gratuitous.
+        broadcast(&self.fd, index, &packet(REQUEST, mac, ip, ip))
     }
+}
+
+pub(crate) const REQUEST: u16 = 1;
+pub(crate) const REPLY: u16 = 2;
+
+/// An ARP packet for Ethernet and IPv4 (pure).
+pub(crate) fn packet(op: u16, sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> [u8; 28] {
+    let mut pkt = [0u8; 28];
+    pkt[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    pkt[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    pkt[4] = 6;
+    pkt[5] = 4;
+    pkt[6..8].copy_from_slice(&op.to_be_bytes());
+    pkt[8..14].copy_from_slice(&sender_mac);
+    pkt[14..18].copy_from_slice(&sender.octets());
+    pkt[24..28].copy_from_slice(&target.octets());
+    pkt
+}
+
+/// Sends `pkt` as an ARP frame to the broadcast address from interface
+/// `index`, on packet socket `fd`.
+pub(crate) fn broadcast(fd: &OwnedFd, index: u32, pkt: &[u8; 28]) -> std::io::Result<()> {
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_ARP.to_be();
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: pkt and addr outlive the call; lengths match the buffers.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }

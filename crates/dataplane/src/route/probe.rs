@@ -9,9 +9,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-const ETH_P_ARP: u16 = 0x0806;
-const REQUEST: u16 = 1;
-const REPLY: u16 = 2;
+use crate::route::garp::{ETH_P_ARP, REPLY, REQUEST, broadcast, packet};
 
 /// A packet socket bound to one interface for ARP, sending probes and
 /// reading what answers them.
@@ -118,23 +116,7 @@ impl Prober {
     }
 
     fn send(&self, ip: Ipv4Addr) -> std::io::Result<()> {
-        let pkt = packet(REQUEST, self.mac, Ipv4Addr::UNSPECIFIED, ip);
-        let mut addr = link_addr(self.index);
-        addr.sll_protocol = ETH_P_ARP.to_be();
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        // SAFETY: pkt and addr outlive the call; lengths match the buffers.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        broadcast(&self.fd, self.index, &packet(REQUEST, self.mac, Ipv4Addr::UNSPECIFIED, ip))
     }
 }
 
@@ -156,20 +138,6 @@ fn link_addr(index: u32) -> libc::sockaddr_ll {
     addr.sll_family = libc::AF_PACKET as u16;
     addr.sll_ifindex = index as i32;
     addr
-}
-
-/// An ARP packet for Ethernet and IPv4 (pure).
-fn packet(op: u16, sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> [u8; 28] {
-    let mut pkt = [0u8; 28];
-    pkt[0..2].copy_from_slice(&1u16.to_be_bytes());
-    pkt[2..4].copy_from_slice(&0x0800u16.to_be_bytes());
-    pkt[4] = 6;
-    pkt[5] = 4;
-    pkt[6..8].copy_from_slice(&op.to_be_bytes());
-    pkt[8..14].copy_from_slice(&sender_mac);
-    pkt[14..18].copy_from_slice(&sender.octets());
-    pkt[24..28].copy_from_slice(&target.octets());
-    pkt
 }
 
 /// The holder an ARP packet reveals (pure): a reply, or a request another
