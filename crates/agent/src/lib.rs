@@ -197,10 +197,11 @@ pub async fn run_with(
                 last_full = tokio::time::Instant::now();
             }
             let until_full = RESYNC.saturating_sub(last_full.elapsed());
-            // Owed writes are retried soon; only the resync reads the kernel.
+            // Owed writes are retried soon; only the resync reads the kernel,
+            // and it comes when due even if events keep arriving.
             let wait = if planning.owes() { until_full.min(ROUND_RETRY.0) } else { until_full };
-            let woke = tokio::time::timeout(wait, rx.recv()).await.is_ok();
-            resync = !woke && last_full.elapsed() >= RESYNC;
+            let _ = tokio::time::timeout(wait, rx.recv()).await;
+            resync = last_full.elapsed() >= RESYNC;
         }
     };
     let accounting = ports::run(client.clone(), gateway.clone(), eips_cache, metrics.clone(), port_args);
