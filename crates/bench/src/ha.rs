@@ -66,6 +66,7 @@ pub fn run(switches: u32) -> Result<()> {
             }
         })
     };
+    let lan: Ipv4Addr = GW_LAN_IP.parse()?;
     std::thread::sleep(Duration::from_millis(300));
     let mut gaps = Vec::new();
     let mut took = Vec::new();
@@ -75,9 +76,7 @@ pub fn run(switches: u32) -> Result<()> {
         gws[from].sync(&standby)?;
         ip(&["-n", &names[from], "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"])?;
         ip(&["-n", &names[to], "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"])?;
-        in_ns(&names[to], || {
-            natgw_dataplane::route::garp::Announcer::open()?.announce_on("lan0", GW_LAN_IP.parse().unwrap_or(INT1))
-        })??;
+        in_ns(&names[to], move || natgw_dataplane::route::garp::Announcer::open()?.announce_on("lan0", lan))??;
         gws[to].sync(&plan)?;
         took.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(700));

@@ -164,7 +164,7 @@ fn addresses_here(loopback: bool, ipvs: bool) -> Result<BTreeSet<Ipv4Addr>, std:
 /// instance may have left flows behind with. `None` without a table. Read
 /// over netlink, as the gateway's table is (no `nft` process).
 fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
-    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    let socket = dump::socket()?;
     if !dump::table_exists(&socket, ID)? {
         return Ok(None);
     }
@@ -179,32 +179,27 @@ fn kernel_vips() -> Result<Option<BTreeSet<Ipv4Addr>>, NftError> {
 /// netlink (hash maps and sets) and from `nft -j` (interval sets, which
 /// only nft assembles); `None` without a table. For tests and audits.
 pub fn read_tables() -> Result<Option<EgressTables>, NftError> {
-    let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
-    let (_, listed) = nft::parse_raw(listing);
-    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
-    let mut read = EgressTables::default();
-    for set in EGRESS {
-        let bad = |e: String| NftError::Parse(format!("{}: {e}", set.name()));
-        if set.interval() {
-            for e in listed.get(set.name()).into_iter().flatten() {
-                set.read_atom(&mut read, e).map_err(bad)?;
-            }
-        } else {
-            dump::elements(&socket, ID, set.name(), |k, v| set.read_bytes(&mut read, k, v))?;
-        }
-    }
-    read.cluster_nets.sort();
-    Ok(Some(read))
+    read_back(true)
 }
 
 /// `nft -j`'s reading of the same table: every set from the listing.
 pub fn list_tables() -> Result<Option<EgressTables>, NftError> {
+    read_back(false)
+}
+
+fn read_back(hash_over_netlink: bool) -> Result<Option<EgressTables>, NftError> {
     let Some(listing) = nft::read_listing(ID)? else { return Ok(None) };
     let (_, listed) = nft::parse_raw(listing);
+    let socket = if hash_over_netlink { Some(dump::socket()?) } else { None };
     let mut read = EgressTables::default();
     for set in EGRESS {
-        for e in listed.get(set.name()).into_iter().flatten() {
-            set.read_atom(&mut read, e).map_err(|e| NftError::Parse(format!("{}: {e}", set.name())))?;
+        match &socket {
+            Some(s) if !set.interval() => dump::elements(s, ID, set.name(), |k, v| set.read_bytes(&mut read, k, v))?,
+            _ => {
+                for e in listed.get(set.name()).into_iter().flatten() {
+                    set.read_atom(&mut read, e).map_err(|e| NftError::Parse(format!("{}: {e}", set.name())))?;
+                }
+            }
         }
     }
     read.cluster_nets.sort();
@@ -229,7 +224,7 @@ pub fn write_tables(have: Option<&EgressTables>, want: &EgressTables) -> Result<
 }
 
 fn table_exists() -> Result<bool, NftError> {
-    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    let socket = dump::socket()?;
     Ok(dump::table_exists(&socket, ID)?)
 }
 

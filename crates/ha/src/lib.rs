@@ -175,13 +175,13 @@ impl Replica {
         self.role == Role::Active
     }
 
-    fn advert(&self, handover_to: Option<String>) -> Advert {
+    fn advert(&self) -> Advert {
         Advert {
             from: self.cfg.name.clone(),
             priority: self.cfg.priority,
             active: self.role == Role::Active,
             term: self.term,
-            handover_to,
+            handover_to: None,
         }
     }
 
@@ -194,7 +194,7 @@ impl Replica {
         self.role = Role::Active;
         self.released = false;
         out.push(Action::Take { term: self.term });
-        out.push(Action::Send(self.advert(None)));
+        out.push(Action::Send(self.advert()));
     }
 
     fn drop(&mut self, to: Role, why: &'static str, out: &mut Vec<Action>) {
@@ -244,7 +244,7 @@ impl Replica {
                 if !up {
                     if self.role == Role::Active {
                         self.drop(Role::Standby, "a link of this replica is down", &mut out);
-                        out.push(Action::Send(self.advert(None)));
+                        out.push(Action::Send(self.advert()));
                     } else {
                         self.role = Role::Standby;
                     }
@@ -280,7 +280,7 @@ impl Replica {
                 let was_active = self.role == Role::Active;
                 self.drop(Role::Stopped, "planned stop", &mut out);
                 if was_active {
-                    out.push(Action::Send(Advert { active: false, handover_to: to, ..self.advert(None) }));
+                    out.push(Action::Send(Advert { active: false, handover_to: to, ..self.advert() }));
                 }
                 return out;
             }
@@ -308,7 +308,7 @@ impl Replica {
         }
         if self.last_advert.is_none_or(|t| now.saturating_sub(t) >= self.cfg.advert_ms) {
             self.last_advert = Some(now);
-            out.push(Action::Send(self.advert(None)));
+            out.push(Action::Send(self.advert()));
         }
     }
 }

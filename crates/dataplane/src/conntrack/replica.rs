@@ -79,7 +79,7 @@ impl Conntrack {
             match receive(&self.socket, |_| {}) {
                 Ok(()) => installed += 1,
                 // EEXIST: the flow is already known here.
-                Err(ConntrackError::Kernel(c)) if c == -libc::EEXIST || c == libc::EEXIST => {}
+                Err(ConntrackError::Kernel(c)) if c == -libc::EEXIST => {}
                 Err(e) => return Err(e),
             }
         }

@@ -37,11 +37,6 @@ thread_local! {
     static ANNOUNCER: RefCell<Option<garp::Announcer>> = const { RefCell::new(None) };
 }
 
-/// Applies map changes on the worker's nf_tables socket.
-fn apply_maps(changes: &[netlink::MapChange]) -> Result<(), SyncError> {
-    Ok(netlink::apply_here(nft::ID, changes)?)
-}
-
 fn with_links<R>(f: impl FnOnce(&Links) -> Result<R, SyncError>) -> Result<R, SyncError> {
     LINKS.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -266,7 +261,7 @@ fn converge(links: &Links, snap: &Snapshot, plan: &GatewayPlan) -> Result<SyncRe
         TableWrite::Elements(maps) => {
             eip_routes(links, snap, &k.subnets, &subnets, &new_eips)?;
             lap(&mut report, "eips-add");
-            apply_maps(&maps)?;
+            netlink::apply_here(nft::ID, &maps)?;
             report.nft_statements = maps.iter().map(|m| m.delete.len() + m.add.len()).sum();
         }
         TableWrite::Staged => {

@@ -21,6 +21,12 @@ pub enum DumpError {
     Malformed { what: String, why: String },
 }
 
+/// A netfilter netlink socket for dumps, with the receive deadline every
+/// kernel call has.
+pub fn socket() -> Result<Socket, DumpError> {
+    Ok(crate::conntrack::netfilter_socket()?)
+}
+
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;

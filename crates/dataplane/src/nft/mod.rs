@@ -188,7 +188,7 @@ fn forward_chain(lan: &str, ext: &str) -> Chain {
 /// Packets the forward chain dropped since the table was written, by
 /// direction (`lan`, `external`, `other`); `None` without natgw's table.
 pub fn forward_drops() -> Result<Option<BTreeMap<&'static str, u64>>, NftError> {
-    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    let socket = dump::socket()?;
     if !dump::table_exists(&socket, ID)? {
         return Ok(None);
     }
@@ -327,7 +327,7 @@ impl Running {
 /// small and which it lists without reading the maps (it splits and
 /// merges intervals, which natgw leaves to it).
 pub fn read() -> Result<KernelTable, NftError> {
-    let socket = crate::conntrack::netfilter_socket().map_err(|e| NftError::Dump(e.into()))?;
+    let socket = dump::socket()?;
     if !dump::table_exists(&socket, ID)? {
         return Ok(KernelTable::default());
     }

@@ -28,7 +28,7 @@ impl Announcer {
 
     /// `announce` from interface `name` of the calling thread's namespace.
     pub fn announce_on(&self, name: &str, ip: Ipv4Addr) -> std::io::Result<()> {
-        let (index, mac) = crate::route::probe::link(name)?;
+        let (index, mac) = link(name)?;
         self.announce(index, mac, ip)
     }
 
@@ -38,6 +38,18 @@ impl Announcer {
         // Target = sender: gratuitous.
         broadcast(&self.fd, index, &packet(REQUEST, mac, ip, ip))
     }
+}
+
+/// Interface `name` of the calling thread's namespace: its index and
+/// hardware address.
+pub fn link(name: &str) -> std::io::Result<(u32, [u8; 6])> {
+    let index = nix::net::if_::if_nametoindex(name).map_err(std::io::Error::from)?;
+    let mac = nix::ifaddrs::getifaddrs()
+        .map_err(std::io::Error::from)?
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| std::io::Error::other(format!("{name} has no hardware address")))?;
+    Ok((index, mac))
 }
 
 pub(crate) const REQUEST: u16 = 1;

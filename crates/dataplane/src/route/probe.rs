@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::route::garp::{ETH_P_ARP, REPLY, REQUEST, broadcast, packet};
+use crate::route::garp::{ETH_P_ARP, REPLY, REQUEST, broadcast, link, packet};
 
 /// A packet socket bound to one interface for ARP, sending probes and
 /// reading what answers them.
@@ -118,18 +118,6 @@ impl Prober {
     fn send(&self, ip: Ipv4Addr) -> std::io::Result<()> {
         broadcast(&self.fd, self.index, &packet(REQUEST, self.mac, Ipv4Addr::UNSPECIFIED, ip))
     }
-}
-
-/// Interface `name` of the calling thread's namespace: its index and
-/// hardware address.
-pub fn link(name: &str) -> std::io::Result<(u32, [u8; 6])> {
-    let index = nix::net::if_::if_nametoindex(name).map_err(std::io::Error::from)?;
-    let mac = nix::ifaddrs::getifaddrs()
-        .map_err(std::io::Error::from)?
-        .filter(|a| a.interface_name == name)
-        .find_map(|a| a.address?.as_link_addr()?.addr())
-        .ok_or_else(|| std::io::Error::other(format!("{name} has no hardware address")))?;
-    Ok((index, mac))
 }
 
 fn link_addr(index: u32) -> libc::sockaddr_ll {
