@@ -255,6 +255,7 @@ fn check_unknown_fields(kind: &str, spec: &Value) -> Result<(), String> {
             "externalNetwork",
             "lanNetwork",
             "lanIp",
+            "replicas",
         ],
         Kind::Eip => &["gateway", "ip", "internalCidrs"],
         Kind::FloatingIp => &["eip", "internalIp"],

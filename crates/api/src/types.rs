@@ -126,6 +126,7 @@ pub struct GatewayRoute {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.lanInterface != self.externalInterface").message("spec.externalInterface must differ from spec.lanInterface"))]
 #[x_kube(validation = Rule::new("self.vpc == oldSelf.vpc").message("spec.vpc is immutable"))]
+#[x_kube(validation = Rule::new("!has(self.replicas) || self.replicas == 1 || has(self.lanIp)").message("spec.lanIp is required with spec.replicas above 1: it is the address the active replica holds and a takeover moves"))]
 pub struct NatGatewaySpec {
     pub vpc: String,
     /// Letters, digits, `_`, `.` and `-`, starting with a letter or digit
@@ -162,6 +163,20 @@ pub struct NatGatewaySpec {
     #[schemars(length(max = 15))]
     #[x_kube(validation = Rule::new("ip(self).isGlobalUnicast()").message("must be a unicast address (not loopback, link-local, multicast, broadcast or unspecified)"))]
     pub lan_ip: Option<Ipv4Addr>,
+    /// How many replicas run the gateway: 1, or 2 for an active and a
+    /// standby on another node that holds every translation and the
+    /// active's connections, and takes over the EIPs and `lanIp` when the
+    /// active fails. Absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2))]
+    pub replicas: Option<u8>,
+}
+
+impl NatGatewaySpec {
+    /// The replicas asked for (absent: one).
+    pub fn replica_count(&self) -> u8 {
+        self.replicas.unwrap_or(1)
+    }
 }
 
 /// An elastic IP on a gateway's external interface.

@@ -209,6 +209,15 @@ fn check_gateway(spec: &NatGatewaySpec, errors: &mut Vec<FieldError>) {
     for (i, route) in spec.routes.iter().enumerate() {
         errors.extend(check_route(i, route));
     }
+    match spec.replica_count() {
+        1 => {}
+        2 if spec.lan_ip.is_none() => errors.push(err(
+            "spec.lanIp",
+            "required with spec.replicas 2: it is the address the active replica holds and a takeover moves",
+        )),
+        2 => {}
+        n => errors.push(err("spec.replicas", format!("{n} is not supported: 1, or 2 (an active and a standby)"))),
+    }
 }
 
 /// The problems of route `i`: host bits in the CIDR, a next hop that is

@@ -57,6 +57,16 @@ fn errors_name_the_field() {
             format!("apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {{name: {}}}\nspec: {{vpc: v, lanInterface: eth0, externalInterface: net1, externalSubnet: e}}\n", "g".repeat(64)),
             "at most 63 characters",
         ),
+        // HA: more replicas than supported, or two without the address
+        // they move.
+        (
+            "apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: g}\nspec: {vpc: v, lanInterface: eth0, externalInterface: net1, externalSubnet: e, lanIp: 10.0.0.1, replicas: 3}\n".into(),
+            "spec.replicas: 3 is not supported: 1, or 2",
+        ),
+        (
+            "apiVersion: natgw.io/v1alpha1\nkind: NatGateway\nmetadata: {name: g}\nspec: {vpc: v, lanInterface: eth0, externalInterface: net1, externalSubnet: e, replicas: 2}\n".into(),
+            "spec.lanIp: required with spec.replicas 2",
+        ),
     ];
     for (text, want) in cases {
         let got = err(&text);

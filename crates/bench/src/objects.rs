@@ -54,6 +54,7 @@ pub fn build(s: &Scale) -> ObjectSet {
             external_network: None,
             lan_network: None,
             lan_ip: None,
+            replicas: None,
         },
     )));
     let mut next_eip = 0;

@@ -66,25 +66,6 @@ fn mac_text(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// Announces `addr` from `ns`'s `dev` until `neighbour`'s cache says so
-/// (the LAN address is not natgw's to announce yet: the test moves it).
-fn announce_until_seen(ns: &str, dev: &str, addr: Ipv4Addr, neighbour: &str, neighbour_dev: &str) {
-    let (index, mac) = link(ns, dev);
-    let want = mac_text(mac);
-    for _ in 0..50 {
-        natgw_lab::traffic::in_ns(ns, move || {
-            natgw_dataplane::route::garp::Announcer::open().and_then(|a| a.announce(index, mac, addr))
-        })
-        .unwrap()
-        .unwrap();
-        if common::sh(neighbour, &format!("ip neigh show {addr} dev {neighbour_dev}")).contains(&want) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{neighbour} never learnt {addr} at {want}");
-}
-
 /// Waits until `ns`'s neighbour cache maps `addr` to `mac` on `dev`.
 fn neighbour_learns(ns: &str, dev: &str, addr: Ipv4Addr, mac: [u8; 6]) {
     let want = mac_text(mac);
@@ -97,9 +78,9 @@ fn neighbour_learns(ns: &str, dev: &str, addr: Ipv4Addr, mac: [u8; 6]) {
     panic!("{ns} never learnt {addr} at {want}");
 }
 
-/// Two replicas of the example gateway on `natgw lab up --ha`: gw active
-/// with the whole plan, gw2 a standby with every translation and no
-/// address.
+/// Two replicas of the example HA gateway (`examples-ha`) on `natgw lab up
+/// --ha`: gw active with the whole plan (EIPs and the LAN address), gw2 a
+/// standby with every translation and no address.
 struct Pair {
     lab: natgw_lab::Lab,
     plan: natgw_plan::GatewayPlan,
@@ -112,10 +93,11 @@ impl Pair {
     fn up(test: &str) -> Pair {
         let lab = common::lab(test);
         lab.second_gateway().unwrap();
-        let rules = std::fs::read_to_string(common::examples_dir().join("10-eips.yaml")).unwrap()
+        let dir = common::ha_examples_dir();
+        let rules = std::fs::read_to_string(dir.join("10-eips.yaml")).unwrap()
             + "\n---\n"
-            + &std::fs::read_to_string(common::examples_dir().join("20-rules.yaml")).unwrap();
-        let plan = common::plan(&common::objects(&rules));
+            + &std::fs::read_to_string(dir.join("20-rules.yaml")).unwrap();
+        let plan = common::plan(&common::objects_in(dir, &rules));
         let standby = plan.standby();
         let active = natgw_dataplane::Gateway::open(Some(&lab.ns("gw"))).unwrap();
         let other = natgw_dataplane::Gateway::open(Some(&lab.ns("gw2"))).unwrap();
@@ -124,16 +106,14 @@ impl Pair {
         Pair { lab, plan, standby, active, other }
     }
 
-    /// The switch to gw2, in the order a takeover makes it: gw lets go,
-    /// the LAN address moves (announced until `lan_host` has it), gw2
-    /// takes the plan with the EIPs and announces them.
+    /// The switch to gw2, in the order a takeover makes it: gw lets go of
+    /// the EIPs and the LAN address, gw2 takes them and announces each
+    /// (`lan_host` learns the LAN address's new owner from that).
     fn switch(&self, lan_host: &str) {
-        let (gw, gw2) = (self.lab.ns("gw"), self.lab.ns("gw2"));
         self.active.sync(&self.standby).unwrap();
-        ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
-        ip(&["-n", &gw2, "addr", "add", &format!("{GW_LAN_IP}/24"), "dev", "lan0"]);
         self.other.sync(&self.plan).unwrap();
-        announce_until_seen(&gw2, "lan0", GW_LAN_IP.parse().unwrap(), &self.lab.ns(lan_host), "eth0");
+        let (_, mac) = link(&self.lab.ns("gw2"), "lan0");
+        neighbour_learns(&self.lab.ns(lan_host), "eth0", GW_LAN_IP.parse().unwrap(), mac);
     }
 }
 

@@ -18,6 +18,10 @@ use std::process::Command;
 
 pub const LAN_CIDR: &str = "10.77.0.0/24";
 pub const GW_LAN_IP: &str = "10.77.0.1";
+/// With `--ha`, each replica's own LAN address (heartbeats, connection
+/// stream); `GW_LAN_IP` is then held by the active replica.
+pub const GW1_OWN_LAN_IP: &str = "10.77.0.2";
+pub const GW2_OWN_LAN_IP: &str = "10.77.0.3";
 pub const INT1_IP: &str = "10.77.0.11";
 pub const INT2_IP: &str = "10.77.0.12";
 pub const EXT_CIDR: &str = "198.51.100.0/24";
@@ -137,12 +141,13 @@ impl Lab {
         ip(&["-n", &pod, "route", "add", EXT_CIDR, "via", POD_GW_IP])
     }
 
-    /// Namespace name of a role: gw, sw, int1, int2, ext1 (or pod).
     /// A second gateway replica, `PREFIX-gw2`, on the same two segments:
     /// its `lan0` is a port of the LAN bridge, and the external side
     /// becomes a bridge `br1` in `PREFIX-sw` joining both gateways' `ext0`
-    /// and the external host. gw2 holds no address: a standby. (Both
-    /// replicas' MACs differ, so neighbours see a takeover.)
+    /// and the external host. Each replica gets its own LAN address
+    /// (`GW1_OWN_LAN_IP`, `GW2_OWN_LAN_IP`); `GW_LAN_IP`, the hosts' next
+    /// hop, is left to the active replica (examples/ha). Both replicas'
+    /// MACs differ, so neighbours see a takeover.
     pub fn second_gateway(&self) -> Result<(), LabError> {
         let (gw, gw2, sw, ext1) = (self.ns("gw"), self.ns("gw2"), self.ns("sw"), self.ns("ext1"));
         ip(&["netns", "add", &gw2])?;
@@ -168,9 +173,15 @@ impl Lab {
         }
         ip(&["-n", &ext1, "addr", "add", &format!("{EXT1_IP}/24"), "dev", "eth0"])?;
         ip(&["-n", &ext1, "link", "set", "eth0", "up"])?;
+        // The LAN address now moves with the active (a gateway with
+        // `replicas: 2` holds it); each replica has its own beside it.
+        ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", LAN_IF])?;
+        ip(&["-n", &gw, "addr", "add", &format!("{GW1_OWN_LAN_IP}/24"), "dev", LAN_IF])?;
+        ip(&["-n", &gw2, "addr", "add", &format!("{GW2_OWN_LAN_IP}/24"), "dev", LAN_IF])?;
         Ok(())
     }
 
+    /// Namespace name of a role: gw, sw, int1, int2, ext1 (or pod, gw2).
     pub fn ns(&self, role: &str) -> String {
         format!("{}-{role}", self.prefix)
     }

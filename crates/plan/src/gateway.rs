@@ -119,6 +119,12 @@ pub(crate) fn plan_with_scope(set: &ObjectSet, name: &str) -> Result<(GatewayPla
         .collect();
     if let Some(ip) = gw.spec.lan_ip {
         own.insert(ip, format!("NatGateway {name:?}'s own spec.lanIp"));
+        // With replicas, the LAN address moves with the active: natgw holds
+        // it (a /32 local route, as an EIP), each replica keeping its own
+        // address for the heartbeat. With one, the LAN attachment sets it.
+        if gw.spec.replica_count() > 1 {
+            plan.addresses.insert(IfAddr { interface: gw.spec.lan_interface.as_str().into(), addr: ip.into() });
+        }
     }
     let mut scope = Scope {
         vpc: gw.spec.vpc.clone(),

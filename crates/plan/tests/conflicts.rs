@@ -270,3 +270,20 @@ fn item10_an_invalid_route_is_skipped_and_reported() {
         p.conflicts.iter().filter(|c| c.object.kind == natgw_api::Kind::NatGateway).map(|c| c.field.as_str()).collect();
     assert_eq!(fields, ["spec.routes[0].cidr", "spec.routes[1].nextHop"]);
 }
+
+/// With two replicas the LAN address is natgw's to move: the active's plan
+/// holds it beside the EIPs, the standby's holds neither.
+#[test]
+fn an_ha_gateway_holds_its_lan_address_with_the_eips_and_its_standby_neither() {
+    let ha = NETWORK.replace("externalSubnet: ext}", "externalSubnet: ext, lanIp: 10.0.0.1, replicas: 2}");
+    let set = load_str(Path::new("t.yaml"), &ha).expect("valid").0;
+    let p = plan_gateway(&set, "gw").expect("plan");
+    let held: Vec<String> = p.addresses.iter().map(|a| format!("{} {}", a.interface, a.addr)).collect();
+    assert_eq!(held, ["eth0 10.0.0.1/32", "net1 192.0.2.10/24", "net1 192.0.2.11/24"]);
+    assert!(!p.holds_eip(ip("10.0.0.1")), "not an EIP");
+    assert!(p.standby().addresses.is_empty());
+    // One replica: the LAN attachment sets the address, natgw does not.
+    let one = NETWORK.replace("externalSubnet: ext}", "externalSubnet: ext, lanIp: 10.0.0.1}");
+    let single = plan_gateway(&load_str(Path::new("t.yaml"), &one).expect("valid").0, "gw").expect("plan");
+    assert!(single.addresses.iter().all(|a| a.interface.as_str() == "net1"));
+}

@@ -31,7 +31,18 @@ pub fn examples_dir() -> &'static Path {
 
 /// The example network plus `extra` YAML documents.
 pub fn objects(extra: &str) -> ObjectSet {
-    let base = std::fs::read_to_string(examples_dir().join("00-network.yaml")).expect("examples");
+    objects_in(examples_dir(), extra)
+}
+
+/// `examples-ha`: the example network with a gateway of two replicas.
+#[allow(dead_code)]
+pub fn ha_examples_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples-ha"))
+}
+
+/// The network of `dir` plus `extra` YAML documents.
+pub fn objects_in(dir: &Path, extra: &str) -> ObjectSet {
+    let base = std::fs::read_to_string(dir.join("00-network.yaml")).expect("examples");
     let text = format!("{base}\n---\n{extra}");
     load_str(Path::new("test.yaml"), &text).expect("valid manifests").0
 }
