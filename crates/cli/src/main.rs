@@ -52,6 +52,8 @@ enum Command {
         /// Milliseconds between looks at the manifest files.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
+        #[command(flatten)]
+        ha: standalone::HaArgs,
     },
     /// Compare kernel and manifests: exit 0 when converged, 1 otherwise.
     Audit {
@@ -185,8 +187,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan { path, gateway, json } => standalone::plan(&path, gateway.as_deref(), json),
         Command::Apply { netns, path, gateway } => standalone::apply(&netns, &path, gateway.as_deref()),
-        Command::Run { netns, path, gateway, resync, poll_ms } => {
-            standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms)
+        Command::Run { netns, path, gateway, resync, poll_ms, ha } => {
+            standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms, ha)
         }
         Command::Audit { netns, path: Some(path), gateway } => {
             standalone::audit(netns.as_deref(), &path, gateway.as_deref())

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -216,14 +218,146 @@ impl Manifests {
     }
 }
 
-pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms: u64) -> Result<ExitCode> {
-    let gw = Gateway::open(Some(netns))?;
+/// `natgw run` as one replica of a gateway with `spec.replicas: 2`.
+#[derive(clap::Args, Debug, Default)]
+pub struct HaArgs {
+    /// This replica's name, unique within the gateway (adverts carry it).
+    #[arg(long, requires_all = ["ha_listen", "ha_peer"])]
+    pub ha_name: Option<String>,
+    /// This replica's address and port on the heartbeat path (UDP adverts,
+    /// TCP connection stream): a link of the replicas' own, never the
+    /// gateway's LAN or external interface.
+    #[arg(long, requires = "ha_name")]
+    pub ha_listen: Option<std::net::SocketAddrV4>,
+    /// The other replica's heartbeat address and port.
+    #[arg(long, requires = "ha_name")]
+    pub ha_peer: Vec<std::net::SocketAddrV4>,
+    /// Higher takes over first after a start and wins ties.
+    #[arg(long, default_value_t = 100)]
+    pub ha_priority: u8,
+    /// Milliseconds between adverts.
+    #[arg(long, default_value_t = 100)]
+    pub ha_advert_ms: u64,
+    /// Milliseconds without an advert before the active is suspected gone.
+    #[arg(long, default_value_t = 300)]
+    pub ha_dead_ms: u64,
+    /// Milliseconds an ARP probe waits for a holder of the addresses.
+    #[arg(long, default_value_t = 100)]
+    pub ha_probe_ms: u64,
+    /// A JSON file kept up to date with this replica's role, term, last
+    /// takeover and connections held (replaced whole on each change).
+    #[arg(long, requires = "ha_name")]
+    pub ha_status_file: Option<PathBuf>,
+}
+
+/// The status file's content.
+fn status_json(s: &natgw_replica::Status) -> serde_json::Value {
+    let since = s.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    serde_json::json!({
+        "role": natgw_replica::role_name(s.role),
+        "term": s.term,
+        "sinceUnix": since,
+        "reason": s.reason,
+        "takeovers": s.takeovers,
+        "fenced": s.fenced,
+        "linksUp": s.links_up,
+        "peer": s.peer.as_ref().map(|(name, _)| name),
+        "peerHeardMsAgo": s.peer.as_ref().map(|(_, ago)| ago.as_millis() as u64),
+        "sessionsHeld": s.sessions_held,
+        "sessionsInstalled": s.sessions_installed,
+        "sessionEventsLost": s.sessions_lost_events,
+        "refusedDatagrams": s.refused_datagrams,
+    })
+}
+
+fn write_status(path: &Path, value: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, value.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot write the status file");
+    }
+}
+
+/// SIGTERM and SIGINT, blocked in every thread started after this call
+/// and awaited by one: a stop is then a planned one (an active replica
+/// hands over before it exits).
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    // SAFETY: a sigset built by the libc calls meant for it, and
+    // pthread_sigmask/sigwait on it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            flag.store(true, Ordering::Relaxed);
+        });
+    }
+    stop
+}
+
+/// The replica to run, if the gateway asks for replicas: refuses a
+/// mismatch between the objects and the flags either way.
+fn start_replica(
+    netns: &str,
+    set: &ObjectSet,
+    gateway: Option<&str>,
+    ha: HaArgs,
+    gw: Arc<Gateway>,
+) -> Result<Option<natgw_replica::Replica>> {
+    let name = pick_gateway(set, gateway)?;
+    let Some(spec) = set.gateways.get(name.as_str()).map(|g| g.spec.clone()) else {
+        bail!("the manifests define no NatGateway {name:?}")
+    };
+    match (spec.replica_count() > 1, ha.ha_name) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => bail!(
+            "--ha-name is given, but NatGateway {name:?} has spec.replicas {}: set spec.replicas: 2 (and spec.lanIp) to run it as a pair",
+            spec.replica_count()
+        ),
+        (true, None) => bail!(
+            "NatGateway {name:?} has spec.replicas {}: run each replica with --ha-name, --ha-listen and --ha-peer",
+            spec.replica_count()
+        ),
+        (true, Some(replica)) => {
+            let Some(listen) = ha.ha_listen else { bail!("--ha-listen is required with --ha-name") };
+            let settings = natgw_replica::Settings {
+                gateway: name,
+                name: replica,
+                priority: ha.ha_priority,
+                listen,
+                peers: ha.ha_peer,
+                advert_ms: ha.ha_advert_ms,
+                dead_ms: ha.ha_dead_ms,
+                probe_ms: ha.ha_probe_ms,
+                tenant_interfaces: [spec.lan_interface, spec.external_interface],
+            };
+            let path = natgw_dataplane::netns::netns_path(netns);
+            Ok(Some(natgw_replica::Replica::start(settings, gw, Some(path))?))
+        }
+    }
+}
+
+pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms: u64, ha: HaArgs) -> Result<ExitCode> {
+    let stop = stop_on_signal();
+    let gw = Arc::new(Gateway::open(Some(netns))?);
     let mut manifests = Manifests::default();
     let mut set = manifests.refresh(dir)?.unwrap_or_default();
+    // Decided once the manifests name the gateway, before its first sync.
+    let status_file = ha.ha_status_file.clone();
+    let mut last_status = serde_json::Value::Null;
+    let mut ha = Some(ha);
+    let mut replica = None;
     let mut last_sync: Option<Instant> = None;
+    let mut last_role: Option<(natgw_ha::Role, u64)> = None;
     let mut dirty = true;
     tracing::info!(netns, dir = %dir.display(), "keeping the namespace converged");
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         match manifests.refresh(dir) {
             Ok(Some(new)) => {
                 set = new;
@@ -233,11 +367,20 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
             // An unreadable directory changes nothing in force.
             Err(e) => tracing::error!("cannot look at the manifests: {e:#}"),
         }
+        if !set.gateways.is_empty()
+            && let Some(args) = ha.take()
+        {
+            replica = start_replica(netns, &set, gateway, args, gw.clone())?;
+        }
         let due = last_sync.is_none_or(|t| t.elapsed() >= Duration::from_secs(resync));
-        if dirty || due {
+        if ha.is_none() && (dirty || due) {
             // Edits diff against the last sync; the periodic round reads the
             // kernel to repair drift.
-            let sync = |plan: &GatewayPlan| if due { gw.resync(plan) } else { gw.sync(plan) };
+            let sync = |plan: &GatewayPlan| match &replica {
+                Some(r) => r.sync(plan, due),
+                None if due => gw.resync(plan),
+                None => gw.sync(plan),
+            };
             match plan_set(&set, gateway).and_then(|plan| Ok((sync(&plan)?, plan))) {
                 Ok((report, plan)) => {
                     if report.changed || dirty {
@@ -251,8 +394,40 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
             dirty = false;
             last_sync = Some(Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(poll_ms));
+        if let Some(r) = &replica {
+            let s = r.status();
+            if let Some(path) = &status_file {
+                // Without the age of the last advert, which changes always.
+                let mut value = status_json(&s);
+                value["peerHeardMsAgo"] = serde_json::Value::Null;
+                if value != last_status {
+                    last_status = value;
+                    write_status(path, &status_json(&s));
+                }
+            }
+            if last_role != Some((s.role, s.term)) {
+                last_role = Some((s.role, s.term));
+                tracing::info!(
+                    role = natgw_replica::role_name(s.role),
+                    term = s.term,
+                    reason = %s.reason,
+                    sessions_held = s.sessions_held,
+                    "replica"
+                );
+            }
+        }
+        // Short naps: a signal is seen within 50 ms.
+        let until = Instant::now() + Duration::from_millis(poll_ms);
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(poll_ms.min(50)));
+        }
     }
+    if let Some(r) = replica {
+        tracing::info!("stopping: handing over to the peer");
+        r.stop();
+    }
+    tracing::info!("stopped; the kernel keeps what it holds");
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ pub const GW_LAN_IP: &str = "10.77.0.1";
 /// stream); `GW_LAN_IP` is then held by the active replica.
 pub const GW1_OWN_LAN_IP: &str = "10.77.0.2";
 pub const GW2_OWN_LAN_IP: &str = "10.77.0.3";
+/// With `--ha`, the replicas' dedicated link (`ha0`, a veth between gw and
+/// gw2): the heartbeat and the connection stream, out of tenants' reach.
+pub const HA_IF: &str = "ha0";
+pub const GW1_HA_IP: &str = "10.255.77.1";
+pub const GW2_HA_IP: &str = "10.255.77.2";
 pub const INT1_IP: &str = "10.77.0.11";
 pub const INT2_IP: &str = "10.77.0.12";
 pub const EXT_CIDR: &str = "198.51.100.0/24";
@@ -146,8 +151,10 @@ impl Lab {
     /// becomes a bridge `br1` in `PREFIX-sw` joining both gateways' `ext0`
     /// and the external host. Each replica gets its own LAN address
     /// (`GW1_OWN_LAN_IP`, `GW2_OWN_LAN_IP`); `GW_LAN_IP`, the hosts' next
-    /// hop, is left to the active replica (examples/ha). Both replicas'
-    /// MACs differ, so neighbours see a takeover.
+    /// hop, is left to the active replica (`examples-ha`). A veth `ha0`
+    /// joins the two directly for the heartbeat (`GW1_HA_IP`,
+    /// `GW2_HA_IP`). Both replicas' MACs differ, so neighbours see a
+    /// takeover.
     pub fn second_gateway(&self) -> Result<(), LabError> {
         let (gw, gw2, sw, ext1) = (self.ns("gw"), self.ns("gw2"), self.ns("sw"), self.ns("ext1"));
         ip(&["netns", "add", &gw2])?;
@@ -178,6 +185,11 @@ impl Lab {
         ip(&["-n", &gw, "addr", "del", &format!("{GW_LAN_IP}/24"), "dev", LAN_IF])?;
         ip(&["-n", &gw, "addr", "add", &format!("{GW1_OWN_LAN_IP}/24"), "dev", LAN_IF])?;
         ip(&["-n", &gw2, "addr", "add", &format!("{GW2_OWN_LAN_IP}/24"), "dev", LAN_IF])?;
+        pair(HA_IF, &gw, HA_IF, &gw2)?;
+        for (ns, addr) in [(&gw, GW1_HA_IP), (&gw2, GW2_HA_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", HA_IF])?;
+            ip(&["-n", ns, "link", "set", HA_IF, "up"])?;
+        }
         Ok(())
     }
 

@@ -156,10 +156,15 @@ impl UdpFlow {
 
     /// Sends one datagram; the source address the server saw.
     pub fn source(&self) -> std::io::Result<Ipv4Addr> {
+        source_ip(&self.seen_as()?)
+    }
+
+    /// Sends one datagram; the address and port the server saw.
+    pub fn seen_as(&self) -> std::io::Result<String> {
         self.sock.send(b"hello\n")?;
         let mut buf = [0u8; 512];
         let n = self.sock.recv(&mut buf)?;
-        source_ip(String::from_utf8_lossy(&buf[..n]).trim().trim_start_matches("from "))
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().trim_start_matches("from ").to_string())
     }
 }
 

@@ -1,9 +1,11 @@
 //! Conntrack over netfilter netlink: dump the table, delete entries by
 //! their original tuple. Runs in the namespace of the calling thread.
 //! Which entries are stale is `policy` (pure); what flows use per EIP is
-//! `ports`; translation logs from conntrack events are `translog`; the
+//! `ports`; the kernel's events of entries made and ended, `events`;
+//! translation logs from them are `translog`; the
 //! connections a standby replica installs with their translation, `replica`.
 
+pub mod events;
 pub mod policy;
 pub mod ports;
 pub mod replica;

@@ -6,11 +6,11 @@
 //! source port the active chose at random, and the session's next packet
 //! through the standby finds it.
 
-use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, ProtoInfo, ProtoInfoTCP};
 
 use super::policy::{CtEntry, Tuple};
-use super::{Conntrack, ConntrackError, encode_tuple, receive, send};
+use super::{Conntrack, ConntrackError, Dumped, encode_tuple, receive, send};
 
 const CTA_NAT_SRC: u16 = 6;
 const CTA_NAT_DST: u16 = 13;
@@ -57,7 +57,10 @@ fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 impl Conntrack {
     /// Installs `entries` as the active replica holds them, each living
     /// `timeout_secs` until traffic refreshes it; TCP ones as established.
-    /// An entry already present is left as it is.
+    /// An entry already present is replaced: the active's view is the
+    /// fresher one (a replica that carried the flow before, and let go,
+    /// still has its old entry, whose TCP window tracking would now find
+    /// the session's packets out of window).
     pub fn install(&self, entries: &[CtEntry], timeout_secs: u32) -> Result<usize, ConntrackError> {
         let mut installed = 0;
         for e in entries {
@@ -75,13 +78,23 @@ impl Conntrack {
                 let state = ProtoInfoTCP::State(TCP_CONNTRACK_ESTABLISHED);
                 attrs.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![state])]));
             }
-            send(&self.socket, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, ConntrackMessage::New(attrs))?;
-            match receive(&self.socket, |_| {}) {
-                Ok(()) => installed += 1,
-                // EEXIST: the flow is already known here.
-                Err(ConntrackError::Kernel(c)) if c == -libc::EEXIST => {}
+            let create = |attrs| {
+                // EXCL: without it the kernel would try to change the
+                // existing entry, and refuse to change its NAT.
+                let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+                send(&self.socket, flags, ConntrackMessage::New(attrs))?;
+                receive(&self.socket, |_| {})
+            };
+            match create(attrs.clone()) {
+                Ok(()) => {}
+                Err(ConntrackError::Kernel(c)) if c == -libc::EEXIST => {
+                    let old = Dumped { entry: *e, orig: encode_tuple(e.proto, &e.orig) };
+                    self.delete(std::slice::from_ref(&old))?;
+                    create(attrs)?;
+                }
                 Err(e) => return Err(e),
             }
+            installed += 1;
         }
         Ok(installed)
     }

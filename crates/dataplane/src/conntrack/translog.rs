@@ -10,17 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use netlink_packet_core::{DefaultNla, NetlinkMessage, NetlinkPayload, Nla};
+use netlink_packet_core::{DefaultNla, Nla};
 use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage};
-use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::decode_tuple;
+use crate::conntrack::events::{Events, Read};
 use crate::conntrack::policy::Tuple;
 
-/// NFNLGRP_CONNTRACK_NEW and NFNLGRP_CONNTRACK_DESTROY as bind groups.
-const GROUPS: u32 = 1 | 4;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
 const CTA_ID: u16 = 12;
@@ -291,63 +288,27 @@ fn event_line(msg: ConntrackMessage, now: SystemTime) -> Option<Line> {
 /// Reads the namespace's conntrack events and writes translation lines
 /// until the socket fails. Runs on a thread inside the namespace.
 pub fn run(mut sink: Sink, rates: Rates, counts: Arc<Counts>) -> std::io::Result<()> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind(&SocketAddr::new(0, GROUPS))?;
-    // A deep queue rides out bursts; beyond it the kernel drops (counted).
-    let _ = socket.set_rx_buf_sz(8 << 20);
     // Wakes up twice a second to see whether to stop.
-    let timeout = libc::timeval { tv_sec: 0, tv_usec: 500_000 };
-    // SAFETY: a valid socket descriptor and a timeval of the right size.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut events = Events::subscribe(std::time::Duration::from_millis(500))?;
     let mut limits = Limits::new(rates);
-    let mut buf = vec![0u8; 1 << 17];
     while !counts.stop.load(Ordering::Relaxed) {
-        let size = match socket.recv(&mut &mut buf[..], 0) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                // How many were lost is unknown: at least one.
-                counts.dropped_kernel.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
         let (now, instant) = (SystemTime::now(), Instant::now());
         let (mut out, mut lines) = (Vec::new(), 0u64);
-        let mut offset = 0;
-        while offset < size {
-            let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[offset..size]) else { break };
-            let len = msg.header.length as usize;
-            if let NetlinkPayload::InnerMessage(m) = msg.payload
-                && let NetfilterMessageInner::Conntrack(ct) = m.inner
-                && let Some(l) = event_line(ct, now)
-            {
-                let eip = l.eip.split(':').next().and_then(|a| a.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
-                if limits.allow(eip, instant) {
-                    if let Ok(text) = serde_json::to_string(&l) {
-                        out.extend(text.as_bytes());
-                        out.push(b'\n');
-                        lines += 1;
-                    }
-                } else {
-                    counts.dropped_rate.fetch_add(1, Ordering::Relaxed);
+        let read = events.read(|ct| {
+            let Some(l) = event_line(ct, now) else { return };
+            let eip = l.eip.split(':').next().and_then(|a| a.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            if limits.allow(eip, instant) {
+                if let Ok(text) = serde_json::to_string(&l) {
+                    out.extend(text.as_bytes());
+                    out.push(b'\n');
+                    lines += 1;
                 }
+            } else {
+                counts.dropped_rate.fetch_add(1, Ordering::Relaxed);
             }
-            if len == 0 {
-                break;
-            }
-            offset += len.next_multiple_of(4);
+        })?;
+        if let Read::Lost = read {
+            counts.dropped_kernel.fetch_add(1, Ordering::Relaxed);
         }
         if !out.is_empty() {
             let outcome = if sink.write(&out).is_ok() { &counts.written } else { &counts.dropped_write };

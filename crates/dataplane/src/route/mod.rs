@@ -21,7 +21,7 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 
 use crate::route::marks::{LanRule, NATGW_PROTO, NATGW_TABLE, RULE_MAIN};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressProtocol};
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -45,6 +45,8 @@ pub enum LinkError {
 pub struct Interface {
     pub index: u32,
     pub mac: Option<[u8; 6]>,
+    /// Administratively up with a carrier: it can carry traffic.
+    pub up: bool,
 }
 
 /// A netlink connection bound to the namespace of the thread that opened it.
@@ -90,7 +92,9 @@ impl Links {
                     }
                 }
                 if let Some(name) = name {
-                    out.insert(name, Interface { index: msg.header.index, mac });
+                    let flags = msg.header.flags;
+                    let up = flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp);
+                    out.insert(name, Interface { index: msg.header.index, mac, up });
                 }
             }
             Ok(out)

@@ -1,0 +1,306 @@
+//! Two `natgw run` processes as the replicas of one gateway
+//! (`examples-ha` on `natgw lab up --ha`), with live sessions of every
+//! kind through them: a FloatingIp TCP session, an SNAT'd TCP session and
+//! UDP flow (random source ports chosen by the active), and a DNAT'd
+//! inbound TCP session. Each test breaks the pair one way and checks that
+//! every session goes on, and that one replica holds the addresses.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{EXT1, INT1, INT2, PORTS_EIP, WEB_EIP};
+use natgw_lab::traffic::{Conn, Server, UdpFlow, tcp_connect, tcp_server, udp_server};
+use natgw_lab::{GW1_HA_IP, GW2_HA_IP, Lab};
+
+const PORT: u16 = 7946;
+
+/// One replica process.
+struct Proc {
+    ns: String,
+    name: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+    status: PathBuf,
+}
+
+impl Proc {
+    fn new(lab: &Lab, role: &str, name: &'static str, me: &str, peer: &str, priority: u8) -> Proc {
+        let ns = lab.ns(role);
+        let dir = std::env::temp_dir().join(format!("natgw-ha-{ns}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = dir.join("status.json");
+        let examples = common::ha_examples_dir().to_str().unwrap().to_string();
+        let args = [
+            "run",
+            "--netns",
+            &ns,
+            "-f",
+            &examples,
+            "--poll-ms",
+            "50",
+            "--ha-name",
+            name,
+            "--ha-listen",
+            &format!("{me}:{PORT}"),
+            "--ha-peer",
+            &format!("{peer}:{PORT}"),
+            "--ha-priority",
+            &priority.to_string(),
+            "--ha-status-file",
+            status.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut p = Proc { ns, name, args, child: None, log: dir.join("log"), status };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_natgw"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("natgw run");
+        self.child = Some(child);
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// kill -9: the namespace and what its kernel holds stay.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit it leads to.
+    fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().expect("running");
+        let status = c.wait().unwrap();
+        assert!(status.success(), "{}: planned stop exited {status}", self.name);
+    }
+
+    fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(&self.status)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn holds(&self) -> bool {
+        !common::sh(&self.ns, &format!("ip route show table local {WEB_EIP}")).trim().is_empty()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Live sessions of every kind, and their servers.
+struct Sessions {
+    _servers: Vec<Server>,
+    fip: Conn,
+    snat: Conn,
+    dnat: Conn,
+    udp: UdpFlow,
+    udp_seen: String,
+}
+
+impl Sessions {
+    fn open(lab: &Lab) -> Sessions {
+        let (ext1, int1, int2) = (lab.ns("ext1"), lab.ns("int1"), lab.ns("int2"));
+        let servers = vec![
+            tcp_server(&int1, INT1, 22).unwrap(),
+            tcp_server(&ext1, EXT1, 9000).unwrap(),
+            tcp_server(&int2, INT2, 8080).unwrap(),
+            udp_server(&ext1, EXT1, 9001).unwrap(),
+        ];
+        let mut fip = tcp_connect(&ext1, WEB_EIP, 22).unwrap();
+        let mut snat = tcp_connect(&int2, EXT1, 9000).unwrap();
+        let mut dnat = tcp_connect(&ext1, PORTS_EIP, 80).unwrap();
+        let udp = UdpFlow::open(&int2, EXT1, 9001).unwrap();
+        let udp_seen = udp.seen_as().unwrap();
+        for c in [&mut fip, &mut snat, &mut dnat] {
+            c.echo("opened").unwrap();
+        }
+        assert!(snat.seen_as.starts_with("198.51.100.10:"), "SNAT through the egress EIP: {}", snat.seen_as);
+        assert!(udp_seen.starts_with("198.51.100.10:"), "{udp_seen}");
+        Sessions { _servers: servers, fip, snat, dnat, udp, udp_seen }
+    }
+
+    /// Every session still carries data both ways, with its translation.
+    fn check(&mut self, when: &str) {
+        for (what, c) in [("FloatingIp", &mut self.fip), ("SNAT", &mut self.snat), ("DNAT", &mut self.dnat)] {
+            c.echo(&format!("still here {when}")).unwrap_or_else(|e| panic!("the {what} session {when}: {e}"));
+        }
+        let seen = self.udp.seen_as().unwrap_or_else(|e| panic!("the UDP flow {when}: {e}"));
+        assert_eq!(seen, self.udp_seen, "the UDP flow keeps its translated port {when}");
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 10 s.
+fn wait_for(what: &str, pair: &Pair, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        if Instant::now() > until {
+            panic!("timed out waiting for {what}\n--- a ---\n{}\n--- b ---\n{}", pair.a.log(), pair.b.log());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The lab and its two replicas: `a` in gw (priority 200, active first),
+/// `b` in gw2.
+struct Pair {
+    a: Proc,
+    b: Proc,
+    lab: Lab,
+}
+
+impl Pair {
+    fn up(test: &str) -> Pair {
+        let lab = common::lab(test);
+        lab.second_gateway().unwrap();
+        let a = Proc::new(&lab, "gw", "a", GW1_HA_IP, GW2_HA_IP, 200);
+        let b = Proc::new(&lab, "gw2", "b", GW2_HA_IP, GW1_HA_IP, 100);
+        let pair = Pair { a, b, lab };
+        pair.active(&pair.a, "a to take the addresses");
+        wait_for("b to stand by with the plan", &pair, || pair.b.status()["role"] == "standby");
+        pair
+    }
+
+    /// Waits until `who`'s peer has received every translated session.
+    fn replicated(&self, to: &Proc, at_least: u64) {
+        wait_for("the sessions to reach the standby", self, || {
+            to.status()["sessionsHeld"].as_u64().is_some_and(|n| n >= at_least)
+        });
+    }
+
+    /// Waits until `p` holds the addresses and says it is active.
+    fn active(&self, p: &Proc, what: &str) {
+        wait_for(what, self, || p.holds() && p.status()["role"] == "active");
+    }
+
+    /// Checks `invariant` until `p`'s probes have found the addresses held
+    /// `times` more times: it suspected its peer and was fenced off.
+    fn fenced_while(&self, p: &Proc, times: u64, mut invariant: impl FnMut()) {
+        let fenced = |p: &Proc| p.status()["fenced"].as_u64().unwrap_or(0);
+        let start = fenced(p);
+        wait_for("the standby's probes to be answered", self, || {
+            invariant();
+            fenced(p) >= start + times
+        });
+    }
+
+    /// Exactly one of the two holds the addresses: `a` if `a_holds`.
+    fn one_holder(&self, a_holds: bool, when: &str) {
+        assert_eq!((self.a.holds(), self.b.holds()), (a_holds, !a_holds), "who holds the addresses {when}");
+    }
+}
+
+#[test]
+fn a_planned_switchover_keeps_every_session() {
+    let mut pair = Pair::up("hapl");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    pair.a.stop();
+    pair.active(&pair.b, "b to take over");
+    pair.one_holder(false, "after the handover");
+    assert!(pair.b.status()["reason"].as_str().unwrap_or("").contains("handed over by a"), "{}", pair.b.status());
+    s.check("after a planned switchover");
+    // a comes back as the standby and gets b's sessions; b stops: back to a.
+    pair.a.start();
+    wait_for("a to stand by", &pair, || pair.a.status()["role"] == "standby");
+    pair.replicated(&pair.a, 4);
+    pair.b.stop();
+    pair.active(&pair.a, "a to take over again");
+    pair.one_holder(true, "after the second handover");
+    s.check("after a second switchover");
+}
+
+#[test]
+fn kill_9_of_the_active_agent_leaves_its_kernel_serving_and_it_resumes() {
+    let mut pair = Pair::up("hak9");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    pair.a.kill();
+    // Its kernel still holds and forwards: b suspects a, probes, hears a's
+    // kernel answer, and waits. Three times over.
+    s.check("with the active's agent dead");
+    pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "while the active's agent is dead"));
+    pair.a.start();
+    wait_for("a to resume as the active", &pair, || pair.a.status()["role"] == "active");
+    pair.one_holder(true, "after the restart");
+    s.check("after the active's agent restarted");
+}
+
+#[test]
+fn the_actives_external_link_down_hands_every_session_to_the_standby() {
+    let pair = Pair::up("halink");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    common::sh(&pair.a.ns, "ip link set ext0 down");
+    pair.active(&pair.b, "b to take over");
+    wait_for("a to let go", &pair, || !pair.a.holds());
+    s.check("after the active's external link went down");
+    assert!(pair.b.status()["reason"].as_str().unwrap_or("").contains("a let go"), "{}", pair.b.status());
+    // The link back: a stays the standby (no preemption), b keeps serving.
+    assert_eq!(pair.a.status()["linksUp"], false);
+    common::sh(&pair.a.ns, "ip link set ext0 up");
+    wait_for("a to see its link back", &pair, || pair.a.status()["linksUp"] == true);
+    pair.one_holder(false, "once the link is back");
+    s.check("once the link is back");
+}
+
+#[test]
+fn the_active_node_lost_whole_hands_every_session_to_the_standby() {
+    let mut pair = Pair::up("hanode");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    // A node lost: its agent and its links gone at once.
+    pair.a.kill();
+    common::sh(&pair.a.ns, "ip link del ext0; ip link del lan0; ip link del ha0");
+    pair.active(&pair.b, "b to take over");
+    let status = pair.b.status();
+    assert!(status["reason"].as_str().unwrap_or("").contains("silent"), "{status}");
+    assert!(status["sessionsInstalled"].as_u64().is_some_and(|n| n >= 4), "{status}");
+    s.check("after the active's node was lost");
+}
+
+#[test]
+fn a_frozen_active_or_a_cut_heartbeat_never_makes_a_second_holder() {
+    let pair = Pair::up("hafreeze");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    // SIGSTOP: adverts stop, the kernel forwards on. b suspects a, probes,
+    // hears its kernel answer, and waits.
+    pair.a.signal(libc::SIGSTOP);
+    pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "while the active is frozen"));
+    s.check("while the active is frozen");
+    pair.a.signal(libc::SIGCONT);
+    // The heartbeat path cut while both live: the same.
+    common::sh(&pair.a.ns, "ip link set ha0 down");
+    pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "with the heartbeat path cut"));
+    s.check("with the heartbeat path cut");
+    common::sh(&pair.a.ns, "ip link set ha0 up");
+}
