@@ -68,6 +68,10 @@ enum Command {
         path: Option<PathBuf>,
         #[arg(long, env = "NATGW_GATEWAY")]
         gateway: Option<String>,
+        /// The namespace is a standby replica's: every translation, no
+        /// address (the LAN address and EIPs are the active's).
+        #[arg(long)]
+        standby: bool,
     },
     /// Show the busiest EIPs, their busiest destinations and how many of
     /// their source ports are in use, live (inside a gateway pod without
@@ -190,10 +194,12 @@ fn main() -> ExitCode {
         Command::Run { netns, path, gateway, resync, poll_ms, ha } => {
             standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms, ha)
         }
-        Command::Audit { netns, path: Some(path), gateway } => {
-            standalone::audit(netns.as_deref(), &path, gateway.as_deref())
+        Command::Audit { netns, path: Some(path), gateway, standby } => {
+            standalone::audit(netns.as_deref(), &path, gateway.as_deref(), standby)
         }
-        Command::Audit { netns, path: None, gateway } => audit_from_cluster(netns.as_deref(), gateway.as_deref()),
+        Command::Audit { netns, path: None, gateway, standby } => {
+            audit_from_cluster(netns.as_deref(), gateway.as_deref(), standby)
+        }
         Command::Teardown { netns } => standalone::teardown(&netns),
         Command::Logs { file, eip, at } => top::logs(&file, &eip, &at),
         Command::Top { netns, interval, rows, destinations, once } => {
@@ -308,7 +314,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 /// `natgw audit` in a gateway pod: its gateway's objects from the API
 /// server (the pod's own account may read them), as its agent programs
 /// them.
-fn audit_from_cluster(netns: Option<&str>, gateway: Option<&str>) -> anyhow::Result<ExitCode> {
+fn audit_from_cluster(netns: Option<&str>, gateway: Option<&str>, standby: bool) -> anyhow::Result<ExitCode> {
     let gw = gateway.ok_or_else(|| {
         anyhow::anyhow!("-f FILE, or inside a gateway pod --gateway (NATGW_GATEWAY, which the pod sets)")
     })?;
@@ -318,7 +324,7 @@ fn audit_from_cluster(netns: Option<&str>, gateway: Option<&str>) -> anyhow::Res
         let client = natgw_kube_support::client().await?;
         anyhow::Ok(natgw_agent::snapshot::objects(&client, gw, &namespace).await?)
     })?;
-    standalone::audit_set(netns, &set, gw)
+    standalone::audit_set(netns, &set, gw, standby)
 }
 
 fn install_check(timeout_seconds: u64) -> anyhow::Result<ExitCode> {

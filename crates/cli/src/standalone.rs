@@ -81,13 +81,18 @@ pub fn apply(netns: &str, path: &Path, gateway: Option<&str>) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn audit(netns: Option<&str>, path: &Path, gateway: Option<&str>) -> Result<ExitCode> {
-    report_drift(netns, &load_plan(path, gateway)?)
+/// The plan a replica's kernel should hold: a standby's has no address.
+fn as_replica(plan: GatewayPlan, standby: bool) -> GatewayPlan {
+    if standby { plan.standby() } else { plan }
+}
+
+pub fn audit(netns: Option<&str>, path: &Path, gateway: Option<&str>, standby: bool) -> Result<ExitCode> {
+    report_drift(netns, &as_replica(load_plan(path, gateway)?, standby))
 }
 
 /// `audit` of objects already read (from the API server).
-pub fn audit_set(netns: Option<&str>, set: &ObjectSet, gateway: &str) -> Result<ExitCode> {
-    report_drift(netns, &plan_set(set, Some(gateway))?)
+pub fn audit_set(netns: Option<&str>, set: &ObjectSet, gateway: &str, standby: bool) -> Result<ExitCode> {
+    report_drift(netns, &as_replica(plan_set(set, Some(gateway))?, standby))
 }
 
 fn report_drift(netns: Option<&str>, plan: &GatewayPlan) -> Result<ExitCode> {

@@ -7,9 +7,14 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use natgw_dataplane::route::probe::{Holder, Prober};
 
 use common::{EXT1, INT1, INT2, PORTS_EIP, WEB_EIP};
 use natgw_lab::traffic::{Conn, Server, UdpFlow, tcp_connect, tcp_server, udp_server};
@@ -28,13 +33,13 @@ struct Proc {
 }
 
 impl Proc {
-    fn new(lab: &Lab, role: &str, name: &'static str, me: &str, peer: &str, priority: u8) -> Proc {
+    fn new(lab: &Lab, dir: &Path, role: &str, name: &'static str, me: &str, peer: &str, priority: u8) -> Proc {
+        let examples = dir.to_str().unwrap().to_string();
         let ns = lab.ns(role);
-        let dir = std::env::temp_dir().join(format!("natgw-ha-{ns}"));
+        let dir: PathBuf = std::env::temp_dir().join(format!("natgw-ha-{ns}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let status = dir.join("status.json");
-        let examples = common::ha_examples_dir().to_str().unwrap().to_string();
         let args = [
             "run",
             "--netns",
@@ -158,6 +163,61 @@ impl Sessions {
     }
 }
 
+/// Every ARP claim (an answer or an announcement) on the gateway's
+/// addresses, heard from the external host and a LAN host for the whole
+/// test, with the replica it came from.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<(Instant, Holder)>>>,
+}
+
+impl Watch {
+    fn start(lab: &Lab) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let lan: Ipv4Addr = natgw_lab::GW_LAN_IP.parse().unwrap();
+        let sides = [(lab.ns("ext1"), vec![common::EGRESS_EIP, WEB_EIP, PORTS_EIP]), (lab.ns("int1"), vec![lan])];
+        let threads = sides
+            .into_iter()
+            .map(|(ns, ips)| {
+                let stop = stop.clone();
+                let prober = natgw_lab::traffic::in_ns(&ns, || Prober::on("eth0")).unwrap().unwrap();
+                std::thread::spawn(move || {
+                    let mut heard = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let claims = prober.listen(&ips, Duration::from_millis(50)).unwrap();
+                        heard.extend(claims.into_iter().map(|h| (Instant::now(), h)));
+                    }
+                    heard
+                })
+            })
+            .collect();
+        Watch { stop, threads }
+    }
+
+    /// The claims heard, in time order.
+    fn stop(self) -> Vec<(Instant, Holder)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<(Instant, Holder)> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|(t, _)| *t);
+        all
+    }
+}
+
+/// A replica's hardware addresses on both segments.
+fn macs(ns: &str) -> Vec<[u8; 6]> {
+    ["ext0", "lan0"]
+        .iter()
+        .map(|dev| {
+            let text = common::sh(ns, &format!("cat /sys/class/net/{dev}/address"));
+            let mut mac = [0u8; 6];
+            for (i, part) in text.trim().split(':').enumerate() {
+                mac[i] = u8::from_str_radix(part, 16).unwrap();
+            }
+            mac
+        })
+        .collect()
+}
+
 /// Polls `cond` every 10 ms for up to 10 s.
 fn wait_for(what: &str, pair: &Pair, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
@@ -179,10 +239,15 @@ struct Pair {
 
 impl Pair {
     fn up(test: &str) -> Pair {
+        Pair::up_in(test, common::ha_examples_dir())
+    }
+
+    /// The pair on the manifests in `dir`.
+    fn up_in(test: &str, dir: &Path) -> Pair {
         let lab = common::lab(test);
         lab.second_gateway().unwrap();
-        let a = Proc::new(&lab, "gw", "a", GW1_HA_IP, GW2_HA_IP, 200);
-        let b = Proc::new(&lab, "gw2", "b", GW2_HA_IP, GW1_HA_IP, 100);
+        let a = Proc::new(&lab, dir, "gw", "a", GW1_HA_IP, GW2_HA_IP, 200);
+        let b = Proc::new(&lab, dir, "gw2", "b", GW2_HA_IP, GW1_HA_IP, 100);
         let pair = Pair { a, b, lab };
         pair.active(&pair.a, "a to take the addresses");
         wait_for("b to stand by with the plan", &pair, || pair.b.status()["role"] == "standby");
@@ -257,6 +322,7 @@ fn kill_9_of_the_active_agent_leaves_its_kernel_serving_and_it_resumes() {
 #[test]
 fn the_actives_external_link_down_hands_every_session_to_the_standby() {
     let pair = Pair::up("halink");
+    let watch = Watch::start(&pair.lab);
     let mut s = Sessions::open(&pair.lab);
     pair.replicated(&pair.b, 4);
     common::sh(&pair.a.ns, "ip link set ext0 down");
@@ -270,6 +336,13 @@ fn the_actives_external_link_down_hands_every_session_to_the_standby() {
     wait_for("a to see its link back", &pair, || pair.a.status()["linksUp"] == true);
     pair.one_holder(false, "once the link is back");
     s.check("once the link is back");
+    // One holder at a time as neighbours saw it: once b claims, a never
+    // claims again.
+    let claims = watch.stop();
+    let b = macs(&pair.b.ns);
+    let first_b = claims.iter().position(|(_, h)| b.contains(&h.mac)).expect("b announced what it took");
+    let a_after: Vec<_> = claims[first_b..].iter().filter(|(_, h)| !b.contains(&h.mac)).collect();
+    assert!(a_after.is_empty(), "a claimed after b took over: {a_after:?}");
 }
 
 #[test]
@@ -290,6 +363,7 @@ fn the_active_node_lost_whole_hands_every_session_to_the_standby() {
 #[test]
 fn a_frozen_active_or_a_cut_heartbeat_never_makes_a_second_holder() {
     let pair = Pair::up("hafreeze");
+    let watch = Watch::start(&pair.lab);
     let mut s = Sessions::open(&pair.lab);
     pair.replicated(&pair.b, 4);
     // SIGSTOP: adverts stop, the kernel forwards on. b suspects a, probes,
@@ -303,4 +377,59 @@ fn a_frozen_active_or_a_cut_heartbeat_never_makes_a_second_holder() {
     pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "with the heartbeat path cut"));
     s.check("with the heartbeat path cut");
     common::sh(&pair.a.ns, "ip link set ha0 up");
+    // Neighbours asked and were answered throughout, by a alone.
+    let claims = watch.stop();
+    assert!(!claims.is_empty(), "the segments were watched");
+    let b = macs(&pair.b.ns);
+    let by_b: Vec<_> = claims.iter().filter(|(_, h)| b.contains(&h.mac)).collect();
+    assert!(by_b.is_empty(), "the standby claimed an address: {by_b:?}");
+}
+
+/// Whether `natgw audit` finds `p`'s kernel equal to the manifests in
+/// `dir` (as a standby's when `standby`).
+fn audit_clean(p: &Proc, dir: &Path, standby: bool) -> bool {
+    let mut args = vec!["audit", "--netns", &p.ns, "-f", dir.to_str().unwrap()];
+    if standby {
+        args.push("--standby");
+    }
+    Command::new(env!("CARGO_BIN_EXE_natgw")).args(&args).output().unwrap().status.success()
+}
+
+/// FloatingIps created, then deleted in part just as the active stops and
+/// in whole once the other replica holds the addresses: once both run
+/// again, neither kernel holds anything of them (`natgw audit` clean on
+/// both, each in its role), and the other sessions went on throughout.
+#[test]
+fn floating_ips_made_and_deleted_across_a_failover_leave_nothing_on_either_replica() {
+    let dir = std::env::temp_dir().join(format!("natgw-ha-churn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["00-network.yaml", "10-eips.yaml", "20-rules.yaml"] {
+        std::fs::copy(common::ha_examples_dir().join(f), dir.join(f)).unwrap();
+    }
+    let churn = |n: u8| -> String {
+        (0..n)
+            .map(|i| {
+                common::eip(&format!("churn-{i}"), Ipv4Addr::new(198, 51, 100, 100 + i))
+                    + &common::fip(&format!("churn-{i}"), &format!("churn-{i}"), Ipv4Addr::new(10, 77, 0, 100 + i))
+            })
+            .collect()
+    };
+    let mut pair = Pair::up_in("hachurn", &dir);
+    let mut s = Sessions::open(&pair.lab);
+    std::fs::write(dir.join("30-churn.yaml"), churn(40)).unwrap();
+    wait_for("a to program the FloatingIps", &pair, || audit_clean(&pair.a, &dir, false));
+    pair.replicated(&pair.b, 4);
+    // Half of them go just as a hands over; the rest once b holds.
+    std::fs::write(dir.join("30-churn.yaml"), churn(20)).unwrap();
+    pair.a.stop();
+    pair.active(&pair.b, "b to take over");
+    std::fs::write(dir.join("30-churn.yaml"), "").unwrap();
+    pair.a.start();
+    wait_for("both kernels to hold exactly the manifests", &pair, || {
+        audit_clean(&pair.b, &dir, false) && audit_clean(&pair.a, &dir, true)
+    });
+    pair.one_holder(false, "after the churn");
+    s.check("after FloatingIps came and went across a failover");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -70,7 +70,23 @@ impl Prober {
         for ip in ips {
             self.send(*ip)?;
         }
+        self.next_claim(ips, Instant::now() + wait)
+    }
+
+    /// Every claim on one of `ips` heard for `wait`, without asking: who
+    /// announces or answers for them (a watch of a segment in tests).
+    pub fn listen(&self, ips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Vec<Holder>> {
         let until = Instant::now() + wait;
+        let mut heard = Vec::new();
+        while let Some(h) = self.next_claim(ips, until)? {
+            heard.push(h);
+        }
+        Ok(heard)
+    }
+
+    /// The next claim on one of `ips` from another hardware address,
+    /// before `until`.
+    fn next_claim(&self, ips: &[Ipv4Addr], until: Instant) -> std::io::Result<Option<Holder>> {
         let mut buf = [0u8; 64];
         loop {
             let left = until.saturating_duration_since(Instant::now());
