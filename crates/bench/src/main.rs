@@ -2,6 +2,7 @@
 //! baseline, both measured in the same run on the same machine.
 
 mod baseline;
+mod failover;
 mod ha;
 mod heap;
 mod objects;
@@ -88,6 +89,20 @@ struct Args {
     /// --ha`; the data plane's part only).
     #[arg(long)]
     ha_switch: Option<u32>,
+    /// Failovers of two `natgw run` replicas instead, this many rounds of
+    /// each kind (planned, link loss, node loss, agent kill -9): what a
+    /// probe every 10 ms sees and how many sessions are kept. Needs the
+    /// `natgw` binary beside this one.
+    #[arg(long)]
+    ha_failover: Option<u32>,
+    /// What replicating connections costs instead: the SNAT connection
+    /// rate with and without a standby receiving them, for this many
+    /// seconds each, and the standby's lag.
+    #[arg(long)]
+    ha_replication: Option<u64>,
+    /// With --ha-failover: established TCP sessions held across each.
+    #[arg(long, default_value_t = 1000)]
+    ha_sessions: usize,
 }
 
 const PREFIX: &str = "nbench";
@@ -583,6 +598,12 @@ fn main() -> Result<()> {
     }
     if let Some(seconds) = args.translog_seconds {
         return translog_bench(seconds);
+    }
+    if let Some(seconds) = args.ha_replication {
+        return failover::replication(seconds.max(1));
+    }
+    if let Some(rounds) = args.ha_failover {
+        return failover::run(rounds.max(1), args.ha_sessions);
     }
     if let Some(switches) = args.ha_switch {
         return ha::run(switches.max(1));

@@ -8,8 +8,8 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,109 +17,9 @@ use std::time::{Duration, Instant};
 use natgw_dataplane::route::probe::{Holder, Prober};
 
 use common::{EXT1, INT1, INT2, PORTS_EIP, WEB_EIP};
+use natgw_lab::replica::Process;
 use natgw_lab::traffic::{Conn, Server, UdpFlow, tcp_connect, tcp_server, udp_server};
 use natgw_lab::{GW1_HA_IP, GW2_HA_IP, Lab};
-
-const PORT: u16 = 7946;
-
-/// One replica process.
-struct Proc {
-    ns: String,
-    name: &'static str,
-    args: Vec<String>,
-    child: Option<Child>,
-    log: PathBuf,
-    status: PathBuf,
-}
-
-impl Proc {
-    fn new(lab: &Lab, dir: &Path, role: &str, name: &'static str, me: &str, peer: &str, priority: u8) -> Proc {
-        let examples = dir.to_str().unwrap().to_string();
-        let ns = lab.ns(role);
-        let dir: PathBuf = std::env::temp_dir().join(format!("natgw-ha-{ns}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let status = dir.join("status.json");
-        let args = [
-            "run",
-            "--netns",
-            &ns,
-            "-f",
-            &examples,
-            "--poll-ms",
-            "50",
-            "--ha-name",
-            name,
-            "--ha-listen",
-            &format!("{me}:{PORT}"),
-            "--ha-peer",
-            &format!("{peer}:{PORT}"),
-            "--ha-priority",
-            &priority.to_string(),
-            "--ha-status-file",
-            status.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut p = Proc { ns, name, args, child: None, log: dir.join("log"), status };
-        p.start();
-        p
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_natgw"))
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("natgw run");
-        self.child = Some(child);
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("running").id() as i32;
-        // SAFETY: a signal to our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    /// kill -9: the namespace and what its kernel holds stay.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, and the exit it leads to.
-    fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        let mut c = self.child.take().expect("running");
-        let status = c.wait().unwrap();
-        assert!(status.success(), "{}: planned stop exited {status}", self.name);
-    }
-
-    fn status(&self) -> serde_json::Value {
-        std::fs::read_to_string(&self.status)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    fn holds(&self) -> bool {
-        !common::sh(&self.ns, &format!("ip route show table local {WEB_EIP}")).trim().is_empty()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// Live sessions of every kind, and their servers.
 struct Sessions {
@@ -232,8 +132,8 @@ fn wait_for(what: &str, pair: &Pair, mut cond: impl FnMut() -> bool) {
 /// The lab and its two replicas: `a` in gw (priority 200, active first),
 /// `b` in gw2.
 struct Pair {
-    a: Proc,
-    b: Proc,
+    a: Process,
+    b: Process,
     lab: Lab,
 }
 
@@ -246,8 +146,9 @@ impl Pair {
     fn up_in(test: &str, dir: &Path) -> Pair {
         let lab = common::lab(test);
         lab.second_gateway().unwrap();
-        let a = Proc::new(&lab, dir, "gw", "a", GW1_HA_IP, GW2_HA_IP, 200);
-        let b = Proc::new(&lab, dir, "gw2", "b", GW2_HA_IP, GW1_HA_IP, 100);
+        let bin = Path::new(env!("CARGO_BIN_EXE_natgw"));
+        let a = Process::spawn(bin, lab.ns("gw"), dir, "a", (GW1_HA_IP, GW2_HA_IP), 200).unwrap();
+        let b = Process::spawn(bin, lab.ns("gw2"), dir, "b", (GW2_HA_IP, GW1_HA_IP), 100).unwrap();
         let pair = Pair { a, b, lab };
         pair.active(&pair.a, "a to take the addresses");
         wait_for("b to stand by with the plan", &pair, || pair.b.status()["role"] == "standby");
@@ -255,21 +156,21 @@ impl Pair {
     }
 
     /// Waits until `who`'s peer has received every translated session.
-    fn replicated(&self, to: &Proc, at_least: u64) {
+    fn replicated(&self, to: &Process, at_least: u64) {
         wait_for("the sessions to reach the standby", self, || {
             to.status()["sessionsHeld"].as_u64().is_some_and(|n| n >= at_least)
         });
     }
 
     /// Waits until `p` holds the addresses and says it is active.
-    fn active(&self, p: &Proc, what: &str) {
-        wait_for(what, self, || p.holds() && p.status()["role"] == "active");
+    fn active(&self, p: &Process, what: &str) {
+        wait_for(what, self, || p.active(WEB_EIP));
     }
 
     /// Checks `invariant` until `p`'s probes have found the addresses held
     /// `times` more times: it suspected its peer and was fenced off.
-    fn fenced_while(&self, p: &Proc, times: u64, mut invariant: impl FnMut()) {
-        let fenced = |p: &Proc| p.status()["fenced"].as_u64().unwrap_or(0);
+    fn fenced_while(&self, p: &Process, times: u64, mut invariant: impl FnMut()) {
+        let fenced = |p: &Process| p.status()["fenced"].as_u64().unwrap_or(0);
         let start = fenced(p);
         wait_for("the standby's probes to be answered", self, || {
             invariant();
@@ -279,7 +180,11 @@ impl Pair {
 
     /// Exactly one of the two holds the addresses: `a` if `a_holds`.
     fn one_holder(&self, a_holds: bool, when: &str) {
-        assert_eq!((self.a.holds(), self.b.holds()), (a_holds, !a_holds), "who holds the addresses {when}");
+        assert_eq!(
+            (self.a.holds(WEB_EIP), self.b.holds(WEB_EIP)),
+            (a_holds, !a_holds),
+            "who holds the addresses {when}"
+        );
     }
 }
 
@@ -288,16 +193,16 @@ fn a_planned_switchover_keeps_every_session() {
     let mut pair = Pair::up("hapl");
     let mut s = Sessions::open(&pair.lab);
     pair.replicated(&pair.b, 4);
-    pair.a.stop();
+    stop(&mut pair.a);
     pair.active(&pair.b, "b to take over");
     pair.one_holder(false, "after the handover");
     assert!(pair.b.status()["reason"].as_str().unwrap_or("").contains("handed over by a"), "{}", pair.b.status());
     s.check("after a planned switchover");
     // a comes back as the standby and gets b's sessions; b stops: back to a.
-    pair.a.start();
+    pair.a.start().unwrap();
     wait_for("a to stand by", &pair, || pair.a.status()["role"] == "standby");
     pair.replicated(&pair.a, 4);
-    pair.b.stop();
+    stop(&mut pair.b);
     pair.active(&pair.a, "a to take over again");
     pair.one_holder(true, "after the second handover");
     s.check("after a second switchover");
@@ -313,7 +218,7 @@ fn kill_9_of_the_active_agent_leaves_its_kernel_serving_and_it_resumes() {
     // kernel answer, and waits. Three times over.
     s.check("with the active's agent dead");
     pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "while the active's agent is dead"));
-    pair.a.start();
+    pair.a.start().unwrap();
     wait_for("a to resume as the active", &pair, || pair.a.status()["role"] == "active");
     pair.one_holder(true, "after the restart");
     s.check("after the active's agent restarted");
@@ -327,7 +232,7 @@ fn the_actives_external_link_down_hands_every_session_to_the_standby() {
     pair.replicated(&pair.b, 4);
     common::sh(&pair.a.ns, "ip link set ext0 down");
     pair.active(&pair.b, "b to take over");
-    wait_for("a to let go", &pair, || !pair.a.holds());
+    wait_for("a to let go", &pair, || !pair.a.holds(WEB_EIP));
     s.check("after the active's external link went down");
     assert!(pair.b.status()["reason"].as_str().unwrap_or("").contains("a let go"), "{}", pair.b.status());
     // The link back: a stays the standby (no preemption), b keeps serving.
@@ -368,10 +273,10 @@ fn a_frozen_active_or_a_cut_heartbeat_never_makes_a_second_holder() {
     pair.replicated(&pair.b, 4);
     // SIGSTOP: adverts stop, the kernel forwards on. b suspects a, probes,
     // hears its kernel answer, and waits.
-    pair.a.signal(libc::SIGSTOP);
+    pair.a.signal(libc::SIGSTOP).unwrap();
     pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "while the active is frozen"));
     s.check("while the active is frozen");
-    pair.a.signal(libc::SIGCONT);
+    pair.a.signal(libc::SIGCONT).unwrap();
     // The heartbeat path cut while both live: the same.
     common::sh(&pair.a.ns, "ip link set ha0 down");
     pair.fenced_while(&pair.b, 3, || pair.one_holder(true, "with the heartbeat path cut"));
@@ -385,9 +290,15 @@ fn a_frozen_active_or_a_cut_heartbeat_never_makes_a_second_holder() {
     assert!(by_b.is_empty(), "the standby claimed an address: {by_b:?}");
 }
 
+/// A planned stop, which must end in a clean exit.
+fn stop(p: &mut Process) {
+    let status = p.stop().unwrap();
+    assert!(status.success(), "{}: planned stop exited {status}", p.name);
+}
+
 /// Whether `natgw audit` finds `p`'s kernel equal to the manifests in
 /// `dir` (as a standby's when `standby`).
-fn audit_clean(p: &Proc, dir: &Path, standby: bool) -> bool {
+fn audit_clean(p: &Process, dir: &Path, standby: bool) -> bool {
     let mut args = vec!["audit", "--netns", &p.ns, "-f", dir.to_str().unwrap()];
     if standby {
         args.push("--standby");
@@ -422,10 +333,10 @@ fn floating_ips_made_and_deleted_across_a_failover_leave_nothing_on_either_repli
     pair.replicated(&pair.b, 4);
     // Half of them go just as a hands over; the rest once b holds.
     std::fs::write(dir.join("30-churn.yaml"), churn(20)).unwrap();
-    pair.a.stop();
+    stop(&mut pair.a);
     pair.active(&pair.b, "b to take over");
     std::fs::write(dir.join("30-churn.yaml"), "").unwrap();
-    pair.a.start();
+    pair.a.start().unwrap();
     wait_for("both kernels to hold exactly the manifests", &pair, || {
         audit_clean(&pair.b, &dir, false) && audit_clean(&pair.a, &dir, true)
     });

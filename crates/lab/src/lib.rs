@@ -12,6 +12,7 @@
 //! `ext0`, and makes the external side a bridge `br1` joining both
 //! gateways and the external host: two replicas on the same segments.
 
+pub mod replica;
 pub mod traffic;
 
 use std::process::Command;
