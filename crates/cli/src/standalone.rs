@@ -227,8 +227,13 @@ impl Manifests {
 #[derive(clap::Args, Debug, Default)]
 pub struct HaArgs {
     /// This replica's name, unique within the gateway (adverts carry it).
-    #[arg(long, requires_all = ["ha_listen", "ha_peer"])]
+    #[arg(long, requires_all = ["ha_listen", "ha_peer", "ha_key_file"])]
     pub ha_name: Option<String>,
+    /// A file of at least 16 random bytes, the same for both replicas:
+    /// adverts are signed with it and the connection stream proves it
+    /// (`head -c 32 /dev/urandom > FILE`).
+    #[arg(long, requires = "ha_name")]
+    pub ha_key_file: Option<PathBuf>,
     /// This replica's address and port on the heartbeat path (UDP adverts,
     /// TCP connection stream): a link of the replicas' own, never the
     /// gateway's LAN or external interface.
@@ -272,6 +277,7 @@ fn status_json(s: &natgw_replica::Status) -> serde_json::Value {
         "sessionsInstalled": s.sessions_installed,
         "sessionEventsLost": s.sessions_lost_events,
         "refusedDatagrams": s.refused_datagrams,
+        "refusedStreams": s.refused_streams,
     })
 }
 
@@ -326,11 +332,13 @@ fn start_replica(
             spec.replica_count()
         ),
         (true, None) => bail!(
-            "NatGateway {name:?} has spec.replicas {}: run each replica with --ha-name, --ha-listen and --ha-peer",
+            "NatGateway {name:?} has spec.replicas {}: run each replica with --ha-name, --ha-listen, --ha-peer and --ha-key-file",
             spec.replica_count()
         ),
         (true, Some(replica)) => {
             let Some(listen) = ha.ha_listen else { bail!("--ha-listen is required with --ha-name") };
+            let Some(key_file) = ha.ha_key_file else { bail!("--ha-key-file is required with --ha-name") };
+            let key = natgw_replica::auth::Key::load(&key_file)?;
             let settings = natgw_replica::Settings {
                 gateway: name,
                 name: replica,
@@ -341,6 +349,7 @@ fn start_replica(
                 dead_ms: ha.ha_dead_ms,
                 probe_ms: ha.ha_probe_ms,
                 tenant_interfaces: [spec.lan_interface, spec.external_interface],
+                key,
             };
             let path = natgw_dataplane::netns::netns_path(netns);
             Ok(Some(natgw_replica::Replica::start(settings, gw, Some(path))?))

@@ -344,3 +344,70 @@ fn floating_ips_made_and_deleted_across_a_failover_leave_nothing_on_either_repli
     s.check("after FloatingIps came and went across a failover");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whoever else can send on the heartbeat path, even from the active's
+/// own address, cannot move the addresses or feed the standby
+/// connections without the pair's key: an unsigned handover, one signed
+/// with another key, and a stream that cannot prove the key are refused
+/// and counted, and nothing moves.
+#[test]
+fn forged_adverts_and_streams_without_the_key_are_refused() {
+    use std::io::{BufRead, Write};
+    let pair = Pair::up("haforge");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    let held = pair.b.status()["sessionsHeld"].as_u64().unwrap();
+    let to = std::net::SocketAddrV4::new(GW2_HA_IP.parse().unwrap(), natgw_lab::replica::PORT);
+    let from = std::net::SocketAddrV4::new(GW1_HA_IP.parse().unwrap(), 0);
+    let forged = "natgw-ha/1 gateway=demo-gw from=a priority=255 active=0 term=99 handover=b";
+    let other = natgw_replica::auth::Key::new(b"not the pair's key at all".to_vec());
+    let sock = natgw_lab::traffic::in_ns(&pair.a.ns, move || std::net::UdpSocket::bind(from)).unwrap().unwrap();
+    for datagram in [forged.to_string(), format!("{forged} seq=1 mac=00"), other.sign(forged, u64::MAX)] {
+        sock.send_to(datagram.as_bytes(), to).unwrap();
+    }
+    wait_for("b to refuse the three datagrams", &pair, || {
+        pair.b.status()["refusedDatagrams"].as_u64().is_some_and(|n| n >= 3)
+    });
+    // A stream that answers the nonce with another key's MAC.
+    let mut conn = natgw_lab::traffic::in_ns(&pair.a.ns, move || std::net::TcpStream::connect(to)).unwrap().unwrap();
+    let mut hello = String::new();
+    std::io::BufReader::new(conn.try_clone().unwrap()).read_line(&mut hello).unwrap();
+    let nonce = hello.trim_end().trim_start_matches("natgw-stream/1 nonce=");
+    let line = format!("auth={}\n+ 6 10.77.0.99:1>198.51.100.1:2 198.51.100.1:2>198.51.100.10:3\n=\n", {
+        other.mac_hex(format!("natgw-stream/1 {nonce}").as_bytes())
+    });
+    let _ = conn.write_all(line.as_bytes());
+    wait_for("b to refuse the stream", &pair, || pair.b.status()["refusedStreams"].as_u64().is_some_and(|n| n >= 1));
+    pair.one_holder(true, "after the forgeries");
+    assert_eq!(pair.b.status()["role"], "standby");
+    assert_eq!(pair.b.status()["sessionsHeld"].as_u64(), Some(held), "nothing taken from the forged stream");
+    s.check("after the forgeries");
+}
+
+/// A replica without a usable key does not start, and says how to make one.
+#[test]
+fn a_replica_without_a_usable_key_refuses_to_start() {
+    let lab = common::lab("hakey");
+    lab.second_gateway().unwrap();
+    let key = std::env::temp_dir().join(format!("natgw-short-key-{}", std::process::id()));
+    std::fs::write(&key, "short").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_natgw"))
+        .args(["run", "--netns", &lab.ns("gw"), "-f", common::ha_examples_dir().to_str().unwrap()])
+        .args([
+            "--ha-name",
+            "a",
+            "--ha-listen",
+            &format!("{GW1_HA_IP}:7946"),
+            "--ha-peer",
+            &format!("{GW2_HA_IP}:7946"),
+        ])
+        .args(["--ha-key-file", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&key);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("holds 5 bytes") && text.contains("/dev/urandom"), "{text}");
+    // The address stays unheld: nothing was programmed.
+    assert!(common::sh(&lab.ns("gw"), &format!("ip route show table local {WEB_EIP}")).trim().is_empty());
+}

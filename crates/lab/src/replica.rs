@@ -9,6 +9,22 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 /// The heartbeat port the lab's replicas use.
 pub const PORT: u16 = 7946;
 
+/// The lab's HA key, shared by every replica this process starts (made
+/// once: tests start pairs in parallel).
+fn key_file() -> std::io::Result<PathBuf> {
+    static KEY: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let made = KEY.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("natgw-lab-ha-key-{}", std::process::id()));
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+            .and_then(|_| std::fs::write(&path, key))
+            .map(|_| path)
+            .map_err(|e| e.to_string())
+    });
+    made.clone().map_err(std::io::Error::other)
+}
+
 pub struct Process {
     pub ns: String,
     pub name: String,
@@ -31,6 +47,7 @@ impl Process {
         (me, peer): (&str, &str),
         priority: u8,
     ) -> std::io::Result<Process> {
+        let key = key_file()?;
         let dir = std::env::temp_dir().join(format!("natgw-replica-{ns}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -53,6 +70,8 @@ impl Process {
             &priority.to_string(),
             "--ha-status-file",
             &status.to_string_lossy(),
+            "--ha-key-file",
+            &key.to_string_lossy(),
         ]
         .map(String::from)
         .to_vec();

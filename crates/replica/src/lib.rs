@@ -17,6 +17,7 @@
 //! forge an advert). A dedicated link between the replicas, or the pod
 //! network, carries them.
 
+pub mod auth;
 mod heartbeat;
 pub mod stream;
 
@@ -58,6 +59,14 @@ pub struct Settings {
     /// The gateway's LAN and external interfaces: the heartbeat must not
     /// use them.
     pub tenant_interfaces: [String; 2],
+    /// Shared by the replicas: signs adverts and opens the stream.
+    pub key: auth::Key,
+}
+
+impl std::fmt::Debug for auth::Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +110,8 @@ pub struct Status {
     pub sessions_installed: usize,
     pub sessions_lost_events: u64,
     pub refused_datagrams: u64,
+    /// Stream connections that did not prove the key.
+    pub refused_streams: u64,
 }
 
 pub fn role_name(r: Role) -> &'static str {
@@ -191,8 +202,14 @@ impl Replica {
         {
             return Err(ReplicaError::TenantSide { addr: ip, interface, side: ["LAN", "external"][side] });
         }
-        let heartbeat = Heartbeat::new(udp, &settings.gateway, settings.peers.clone(), Duration::from_millis(10))
-            .map_err(|e| ReplicaError::Listen(listen, e.to_string()))?;
+        let heartbeat = Heartbeat::new(
+            udp,
+            &settings.gateway,
+            settings.peers.clone(),
+            settings.key.clone(),
+            Duration::from_millis(10),
+        )
+        .map_err(|e| ReplicaError::Listen(listen, e.to_string()))?;
         let holds = !gw.snapshot()?.locals.is_empty();
         let now = SystemTime::now();
         let shared = Arc::new(Shared {
@@ -212,18 +229,19 @@ impl Replica {
                 sessions_installed: 0,
                 sessions_lost_events: 0,
                 refused_datagrams: 0,
+                refused_streams: 0,
             }),
             received: Arc::new(Received::default()),
             sent: Arc::new(Sent::default()),
             stop: Arc::new(AtomicBool::new(false)),
         });
         let peers: Vec<Ipv4Addr> = settings.peers.iter().map(|p| *p.ip()).collect();
-        let (received, stop) = (shared.received.clone(), shared.stop.clone());
-        natgw_dataplane::netns::detached(netns.clone(), move || stream::receive(tcp, peers, received, stop))
+        let (received, stop, key) = (shared.received.clone(), shared.stop.clone(), settings.key.clone());
+        natgw_dataplane::netns::detached(netns.clone(), move || stream::receive(tcp, peers, key, received, stop))
             .map_err(|e| ReplicaError::Netns(e.to_string()))?;
         for peer in settings.peers.clone() {
-            let (sent, stop) = (shared.sent.clone(), shared.stop.clone());
-            natgw_dataplane::netns::detached(netns.clone(), move || stream::send(peer, sent, stop))
+            let (sent, stop, key) = (shared.sent.clone(), shared.stop.clone(), settings.key.clone());
+            natgw_dataplane::netns::detached(netns.clone(), move || stream::send(peer, key, sent, stop))
                 .map_err(|e| ReplicaError::Netns(e.to_string()))?;
         }
         let (planned_stop, stops) = mpsc::channel();
@@ -560,5 +578,6 @@ impl Driver {
         s.links_up = self.links_up;
         s.peer = self.peer.as_ref().map(|(n, t)| (n.clone(), t.elapsed()));
         s.refused_datagrams = self.heartbeat.refused.load(Ordering::Relaxed);
+        s.refused_streams = self.shared.received.refused.load(Ordering::Relaxed);
     }
 }

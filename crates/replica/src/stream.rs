@@ -16,7 +16,9 @@
 //! .
 //! ```
 //!
-//! `=` ends the dump: what the peer sent before it is replaced then, not
+//! The receiver speaks first, a nonce; the sender's first line is the
+//! MAC of it under the gateway's HA key (`auth`), or the receiver hangs
+//! up. `=` ends the dump: what the peer sent before it is replaced then, not
 //! before (a peer that dies mid-dump leaves the last whole view). `.`
 //! says the sender is there, when it has had nothing to say for 200 ms.
 
@@ -31,6 +33,8 @@ use natgw_dataplane::conntrack::events::{Events, Read, entry_event};
 use natgw_dataplane::conntrack::policy::{CtEntry, Tuple};
 use natgw_dataplane::conntrack::replica::translation;
 use natgw_dataplane::conntrack::{Conntrack, ConntrackError};
+
+use crate::auth;
 
 /// An entry's identity: protocol and original tuple.
 type Key = (u8, Ipv4Addr, u16, Ipv4Addr, u16);
@@ -109,6 +113,13 @@ pub struct Received {
     pub malformed: AtomicU64,
     /// Whole dumps received (one per connect of a peer).
     pub dumps: AtomicU64,
+    /// Connections that did not prove the key.
+    pub refused: AtomicU64,
+}
+
+/// What a sender signs to prove the key: the receiver's nonce.
+fn challenge(nonce: &str) -> String {
+    format!("natgw-stream/1 {nonce}")
 }
 
 impl Received {
@@ -124,11 +135,32 @@ impl Received {
         self.len() == 0
     }
 
-    /// Reads one peer's stream until it ends.
-    fn read_from(&self, stream: TcpStream) {
+    /// Reads one peer's stream until it ends, once the peer has proved it
+    /// holds the key.
+    fn read_from(&self, mut stream: TcpStream, key: &auth::Key) {
+        let Ok(nonce) = auth::nonce() else { return };
+        if writeln!(stream, "natgw-stream/1 nonce={nonce}").is_err() {
+            return;
+        }
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let Ok(read_half) = stream.try_clone() else { return };
+        let mut reader = BufReader::new(read_half);
+        let mut answer = String::new();
+        let proved = reader.read_line(&mut answer).is_ok()
+            && answer.trim_end().strip_prefix("auth=").is_some_and(|mac| key.verify(challenge(&nonce).as_bytes(), mac));
+        if !proved {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("refused a connection stream that did not prove the HA key");
+            return;
+        }
+        let _ = stream.set_read_timeout(None);
+        self.read_lines(reader);
+    }
+
+    fn read_lines(&self, reader: impl BufRead) {
         // Until the first dump is whole, changes go to `dump`.
         let mut dump: Option<BTreeMap<Key, CtEntry>> = Some(BTreeMap::new());
-        for text in BufReader::new(stream).lines() {
+        for text in reader.lines() {
             let Ok(text) = text else { return };
             self.lines.fetch_add(1, Ordering::Relaxed);
             let mut held = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -168,14 +200,20 @@ pub struct Sent {
 /// Accepts peers' streams on `listen` (a thread in the namespace),
 /// keeping what they send in `into`. Connections from other addresses
 /// than `peers` are refused.
-pub fn receive(listener: TcpListener, peers: Vec<Ipv4Addr>, into: Arc<Received>, stop: Arc<AtomicBool>) {
+pub fn receive(
+    listener: TcpListener,
+    peers: Vec<Ipv4Addr>,
+    key: auth::Key,
+    into: Arc<Received>,
+    stop: Arc<AtomicBool>,
+) {
     let _ = listener.set_nonblocking(true);
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, SocketAddr::V4(from))) if peers.contains(from.ip()) => {
                 let _ = stream.set_nonblocking(false);
-                let into = into.clone();
-                std::thread::spawn(move || into.read_from(stream));
+                let (into, key) = (into.clone(), key.clone());
+                std::thread::spawn(move || into.read_from(stream, &key));
             }
             Ok((_, from)) => tracing::warn!(%from, "refused a connection stream from an address that is not a peer"),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
@@ -190,9 +228,9 @@ pub fn receive(listener: TcpListener, peers: Vec<Ipv4Addr>, into: Arc<Received>,
 /// Sends this namespace's translated connections to `peer` for as long as
 /// `stop` is unset: connects (again after any failure), dumps, then
 /// follows the events. Runs on a thread in the namespace.
-pub fn send(peer: SocketAddrV4, sent: Arc<Sent>, stop: Arc<AtomicBool>) {
+pub fn send(peer: SocketAddrV4, key: auth::Key, sent: Arc<Sent>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        if let Err(e) = send_once(peer, &sent, &stop) {
+        if let Err(e) = send_once(peer, &key, &sent, &stop) {
             tracing::debug!(%peer, error = %e, "connection stream to the peer ended; reconnecting");
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -207,10 +245,17 @@ enum SendError {
     Conntrack(#[from] ConntrackError),
 }
 
-fn send_once(peer: SocketAddrV4, sent: &Sent, stop: &AtomicBool) -> Result<(), SendError> {
+fn send_once(peer: SocketAddrV4, key: &auth::Key, sent: &Sent, stop: &AtomicBool) -> Result<(), SendError> {
     let mut stream = TcpStream::connect_timeout(&peer.into(), Duration::from_millis(500))?;
     let _ = stream.set_nodelay(true);
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut hello = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut hello)?;
+    let Some(nonce) = hello.trim_end().strip_prefix("natgw-stream/1 nonce=") else {
+        return Err(SendError::Io(std::io::Error::other(format!("not a natgw stream: {hello:?}"))));
+    };
+    writeln!(stream, "auth={}", key.mac_hex(challenge(nonce).as_bytes()))?;
     sent.connects.fetch_add(1, Ordering::Relaxed);
     // Subscribed before the dump: an entry made during it comes as an
     // event too (a repeat is harmless), none falls in between.
@@ -284,15 +329,7 @@ mod tests {
             reply: t("198.51.100.1", 53, "198.51.100.10", port),
         };
         // Fed as a connection would feed it, line by line.
-        let apply = |r: &Received, text: &str| {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let mut w = TcpStream::connect(addr).unwrap();
-            let (s, _) = listener.accept().unwrap();
-            w.write_all(text.as_bytes()).unwrap();
-            drop(w);
-            r.read_from(s);
-        };
+        let apply = |r: &Received, text: &str| r.read_lines(std::io::Cursor::new(text.to_string()));
         apply(&r, &(line(true, &e(1)) + &line(true, &e(2)) + "=\n" + &line(false, &e(1))));
         assert_eq!(r.entries(), [e(2)]);
         // A second connect whose dump never ends: the view stays.
