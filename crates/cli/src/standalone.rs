@@ -272,6 +272,7 @@ fn status_json(s: &natgw_replica::Status) -> serde_json::Value {
         "fenced": s.fenced,
         "linksUp": s.links_up,
         "peer": s.peer.as_ref().map(|(name, _)| name),
+        "peerAlive": s.peer_alive,
         "peerHeardMsAgo": s.peer.as_ref().map(|(_, ago)| ago.as_millis() as u64),
         "sessionsHeld": s.sessions_held,
         "sessionsInstalled": s.sessions_installed,

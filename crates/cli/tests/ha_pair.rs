@@ -411,3 +411,51 @@ fn a_replica_without_a_usable_key_refuses_to_start() {
     // The address stays unheld: nothing was programmed.
     assert!(common::sh(&lab.ns("gw"), &format!("ip route show table local {WEB_EIP}")).trim().is_empty());
 }
+
+/// The standby cut off from both segments and from the active (its
+/// switch ports and the heartbeat link gone, its own links still up):
+/// it hears no holder, but neither does the external router answer it, so
+/// it never takes the addresses and soon knows it cannot serve; the
+/// active serves on throughout.
+#[test]
+fn a_standby_cut_off_from_the_segments_never_takes_the_addresses() {
+    let pair = Pair::up("haisle");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    let sw = pair.lab.ns("sw");
+    common::sh(&sw, "ip link set gw2 nomaster; ip link set gw2x nomaster");
+    common::sh(&pair.a.ns, "ip link set ha0 down");
+    wait_for("b to find it cannot serve", &pair, || {
+        pair.one_holder(true, "while the standby is cut off");
+        pair.b.status()["linksUp"] == false
+    });
+    s.check("while the standby is cut off");
+    common::sh(&sw, "ip link set gw2 master br0; ip link set gw2x master br1");
+    common::sh(&pair.a.ns, "ip link set ha0 up");
+    wait_for("b to hear a and see the router again", &pair, || {
+        pair.b.status()["peerAlive"] == true && pair.b.status()["linksUp"] == true
+    });
+    pair.one_holder(true, "once the standby is back");
+    s.check("once the standby is back");
+}
+
+/// The active cut off from the external segment (its switch port gone,
+/// its link up): the standby still sees the router and no holder, takes
+/// the addresses, and the active lets go on hearing its later term; every
+/// session goes on through the standby, and once the port is back the
+/// active stays the standby.
+#[test]
+fn an_active_cut_off_from_the_external_segment_hands_over() {
+    let pair = Pair::up("haport");
+    let mut s = Sessions::open(&pair.lab);
+    pair.replicated(&pair.b, 4);
+    let sw = pair.lab.ns("sw");
+    common::sh(&sw, "ip link set gwx nomaster");
+    pair.active(&pair.b, "b to take over");
+    wait_for("a to let go", &pair, || !pair.a.holds(WEB_EIP));
+    s.check("after the active's switch port went");
+    common::sh(&sw, "ip link set gwx master br1");
+    wait_for("a to stand by", &pair, || pair.a.status()["role"] == "standby");
+    pair.one_holder(false, "once the port is back");
+    s.check("once the port is back");
+}

@@ -111,6 +111,9 @@ pub enum Action {
     Drop {
         why: &'static str,
     },
+    /// Announce the addresses again (gratuitous ARP): another holder was
+    /// heard, and lets go.
+    Announce,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,6 +233,10 @@ impl Replica {
                         Role::Active if outranked => {
                             self.drop(Role::Standby, "another replica holds a later term", &mut out)
                         }
+                        // Two holders (a partition healed): the other lets
+                        // go at this advert of ours; neighbours that last
+                        // heard it must learn the addresses are ours.
+                        Role::Active => out.push(Action::Announce),
                         Role::Probing => self.role = Role::Standby,
                         _ => {}
                     }

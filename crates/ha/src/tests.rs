@@ -73,6 +73,7 @@ impl World {
                 Action::Probe => n.probe_due = Some(self.now + n.cfg.probe_ms),
                 Action::Take { term } => n.holds = Some(term),
                 Action::Drop { .. } => n.holds = None,
+                Action::Announce => {}
             }
         }
     }

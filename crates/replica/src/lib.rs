@@ -104,6 +104,8 @@ pub struct Status {
     pub links_up: Option<bool>,
     /// The peer last heard, and how long ago.
     pub peer: Option<(String, Duration)>,
+    /// The peer was heard within the dead interval.
+    pub peer_alive: bool,
     /// Connections received from the peer, ready to install.
     pub sessions_held: usize,
     /// Connections installed by the last takeover.
@@ -225,6 +227,7 @@ impl Replica {
                 fenced: 0,
                 links_up: None,
                 peer: None,
+                peer_alive: false,
                 sessions_held: 0,
                 sessions_installed: 0,
                 sessions_lost_events: 0,
@@ -335,6 +338,53 @@ fn probe_targets(plan: &GatewayPlan) -> Vec<(String, Vec<Ipv4Addr>)> {
     out
 }
 
+/// The external router counts as lost after this many unanswered probes
+/// in a row (one every 100 ms); one answer brings it back.
+const ROUTER_MISSES: u32 = 3;
+
+/// Whether the external router answers, as the upstream watcher last saw.
+#[derive(Default)]
+struct Upstream {
+    misses: std::sync::atomic::AtomicU32,
+}
+
+/// ARP-probes the external router every 100 ms, for as long as the replica
+/// runs: an active whose link is up but whose switch port or path to the
+/// router is gone cannot serve, and must say so (keepalived tracks its
+/// gateway for the same reason).
+fn watch_upstream(shared: Arc<Shared>, worker: Arc<NetnsWorker>, upstream: Arc<Upstream>) {
+    let mut prober: Option<(String, Prober)> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let plan = shared.held.lock().unwrap_or_else(|p| p.into_inner()).plan.clone();
+        if let Some((plan, router)) = plan.and_then(|p| upstream_of(&p).map(|r| (p, r))) {
+            let external = plan.external_interface.clone();
+            if prober.as_ref().is_none_or(|(i, _)| *i != external) {
+                let name = external.clone();
+                prober = worker.run(move || Prober::on(&name)).ok().and_then(Result::ok).map(|p| (external, p));
+            }
+            let answered = prober
+                .as_ref()
+                .is_some_and(|(_, p)| matches!(p.probe(&[router], Duration::from_millis(90)), Ok(Some(_))));
+            if answered {
+                upstream.misses.store(0, Ordering::Relaxed);
+            } else {
+                upstream.misses.fetch_add(1, Ordering::Relaxed);
+                // A prober on an interface that went away is opened anew.
+                prober = None;
+            }
+        }
+        if let Some(rest) = Duration::from_millis(100).checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// The external router: the default route's next hop.
+fn upstream_of(plan: &GatewayPlan) -> Option<Ipv4Addr> {
+    plan.routes.iter().find(|r| r.dst.prefix_len() == 0 && r.interface == plan.external_interface).map(|r| r.via)
+}
+
 fn ms_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -353,6 +403,7 @@ struct Driver {
     links_checked: Option<Instant>,
     peer: Option<(String, Instant)>,
     cause: Option<Cause>,
+    upstream: Arc<Upstream>,
 }
 
 /// Why a standby takes over: the last telling thing its peer said.
@@ -386,10 +437,15 @@ impl Driver {
             links_checked: None,
             peer: None,
             cause: None,
+            upstream: Arc::new(Upstream::default()),
         }
     }
 
     fn run(mut self, stops: mpsc::Receiver<mpsc::Sender<()>>) {
+        {
+            let (shared, worker, upstream) = (self.shared.clone(), self.worker.clone(), self.upstream.clone());
+            std::thread::spawn(move || watch_upstream(shared, worker, upstream));
+        }
         while !self.shared.stop.load(Ordering::Relaxed) {
             if let Ok(done) = stops.try_recv() {
                 let to = self.peer.as_ref().map(|(name, _)| name.clone());
@@ -412,11 +468,17 @@ impl Driver {
             }
             if self.links_checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(50)) {
                 self.links_checked = Some(Instant::now());
-                if let Some(up) = self.links()
-                    && self.links_up != Some(up)
+                let router = self.upstream.misses.load(Ordering::Relaxed) < ROUTER_MISSES;
+                if let Some(links) = self.links()
+                    && self.links_up != Some(links && router)
                 {
-                    if !up {
+                    let up = links && router;
+                    if !links {
                         tracing::warn!("a link of this replica is down: it cannot serve");
+                    } else if !router {
+                        tracing::warn!(
+                            "the external router has not answered {ROUTER_MISSES} ARP probes in a row: this replica cannot serve"
+                        );
                     }
                     self.links_up = Some(up);
                     self.feed(Event::Links { up });
@@ -446,6 +508,7 @@ impl Driver {
                 Action::Probe => self.probe(),
                 Action::Take { term } => self.take(term),
                 Action::Drop { why } => self.drop_addresses(why),
+                Action::Announce => self.announce(),
             }
         }
     }
@@ -490,20 +553,33 @@ impl Driver {
         self.probing = true;
         let (worker, tx) = (self.worker.clone(), self.probes.0.clone());
         let wait = Duration::from_millis(self.shared.settings.probe_ms);
+        // A standby about to take must also see the external router: one
+        // cut off from the segments hears no holder, and could serve no one.
+        let router = (self.machine.role() == Role::Probing).then(|| upstream_of(&plan)).flatten();
         std::thread::spawn(move || {
             let targets = probe_targets(&plan);
+            let external = plan.external_interface.clone();
             // Probers are opened in the namespace, then probe in parallel.
             let probers = worker.run(move || {
-                targets
+                let held = targets
                     .into_iter()
                     .map(|(i, ips)| Prober::on(&i).map(|p| (p, ips)))
-                    .collect::<std::io::Result<Vec<_>>>()
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                let router = router.map(|r| Prober::on(&external).map(|p| (p, r))).transpose()?;
+                Ok::<_, std::io::Error>((held, router))
             });
             let answered = match probers {
-                Ok(Ok(probers)) => std::thread::scope(|s| {
-                    let handles: Vec<_> = probers.iter().map(|(p, ips)| s.spawn(move || p.probe(ips, wait))).collect();
+                Ok(Ok((held, router))) => std::thread::scope(|s| {
+                    let handles: Vec<_> = held.iter().map(|(p, ips)| s.spawn(move || p.probe(ips, wait))).collect();
+                    let seen = router.as_ref().map(|(p, r)| s.spawn(move || p.probe(&[*r], wait)));
                     // A probe that fails answers "held": never take blind.
-                    handles.into_iter().any(|h| !matches!(h.join(), Ok(Ok(None))))
+                    let held = handles.into_iter().any(|h| !matches!(h.join(), Ok(Ok(None))));
+                    let isolated = seen.is_some_and(|h| !matches!(h.join(), Ok(Ok(Some(_)))));
+                    if isolated && !held {
+                        let router = router.as_ref().map(|(_, r)| *r);
+                        tracing::warn!(?router, "the external router does not answer: not taking over");
+                    }
+                    held || isolated
                 }),
                 _ => true,
             };
@@ -556,6 +632,22 @@ impl Driver {
         s.sessions_installed = installed;
     }
 
+    /// Gratuitous ARP for every address held, from this namespace.
+    fn announce(&self) {
+        let Some(plan) = self.plan() else { return };
+        let addresses: Vec<(String, Ipv4Addr)> =
+            plan.addresses.iter().map(|a| (a.interface.to_string(), a.addr.addr())).collect();
+        let sent = self.worker.run(move || {
+            let announcer = natgw_dataplane::route::garp::Announcer::open()?;
+            addresses.iter().try_for_each(|(interface, ip)| announcer.announce_on(interface, *ip))
+        });
+        match sent {
+            Ok(Ok(())) => tracing::info!("another holder was heard: announced the addresses again"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "announcing the addresses failed"),
+            Err(e) => tracing::warn!(error = %e, "announcing the addresses failed"),
+        }
+    }
+
     fn drop_addresses(&mut self, why: &str) {
         let mut held = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
         held.holds = false;
@@ -577,6 +669,8 @@ impl Driver {
         s.term = self.machine.term();
         s.links_up = self.links_up;
         s.peer = self.peer.as_ref().map(|(n, t)| (n.clone(), t.elapsed()));
+        let dead = Duration::from_millis(self.shared.settings.dead_ms);
+        s.peer_alive = self.peer.as_ref().is_some_and(|(_, t)| t.elapsed() < dead);
         s.refused_datagrams = self.heartbeat.refused.load(Ordering::Relaxed);
         s.refused_streams = self.shared.received.refused.load(Ordering::Relaxed);
     }
