@@ -223,51 +223,12 @@ pub fn run(rounds: u32, sessions: usize) -> Result<()> {
 }
 
 /// New SNAT'd TCP connections per second from int2 to ext1 for `seconds`,
-/// from `clients` threads, each connection closed at once.
-/// Each run its own `port`: a reused 4-tuple would meet the server's
-/// TIME_WAIT socket and wait out a retransmission.
+/// from `clients` threads, each connection closed at once. Each run its
+/// own `port`: a reused 4-tuple would meet the server's TIME_WAIT socket
+/// and wait out a retransmission.
 fn snat_rate(lab: &Lab, seconds: u64, clients: usize, port: u16) -> Result<u64> {
-    use std::net::{TcpListener, TcpStream};
-    let listener = in_ns(&lab.ns("ext1"), move || TcpListener::bind(SocketAddrV4::new(EXT1, port)))??;
-    listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((c, _)) => drop(c),
-                    Err(_) => std::thread::sleep(Duration::from_micros(50)),
-                }
-            }
-        })
-    };
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let ns = lab.ns("int2");
-            std::thread::spawn(move || {
-                in_ns(&ns, move || {
-                    let end = Instant::now() + Duration::from_secs(seconds);
-                    let mut n = 0u64;
-                    while Instant::now() < end {
-                        let to = SocketAddrV4::new(EXT1, port).into();
-                        if let Ok(mut c) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
-                            let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
-                            n += 1;
-                        }
-                    }
-                    n
-                })
-            })
-        })
-        .collect();
-    let mut count = 0;
-    for t in threads {
-        count += t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = server.join();
-    Ok(count / seconds)
+    let at = SocketAddrV4::new(EXT1, port);
+    Ok(crate::connections((lab.ns("ext1"), at), (&lab.ns("int2"), at), seconds, clients, None)? / seconds)
 }
 
 /// Makes `rate` translated UDP entries a second for `seconds` in the

@@ -378,7 +378,25 @@ fn connection_rate(lab: &Lab, seconds: u64) -> Result<f64> {
 /// Same, from `clients` threads at once, each paced to its share of
 /// `offered` connections per second when given.
 fn connection_rate_with(lab: &Lab, seconds: u64, clients: usize, offered: Option<f64>) -> Result<f64> {
-    let listener = in_ns(&lab.ns("int1"), || TcpListener::bind("10.77.0.11:7000"))??;
+    let server = (lab.ns("int1"), SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 11), 7000));
+    let target = SocketAddrV4::new(eip_ip(0), 7000);
+    let count = connections(server, (&lab.ns("ext1"), target), seconds, clients, offered)?;
+    Ok(count as f64 / seconds as f64)
+}
+
+/// TCP connections made from namespace `client.0` to `client.1` for
+/// `seconds` by `clients` threads (each paced to its share of `offered`
+/// a second when given), to a server in `server.0` listening on
+/// `server.1` that closes each at once: how many were made.
+pub(crate) fn connections(
+    server: (String, SocketAddrV4),
+    client: (&str, SocketAddrV4),
+    seconds: u64,
+    clients: usize,
+    offered: Option<f64>,
+) -> Result<u64> {
+    let listen = server.1;
+    let listener = in_ns(&server.0, move || TcpListener::bind(listen))??;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     listener.set_nonblocking(true)?;
@@ -390,10 +408,10 @@ fn connection_rate_with(lab: &Lab, seconds: u64, clients: usize, offered: Option
             }
         }
     });
-    let target = SocketAddrV4::new(eip_ip(0), 7000);
+    let target = client.1;
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let ns = lab.ns("ext1");
+            let ns = client.0.to_string();
             std::thread::spawn(move || {
                 in_ns(&ns, move || {
                     let start = Instant::now();
@@ -423,7 +441,7 @@ fn connection_rate_with(lab: &Lab, seconds: u64, clients: usize, offered: Option
     }
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
-    Ok(count as f64 / seconds as f64)
+    Ok(count)
 }
 
 fn natgw_rate(set: &ObjectSet, seconds: u64) -> Result<f64> {
