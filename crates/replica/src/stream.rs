@@ -339,4 +339,97 @@ mod tests {
         assert_eq!(r.entries(), [e(3)]);
         assert_eq!(r.dumps.load(Ordering::Relaxed), 2);
     }
+
+    use proptest::prelude::*;
+
+    /// What the peer does: its connections made and ended, and the
+    /// stream's life: cut (what happens until the next connect is never
+    /// sent, as when the kernel's queue overflows or the path is down),
+    /// made again (a whole dump first), or a connect cut mid-dump.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Made(u16),
+        Ended(u16),
+        Cut,
+        Reconnect,
+        CutMidDump(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u16..40).prop_map(Step::Made),
+            3 => (0u16..40).prop_map(Step::Ended),
+            1 => Just(Step::Cut),
+            1 => Just(Step::Reconnect),
+            1 => (0usize..40).prop_map(Step::CutMidDump),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the peer does, and however its stream is cut and made
+        /// again, the receiver holds exactly the peer's connections once a
+        /// dump is whole and the events after it are in; a dump cut short
+        /// changes nothing. (Merging a dump instead of replacing the view
+        /// with it, or taking a dump's lines before it is whole, fails.)
+        #[test]
+        fn the_receiver_holds_what_the_peer_holds(steps in proptest::collection::vec(step(), 1..80)) {
+            let e = |port: u16| CtEntry {
+                proto: 17,
+                orig: t("10.77.0.11", 1000 + port, "198.51.100.1", 53),
+                reply: t("198.51.100.1", 53, "198.51.100.10", 30000 + port),
+            };
+            let dump = |peer: &std::collections::BTreeSet<u16>| {
+                peer.iter().map(|p| line(true, &e(*p))).collect::<String>() + "=\n"
+            };
+            let deliver = |r: &Received, text: String| r.read_lines(std::io::Cursor::new(text));
+            let r = Received::default();
+            let mut peer: std::collections::BTreeSet<u16> = Default::default();
+            // What the connection in progress has sent, if one is up.
+            let mut current: Option<String> = Some(dump(&peer));
+            for s in steps {
+                match s {
+                    Step::Made(p) => {
+                        peer.insert(p);
+                        if let Some(c) = current.as_mut() {
+                            c.push_str(&line(true, &e(p)));
+                        }
+                    }
+                    Step::Ended(p) => {
+                        if peer.remove(&p)
+                            && let Some(c) = current.as_mut()
+                        {
+                            c.push_str(&line(false, &e(p)));
+                        }
+                    }
+                    Step::Cut => {
+                        if let Some(c) = current.take() {
+                            deliver(&r, c);
+                        }
+                    }
+                    Step::Reconnect => {
+                        if let Some(c) = current.take() {
+                            deliver(&r, c);
+                        }
+                        current = Some(dump(&peer));
+                    }
+                    Step::CutMidDump(n) => {
+                        if let Some(c) = current.take() {
+                            deliver(&r, c);
+                        }
+                        let before = r.entries();
+                        let partial: String =
+                            dump(&peer).lines().take(n.min(peer.len())).map(|l| format!("{l}\n")).collect();
+                        deliver(&r, partial);
+                        prop_assert_eq!(r.entries(), before, "a dump cut short changed the view");
+                    }
+                }
+            }
+            if let Some(c) = current.take() {
+                deliver(&r, c);
+            }
+            deliver(&r, dump(&peer));
+            let want: Vec<CtEntry> = peer.iter().map(|p| e(*p)).collect();
+            prop_assert_eq!(r.entries(), want);
+        }
+    }
 }
