@@ -123,6 +123,7 @@ pub struct GatewayRoute {
 #[kube(
     printcolumn = r#"{"name":"Image Current","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"ImageCurrent\")].status"}"#
 )]
+#[kube(printcolumn = r#"{"name":"Replicas","type":"integer","priority":1,"jsonPath":".spec.replicas"}"#)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.lanInterface != self.externalInterface").message("spec.externalInterface must differ from spec.lanInterface"))]
 #[x_kube(validation = Rule::new("self.vpc == oldSelf.vpc").message("spec.vpc is immutable"))]

@@ -90,9 +90,11 @@ pub fn audit(netns: Option<&str>, path: &Path, gateway: Option<&str>, standby: b
     report_drift(netns, &as_replica(load_plan(path, gateway)?, standby))
 }
 
-/// `audit` of objects already read (from the API server).
+/// `audit` of objects already read (from the API server), inside a
+/// gateway pod: a cluster runs the gateway as one replica (the agent's
+/// plan leaves the LAN address to the attachment).
 pub fn audit_set(netns: Option<&str>, set: &ObjectSet, gateway: &str, standby: bool) -> Result<ExitCode> {
-    report_drift(netns, &as_replica(plan_set(set, Some(gateway))?, standby))
+    report_drift(netns, &as_replica(plan_set(set, Some(gateway))?.single_replica(), standby))
 }
 
 fn report_drift(netns: Option<&str>, plan: &GatewayPlan) -> Result<ExitCode> {

@@ -47,6 +47,7 @@ pub async fn ensure_workload(ctx: &Ctx, gw: &NatGateway) -> Result<Action, Error
         }
     };
     report_validity(ctx, gw).await?;
+    report_replicas(ctx, gw).await?;
     let manager = "natgw-controller/workload";
     set_condition(ctx, gw, manager, ("WorkloadReady", status, &reason, message), "CreateWorkload").await?;
     Ok(if reason == "NetworkMissing" {
@@ -190,6 +191,30 @@ async fn missing_network(ctx: &Ctx, gw: &NatGateway) -> Result<Option<String>, E
 /// `Valid` on a NatGateway: an object stored before a CEL rule existed
 /// (a route with host bits, a bad next hop) is named here; the planner
 /// skips what is invalid instead of failing every sync.
+/// `Replicas`: whether the gateway runs as many replicas as it asks. A
+/// pair runs in standalone mode only so far (`natgw run --ha-*`); in a
+/// cluster the gateway serves with one pod and says so, rather than
+/// running two that would both hold its addresses.
+async fn report_replicas(ctx: &Ctx, gw: &NatGateway) -> Result<(), Error> {
+    let asked = gw.spec.replica_count();
+    let condition = if asked > 1 {
+        (
+            "Replicas",
+            "False",
+            "OneReplicaRuns",
+            format!(
+                "spec.replicas is {asked}, but in a cluster a gateway runs one pod for now: HA pairs run in \
+                 standalone mode (natgw run --ha-*); this gateway serves with one replica"
+            ),
+        )
+    } else if gw.conditions().iter().any(|c| c.type_ == "Replicas") {
+        ("Replicas", "True", "AsAsked", "one replica, as spec.replicas asks".to_string())
+    } else {
+        return Ok(());
+    };
+    set_condition(ctx, gw, "natgw-controller/replicas", condition, "RunReplicas").await
+}
+
 async fn report_validity(ctx: &Ctx, gw: &NatGateway) -> Result<(), Error> {
     let errors = validate_object(&Object::NatGateway(gw.clone()));
     let (status, reason, message) = match errors.first() {

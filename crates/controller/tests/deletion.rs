@@ -504,3 +504,44 @@ async fn round2_item12_a_leader_behind_a_stalled_connection_steps_down_before_a_
     run_a.abort();
     run_b.abort();
 }
+
+/// A gateway asking for two replicas in a cluster runs one pod and says
+/// so (a pair runs in standalone mode only so far): never two pods that
+/// would both hold its addresses.
+#[tokio::test]
+async fn a_gateway_asking_for_two_replicas_runs_one_and_says_so() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let (_env, admin, controller_client) = setup().await;
+    let _controller = start(controller_client);
+    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
+    create(
+        &admin,
+        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
+    )
+    .await;
+    let gw = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext",
+        "externalNetwork": "kube-system/ext-macvlan", "lanIp": "10.0.0.1", "replicas": 2});
+    create(&admin, object::<NatGateway>("NatGateway", "pair", gw)).await;
+    let gws: Api<NatGateway> = Api::all(admin.clone());
+    eventually("the gateway says it runs one replica", || async {
+        let g = gws.get("pair").await.unwrap();
+        g.status.unwrap_or_default().conditions.iter().any(|c| {
+            c.type_ == "Replicas"
+                && c.status == "False"
+                && c.reason == "OneReplicaRuns"
+                && c.message.contains("standalone")
+        })
+    })
+    .await;
+    let sts: Api<StatefulSet> = Api::namespaced(admin.clone(), "natgw-system");
+    let s = sts.get("natgw-gw-pair").await.unwrap();
+    assert_eq!(s.spec.unwrap().replicas, Some(1), "one pod");
+    // Back to one replica: the condition says so.
+    let patch = serde_json::json!({"spec": {"replicas": 1}});
+    gws.patch("pair", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    eventually("the condition cleared", || async {
+        let g = gws.get("pair").await.unwrap();
+        g.status.unwrap_or_default().conditions.iter().any(|c| c.type_ == "Replicas" && c.status == "True")
+    })
+    .await;
+}

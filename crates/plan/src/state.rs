@@ -103,6 +103,18 @@ impl GatewayPlan {
         GatewayPlan { addresses: OrdSet::new(), ..self.clone() }
     }
 
+    /// The plan as one replica runs it: the LAN address (a gateway with
+    /// replicas moves it) is left to the LAN attachment, which sets it.
+    pub fn single_replica(&self) -> GatewayPlan {
+        let lan: Vec<IfAddr> =
+            self.addresses.iter().filter(|a| a.interface.as_str() == self.lan_interface).cloned().collect();
+        let mut plan = self.clone();
+        for a in lan {
+            plan.addresses.remove(&a);
+        }
+        plan
+    }
+
     /// Whether `ip` is one of this plan's EIPs (they are all on the
     /// external interface): one lookup.
     pub fn holds_eip(&self, ip: Ipv4Addr) -> bool {

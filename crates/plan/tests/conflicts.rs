@@ -282,6 +282,10 @@ fn an_ha_gateway_holds_its_lan_address_with_the_eips_and_its_standby_neither() {
     assert_eq!(held, ["eth0 10.0.0.1/32", "net1 192.0.2.10/24", "net1 192.0.2.11/24"]);
     assert!(!p.holds_eip(ip("10.0.0.1")), "not an EIP");
     assert!(p.standby().addresses.is_empty());
+    // Run as one replica (a cluster, so far), the attachment sets it.
+    let held: Vec<String> =
+        p.single_replica().addresses.iter().map(|a| format!("{} {}", a.interface, a.addr)).collect();
+    assert_eq!(held, ["net1 192.0.2.10/24", "net1 192.0.2.11/24"]);
     // One replica: the LAN attachment sets the address, natgw does not.
     let one = NETWORK.replace("externalSubnet: ext}", "externalSubnet: ext, lanIp: 10.0.0.1}");
     let single = plan_gateway(&load_str(Path::new("t.yaml"), &one).expect("valid").0, "gw").expect("plan");

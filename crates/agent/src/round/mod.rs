@@ -319,7 +319,9 @@ fn plan(
         }),
     };
     match (planned, planner.as_ref()) {
-        (Ok(()), Some(p)) => Ok(Arc::new(p.plan().clone())),
+        // The agent runs a gateway as one replica (pairs are standalone
+        // so far): a LAN address the plan would move is the attachment's.
+        (Ok(()), Some(p)) => Ok(Arc::new(p.plan().single_replica())),
         (Err(e), _) => {
             // Changes taken in are lost with the error: plan anew next.
             *planner = None;
