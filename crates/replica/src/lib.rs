@@ -670,8 +670,29 @@ impl Driver {
         s.links_up = self.links_up;
         s.peer = self.peer.as_ref().map(|(n, t)| (n.clone(), t.elapsed()));
         let dead = Duration::from_millis(self.shared.settings.dead_ms);
-        s.peer_alive = self.peer.as_ref().is_some_and(|(_, t)| t.elapsed() < dead);
+        let alive = self.peer.as_ref().is_some_and(|(_, t)| t.elapsed() < dead);
+        if alive != s.peer_alive {
+            // Said at each change: without a peer, a failure of this
+            // replica ends the gateway's sessions.
+            match (&self.peer, alive) {
+                (Some((name, _)), true) => tracing::info!(peer = %name, "the peer is heard"),
+                (Some((name, _)), false) => tracing::warn!(
+                    peer = %name,
+                    "the peer is not heard: if this replica fails now, nothing takes over"
+                ),
+                (None, _) => {}
+            }
+        }
+        s.peer_alive = alive;
         s.refused_datagrams = self.heartbeat.refused.load(Ordering::Relaxed);
         s.refused_streams = self.shared.received.refused.load(Ordering::Relaxed);
+        let lost = self.shared.sent.lost.load(Ordering::Relaxed);
+        if lost > s.sessions_lost_events {
+            tracing::warn!(
+                lost,
+                "the kernel dropped conntrack events before they were sent: the stream to the peer starts over with a whole dump"
+            );
+            s.sessions_lost_events = lost;
+        }
     }
 }

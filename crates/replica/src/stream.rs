@@ -191,8 +191,8 @@ impl Received {
 #[derive(Default)]
 pub struct Sent {
     pub lines: AtomicU64,
-    /// Events the kernel's queue dropped: the peer's view may miss
-    /// entries until the next connect.
+    /// Times the kernel's queue dropped events: each time the stream
+    /// starts over with a whole dump.
     pub lost: AtomicU64,
     pub connects: AtomicU64,
 }
@@ -276,7 +276,11 @@ fn send_once(peer: SocketAddrV4, key: &auth::Key, sent: &Sent, stop: &AtomicBool
             }
         })?;
         if let Read::Lost = read {
+            // The peer's view misses what was dropped: start over with a
+            // whole dump (what was read so far goes first).
             sent.lost.fetch_add(1, Ordering::Relaxed);
+            stream.write_all(out.as_bytes())?;
+            return Err(SendError::Io(std::io::Error::other("the kernel dropped conntrack events; dumping again")));
         }
         if !out.is_empty() {
             stream.write_all(out.as_bytes())?;

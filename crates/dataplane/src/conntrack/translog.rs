@@ -292,9 +292,12 @@ pub fn run(mut sink: Sink, rates: Rates, counts: Arc<Counts>) -> std::io::Result
     let mut events = Events::subscribe(std::time::Duration::from_millis(500))?;
     let mut limits = Limits::new(rates);
     while !counts.stop.load(Ordering::Relaxed) {
-        let (now, instant) = (SystemTime::now(), Instant::now());
         let (mut out, mut lines) = (Vec::new(), 0u64);
+        // Stamped when the kernel's message is read, not when the wait
+        // for it began (up to half a second earlier).
+        let mut stamp: Option<(SystemTime, Instant)> = None;
         let read = events.read(|ct| {
+            let (now, instant) = *stamp.get_or_insert_with(|| (SystemTime::now(), Instant::now()));
             let Some(l) = event_line(ct, now) else { return };
             let eip = l.eip.split(':').next().and_then(|a| a.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
             if limits.allow(eip, instant) {
