@@ -52,6 +52,10 @@ enum Command {
         /// Milliseconds between looks at the manifest files.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
+        /// Serve /metrics, /healthz and /readyz here (the replica's metrics
+        /// when it runs as one).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         #[command(flatten)]
         ha: standalone::HaArgs,
     },
@@ -191,8 +195,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan { path, gateway, json } => standalone::plan(&path, gateway.as_deref(), json),
         Command::Apply { netns, path, gateway } => standalone::apply(&netns, &path, gateway.as_deref()),
-        Command::Run { netns, path, gateway, resync, poll_ms, ha } => {
-            standalone::run(&netns, &path, gateway.as_deref(), resync, poll_ms, ha)
+        Command::Run { netns, path, gateway, resync, poll_ms, metrics_addr, ha } => {
+            standalone::run(&netns, &path, gateway.as_deref(), (resync, poll_ms), metrics_addr, ha)
         }
         Command::Audit { netns, path: Some(path), gateway, standby } => {
             standalone::audit(netns.as_deref(), &path, gateway.as_deref(), standby)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use natgw_api::{ObjectSet, load_path, load_texts, manifest_files};
 use natgw_dataplane::{Gateway, SyncReport};
+use natgw_kube_support::health::Probe;
 use natgw_plan::{GatewayPlan, plan_gateway};
 
 /// The gateway to plan: the one named, or the only one in the set.
@@ -323,6 +324,7 @@ fn start_replica(
     gateway: Option<&str>,
     ha: HaArgs,
     gw: Arc<Gateway>,
+    registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Option<natgw_replica::Replica>> {
     let name = pick_gateway(set, gateway)?;
     let Some(spec) = set.gateways.get(name.as_str()).map(|g| g.spec.clone()) else {
@@ -355,12 +357,42 @@ fn start_replica(
                 key,
             };
             let path = natgw_dataplane::netns::netns_path(netns);
-            Ok(Some(natgw_replica::Replica::start(settings, gw, Some(path))?))
+            let metrics = natgw_replica::metrics::Metrics::new(registry, &settings.gateway, &settings.name);
+            Ok(Some(natgw_replica::Replica::start(settings, gw, Some(path), metrics)?))
         }
     }
 }
 
-pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms: u64, ha: HaArgs) -> Result<ExitCode> {
+/// Serves `registry` with /healthz and /readyz on `addr`, from a thread
+/// of its own; binding fails here, loudly.
+fn serve_metrics(addr: std::net::SocketAddr, registry: prometheus_client::registry::Registry) -> Result<Probe> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let probe = Probe::new(registry);
+    let served = probe.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        match runtime {
+            Ok(rt) => rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => natgw_kube_support::health::serve(l, served).await,
+                    Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+                }
+            }),
+            Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+        }
+    });
+    Ok(probe)
+}
+
+pub fn run(
+    netns: &str,
+    dir: &Path,
+    gateway: Option<&str>,
+    (resync, poll_ms): (u64, u64),
+    metrics_addr: Option<std::net::SocketAddr>,
+    ha: HaArgs,
+) -> Result<ExitCode> {
     let stop = stop_on_signal();
     let gw = Arc::new(Gateway::open(Some(netns))?);
     let mut manifests = Manifests::default();
@@ -370,6 +402,7 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
     let mut last_status = serde_json::Value::Null;
     let mut ha = Some(ha);
     let mut replica = None;
+    let mut probe: Option<Probe> = None;
     let mut last_sync: Option<Instant> = None;
     let mut last_role: Option<(natgw_ha::Role, u64)> = None;
     let mut dirty = true;
@@ -387,7 +420,11 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
         if !set.gateways.is_empty()
             && let Some(args) = ha.take()
         {
-            replica = start_replica(netns, &set, gateway, args, gw.clone())?;
+            let mut registry = prometheus_client::registry::Registry::default();
+            replica = start_replica(netns, &set, gateway, args, gw.clone(), &mut registry)?;
+            if let Some(addr) = metrics_addr {
+                probe = Some(serve_metrics(addr, registry)?);
+            }
         }
         let due = last_sync.is_none_or(|t| t.elapsed() >= Duration::from_secs(resync));
         if ha.is_none() && (dirty || due) {
@@ -403,10 +440,18 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
                     if report.changed || dirty {
                         tracing::info!(gateway = %plan.gateway, "{}", describe(&report));
                     }
+                    if let Some(p) = &probe {
+                        p.ready();
+                    }
                 }
                 // A failed sync leaves the kernel as the last good one did;
                 // the next round tries again.
-                Err(e) => tracing::error!("sync failed: {e:#}"),
+                Err(e) => {
+                    tracing::error!("sync failed: {e:#}");
+                    if let Some(p) = &probe {
+                        p.not_ready(format!("the last sync failed: {e:#}"));
+                    }
+                }
             }
             dirty = false;
             last_sync = Some(Instant::now());
@@ -432,6 +477,9 @@ pub fn run(netns: &str, dir: &Path, gateway: Option<&str>, resync: u64, poll_ms:
                     "replica"
                 );
             }
+        }
+        if let Some(p) = &probe {
+            p.beat(Duration::from_millis(poll_ms) + Duration::from_secs(resync.max(1)));
         }
         // Short naps: a signal is seen within 50 ms.
         let until = Instant::now() + Duration::from_millis(poll_ms);

@@ -198,6 +198,19 @@ fn a_planned_switchover_keeps_every_session() {
     pair.one_holder(false, "after the handover");
     assert!(pair.b.status()["reason"].as_str().unwrap_or("").contains("handed over by a"), "{}", pair.b.status());
     s.check("after a planned switchover");
+    // What an operator's dashboard sees: b active, taken by a handover,
+    // with the connections it installed.
+    wait_for("b's metrics to say it is active", &pair, || {
+        let m = pair.b.metrics_text();
+        m.contains(r#"natgw_gateway_active{gateway="demo-gw",replica="b"} 1"#)
+            && m.contains(r#"natgw_gateway_takeovers_total{gateway="demo-gw",replica="b",reason="handover"} 1"#)
+    });
+    let m = pair.b.metrics_text();
+    let installed = m
+        .lines()
+        .find(|l| l.starts_with("natgw_replica_sessions_installed{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(installed.is_some_and(|n| n >= 4), "{m}");
     // a comes back as the standby and gets b's sessions; b stops: back to a.
     pair.a.start().unwrap();
     wait_for("a to stand by", &pair, || pair.a.status()["role"] == "standby");

@@ -73,13 +73,18 @@ async fn create<K: natgw_testenv::ClusterObject>(client: &Client, obj: K) {
 }
 
 /// Vpc `v`, external Subnet `ext` and NatGateway `gw`.
-async fn gateway(admin: &Client) {
+/// Vpc `v` and the external Subnet `ext`.
+async fn network(admin: &Client) {
     create(admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
     create(
         admin,
         object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
     )
     .await;
+}
+
+async fn gateway(admin: &Client) {
+    network(admin).await;
     let gw =
         serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext"});
     create(admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
@@ -215,12 +220,7 @@ async fn each_gateway_gets_its_workload_and_loses_it_on_deletion() {
     use k8s_openapi::api::apps::v1::StatefulSet;
     let (_env, admin, controller_client) = setup().await;
     let _controller = start(controller_client);
-    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
-    create(
-        &admin,
-        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
-    )
-    .await;
+    network(&admin).await;
     let gw = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext", "externalNetwork": "kube-system/ext-macvlan"});
     create(&admin, object::<NatGateway>("NatGateway", "gw", gw)).await;
     let bare =
@@ -513,12 +513,7 @@ async fn a_gateway_asking_for_two_replicas_runs_one_and_says_so() {
     use k8s_openapi::api::apps::v1::StatefulSet;
     let (_env, admin, controller_client) = setup().await;
     let _controller = start(controller_client);
-    create(&admin, object::<Vpc>("Vpc", "v", serde_json::json!({}))).await;
-    create(
-        &admin,
-        object::<Subnet>("Subnet", "ext", serde_json::json!({"cidr": "192.0.2.0/24", "gateway": "192.0.2.1"})),
-    )
-    .await;
+    network(&admin).await;
     let gw = serde_json::json!({"vpc": "v", "lanInterface": "eth0", "externalInterface": "net1", "externalSubnet": "ext",
         "externalNetwork": "kube-system/ext-macvlan", "lanIp": "10.0.0.1", "replicas": 2});
     create(&admin, object::<NatGateway>("NatGateway", "pair", gw)).await;

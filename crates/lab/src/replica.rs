@@ -28,6 +28,8 @@ fn key_file() -> std::io::Result<PathBuf> {
 pub struct Process {
     pub ns: String,
     pub name: String,
+    /// Where it serves /metrics, /healthz and /readyz.
+    pub metrics: std::net::SocketAddr,
     bin: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -48,6 +50,9 @@ impl Process {
         priority: u8,
     ) -> std::io::Result<Process> {
         let key = key_file()?;
+        // A free port for its /metrics (taken back at once: a small race
+        // with another test, which then fails loudly at bind).
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let dir = std::env::temp_dir().join(format!("natgw-replica-{ns}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -72,10 +77,21 @@ impl Process {
             &status.to_string_lossy(),
             "--ha-key-file",
             &key.to_string_lossy(),
+            "--metrics-addr",
+            &metrics.to_string(),
         ]
         .map(String::from)
         .to_vec();
-        let mut p = Process { ns, name: name.into(), bin: bin.into(), args, child: None, log: dir.join("log"), status };
+        let mut p = Process {
+            ns,
+            name: name.into(),
+            bin: bin.into(),
+            args,
+            child: None,
+            log: dir.join("log"),
+            status,
+            metrics,
+        };
         p.start()?;
         Ok(p)
     }
@@ -134,6 +150,19 @@ impl Process {
     /// Active and holding `ip`.
     pub fn active(&self, ip: Ipv4Addr) -> bool {
         self.holds(ip) && self.status()["role"] == "active"
+    }
+
+    /// Its /metrics text, or empty while it does not answer.
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.metrics, std::time::Duration::from_secs(1)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
     }
 
     pub fn log(&self) -> String {

@@ -19,6 +19,7 @@
 
 pub mod auth;
 mod heartbeat;
+pub mod metrics;
 pub mod stream;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
@@ -37,6 +38,7 @@ use natgw_ha::{Action, Event, Role};
 use natgw_plan::GatewayPlan;
 
 use heartbeat::Heartbeat;
+use metrics::Takeover;
 use stream::{Received, Sent};
 
 /// How a replica is set up.
@@ -133,6 +135,7 @@ struct Held {
 
 struct Shared {
     settings: Settings,
+    metrics: metrics::Metrics,
     gw: Arc<Gateway>,
     held: Mutex<Held>,
     status: Mutex<Status>,
@@ -182,7 +185,12 @@ impl Replica {
     /// current one). Call before the first sync: a replica whose kernel
     /// still holds the addresses (its agent was killed and restarted)
     /// resumes holding them, and the first sync must not drop them.
-    pub fn start(settings: Settings, gw: Arc<Gateway>, netns: Option<PathBuf>) -> Result<Replica, ReplicaError> {
+    pub fn start(
+        settings: Settings,
+        gw: Arc<Gateway>,
+        netns: Option<PathBuf>,
+        metrics: metrics::Metrics,
+    ) -> Result<Replica, ReplicaError> {
         check(&settings)?;
         let worker = NetnsWorker::start(netns.clone()).map_err(|e| ReplicaError::Netns(e.to_string()))?;
         let listen = settings.listen;
@@ -216,6 +224,7 @@ impl Replica {
         let now = SystemTime::now();
         let shared = Arc::new(Shared {
             settings: settings.clone(),
+            metrics,
             gw,
             held: Mutex::new(Held { holds, plan: None }),
             status: Mutex::new(Status {
@@ -616,14 +625,16 @@ impl Driver {
             tracing::error!(error = %e, "taking the addresses failed; the next sync tries again");
         }
         drop(held);
-        let reason = match self.cause.take() {
-            Some(Cause::HandedOver(name)) => format!("handed over by {name} (a planned stop)"),
-            Some(Cause::LetGo(name)) => format!("{name} let go of the addresses"),
-            Some(Cause::Active(name, t)) => {
-                format!("{name} silent for {} ms, and no host answered for the addresses", t.elapsed().as_millis())
-            }
-            None => "no active replica heard, and no host answered for the addresses".to_string(),
+        let (why, reason) = match self.cause.take() {
+            Some(Cause::HandedOver(name)) => (Takeover::Handover, format!("handed over by {name} (a planned stop)")),
+            Some(Cause::LetGo(name)) => (Takeover::LetGo, format!("{name} let go of the addresses")),
+            Some(Cause::Active(name, t)) => (
+                Takeover::Silent,
+                format!("{name} silent for {} ms, and no host answered for the addresses", t.elapsed().as_millis()),
+            ),
+            None => (Takeover::Start, "no active replica heard, and no host answered for the addresses".to_string()),
         };
+        self.shared.metrics.took(why, installed);
         tracing::info!(term, installed, of = count, %reason, "took over the addresses");
         let mut s = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         s.since = SystemTime::now();
@@ -686,6 +697,7 @@ impl Driver {
         s.peer_alive = alive;
         s.refused_datagrams = self.heartbeat.refused.load(Ordering::Relaxed);
         s.refused_streams = self.shared.received.refused.load(Ordering::Relaxed);
+        s.sessions_held = self.shared.received.len();
         let lost = self.shared.sent.lost.load(Ordering::Relaxed);
         if lost > s.sessions_lost_events {
             tracing::warn!(
@@ -694,5 +706,6 @@ impl Driver {
             );
             s.sessions_lost_events = lost;
         }
+        self.shared.metrics.observe(&s);
     }
 }
