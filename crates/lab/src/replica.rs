@@ -9,17 +9,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 /// The heartbeat port the lab's replicas use.
 pub const PORT: u16 = 7946;
 
-/// The lab's HA key, shared by every replica this process starts (made
-/// once: tests start pairs in parallel).
-fn key_file() -> std::io::Result<PathBuf> {
-    static KEY: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+/// The lab's HA key: made once per process (tests start pairs in
+/// parallel), the same for every replica it starts.
+fn lab_key() -> std::io::Result<[u8; 32]> {
+    static KEY: std::sync::OnceLock<Result<[u8; 32], String>> = std::sync::OnceLock::new();
     let made = KEY.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("natgw-lab-ha-key-{}", std::process::id()));
         let mut key = [0u8; 32];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-            .and_then(|_| std::fs::write(&path, key))
-            .map(|_| path)
+            .map(|_| key)
             .map_err(|e| e.to_string())
     });
     made.clone().map_err(std::io::Error::other)
@@ -49,7 +47,6 @@ impl Process {
         (me, peer): (&str, &str),
         priority: u8,
     ) -> std::io::Result<Process> {
-        let key = key_file()?;
         // A free port for its /metrics (taken back at once: a small race
         // with another test, which then fails loudly at bind).
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -57,6 +54,9 @@ impl Process {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let status = dir.join("status.json");
+        // In its own directory, which goes with it.
+        let key = dir.join("ha.key");
+        std::fs::write(&key, lab_key()?)?;
         let args: Vec<String> = [
             "run",
             "--netns",
