@@ -459,12 +459,14 @@ pub fn run(
         if let Some(r) = &replica {
             let s = r.status();
             if let Some(path) = &status_file {
-                // Without the age of the last advert, which changes always.
-                let mut value = status_json(&s);
-                value["peerHeardMsAgo"] = serde_json::Value::Null;
-                if value != last_status {
-                    last_status = value;
-                    write_status(path, &status_json(&s));
+                // Compared without the age of the last advert, which
+                // changes always.
+                let value = status_json(&s);
+                let mut compared = value.clone();
+                compared["peerHeardMsAgo"] = serde_json::Value::Null;
+                if compared != last_status {
+                    last_status = compared;
+                    write_status(path, &value);
                 }
             }
             if last_role != Some((s.role, s.term)) {

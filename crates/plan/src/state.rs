@@ -105,14 +105,21 @@ impl GatewayPlan {
 
     /// The plan as one replica runs it: the LAN address (a gateway with
     /// replicas moves it) is left to the LAN attachment, which sets it.
+    /// O(log n): the agent derives it in every round.
     pub fn single_replica(&self) -> GatewayPlan {
-        let lan: Vec<IfAddr> =
-            self.addresses.iter().filter(|a| a.interface.as_str() == self.lan_interface).cloned().collect();
+        let lan: Vec<IfAddr> = self.addresses_on(&self.lan_interface).cloned().collect();
         let mut plan = self.clone();
         for a in lan {
             plan.addresses.remove(&a);
         }
         plan
+    }
+
+    /// The addresses on `interface`: one range of the sorted set.
+    pub fn addresses_on<'a>(&'a self, interface: &str) -> impl Iterator<Item = &'a IfAddr> + 'a {
+        let at = |addr| IfAddr { interface: interface.into(), addr };
+        let (first, last) = (at(Ipv4Net::default()), at(Ipv4Net::from(Ipv4Addr::BROADCAST)));
+        self.addresses.range(first..=last)
     }
 
     /// Whether `ip` is one of this plan's EIPs (they are all on the

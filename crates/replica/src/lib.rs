@@ -278,10 +278,15 @@ impl Replica {
     pub fn sync(&self, plan: &GatewayPlan, read_kernel: bool) -> Result<SyncReport, SyncError> {
         let mut held = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
         check_addresses(&self.shared.settings, plan);
-        let plan = Arc::new(plan.clone());
-        held.plan = Some(plan.clone());
-        let effective = if held.holds { (*plan).clone() } else { plan.standby() };
-        if read_kernel { self.shared.gw.resync(&effective) } else { self.shared.gw.sync(&effective) }
+        held.plan = Some(Arc::new(plan.clone()));
+        let standby;
+        let effective = if held.holds {
+            plan
+        } else {
+            standby = plan.standby();
+            &standby
+        };
+        if read_kernel { self.shared.gw.resync(effective) } else { self.shared.gw.sync(effective) }
     }
 
     /// Whether this replica holds the addresses now.
@@ -290,10 +295,8 @@ impl Replica {
     }
 
     pub fn status(&self) -> Status {
-        let mut s = self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        s.sessions_held = self.shared.received.len();
-        s.sessions_lost_events = self.shared.sent.lost.load(Ordering::Relaxed);
-        s
+        // The driver's report keeps it current every 10 ms.
+        self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A planned stop: an active replica drops its addresses, then tells
@@ -320,7 +323,7 @@ impl Drop for Replica {
 /// replica moves it, so its objects must ask for replicas.
 fn check_addresses(settings: &Settings, plan: &GatewayPlan) {
     static SAID: AtomicBool = AtomicBool::new(false);
-    let lan = plan.addresses.iter().any(|a| a.interface.as_str() == plan.lan_interface);
+    let lan = plan.addresses_on(&plan.lan_interface).next().is_some();
     if !lan && !SAID.swap(true, Ordering::Relaxed) {
         tracing::error!(
             gateway = %settings.gateway,
@@ -332,17 +335,11 @@ fn check_addresses(settings: &Settings, plan: &GatewayPlan) {
 /// The addresses a probe asks for: the LAN address and a few EIPs (all
 /// move together, so a few tell who holds them), per interface.
 fn probe_targets(plan: &GatewayPlan) -> Vec<(String, Vec<Ipv4Addr>)> {
-    let on = |interface: &str, most: usize| {
-        let ips: Vec<Ipv4Addr> = plan
-            .addresses
-            .iter()
-            .filter(|a| a.interface.as_str() == interface)
-            .map(|a| a.addr.addr())
-            .take(most)
-            .collect();
+    let on = |interface: &str| {
+        let ips: Vec<Ipv4Addr> = plan.addresses_on(interface).map(|a| a.addr.addr()).take(4).collect();
         (interface.to_string(), ips)
     };
-    let mut out = vec![on(&plan.lan_interface, 4), on(&plan.external_interface, 4)];
+    let mut out = vec![on(&plan.lan_interface), on(&plan.external_interface)];
     out.retain(|(_, ips)| !ips.is_empty());
     out
 }
